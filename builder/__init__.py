@@ -1,0 +1,1 @@
+"""Build-time scripts: the embedded tiny model and (later) model baking."""

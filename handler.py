@@ -1,0 +1,71 @@
+"""Stable Diffusion worker for RunPod serverless: the entry point.
+
+A job is ``{"input": {...}}`` (schemas/request.py, CONTRACT.md §2), for example::
+
+    {"input": {"prompt": "a lighthouse at dawn", "width": 512, "height": 512,
+               "num_inference_steps": 25, "seed": 42, "stream": true}}
+
+What comes back (schemas/result.py, CONTRACT.md §3): with ``stream: true`` progress events
+``{"type": "progress", "stage": "inference", "step": 3, "total": 25}`` while it works, and
+always the result last::
+
+    {"type": "result", "task": "txt2img",
+     "images": [{"base64": "...", "format": "png", "seed": 42, "width": 512, "height": 512}],
+     "timings": {"inference": 812.5, "encode": 21.0, "total_ms": 840.2},
+     "model": {"id": "...", "source": "memory", "precision": "fp16", "device": "cuda"}}
+
+A bad request answers ``{"error": "width: must be a multiple of 8, got 513"}`` and the worker
+serves the next job.
+
+Who does what: ``worker.settings`` reads the environment; ``worker.jobs`` turns jobs into
+engine calls and exceptions into answers; ``worker.engine`` runs a job on a warm pipeline
+owned by ``worker.models``; ``schemas`` validates requests and shapes results, torch-free.
+
+Start-up (nothing heavy happens at import):
+1. read Settings from the environment;
+2. pick the handler: ``local`` when the SDK will run one test job (``python handler.py``,
+   ``--test_input``), else ``stream`` (a generator), or ``plain`` with STREAMING=false;
+3. outside local tests, start importing torch and loading the default model on the engine
+   thread while the SDK starts (PRELOAD_MODEL);
+4. hand over to ``runpod.serverless.start``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def _runs_one_local_job(argv: list[str], settings) -> bool:
+    """The SDK's own rule (runpod.serverless.worker._is_local) for running a single test job."""
+    if "--rp_serve_api" in argv or settings.runpod_realtime_port:
+        return False
+    return any(arg.startswith("--test_input") for arg in argv) or not settings.on_runpod
+
+
+def main() -> None:
+    import runpod
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    from worker.jobs import JobRunner
+    from worker.settings import Settings
+
+    settings = Settings()
+    # force: importing runpod already installed a root handler of its own.
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    RunPodLogger().set_level(settings.runpod_log_level)
+    config: dict = {"return_aggregate_stream": True}
+    runner = JobRunner(settings, config)
+    if _runs_one_local_job(sys.argv, settings):
+        config["handler"] = runner.local
+    else:
+        config["handler"] = runner.stream if settings.streaming else runner.plain
+        if settings.preload_model:
+            runner.start_warm_up()
+    runpod.serverless.start(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Turn pydantic's validation errors into the contract's one-line error: `field: what, got X`."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+_MAX_SHOWN = 60  # characters of an offending value quoted back (base64 images are long)
+
+
+def _where(loc: tuple) -> str:
+    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in loc]
+    return ".".join(parts).replace(".[", "[") or "input"
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    messages = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"] and ": " in msg:
+            messages.append(msg)  # a cross-field rule: its message names the fields
+            continue
+        where = _where(err["loc"])
+        if err["type"] == "model_type":
+            messages.append(f"{where}: must be a JSON object, got {_shown(err.get('input'))}")
+        elif err["type"] == "extra_forbidden":
+            messages.append(f"{where}: unknown field")
+        elif err["type"] == "missing":
+            messages.append(f"{where}: required")
+        elif "got " in msg:
+            messages.append(f"{where}: {msg}")
+        else:
+            messages.append(f"{where}: {msg[:1].lower()}{msg[1:]}, got {_shown(err.get('input'))}")
+    return "; ".join(messages)

@@ -1,0 +1,182 @@
+"""The request: what a job's ``input`` may hold (CONTRACT.md §2), validated without torch.
+
+Every field has a type, bounds and a description; unknown fields are errors. Limits the
+operator sets (``MAX_PIXELS`` ...) arrive as ``Limits`` in the validation context, so the
+schema stays free of environment reads:
+
+    InferenceRequest.model_validate(job["input"], context={"limits": settings.limits})
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from .schedulers import canonical_scheduler
+
+Task = Literal["txt2img", "img2img", "inpaint", "train", "convert"]
+Precision = Literal["fp32", "fp16", "bf16"]
+
+# Hub repo ids: "org/name", each part letters, digits, "-", "_", "." (huggingface_hub's rule).
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_IMAGE_SOURCE = re.compile(r"^(https?://|data:)|^[A-Za-z0-9+/=\s_-]+$")
+
+
+class Limits(BaseModel):
+    """Caps the operator sets (see worker.settings); requests above them are refused."""
+
+    max_pixels: int = 2048 * 2048
+    max_images: int = 8
+    max_steps: int = 150
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelSpec(_Strict):
+    """Which weights to run. Missing fields come from the environment (MODEL_ID ...)."""
+
+    id: str | None = Field(
+        None,
+        max_length=4096,
+        description="Hugging Face repo id (`org/name`) or absolute path of a diffusers directory.",
+    )
+    revision: str | None = Field(None, min_length=1, max_length=128, description="Hub branch, tag or commit.")
+    variant: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Weight file variant, e.g. `fp16`."
+    )
+    precision: Precision | None = Field(
+        None, description="dtype the model runs in; default fp16 on CUDA, fp32 on CPU."
+    )
+    url: str | None = Field(None, description="Archive of a diffusers model (not available yet).")
+    checkpoint_url: str | None = Field(None, description="Single-file checkpoint (not available yet).")
+
+    @field_validator("id")
+    @classmethod
+    def _id_form(cls, value: str | None) -> str | None:
+        if value is None or value.startswith("/") or _REPO_ID.match(value):
+            if value is not None and (".." in value.split("/") or "--" in value):
+                raise ValueError(f"must not contain '..' or '--', got {value!r}")
+            return value
+        raise ValueError(f"must be a hub repo id like 'org/name' or an absolute path, got {value!r}")
+
+
+class OutputSpec(_Strict):
+    """How images come back."""
+
+    format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
+    quality: int | None = Field(
+        None, ge=1, le=100, description="JPEG / WebP quality (default 90); PNG is lossless."
+    )
+    upload_url: str | None = Field(None, description="s3://bucket/prefix/ to upload to (not available yet).")
+
+
+class InferenceRequest(_Strict):
+    """txt2img, img2img or inpaint. `task` may be left out: `mask_image` means inpaint,
+    `image` means img2img, neither means txt2img."""
+
+    task: Task | None = Field(None, description="What to run; inferred from the images when absent.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Weights to run.")
+    prompt: str = Field(..., max_length=20_000, description="What to draw.")
+    negative_prompt: str | None = Field(None, max_length=20_000, description="What to steer away from.")
+    width: int | None = Field(
+        None, ge=64, le=8192, description="Pixels, multiple of 8; default: the model's size (img2img: the image's)."
+    )
+    height: int | None = Field(None, ge=64, le=8192, description="Pixels, multiple of 8; default as `width`.")
+    num_inference_steps: int = Field(25, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off.")
+    strength: float | None = Field(
+        None, gt=0, le=1, description="img2img / inpaint: how much to change the image (default 0.8)."
+    )
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="Seed of the first image; image i uses seed + i. Random when absent."
+    )
+    num_images: int = Field(1, ge=1, le=64, description="Images to generate, each with its own seed.")
+    image: str | None = Field(None, description="Input image: base64, `data:` URI or http(s) URL.")
+    mask_image: str | None = Field(
+        None, description="Inpainting mask (white = repaint), same forms as `image`."
+    )
+    scheduler: str | None = Field(
+        None, description="Scheduler name from the table (or its diffusers class name); default: the model's."
+    )
+    safety_checker: bool | None = Field(
+        None, description="Run the model's safety checker (default: when the model ships one)."
+    )
+    stream: bool = Field(False, description="Yield a progress event per step while working.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Image format and delivery.")
+    loras: list[Any] | None = Field(None, description="LoRAs for this request (not available yet).")
+    train: dict[str, Any] | None = Field(None, description="Training options (not available yet).")
+    convert: dict[str, Any] | None = Field(None, description="Conversion options (not available yet).")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"must be a multiple of 8, got {value}")
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        return None if value is None else canonical_scheduler(value)
+
+    @field_validator("image", "mask_image")
+    @classmethod
+    def _image_form(cls, value: str | None) -> str | None:
+        if value is not None and not _IMAGE_SOURCE.match(value[:256]):
+            raise ValueError("must be base64, a data: URI or an http(s):// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _check_together(self, info: ValidationInfo) -> InferenceRequest:
+        """Rules that involve several fields; each message names the fields it is about."""
+        limits: Limits = (info.context or {}).get("limits") or Limits()
+        for name, value in (
+            ("model.url", self.model.url),
+            ("model.checkpoint_url", self.model.checkpoint_url),
+            ("output.upload_url", self.output.upload_url),
+            ("loras", self.loras),
+            ("train", self.train),
+            ("convert", self.convert),
+        ):
+            if value is not None:
+                raise ValueError(f"{name}: not available in this version of the worker")
+        if self.task in ("train", "convert"):
+            raise ValueError(f"task: {self.task!r} is not available in this version of the worker")
+
+        if self.task is None:
+            self.task = "inpaint" if self.mask_image else "img2img" if self.image else "txt2img"
+        if self.task == "txt2img":
+            for name in ("image", "mask_image", "strength"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: not used by task 'txt2img' (send task 'img2img' or 'inpaint')")
+        else:
+            if self.image is None:
+                raise ValueError(f"image: required for task {self.task!r}")
+            if self.task == "inpaint" and self.mask_image is None:
+                raise ValueError("mask_image: required for task 'inpaint'")
+            if self.task == "img2img" and self.mask_image is not None:
+                raise ValueError("mask_image: not used by task 'img2img' (send task 'inpaint')")
+            if self.strength is None:
+                self.strength = 0.8
+            if int(self.num_inference_steps * self.strength) < 1:
+                raise ValueError(
+                    f"strength: {self.strength} x num_inference_steps {self.num_inference_steps} "
+                    "leaves no denoising step; raise either"
+                )
+
+        if self.num_inference_steps > limits.max_steps:
+            raise ValueError(
+                f"num_inference_steps: at most {limits.max_steps} on this endpoint, got {self.num_inference_steps}"
+            )
+        if self.num_images > limits.max_images:
+            raise ValueError(f"num_images: at most {limits.max_images} on this endpoint, got {self.num_images}")
+        if self.width and self.height and self.width * self.height > limits.max_pixels:
+            raise ValueError(
+                f"width x height: {self.width}x{self.height} is over this endpoint's "
+                f"{limits.max_pixels} pixels"
+            )
+        return self

@@ -1,0 +1,50 @@
+"""What comes back (CONTRACT.md §3): progress events while working, the result last.
+
+These are dumped once, at the edge, with ``dump()``: fields that are None are left out.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+ModelSource = Literal["embedded", "local", "cache", "hub", "memory", "baked", "url", "checkpoint"]
+
+
+class _Out(BaseModel):
+    def dump(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class ImageOut(_Out):
+    base64: str | None = Field(None, description="The encoded image (when not uploaded).")
+    url: str | None = Field(None, description="Where the image was uploaded.")
+    format: Literal["png", "jpeg", "webp"]
+    seed: int = Field(description="Reproduces this image with `seed` and `num_images: 1`.")
+    width: int
+    height: int
+    nsfw: bool | None = Field(None, description="The safety checker's verdict, when it ran.")
+
+
+class ModelInfo(_Out):
+    id: str
+    source: ModelSource = Field(description="Where the weights came from for this job.")
+    revision: str | None = None
+    precision: str
+    device: str
+
+
+class Result(_Out):
+    type: Literal["result"] = "result"
+    task: str
+    images: list[ImageOut]
+    timings: dict[str, float] = Field(description="Milliseconds per phase that ran, and total_ms.")
+    model: ModelInfo
+
+
+class Progress(_Out):
+    type: Literal["progress"] = "progress"
+    stage: Literal["load", "download", "inference", "encode"]
+    step: int
+    total: int

@@ -1,0 +1,174 @@
+"""The engine: runs one inference job on a warm pipeline.
+
+``Engine`` is created once per process (lazily: importing it imports torch). It owns the
+``ModelStore`` and runs one job at a time; per-job values arrive as arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from typing import Callable
+
+import diffusers
+import torch
+import transformers
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+from schemas import ImageOut, InferenceRequest, ModelInfo, Progress, Result
+
+from .errors import JobCancelled, UserInputError
+from .images import encode_image, load_image
+from .models import EMBEDDED_ID, ModelStore, model_ref
+from .schedulers import make_scheduler
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_TASK_PIPELINES = {
+    "txt2img": AutoPipelineForText2Image,
+    "img2img": AutoPipelineForImage2Image,
+    "inpaint": AutoPipelineForInpainting,
+}
+
+Emit = Callable[[Progress], None]
+
+
+def pick_device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DEVICE=cuda but no CUDA device is visible")
+    return choice
+
+
+class Engine:
+    def __init__(self, settings: Settings):
+        # Progress bars belong in a terminal, not in a worker's logs: progress goes to the caller.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        self.settings = settings
+        self.device = pick_device(settings.device)
+        if self.device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.models = ModelStore(settings, self.device)
+        self._lock = threading.Lock()  # one job on the GPU at a time
+
+    def warm_up(self) -> None:
+        """Load the default model so the first job finds it in memory."""
+        with self._lock:
+            from schemas import ModelSpec
+
+            self.models.get(model_ref(ModelSpec(), self.settings, self.device), lambda _: None, {})
+
+    def generate(self, request: InferenceRequest, emit: Emit, cancelled: Callable[[], bool]) -> Result:
+        timings: dict[str, float] = {}
+        with self._lock:
+            # 1. The model: from memory when warm.
+            ref = model_ref(request.model, self.settings, self.device)
+            loaded, source = self.models.get(ref, emit, timings)
+
+            # 2. Input images, sized to what will be generated.
+            start = time.perf_counter()
+            images = self._inputs(request)
+            if request.task != "txt2img":
+                timings["inputs"] = _ms(start)
+
+            # 3. The pipeline for this task, sharing the loaded components, with its own scheduler.
+            pipe = self._task_pipeline(loaded, request)
+
+            # 4. One generator per image, so each image's seed reproduces it alone.
+            first = request.seed if request.seed is not None else secrets.randbits(63)
+            seeds = [(first + i) % 2**63 for i in range(request.num_images)]
+            generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+            # 5. Denoise, reporting every step and stopping if RunPod cancelled the job.
+            def on_step(pipeline, step: int, timestep, tensors: dict) -> dict:
+                if cancelled():
+                    raise JobCancelled()
+                emit(Progress(stage="inference", step=step + 1, total=pipeline.num_timesteps))
+                return tensors
+
+            start = time.perf_counter()
+            output = pipe(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                num_images_per_prompt=request.num_images,
+                generator=generators,
+                callback_on_step_end=on_step,
+                **images,
+            )
+            timings["inference"] = _ms(start)
+
+        # 6. Encode, outside the lock: the GPU is free for the next job.
+        start = time.perf_counter()
+        nsfw = getattr(output, "nsfw_content_detected", None) or [None] * len(output.images)
+        out = [
+            ImageOut(
+                base64=encode_image(image, request.output.format, request.output.quality),
+                format=request.output.format,
+                seed=seed,
+                width=image.width,
+                height=image.height,
+                nsfw=flag,
+            )
+            for image, seed, flag in zip(output.images, seeds, nsfw)
+        ]
+        timings["encode"] = _ms(start)
+        info = ModelInfo(
+            id=ref.id, source=source, revision=ref.revision, precision=ref.precision, device=self.device
+        )
+        return Result(task=request.task, images=out, timings=timings, model=info)
+
+    def _inputs(self, request: InferenceRequest) -> dict:
+        """Pipeline arguments for the images and size: {} for txt2img without a size."""
+        if request.task == "txt2img":
+            return {k: v for k, v in (("width", request.width), ("height", request.height)) if v}
+        image = load_image(request.image, "image", self.settings)
+        # Output size: as asked, else the input's, rounded down to the VAE's multiple of 8.
+        width = request.width or image.width // 8 * 8
+        height = request.height or image.height // 8 * 8
+        if width < 64 or height < 64:
+            raise UserInputError("image", f"{image.width}x{image.height} is smaller than 64x64")
+        if width * height > self.settings.max_pixels:
+            raise UserInputError(
+                "image", f"{image.width}x{image.height} is over this endpoint's {self.settings.max_pixels} "
+                "pixels; send width and height to resize it"
+            )
+        args = {"image": image.resize((width, height)) if image.size != (width, height) else image,
+                "strength": request.strength}
+        if request.task == "inpaint":
+            mask = load_image(request.mask_image, "mask_image", self.settings, mode="L")
+            args.update(mask_image=mask.resize((width, height)), width=width, height=height)
+        return args
+
+    def _task_pipeline(self, loaded, request: InferenceRequest):
+        base = loaded.pipeline
+        name = loaded.ref.id if loaded.ref.id != EMBEDDED_ID else "the embedded model"
+        unet = getattr(base, "unet", None)
+        if unet is not None and unet.config.in_channels == 9 and request.task != "inpaint":
+            raise UserInputError(
+                "task", f"{name} is an inpainting model (9-channel UNet): send image and mask_image"
+            )
+        overrides = {"scheduler": make_scheduler(request.scheduler, base.scheduler)}
+        ships_checker = getattr(base, "safety_checker", None) is not None
+        use_checker = self.settings.safety_checker if request.safety_checker is None else request.safety_checker
+        if request.safety_checker and not ships_checker:
+            raise UserInputError("safety_checker", f"{name} ships no safety checker")
+        if ships_checker and not use_checker:
+            overrides.update(safety_checker=None, requires_safety_checker=False)
+        try:
+            pipe = _TASK_PIPELINES[request.task].from_pipe(base, **overrides)
+        except ValueError:
+            raise UserInputError("task", f"{name} ({type(base).__name__}) cannot run {request.task}") from None
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 1)

@@ -1,0 +1,81 @@
+"""The worker's exceptions, and the one place they become the contract's error answer.
+
+Code inside raises; ``answer_for`` (called only by worker.jobs) turns any exception into
+``{"error": "field: what was wrong"}`` and decides from its *type* whether the GPU is in a
+doubtful state and RunPod should give us a fresh worker (CONTRACT §4).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+from pydantic import ValidationError
+
+from schemas import describe_validation_error
+
+log = logging.getLogger(__name__)
+
+
+class WorkerError(Exception):
+    """An error whose message is fit for the caller: it names what was wrong, and no secret."""
+
+
+class UserInputError(WorkerError):
+    """The request asked for something impossible; ``field`` names the part at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class ModelSourceError(UserInputError):
+    """The requested model could not be found, fetched or loaded."""
+
+
+class JobCancelled(WorkerError):
+    """RunPod cancelled the job (or it timed out) while it ran."""
+
+    def __init__(self) -> None:
+        super().__init__("job: cancelled")
+
+
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_URL_QUERY = re.compile(r"(https?://[^\s?#'\"]+)\?[^\s'\"]*")
+
+
+def redact(text: str, secrets: list[str] = ()) -> str:
+    """Remove credentials from a message: URL userinfo, signed query strings, known secrets."""
+    text = _URL_USERINFO.sub("***@", text)
+    text = _URL_QUERY.sub(r"\1?***", text)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def needs_fresh_worker(exc: BaseException) -> bool:
+    """True for failures that leave the GPU in a doubtful state: out of memory, device errors."""
+    torch = sys.modules.get("torch")  # no torch loaded means no GPU touched
+    if torch is None:
+        return False
+    doubtful = (torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.cuda.OutOfMemoryError))
+    return isinstance(exc, doubtful)
+
+
+def answer_for(exc: BaseException, secrets: list[str] = ()) -> tuple[str, bool]:
+    """The caller's error message for ``exc``, and whether to ask RunPod for a fresh worker."""
+    if isinstance(exc, ValidationError):
+        message = describe_validation_error(exc)
+    elif isinstance(exc, WorkerError):
+        message = str(exc)
+    elif needs_fresh_worker(exc):
+        message = f"device: {type(exc).__name__}; the job failed on the GPU and this worker will be replaced"
+        if "OutOfMemory" in type(exc).__name__:
+            message = "device: out of GPU memory; lower width, height or num_images"
+    else:
+        # A bug of ours, not the caller's: say so without leaking internals, log for the operator.
+        message = f"internal: the worker failed ({type(exc).__name__}); the operator's logs have details"
+        log.error("internal error: %s: %s", type(exc).__name__, redact(str(exc), secrets))
+        log.debug("internal error", exc_info=exc)
+    return redact(message, secrets), needs_fresh_worker(exc)

@@ -1,0 +1,60 @@
+"""Input images in (base64, data: URI, URL) and output images out (png / jpeg / webp, base64)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import UserInputError
+from .settings import Settings
+from .urls import fetch_bytes
+
+# Decoding an input image costs memory by its pixel count, whatever its file size.
+_INPUT_PIXELS_PER_OUTPUT_PIXEL = 4
+
+
+def _raw_bytes(source: str, field: str, settings: Settings) -> bytes:
+    if source.startswith(("http://", "https://")):
+        return fetch_bytes(
+            source,
+            field,
+            max_bytes=settings.max_input_image_bytes,
+            timeout=settings.url_timeout_s,
+            allow_private=settings.allow_private_urls,
+        )
+    if source.startswith("data:"):
+        header, _, source = source.partition(",")
+        if not header.endswith(";base64"):
+            raise UserInputError(field, "data: URI must be base64-encoded (data:image/png;base64,...)")
+    text = "".join(source.split())
+    text += "=" * (-len(text) % 4)  # clients often drop the padding
+    try:
+        return base64.b64decode(text, altchars=b"-_" if "-" in text or "_" in text else None, validate=True)
+    except (binascii.Error, ValueError):
+        raise UserInputError(field, "is not valid base64") from None
+
+
+def load_image(source: str, field: str, settings: Settings, mode: str = "RGB") -> Image.Image:
+    """Decode a request image; every failure names ``field``."""
+    data = _raw_bytes(source, field, settings)
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > settings.max_pixels * _INPUT_PIXELS_PER_OUTPUT_PIXEL:
+            raise UserInputError(field, f"{width}x{height} pixels is too large for this endpoint")
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError):
+        raise UserInputError(field, "is not a readable image (send PNG, JPEG or WebP)") from None
+    return image.convert(mode)
+
+
+def encode_image(image: Image.Image, fmt: str, quality: int | None) -> str:
+    buffer = io.BytesIO()
+    if fmt == "png":
+        image.save(buffer, format="PNG")
+    else:
+        image.save(buffer, format=fmt.upper(), quality=quality or 90)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

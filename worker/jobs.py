@@ -1,0 +1,161 @@
+"""RunPod jobs in, answers out: the edge between the SDK and the engine.
+
+``JobRunner`` offers the three handlers handler.py registers:
+
+- ``stream`` (default): an async generator yielding progress events (when the request says
+  ``stream: true``) and the result last;
+- ``plain`` (STREAMING=false): returns the result dict; progress goes to ``progress_update``;
+- ``local`` (``python handler.py``, ``--test_input``): the SDK does not iterate generators
+  there, so this runs the job, writes the images to LOCAL_OUTPUT_DIR and returns a summary.
+
+The engine runs on one worker thread, so the SDK's event loop stays free for heartbeats,
+streaming and cancellation while the GPU works. Every exception becomes the contract's error
+answer here and nowhere else (worker.errors.answer_for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from schemas import InferenceRequest, Progress, Result
+
+from .errors import answer_for
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, sdk_config: dict[str, Any]):
+        self.settings = settings
+        # The SDK reads config["refresh_worker"] after a generator job: the only way a
+        # streaming handler can ask for a fresh worker.
+        self.sdk_config = sdk_config
+        self._engine = None
+        self._engine_lock = threading.Lock()
+        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    # --- The engine, created on first use (it imports torch) ---
+
+    def engine(self):
+        with self._engine_lock:
+            if self._engine is None:
+                from .engine import Engine
+
+                self._engine = Engine(self.settings)
+            return self._engine
+
+    def start_warm_up(self) -> None:
+        """Import torch and load the default model on the engine thread; jobs queue behind it."""
+        self._gpu.submit(self._warm_up)
+
+    def _warm_up(self) -> None:
+        try:
+            self.engine().warm_up()
+        except Exception as exc:  # the first job will retry, and answer with the reason
+            log.warning("warm-up failed: %s", answer_for(exc, self.settings.secrets())[0])
+
+    # --- The handlers ---
+
+    async def stream(self, job: dict) -> AsyncIterator[dict]:
+        async for item in self._run(job, lambda request: request.stream):
+            if isinstance(item, Progress):
+                yield item.dump()
+            else:
+                yield self._answer(item)
+
+    async def plain(self, job: dict) -> dict:
+        last_sent = 0.0
+
+        def report(event: Progress) -> None:
+            nonlocal last_sent
+            now = time.monotonic()
+            if now - last_sent >= self.settings.progress_interval_s or event.step == event.total:
+                last_sent = now
+                import runpod
+
+                runpod.serverless.progress_update(job, event.dump())
+
+        async for item in self._run(job, lambda request: self.settings.on_runpod):
+            if isinstance(item, Progress):
+                report(item)
+            else:
+                return self._answer(item)
+        raise AssertionError("_run ended without an answer")
+
+    async def local(self, job: dict) -> dict:
+        answer = await self.plain(job)
+        out_dir = self.settings.local_output_dir
+        for i, image in enumerate(answer.get("images", [])):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"{job['id']}-{i}.{image['format']}"
+            path.write_bytes(base64.b64decode(image.pop("base64")))
+            image["file"] = str(path)
+            print(f"wrote {path} ({image['width']}x{image['height']}, seed {image['seed']})", flush=True)
+        return answer
+
+    # --- Shared ---
+
+    async def _run(self, job: dict, wants_progress: Callable[[InferenceRequest], bool]) -> AsyncIterator[Any]:
+        """Yield Progress events, then the Result or the exception that ended the job."""
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        try:
+            request = InferenceRequest.model_validate(job.get("input"), context={"limits": self.settings.limits})
+            emit = _to_loop(loop, events) if wants_progress(request) else _ignore
+            work = loop.run_in_executor(self._gpu, self._generate, request, emit, cancel, start)
+            work.add_done_callback(lambda _: events.put_nowait(None))
+            while (event := await events.get()) is not None:
+                yield event
+            result: Result = await work
+            result.timings["total_ms"] = _ms_since(start)
+            log.info(
+                "job %s: %s on %s (%s), %d image(s), %s",
+                job.get("id"), result.task, result.model.id, result.model.source, len(result.images), result.timings,
+            )
+            yield result
+        except Exception as exc:
+            yield exc
+        finally:
+            cancel.set()  # no-op when done; stops the denoising loop if the job was cancelled
+
+    def _generate(self, request: InferenceRequest, emit, cancel: threading.Event, received: float) -> Result:
+        """On the engine thread. Reports the time spent queued (behind warm-up) and starting up."""
+        phases = {"wait": _ms_since(received)}
+        if self._engine is None:  # this job pays for importing torch and diffusers
+            start = time.perf_counter()
+            self.engine()
+            phases["startup"] = _ms_since(start)
+        result = self.engine().generate(request, emit, cancel.is_set)
+        result.timings = {k: v for k, v in phases.items() if v >= 1} | result.timings
+        return result
+
+    def _answer(self, outcome: Result | BaseException) -> dict:
+        if isinstance(outcome, Result):
+            return outcome.dump()
+        message, refresh = answer_for(outcome, self.settings.secrets())
+        log.warning("job failed: %s", message)
+        if refresh:
+            self.sdk_config["refresh_worker"] = True
+        return {"error": message}
+
+
+def _ms_since(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 1)
+
+
+def _to_loop(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[Progress], None]:
+    return lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
+
+
+def _ignore(event: Progress) -> None:
+    pass

@@ -1,0 +1,161 @@
+"""Where a model's weights are, and the loaded pipelines kept warm across jobs.
+
+``ModelStore`` is the one owner of loaded pipelines. A request's ``model`` becomes a
+``ModelRef`` (env defaults filled in); the store answers from memory when it can, else finds
+the weights and loads them, in this order:
+
+1. no id anywhere: the embedded tiny model, built on first use (source ``embedded``);
+2. an absolute path: a local diffusers directory (``local``);
+3. a hub id: RunPod's cached-models directory, then our hub cache (``cache``), then a
+   download from the hub into our cache (``hub``).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from schemas import ModelSpec, Progress
+
+from .errors import ModelSourceError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_ID = "embedded:tiny-sd"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Everything that makes two loaded pipelines different."""
+
+    id: str  # EMBEDDED_ID, an absolute path, or a hub repo id
+    revision: str | None
+    variant: str | None
+    precision: str
+
+
+@dataclass
+class Loaded:
+    ref: ModelRef
+    pipeline: Any  # a diffusers DiffusionPipeline
+    source: str  # where the weights came from when it was loaded
+
+
+def model_ref(spec: ModelSpec, settings: Settings, device: str) -> ModelRef:
+    """Fill what the request left out from the environment.
+
+    Revision and variant describe MODEL_ID, so they apply only when the id comes from it too;
+    precision is a choice about running, so MODEL_PRECISION applies to every model.
+    """
+    if spec.id is None:
+        model_id = settings.model_id or EMBEDDED_ID
+        revision = spec.revision or settings.model_revision
+        variant = spec.variant or settings.model_variant
+    else:
+        model_id, revision, variant = spec.id, spec.revision, spec.variant
+    precision = spec.precision or settings.model_precision or ("fp16" if device == "cuda" else "fp32")
+    return ModelRef(model_id, revision, variant, precision)
+
+
+class ModelStore:
+    """Loaded pipelines, least recently used dropped first beyond MAX_LOADED_MODELS."""
+
+    def __init__(self, settings: Settings, device: str):
+        self.settings = settings
+        self.device = device
+        self._loaded: OrderedDict[ModelRef, Loaded] = OrderedDict()
+
+    def get(self, ref: ModelRef, emit: Callable[[Progress], None], timings: dict[str, float]) -> tuple[Loaded, str]:
+        """The pipeline for ``ref`` and where it came from for this job (``memory`` if warm)."""
+        if ref in self._loaded:
+            self._loaded.move_to_end(ref)
+            return self._loaded[ref], "memory"
+        emit(Progress(stage="load", step=0, total=1))
+        start = time.perf_counter()
+        path, source = self._locate(ref, emit)
+        if source == "hub":
+            timings["download"] = round((time.perf_counter() - start) * 1000, 1)
+            start = time.perf_counter()
+        loaded = Loaded(ref, self._load(path, ref), source)
+        timings["load"] = round((time.perf_counter() - start) * 1000, 1)
+        emit(Progress(stage="load", step=1, total=1))
+        self._loaded[ref] = loaded
+        while len(self._loaded) > self.settings.max_loaded_models:
+            self._drop(next(iter(self._loaded)))
+        log.info("loaded %s from %s in %.0f ms", ref.id, source, timings["load"])
+        return loaded, source
+
+    def _drop(self, ref: ModelRef) -> None:
+        del self._loaded[ref]
+        gc.collect()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    # --- Finding the weights ---
+
+    def _locate(self, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Path, str]:
+        if ref.id == EMBEDDED_ID:
+            from builder import tiny_model
+
+            out = self.settings.models_dir / "embedded" / f"{tiny_model.NAME}-v{tiny_model.VERSION}"
+            return tiny_model.ensure(out), "embedded"
+        if ref.id.startswith("/"):
+            path = Path(ref.id)
+            if not (path / "model_index.json").is_file():
+                raise ModelSourceError("model.id", f"no diffusers model at {ref.id} (model_index.json missing)")
+            return path, "local"
+        return self._from_hub(ref, emit)
+
+    def _from_hub(self, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Path, str]:
+        from diffusers import DiffusionPipeline
+        from huggingface_hub import errors as hub_errors
+
+        token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
+        options = dict(revision=ref.revision, variant=ref.variant, token=token)
+        for cache in (self.settings.runpod_hf_cache, self.settings.hub_cache):
+            if cache.is_dir():
+                try:
+                    path = DiffusionPipeline.download(ref.id, cache_dir=cache, local_files_only=True, **options)
+                    return Path(path), "cache"
+                except (hub_errors.LocalEntryNotFoundError, FileNotFoundError):
+                    pass
+        if self.settings.hf_hub_offline:
+            raise ModelSourceError("model.id", f"{ref.id} is not cached on this worker and HF_HUB_OFFLINE is set")
+        emit(Progress(stage="download", step=0, total=1))
+        try:
+            path = DiffusionPipeline.download(ref.id, cache_dir=self.settings.hub_cache, **options)
+        except hub_errors.GatedRepoError:
+            raise ModelSourceError("model.id", f"{ref.id} is gated: HF_TOKEN must belong to an account with access")
+        except hub_errors.RepositoryNotFoundError:
+            raise ModelSourceError("model.id", f"{ref.id} not found on the hub (if private, set HF_TOKEN)")
+        except hub_errors.RevisionNotFoundError:
+            raise ModelSourceError("model.revision", f"{ref.revision!r} not found in {ref.id}")
+        except (hub_errors.HfHubHTTPError, OSError, ValueError) as exc:
+            raise ModelSourceError("model.id", f"could not download {ref.id} ({type(exc).__name__})") from None
+        emit(Progress(stage="download", step=1, total=1))
+        return Path(path), "hub"
+
+    # --- Loading ---
+
+    def _load(self, path: Path, ref: ModelRef) -> Any:
+        import torch
+        from diffusers import DiffusionPipeline
+
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[ref.precision]
+        try:
+            pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=ref.variant, local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            detail = (str(exc).strip().splitlines() or [""])[0][:200]
+            variant = f" (variant {ref.variant!r})" if ref.variant else ""
+            raise ModelSourceError("model.id", f"could not load {ref.id}{variant}: {type(exc).__name__}: {detail}") from None
+        pipeline.to(self.device)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline

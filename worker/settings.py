@@ -1,0 +1,93 @@
+"""Every environment variable the worker reads, typed and defaulted, in one place.
+
+Everything else receives a ``Settings``; tests build one directly instead of patching the
+environment. README.md has the same table for operators.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas import Limits
+
+RUNPOD_VOLUME = Path("/runpod-volume")
+
+
+def _default_models_dir() -> Path:
+    # A network volume outlives the worker, so models cached there survive cold starts.
+    if RUNPOD_VOLUME.is_dir():
+        return RUNPOD_VOLUME / "models"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "sd-worker"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    # --- The default model: used for whatever a request's `model` leaves out. ---
+    model_id: str | None = Field(None, description="Hub repo id or local directory; unset: the embedded tiny model.")
+    model_revision: str | None = None
+    model_variant: str | None = None
+    model_precision: Literal["fp32", "fp16", "bf16"] | None = None
+    model_url: str | None = Field(None, description="Archive URL of the default model (not available yet).")
+    checkpoint_url: str | None = Field(None, description="Single-file checkpoint (not available yet).")
+
+    # --- Where models come from and go. ---
+    hf_token: SecretStr | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))
+    models_dir: Path = Field(default_factory=_default_models_dir)
+    hf_hub_cache: Path | None = Field(None, description="Where hub downloads go; default MODELS_DIR/hub.")
+    runpod_hf_cache: Path = Field(
+        RUNPOD_VOLUME / "huggingface-cache" / "hub", description="RunPod's cached-models directory, read first."
+    )
+    hf_hub_offline: bool = Field(False, description="Never contact the hub; models must be cached.")
+
+    # --- How the worker runs. ---
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    max_loaded_models: int = Field(1, ge=1, description="Pipelines kept loaded across jobs.")
+    preload_model: bool = Field(True, description="Load the default model at start-up, before the first job.")
+    streaming: bool = Field(True, description="false: plain handler returning the result dict (CONTRACT §1).")
+    safety_checker: bool = Field(True, description="Run a model's safety checker when it ships one.")
+    allow_private_urls: bool = Field(False, description="Let request URLs reach private/loopback addresses.")
+    local_output_dir: Path = Field(Path("output"), description="Where `python handler.py` writes images.")
+    log_level: str = "INFO"
+    # The SDK logs every job's input and output (images included) at DEBUG, its default.
+    runpod_log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = Field(
+        "INFO", validation_alias=AliasChoices("RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL")
+    )
+    progress_interval_s: float = Field(0.5, ge=0, description="STREAMING=false: least time between progress_update calls.")
+
+    # --- Set by RunPod: which mode the SDK runs in (see handler.py). ---
+    runpod_webhook_get_job: str | None = Field(None, description="Set on RunPod: the SDK's production job loop.")
+    runpod_realtime_port: int = 0
+
+    # --- Caps on what one request may ask (the operator's cost control). ---
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64)
+    max_images: int = Field(8, ge=1, le=64)
+    max_steps: int = Field(150, ge=1, le=1000)
+    max_input_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest input image download.")
+    url_timeout_s: float = Field(30, gt=0)
+
+    @property
+    def on_runpod(self) -> bool:
+        return self.runpod_webhook_get_job is not None
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_pixels=self.max_pixels, max_images=self.max_images, max_steps=self.max_steps)
+
+    @property
+    def hub_cache(self) -> Path:
+        return self.hf_hub_cache or self.models_dir / "hub"
+
+    def secrets(self) -> list[str]:
+        """Values that must never appear in an answer or a log line."""
+        found = [self.hf_token.get_secret_value()] if self.hf_token else []
+        for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "BUCKET_SECRET_ACCESS_KEY", "RUNPOD_AI_API_KEY"):
+            if os.environ.get(name):
+                found.append(os.environ[name])
+        return [s for s in found if len(s) >= 4]
