@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 # Bumped whenever the architecture or the seed changes, so a cached copy is rebuilt.
-VERSION = 1
+VERSION = 2
 SEED = 20261126
 NAME = "tiny-sd"
 
@@ -108,6 +108,11 @@ def build(out_dir: str | os.PathLike, *, inpaint: bool = False) -> Path:
     )
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
+    # Like SD 1.5's own config: keys other schedulers read (DDIM warns without clip_sample).
+    config_path = out / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(clip_sample=False)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
     (out / "TINY_MODEL.json").write_text(json.dumps({"version": VERSION, "seed": SEED}))
     return out
 

@@ -86,7 +86,7 @@ class InferenceRequest(_Strict):
         None, ge=64, le=8192, description="Pixels, multiple of 8; default: the model's size (img2img: the image's)."
     )
     height: int | None = Field(None, ge=64, le=8192, description="Pixels, multiple of 8; default as `width`.")
-    num_inference_steps: int = Field(25, ge=1, le=1000, description="Denoising steps.")
+    num_inference_steps: int = Field(25, ge=1, le=1000, description="Denoising steps (default 25, or the endpoint's cap).")
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off.")
     strength: float | None = Field(
         None, gt=0, le=1, description="img2img / inpaint: how much to change the image (default 0.8)."
@@ -134,6 +134,8 @@ class InferenceRequest(_Strict):
     def _check_together(self, info: ValidationInfo) -> InferenceRequest:
         """Rules that involve several fields; each message names the fields it is about."""
         limits: Limits = (info.context or {}).get("limits") or Limits()
+        if "num_inference_steps" not in self.model_fields_set:
+            self.num_inference_steps = min(self.num_inference_steps, limits.max_steps)
         for name, value in (
             ("model.url", self.model.url),
             ("model.checkpoint_url", self.model.checkpoint_url),

@@ -33,8 +33,8 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
 }
 
 # The diffusers class names are accepted too (docker-diffusers-api sent those); each maps to
-# the first table entry that uses the class with no overrides.
-_ALIASES = {spec.cls: name for name, spec in reversed(SCHEDULERS.items()) if not spec.config}
+# the first table entry that uses the class.
+_ALIASES = {spec.cls: name for name, spec in reversed(SCHEDULERS.items())}
 
 
 def canonical_scheduler(name: str) -> str:

@@ -1,0 +1,126 @@
+"""Test helpers that need no torch: images, a loopback HTTP server, a worker subprocess."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import requests
+from PIL import Image, ImageChops
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def png_b64(color=(200, 30, 30), size=(64, 64), mode="RGB") -> str:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def assert_images_close(expected: Image.Image, actual: Image.Image, name: str, tolerance: int = 2) -> None:
+    """Pixels may differ by ``tolerance`` (thread counts and batching move values by ±1).
+    On failure, the expected, actual and difference images are saved under test-artifacts/."""
+    assert expected.size == actual.size, f"{name}: size {actual.size} != {expected.size}"
+    diff = ImageChops.difference(expected.convert("RGB"), actual.convert("RGB"))
+    worst = max(high for _, high in diff.getextrema())
+    if worst > tolerance:
+        ARTIFACTS.mkdir(exist_ok=True)
+        for label, image in (("expected", expected), ("actual", actual), ("diff", diff)):
+            image.save(ARTIFACTS / f"{name}-{label}.png")
+        raise AssertionError(f"{name}: pixels differ by up to {worst} (> {tolerance}); see {ARTIFACTS}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class FileServer:
+    """A real HTTP server on loopback serving ``routes`` {path: (status, headers, body)}."""
+
+    def __init__(self, routes: dict[str, tuple[int, dict, bytes]]):
+        routes_ = routes
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                status, headers, body = routes_.get(self.path, (404, {}, b"not found"))
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.routes = routes
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def worker_env(models_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment for a worker subprocess: tests' model cache, loopback URLs allowed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "MODEL_"))}
+    env.update(MODELS_DIR=str(models_dir), ALLOW_PRIVATE_URLS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+class ApiServer:
+    """``python handler.py --rp_serve_api`` as a subprocess: the SDK's local API, for real."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(self.port), "--rp_api_host", "127.0.0.1"],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"worker exited; log: {log_path.read_text()[-2000:]}"
+            try:
+                requests.get(self.url + "/docs", timeout=1)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.3)
+        raise TimeoutError("worker API did not start")
+
+    def post(self, path: str, body: dict | None = None, timeout: float = 120) -> dict:
+        response = requests.post(self.url + path, json=body, timeout=timeout)
+        response.raise_for_status()
+        return response.json()
+
+    def runsync(self, job_input: dict) -> dict:
+        return self.post("/runsync", {"input": job_input})
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()

@@ -1,0 +1,197 @@
+"""Tier 2: the engine on tiny random-weight models, on CPU."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from schemas import SCHEDULERS
+from tests.helpers import FileServer, assert_images_close, decode, png_b64
+from worker.errors import JobCancelled, UserInputError
+
+STEPS = 3
+
+
+def test_same_seed_same_bytes(run):
+    first, _ = run(prompt="a red fox", seed=7, num_inference_steps=STEPS)
+    second, _ = run(prompt="a red fox", seed=7, num_inference_steps=STEPS)
+    other, _ = run(prompt="a red fox", seed=8, num_inference_steps=STEPS)
+    assert first.images[0].base64 == second.images[0].base64
+    assert first.images[0].base64 != other.images[0].base64
+    assert first.images[0].seed == 7
+
+
+def test_random_seed_is_reported_and_reproduces(run):
+    result, _ = run(prompt="a red fox", num_inference_steps=STEPS)
+    seed = result.images[0].seed
+    assert 0 <= seed < 2**63
+    again, _ = run(prompt="a red fox", num_inference_steps=STEPS, seed=seed)
+    assert again.images[0].base64 == result.images[0].base64
+
+
+def test_each_image_of_a_batch_reproduces_alone(run):
+    batch, _ = run(prompt="three foxes", seed=100, num_images=3, num_inference_steps=STEPS)
+    assert [image.seed for image in batch.images] == [100, 101, 102]
+    assert len({image.base64 for image in batch.images}) == 3
+    for image in batch.images:
+        alone, _ = run(prompt="three foxes", seed=image.seed, num_inference_steps=STEPS)
+        assert_images_close(decode(alone.images[0].base64), decode(image.base64), f"batch-seed-{image.seed}")
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_in_the_table_runs(run, name):
+    result, events = run(prompt="p", seed=1, num_inference_steps=4, scheduler=name, guidance_scale=1.5)
+    assert decode(result.images[0].base64).size == (64, 64)
+    steps = [e.step for e in events if e.stage == "inference"]
+    assert steps == list(range(1, len(steps) + 1)) and steps
+
+
+def test_scheduler_choice_does_not_leak_into_the_next_job(run):
+    plain, _ = run(prompt="p", seed=3, num_inference_steps=STEPS)
+    run(prompt="p", seed=3, num_inference_steps=STEPS, scheduler="EulerAncestralDiscrete")
+    after, _ = run(prompt="p", seed=3, num_inference_steps=STEPS)
+    assert after.images[0].base64 == plain.images[0].base64
+
+
+def test_schedulers_change_the_image(run):
+    ddim, _ = run(prompt="p", seed=3, num_inference_steps=STEPS, scheduler="DDIM")
+    euler, _ = run(prompt="p", seed=3, num_inference_steps=STEPS, scheduler="EulerDiscrete")
+    assert ddim.images[0].base64 != euler.images[0].base64
+
+
+def test_size_is_honoured(run):
+    result, _ = run(prompt="p", seed=1, num_inference_steps=2, width=96, height=128)
+    image = result.images[0]
+    assert (image.width, image.height) == (96, 128) == decode(image.base64).size
+
+
+def test_progress_events_cover_every_step(run):
+    result, events = run(prompt="p", seed=1, num_inference_steps=5, scheduler="DDIM")
+    inference = [(e.step, e.total) for e in events if e.stage == "inference"]
+    assert inference == [(i, 5) for i in range(1, 6)]
+
+
+def test_img2img_starts_from_the_image(run):
+    source = png_b64((250, 250, 250), size=(80, 64))
+    result, events = run(prompt="p", seed=5, image=source, strength=0.5, num_inference_steps=4, scheduler="DDIM")
+    assert result.task == "img2img"
+    assert decode(result.images[0].base64).size == (80, 64)
+    assert [e.total for e in events if e.stage == "inference"] == [2, 2]  # strength 0.5 of 4 steps
+    dark, _ = run(prompt="p", seed=5, image=png_b64((5, 5, 5), size=(80, 64)), strength=0.5, num_inference_steps=4)
+    assert dark.images[0].base64 != result.images[0].base64
+
+
+def test_img2img_resizes_to_the_requested_size(run):
+    result, _ = run(prompt="p", seed=5, image=png_b64(size=(100, 100)), width=64, height=96, num_inference_steps=2)
+    assert decode(result.images[0].base64).size == (64, 96)
+
+
+def test_inpaint_on_the_embedded_4_channel_model(run):
+    result, _ = run(prompt="p", seed=5, image=png_b64(), mask_image=png_b64((255, 255, 255), mode="RGB"),
+                    num_inference_steps=4)
+    assert result.task == "inpaint" and decode(result.images[0].base64).size == (64, 64)
+
+
+def test_inpaint_with_a_9_channel_unet(run, inpaint_dir):
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    result, _ = run(prompt="p", seed=5, image=png_b64(), mask_image=base64.b64encode(buffer.getvalue()).decode(),
+                    num_inference_steps=4, model={"id": str(inpaint_dir)})
+    assert result.model.source in ("local", "memory")
+    assert decode(result.images[0].base64).size == (64, 64)
+    with pytest.raises(UserInputError, match=r"^task: .* is an inpainting model"):
+        run(prompt="p", model={"id": str(inpaint_dir)}, num_inference_steps=2)
+
+
+@pytest.mark.parametrize("fmt, pil_name", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_output_formats(run, fmt, pil_name):
+    result, _ = run(prompt="p", seed=1, num_inference_steps=2, output={"format": fmt, "quality": 80})
+    image = result.images[0]
+    assert image.format == fmt and decode(image.base64).format == pil_name
+
+
+def test_switching_tasks_reuses_the_loaded_model(run, engine):
+    run(prompt="p", num_inference_steps=2)
+    loaded = dict(engine.models._loaded)
+    img2img, _ = run(prompt="p", image=png_b64(), num_inference_steps=2)
+    inpaint, _ = run(prompt="p", image=png_b64(), mask_image=png_b64(), num_inference_steps=2)
+    for result in (img2img, inpaint):
+        assert result.model.source == "memory" and "load" not in result.timings
+    assert dict(engine.models._loaded) == loaded  # the same pipeline objects, nothing reloaded
+
+
+def test_cancellation_stops_the_denoising_loop(run):
+    calls = []
+
+    def cancelled():
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(JobCancelled):
+        run(prompt="p", num_inference_steps=10, scheduler="DDIM", cancelled=cancelled)
+    assert len(calls) == 2
+
+
+def test_timings_name_the_phases_that_ran(run):
+    result, _ = run(prompt="p", num_inference_steps=2)
+    assert set(result.timings) == {"inference", "encode"}
+    result, _ = run(prompt="p", image=png_b64(), num_inference_steps=2)
+    assert set(result.timings) == {"inputs", "inference", "encode"}
+
+
+def test_image_from_a_url(run):
+    server = FileServer({
+        "/cat.png": (200, {"Content-Type": "image/png"}, base64.b64decode(png_b64((0, 0, 255)))),
+        "/moved": (302, {"Location": "/cat.png"}, b""),
+        "/notimage": (200, {}, b"hello"),
+    })
+    try:
+        direct, _ = run(prompt="p", seed=2, image=server.url + "/cat.png", num_inference_steps=2)
+        redirected, _ = run(prompt="p", seed=2, image=server.url + "/moved", num_inference_steps=2)
+        inline, _ = run(prompt="p", seed=2, image=png_b64((0, 0, 255)), num_inference_steps=2)
+        assert direct.images[0].base64 == redirected.images[0].base64 == inline.images[0].base64
+        with pytest.raises(UserInputError, match=r"^image: download failed \(HTTP 404\)"):
+            run(prompt="p", image=server.url + "/missing.png", num_inference_steps=2)
+        with pytest.raises(UserInputError, match=r"^mask_image: is not a readable image"):
+            run(prompt="p", image=png_b64(), mask_image=server.url + "/notimage", num_inference_steps=2)
+    finally:
+        server.close()
+
+
+def test_private_urls_are_refused_by_default(models_dir):
+    from worker.images import load_image
+    from worker.settings import Settings
+
+    server = FileServer({"/cat.png": (200, {}, base64.b64decode(png_b64()))})
+    try:
+        strict = Settings(models_dir=models_dir)
+        for url in (server.url + "/cat.png", "http://localhost:9/x.png", "http://169.254.169.254/latest/meta-data"):
+            with pytest.raises(UserInputError, match=r"^image: host .* is a private address"):
+                load_image(url, "image", strict)
+        # A public host that redirects inward is refused at the hop: checked in test_urls.
+        assert load_image(server.url + "/cat.png", "image", Settings(models_dir=models_dir, allow_private_urls=True))
+    finally:
+        server.close()
+
+
+def test_bad_image_payloads_name_the_field(run):
+    with pytest.raises(UserInputError, match=r"^image: is not a readable image"):
+        run(prompt="p", image=base64.b64encode(b"definitely not a png").decode(), num_inference_steps=2)
+    with pytest.raises(UserInputError, match=r"^image: is not valid base64"):
+        run(prompt="p", image="abc=def", num_inference_steps=2)
+    with pytest.raises(UserInputError, match=r"^image: 16x16 is smaller than 64x64"):
+        run(prompt="p", image=png_b64(size=(16, 16)), num_inference_steps=2)
+    with pytest.raises(UserInputError, match=r"^safety_checker: .* ships no safety checker"):
+        run(prompt="p", safety_checker=True, num_inference_steps=2)
+
+
+def test_data_uri_and_unpadded_base64_are_accepted(run):
+    plain = png_b64()
+    a, _ = run(prompt="p", seed=1, image="data:image/png;base64," + plain, num_inference_steps=2)
+    b, _ = run(prompt="p", seed=1, image=plain.rstrip("="), num_inference_steps=2)
+    assert a.images[0].base64 == b.images[0].base64

@@ -1,0 +1,128 @@
+"""Tier 1: request validation and error messages, with no torch import."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from schemas import SCHEDULERS, InferenceRequest, Limits, canonical_scheduler, describe_validation_error
+from tests.helpers import ROOT, png_b64
+
+IMG = png_b64()
+
+
+def parse(data, limits: Limits | None = None) -> InferenceRequest:
+    return InferenceRequest.model_validate(data, context={"limits": limits or Limits()})
+
+
+def error_of(data, limits: Limits | None = None) -> str:
+    with pytest.raises(ValidationError) as info:
+        parse(data, limits)
+    return describe_validation_error(info.value)
+
+
+def test_entry_points_import_without_torch():
+    code = "import handler, schemas, worker.jobs, worker.settings, worker.errors, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "data, task",
+    [
+        ({"prompt": "p"}, "txt2img"),
+        ({"prompt": "p", "image": IMG}, "img2img"),
+        ({"prompt": "p", "image": IMG, "mask_image": IMG}, "inpaint"),
+        ({"prompt": "p", "task": "img2img", "image": "https://example.com/a.png"}, "img2img"),
+    ],
+)
+def test_task_is_inferred_from_images(data, task):
+    assert parse(data).task == task
+
+
+def test_defaults():
+    request = parse({"prompt": "p", "image": IMG})
+    assert (request.strength, request.num_images, request.output.format, request.stream) == (0.8, 1, "png", False)
+    assert request.seed is None and request.scheduler is None
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"prompt": "p", "width": 513}, "width: must be a multiple of 8, got 513"),
+        ({"prompt": "p", "height": 32}, "height: "),
+        ({"prompt": "p", "wdith": 512}, "wdith: unknown field"),
+        ({}, "prompt: required"),
+        ("a string", "input: must be a JSON object"),
+        ({"prompt": 7}, "prompt: "),
+        ({"prompt": "p", "seed": -1}, "seed: "),
+        ({"prompt": "p", "seed": 2**63}, "seed: "),
+        ({"prompt": "p", "num_images": 0}, "num_images: "),
+        ({"prompt": "p", "guidance_scale": "lots"}, "guidance_scale: "),
+        ({"prompt": "p", "scheduler": "Euler-ish"}, "scheduler: must be one of"),
+        ({"prompt": "p", "model": {"precision": "fp8"}}, "model.precision: "),
+        ({"prompt": "p", "model": {"id": "not a repo"}}, "model.id: "),
+        ({"prompt": "p", "model": {"id": "org/../etc"}}, "model.id: "),
+        ({"prompt": "p", "model": {"idd": "a/b"}}, "model.idd: unknown field"),
+        ({"prompt": "p", "output": {"format": "gif"}}, "output.format: "),
+        ({"prompt": "p", "output": {"quality": 101}}, "output.quality: "),
+        ({"prompt": "p", "strength": 0.5}, "strength: not used by task 'txt2img'"),
+        ({"prompt": "p", "task": "img2img"}, "image: required for task 'img2img'"),
+        ({"prompt": "p", "task": "inpaint", "image": IMG}, "mask_image: required for task 'inpaint'"),
+        ({"prompt": "p", "image": "not base64!"}, "image: must be base64"),
+        ({"prompt": "p", "image": IMG, "strength": 0.01}, "strength: 0.01 x num_inference_steps 25"),
+        ({"prompt": "p", "task": "train"}, "task: 'train' is not available"),
+        ({"prompt": "p", "model": {"url": "s3://b/k"}}, "model.url: not available"),
+    ],
+)
+def test_bad_requests_name_the_field(data, expected):
+    assert error_of(data).startswith(expected)
+
+
+def test_operator_limits_apply():
+    limits = Limits(max_pixels=256 * 256, max_images=2, max_steps=10)
+    assert error_of({"prompt": "p", "num_images": 3}, limits) == "num_images: at most 2 on this endpoint, got 3"
+    assert error_of({"prompt": "p", "num_inference_steps": 11}, limits).startswith("num_inference_steps: at most 10")
+    assert error_of({"prompt": "p", "width": 512, "height": 512}, limits).startswith("width x height: 512x512")
+    parse({"prompt": "p", "num_images": 2, "num_inference_steps": 10, "width": 256, "height": 256}, limits)
+
+
+def test_error_quotes_long_values_briefly():
+    message = error_of({"prompt": "p", "negative_prompt": 12345678901234567890 * 10**80})
+    assert message.startswith("negative_prompt: ") and len(message) < 150
+
+
+def test_scheduler_names_and_class_names():
+    assert parse({"prompt": "p", "scheduler": "DDIMScheduler"}).scheduler == "DDIM"
+    assert parse({"prompt": "p", "scheduler": "DPMSolverMultistepScheduler"}).scheduler == "DPMSolverMultistep"
+    for name in ("DPMSolverMultistep", "EulerDiscrete", "EulerAncestralDiscrete", "DDIM", "PNDM", "LMSDiscrete",
+                 "UniPCMultistep", "HeunDiscrete"):  # the contract's minimum
+        assert canonical_scheduler(name) == name
+    for name, spec in SCHEDULERS.items():
+        assert canonical_scheduler(spec.cls) in SCHEDULERS
+
+
+def _documented_inputs():
+    """Every job input shown in README.md (JSON blocks with an "input") and test_input.json."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```json\n(.*?)```", readme, re.S)
+    found = [json.loads(block) for block in blocks if '"input"' in block]
+    found.append(json.loads((ROOT / "test_input.json").read_text()))
+    return found
+
+
+def test_documented_examples_validate():
+    examples = _documented_inputs()
+    assert len(examples) >= 4
+    for example in examples:
+        parse(example["input"])
+
+
+def test_default_steps_respect_the_operator_cap():
+    assert parse({"prompt": "p"}, Limits(max_steps=10)).num_inference_steps == 10
+    assert parse({"prompt": "p"}).num_inference_steps == 25
