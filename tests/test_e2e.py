@@ -1,0 +1,233 @@
+"""Tier 3: the worker as RunPod runs it, through the real runpod SDK in a subprocess.
+
+- the SDK's local API server (``--rp_serve_api``): /runsync, /run + /status, /run + /stream;
+- the SDK's production job loop, driven by a local job server (tests/jobserver.py);
+- ``python handler.py`` with test_input.json and ``--test_input``, and their exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT, ApiServer, decode, png_b64, worker_env
+from tests.jobserver import JobServer
+
+VALID = {"prompt": "a lighthouse", "num_inference_steps": 3, "seed": 11}
+
+
+def assert_valid_result(result: dict, n: int = 1) -> None:
+    assert result["type"] == "result", result
+    assert len(result["images"]) == n
+    for image in result["images"]:
+        assert decode(image["base64"]).size == (image["width"], image["height"]) == (64, 64)
+    assert result["timings"]["total_ms"] > 0 and "inference" in result["timings"]
+    assert result["model"]["source"] in ("embedded", "memory")
+
+
+@pytest.fixture(scope="module")
+def api(models_dir, tmp_path_factory):
+    server = ApiServer(worker_env(models_dir), tmp_path_factory.mktemp("logs") / "api.log")
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def plain_api(models_dir, tmp_path_factory):
+    server = ApiServer(worker_env(models_dir, STREAMING="false"), tmp_path_factory.mktemp("logs") / "plain.log")
+    yield server
+    server.close()
+
+
+# --- Local API server, streaming handler (the default) ---
+
+def test_runsync_returns_the_result_alone_without_stream(api):
+    answer = api.runsync(VALID)
+    assert answer["status"] == "COMPLETED"
+    [result] = answer["output"]
+    assert_valid_result(result)
+    assert result["images"][0]["seed"] == 11
+
+
+def test_runsync_with_stream_yields_every_step_then_the_result(api):
+    output = api.runsync(VALID | {"stream": True, "scheduler": "DDIM"})["output"]
+    assert all("type" in item for item in output)
+    *progress, result = output
+    assert [p["step"] for p in progress if p["stage"] == "inference"] == [1, 2, 3]
+    assert {p["type"] for p in progress} == {"progress"}
+    assert_valid_result(result)
+
+
+def test_same_request_same_image_across_calls(api):
+    first = api.runsync(VALID)["output"][-1]["images"][0]["base64"]
+    second = api.runsync(VALID)["output"][-1]["images"][0]["base64"]
+    assert first == second
+
+
+def test_run_then_status(api):
+    job = api.post("/run", {"input": VALID | {"num_images": 2}})
+    answer = api.post(f"/status/{job['id']}")
+    assert answer["status"] == "COMPLETED"
+    assert_valid_result(answer["output"][-1], n=2)
+
+
+def test_run_then_stream(api):
+    job = api.post("/run", {"input": VALID | {"stream": True}})
+    answer = api.post(f"/stream/{job['id']}")
+    outputs = [chunk["output"] for chunk in answer["stream"]]
+    assert [o["type"] for o in outputs].count("result") == 1 and outputs[-1]["type"] == "result"
+    assert len([o for o in outputs if o.get("stage") == "inference"]) >= 3
+    assert_valid_result(outputs[-1])
+
+
+def test_img2img_and_inpaint_through_the_api(api):
+    img2img = api.runsync({"prompt": "p", "image": png_b64(), "num_inference_steps": 4})["output"][-1]
+    inpaint = api.runsync({"prompt": "p", "image": png_b64(), "mask_image": png_b64(), "num_inference_steps": 4})
+    assert img2img["task"] == "img2img" and inpaint["output"][-1]["task"] == "inpaint"
+
+
+# At least 15 bad inputs: each answer names the field, and the worker serves the next job.
+BAD_INPUTS = [
+    ({"prompt": "p", "width": 513}, "width: must be a multiple of 8, got 513"),
+    ({"prompt": "p", "height": 8}, "height: "),
+    ({"prompt": "p", "num_inference_steps": 0}, "num_inference_steps: "),
+    ({"prompt": "p", "num_inference_steps": 151}, "num_inference_steps: at most 150"),
+    ({"prompt": "p", "num_images": 9}, "num_images: at most 8"),
+    ({"prompt": "p", "guidance_scale": -1}, "guidance_scale: "),
+    ({"prompt": "p", "seed": "lucky"}, "seed: "),
+    ({"prompt": "p", "scheduler": "Warp"}, "scheduler: must be one of"),
+    ({"prompt": "p", "colour": "red"}, "colour: unknown field"),
+    ({"negative_prompt": "x"}, "prompt: required"),
+    ({"prompt": "p", "model": {"precision": "int4"}}, "model.precision: "),
+    ({"prompt": "p", "model": {"id": "/no/such/model"}}, "model.id: no diffusers model at /no/such/model"),
+    ({"prompt": "p", "model": {"id": "acme/not-cached"}}, "model.id: acme/not-cached is not cached"),
+    ({"prompt": "p", "output": {"format": "bmp"}}, "output.format: "),
+    ({"prompt": "p", "image": "bm90IGFuIGltYWdl"}, "image: is not a readable image"),
+    ({"prompt": "p", "image": png_b64(), "mask_image": "http://127.0.0.1:9/x.png"}, "mask_image: download failed"),
+    ({"prompt": "p", "task": "inpaint", "image": png_b64()}, "mask_image: required for task 'inpaint'"),
+    ({"prompt": "p", "image": png_b64(size=(8, 8))}, "image: 8x8 is smaller than 64x64"),
+    ({"prompt": "p", "safety_checker": True}, "safety_checker: the embedded model ships no safety checker"),
+    ({"prompt": "p", "loras": [{"id": "a/b", "scale": 1}]}, "loras: not available"),
+]
+
+
+@pytest.mark.parametrize("bad, expected", BAD_INPUTS, ids=[e.split(":")[0] for _, e in BAD_INPUTS])
+def test_bad_input_names_the_field_and_the_worker_carries_on(api, bad, expected):
+    answer = api.post("/runsync", {"input": bad})
+    # The SDK's local API reports a yielded error as COMPLETED; production fails the job
+    # (test_production_loop_* below).
+    [error] = answer["output"]
+    assert error["error"].startswith(expected), error
+    assert "Traceback" not in error["error"]
+    assert_valid_result(api.runsync(VALID)["output"][-1])
+
+
+# --- Local API server, STREAMING=false: the plain handler ---
+
+def test_plain_handler_returns_the_result_dict(plain_api):
+    answer = plain_api.runsync(VALID | {"stream": True})
+    assert answer["status"] == "COMPLETED"
+    assert_valid_result(answer["output"])  # the dict itself, not a list
+
+
+def test_plain_handler_fails_bad_jobs(plain_api):
+    answer = plain_api.runsync({"prompt": "p", "width": 100})
+    assert answer["status"] == "FAILED"
+    assert answer["error"] == "width: must be a multiple of 8, got 100"
+    assert_valid_result(plain_api.runsync(VALID)["output"])
+
+
+# --- The SDK's production job loop ---
+
+def run_production(models_dir, tmp_path, jobs: list[tuple[str, object]], **env) -> JobServer:
+    server = JobServer()
+    for job_id, job_input in jobs:
+        server.submit(job_id, job_input)
+    log = open(tmp_path / "worker.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "handler.py"], cwd=ROOT, env=worker_env(models_dir, **server.env(), **env),
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        for job_id, _ in jobs:
+            server.wait_done(job_id)
+    finally:
+        process.terminate()
+        process.wait(20)
+        log.close()
+        server.close()
+    text = (tmp_path / "worker.log").read_text()
+    assert "Traceback" not in text, text[-3000:]
+    return server
+
+
+def test_production_loop_streams_and_fails_bad_jobs(models_dir, tmp_path):
+    server = run_production(models_dir, tmp_path, [
+        ("good-1", VALID | {"stream": True, "scheduler": "DDIM"}),
+        ("bad", {"prompt": "p", "width": 1000, "height": 1001}),
+        ("not-an-object", "draw me a cat"),
+        ("good-2", VALID),
+    ])
+    streamed = [post["output"] for post in server.stream["good-1"]]
+    assert [s["step"] for s in streamed if s.get("stage") == "inference"] == [1, 2, 3]
+    assert streamed[-1]["type"] == "result"
+    done = server.done["good-1"]
+    assert "error" not in done and done["output"][-1]["type"] == "result"  # aggregated stream
+    assert_valid_result(done["output"][-1])
+
+    assert server.done["bad"]["error"] == "height: must be a multiple of 8, got 1001"
+    assert not server.stream["bad"]
+    assert server.done["not-an-object"]["error"].startswith("input: must be a JSON object, got 'draw me a cat'")
+    assert_valid_result(server.done["good-2"]["output"][-1])
+    assert server.done["good-2"]["output"][-1]["model"]["source"] == "memory"  # warm across jobs
+
+
+def test_production_loop_plain_handler_reports_progress(models_dir, tmp_path):
+    server = run_production(
+        models_dir, tmp_path, [("p-1", VALID | {"num_inference_steps": 4, "scheduler": "DDIM"}), ("p-bad", {"prompt": 5})],
+        STREAMING="false", PROGRESS_INTERVAL_S="0",
+    )
+    assert_valid_result(server.done["p-1"]["output"])
+    steps = [p["output"]["step"] for p in server.progress["p-1"] if p["output"]["stage"] == "inference"]
+    assert sorted(steps) == [1, 2, 3, 4]  # progress_update posts from threads: any order
+    assert server.done["p-bad"]["error"].startswith("prompt: ")
+
+
+# --- python handler.py (test_input.json) and --test_input ---
+
+def run_cli(models_dir, cwd, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "handler.py"), *args], cwd=cwd, env=worker_env(models_dir),
+        capture_output=True, text=True, timeout=180,
+    )
+
+
+def test_handler_runs_test_input_json(models_dir, tmp_path):
+    (tmp_path / "test_input.json").write_text((ROOT / "test_input.json").read_text())
+    done = run_cli(models_dir, tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    expected = json.loads((ROOT / "test_input.json").read_text())["input"]
+    written = tmp_path / "output" / "local_test-0.png"
+    assert decode_file(written).size == (64, 64)
+    assert f"seed {expected['seed']}" in done.stdout and "wrote output/local_test-0.png" in done.stdout
+
+
+def test_test_input_runs_the_job_and_exits_by_outcome(models_dir, tmp_path):
+    good = run_cli(models_dir, tmp_path, "--test_input", json.dumps({"input": VALID | {"stream": True}}))
+    assert good.returncode == 0, good.stdout[-2000:]
+    assert (tmp_path / "output" / "local_test-0.png").is_file()
+    bad = run_cli(models_dir, tmp_path, "--test_input", json.dumps({"input": {"prompt": "p", "width": 513}}))
+    assert bad.returncode == 1
+    assert "width: must be a multiple of 8, got 513" in bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stdout + bad.stderr
+
+
+def decode_file(path):
+    from PIL import Image
+
+    image = Image.open(path)
+    image.load()
+    return image
