@@ -88,7 +88,7 @@ class Engine:
             # 5. Denoise, reporting every step and stopping if RunPod cancelled the job.
             def on_step(pipeline, step: int, timestep, tensors: dict) -> dict:
                 if cancelled():
-                    raise JobCancelled()
+                    raise JobCancelled(step, pipeline.num_timesteps)
                 emit(Progress(stage="inference", step=step + 1, total=pipeline.num_timesteps))
                 return tensors
 
@@ -155,7 +155,14 @@ class Engine:
             raise UserInputError(
                 "task", f"{name} is an inpainting model (9-channel UNet): send image and mask_image"
             )
-        overrides = {"scheduler": make_scheduler(request.scheduler, base.scheduler)}
+        scheduler = make_scheduler(request.scheduler, base.scheduler)
+        trained = scheduler.config.get("num_train_timesteps", 1000)
+        if request.num_inference_steps >= trained:
+            # With SD's steps_offset, as many steps as training timesteps index past the end.
+            raise UserInputError(
+                "num_inference_steps", f"must be below {trained} for this model's scheduler, got {request.num_inference_steps}"
+            )
+        overrides = {"scheduler": scheduler}
         ships_checker = getattr(base, "safety_checker", None) is not None
         use_checker = self.settings.safety_checker if request.safety_checker is None else request.safety_checker
         if request.safety_checker and not ships_checker:

@@ -37,8 +37,8 @@ class ModelSourceError(UserInputError):
 class JobCancelled(WorkerError):
     """RunPod cancelled the job (or it timed out) while it ran."""
 
-    def __init__(self) -> None:
-        super().__init__("job: cancelled")
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"job: cancelled at step {step} of {total}")
 
 
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
@@ -59,8 +59,7 @@ def needs_fresh_worker(exc: BaseException) -> bool:
     torch = sys.modules.get("torch")  # no torch loaded means no GPU touched
     if torch is None:
         return False
-    doubtful = (torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.cuda.OutOfMemoryError))
-    return isinstance(exc, doubtful)
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, torch.AcceleratorError))
 
 
 def answer_for(exc: BaseException, secrets: list[str] = ()) -> tuple[str, bool]:
@@ -70,9 +69,11 @@ def answer_for(exc: BaseException, secrets: list[str] = ()) -> tuple[str, bool]:
     elif isinstance(exc, WorkerError):
         message = str(exc)
     elif needs_fresh_worker(exc):
-        message = f"device: {type(exc).__name__}; the job failed on the GPU and this worker will be replaced"
-        if "OutOfMemory" in type(exc).__name__:
+        if isinstance(exc, sys.modules["torch"].cuda.OutOfMemoryError):
             message = "device: out of GPU memory; lower width, height or num_images"
+        else:
+            message = f"device: the GPU failed ({type(exc).__name__}); this worker will be replaced"
+        log.error("device error, asking RunPod for a fresh worker: %s", redact(str(exc), secrets))
     else:
         # A bug of ours, not the caller's: say so without leaking internals, log for the operator.
         message = f"internal: the worker failed ({type(exc).__name__}); the operator's logs have details"

@@ -109,6 +109,7 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
+        work = None
         try:
             request = InferenceRequest.model_validate(job.get("input"), context={"limits": self.settings.limits})
             emit = _to_loop(loop, events) if wants_progress(request) else _ignore
@@ -126,7 +127,12 @@ class JobRunner:
         except Exception as exc:
             yield exc
         finally:
-            cancel.set()  # no-op when done; stops the denoising loop if the job was cancelled
+            # Done: a no-op. Cancelled by RunPod (the SDK cancels the task iterating us):
+            # stop the denoising loop at its next step, and log how the job ended.
+            cancel.set()
+            if work is not None and not work.done():
+                job_id = job.get("id")
+                work.add_done_callback(lambda f: log.info("job %s abandoned: %s", job_id, _outcome(f)))
 
     def _generate(self, request: InferenceRequest, emit, cancel: threading.Event, received: float) -> Result:
         """On the engine thread. Reports the time spent queued (behind warm-up) and starting up."""
@@ -147,6 +153,11 @@ class JobRunner:
         if refresh:
             self.sdk_config["refresh_worker"] = True
         return {"error": message}
+
+
+def _outcome(future) -> str:
+    exc = future.exception()
+    return "finished anyway" if exc is None else answer_for(exc)[0]
 
 
 def _ms_since(start: float) -> float:
