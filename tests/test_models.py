@@ -48,6 +48,11 @@ def test_request_fields_fill_from_the_environment():
     assert model_ref(ModelSpec(), Settings(), "cuda").precision == "fp16"
 
 
+def test_unsupported_operator_sources_are_not_silently_ignored():
+    with pytest.raises(ModelSourceError, match=r"^MODEL_URL: .*not available"):
+        model_ref(ModelSpec(), Settings(model_url="s3://bucket/model.tar.zst"), "cpu")
+
+
 def test_embedded_model_is_built_on_first_use(tmp_path):
     engine = make_engine(tmp_path)
     result, events = generate(engine)

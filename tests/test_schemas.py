@@ -126,3 +126,11 @@ def test_documented_examples_validate():
 def test_default_steps_respect_the_operator_cap():
     assert parse({"prompt": "p"}, Limits(max_steps=10)).num_inference_steps == 10
     assert parse({"prompt": "p"}).num_inference_steps == 25
+
+
+def test_readme_lists_every_environment_variable():
+    from worker.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`{name.upper()}`" in readme, f"README.md does not document {name.upper()}"

@@ -53,6 +53,9 @@ def model_ref(spec: ModelSpec, settings: Settings, device: str) -> ModelRef:
     Revision and variant describe MODEL_ID, so they apply only when the id comes from it too;
     precision is a choice about running, so MODEL_PRECISION applies to every model.
     """
+    for name, value in (("MODEL_URL", settings.model_url), ("CHECKPOINT_URL", settings.checkpoint_url)):
+        if value:  # an operator setting we cannot honour yet must not be silently ignored
+            raise ModelSourceError(name, "archives and checkpoints are not available in this version of the worker")
     if spec.id is None:
         model_id = settings.model_id or EMBEDDED_ID
         revision = spec.revision or settings.model_revision

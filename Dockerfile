@@ -1,0 +1,26 @@
+# syntax=docker/dockerfile:1
+# The worker image: models are fetched at run time (hub, or RunPod's cached models) into
+# MODELS_DIR, which defaults to the network volume when one is mounted.
+#
+#   docker build -t sd-worker .
+#
+# No credential is passed at build time: HF_TOKEN and the rest are endpoint variables.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# On Linux, PyPI's torch wheel is the CUDA build, carrying its own CUDA runtime: the host
+# needs only the NVIDIA driver, which RunPod provides.
+COPY requirements.txt .
+RUN pip install -r requirements.txt
+
+COPY handler.py test_input.json ./
+COPY schemas ./schemas
+COPY worker ./worker
+COPY builder ./builder
+
+CMD ["python", "-u", "handler.py"]
