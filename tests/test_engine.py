@@ -190,6 +190,26 @@ def test_bad_image_payloads_name_the_field(run):
         run(prompt="p", safety_checker=True, num_inference_steps=2)
 
 
+def test_attention_runs_on_pytorch_sdpa(run, engine):
+    run(prompt="p", num_inference_steps=1)
+    for loaded in engine.models._loaded.values():
+        kinds = {type(p).__name__ for p in loaded.pipeline.unet.attn_processors.values()}
+        assert kinds == {"AttnProcessor2_0"}, kinds  # torch.nn.functional.scaled_dot_product_attention
+
+
+def test_results_over_the_size_limit_fail_with_a_reason(models_dir):
+    from schemas import InferenceRequest
+    from worker.engine import Engine
+    from worker.settings import Settings
+
+    engine = Engine(Settings(models_dir=models_dir, max_result_bytes=20_000))
+    request = InferenceRequest(prompt="p", num_inference_steps=1, num_images=2, width=128, height=128)
+    with pytest.raises(UserInputError, match=r"^output: the images come to .* MB result limit"):
+        engine.generate(request, lambda e: None, lambda: False)
+    small = InferenceRequest(prompt="p", num_inference_steps=1)
+    assert engine.generate(small, lambda e: None, lambda: False).images
+
+
 def test_data_uri_and_unpadded_base64_are_accepted(run):
     plain = png_b64()
     a, _ = run(prompt="p", seed=1, image="data:image/png;base64," + plain, num_inference_steps=2)

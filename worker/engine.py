@@ -17,7 +17,7 @@ import torch
 import transformers
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
-from schemas import ImageOut, InferenceRequest, ModelInfo, Progress, Result
+from schemas import ImageOut, InferenceRequest, ModelInfo, ModelSpec, Progress, Result
 
 from .errors import JobCancelled, UserInputError
 from .images import encode_image, load_image
@@ -60,8 +60,6 @@ class Engine:
     def warm_up(self) -> None:
         """Load the default model so the first job finds it in memory."""
         with self._lock:
-            from schemas import ModelSpec
-
             self.models.get(model_ref(ModelSpec(), self.settings, self.device), lambda _: None, {})
 
     def generate(self, request: InferenceRequest, emit: Emit, cancelled: Callable[[], bool]) -> Result:
@@ -120,6 +118,13 @@ class Engine:
             for image, seed, flag in zip(output.images, seeds, nsfw)
         ]
         timings["encode"] = _ms(start)
+        size = sum(len(image.base64) for image in out)
+        if size > self.settings.max_result_bytes:
+            raise UserInputError(
+                "output", f"the images come to {size / 2**20:.1f} MB of base64, over this endpoint's "
+                f"{self.settings.max_result_bytes / 2**20:.1f} MB result limit; ask for fewer or smaller "
+                "images, or output.format jpeg / webp"
+            )
         info = ModelInfo(
             id=ref.id, source=source, revision=ref.revision, precision=ref.precision, device=self.device
         )

@@ -132,7 +132,8 @@ class JobRunner:
             cancel.set()
             if work is not None and not work.done():
                 job_id = job.get("id")
-                work.add_done_callback(lambda f: log.info("job %s abandoned: %s", job_id, _outcome(f)))
+                secrets = self.settings.secrets()
+                work.add_done_callback(lambda f: log.info("job %s abandoned: %s", job_id, _outcome(f, secrets)))
 
     def _generate(self, request: InferenceRequest, emit, cancel: threading.Event, received: float) -> Result:
         """On the engine thread. Reports the time spent queued (behind warm-up) and starting up."""
@@ -155,9 +156,9 @@ class JobRunner:
         return {"error": message}
 
 
-def _outcome(future) -> str:
+def _outcome(future, secrets: list[str]) -> str:
     exc = future.exception()
-    return "finished anyway" if exc is None else answer_for(exc)[0]
+    return "finished anyway" if exc is None else answer_for(exc, secrets)[0]
 
 
 def _ms_since(start: float) -> float:

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     max_steps: int = Field(150, ge=1, le=1000)
     max_input_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest input image download.")
     url_timeout_s: float = Field(30, gt=0)
+    # RunPod loses results over about 20 MB without a word: refuse them with a reason instead.
+    max_result_bytes: int = Field(19 * 1024 * 1024, ge=1024, description="Largest base64 result a job may return.")
 
     @property
     def on_runpod(self) -> bool:
