@@ -51,7 +51,12 @@ class ModelSpec(_Strict):
     precision: Precision | None = Field(
         None, description="dtype the model runs in; default fp16 on CUDA, fp32 on CPU."
     )
-    url: str | None = Field(None, description="Archive of a diffusers model (not available yet).")
+    url: str | None = Field(
+        None,
+        max_length=8192,
+        description="Archive (.tar.zst / .tar) of a diffusers model: https://, http://, s3://bucket/key, "
+        "s3:///bucket/key, or bare s3:// (default bucket, conventional name). `#sha256=` verifies it.",
+    )
     checkpoint_url: str | None = Field(None, description="Single-file checkpoint (not available yet).")
 
     @field_validator("id")
@@ -137,7 +142,6 @@ class InferenceRequest(_Strict):
         if "num_inference_steps" not in self.model_fields_set:
             self.num_inference_steps = min(self.num_inference_steps, limits.max_steps)
         for name, value in (
-            ("model.url", self.model.url),
             ("model.checkpoint_url", self.model.checkpoint_url),
             ("output.upload_url", self.output.upload_url),
             ("loras", self.loras),

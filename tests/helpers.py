@@ -124,3 +124,66 @@ class ApiServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+
+
+class RangeServer:
+    """A real HTTP server on loopback with Range support, for archives.
+
+    ``files`` maps paths to bytes. ``drop[path] = n`` makes the next response for ``path``
+    close the connection after ``n`` bytes of body, once. ``requests`` records (path, Range)."""
+
+    def __init__(self, files: dict[str, bytes] | None = None, *, ranges: bool = True):
+        self.files = dict(files or {})
+        self.drop: dict[str, int] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                header = self.headers.get("Range")
+                outer.requests.append((path, header))
+                body = outer.files.get(path)
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                start, end = 0, len(body) - 1
+                if header and ranges:
+                    first, _, last = header.removeprefix("bytes=").partition("-")
+                    start, end = int(first), min(int(last) if last else len(body) - 1, len(body) - 1)
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(end - start + 1))
+                self.end_headers()
+                part = body[start:end + 1]
+                cut = outer.drop.pop(path, None)
+                if cut is not None:
+                    self.wfile.write(part[:cut])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(part)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

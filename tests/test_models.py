@@ -49,8 +49,8 @@ def test_request_fields_fill_from_the_environment():
 
 
 def test_unsupported_operator_sources_are_not_silently_ignored():
-    with pytest.raises(ModelSourceError, match=r"^MODEL_URL: .*not available"):
-        model_ref(ModelSpec(), Settings(model_url="s3://bucket/model.tar.zst"), "cpu")
+    with pytest.raises(ModelSourceError, match=r"^CHECKPOINT_URL: .*not available"):
+        model_ref(ModelSpec(), Settings(checkpoint_url="s3://bucket/model.safetensors"), "cpu")
 
 
 def test_embedded_model_is_built_on_first_use(tmp_path):

@@ -4,9 +4,11 @@
 ``ModelRef`` (env defaults filled in); the store answers from memory when it can, else finds
 the weights and loads them, in this order:
 
-1. no id anywhere: the embedded tiny model, built on first use (source ``embedded``);
-2. an absolute path: a local diffusers directory (``local``);
-3. a hub id: RunPod's cached-models directory, then our hub cache (``cache``), then a
+1. a ``url``: an archive already installed in MODELS_DIR (``cache``), else streamed from
+   S3 or HTTP and installed there (``url``);
+2. no id anywhere: the embedded tiny model, built on first use (source ``embedded``);
+3. an absolute path: a local diffusers directory (``local``);
+4. a hub id: RunPod's cached-models directory, then our hub cache (``cache``), then a
    download from the hub into our cache (``hub``).
 """
 
@@ -16,14 +18,17 @@ import gc
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from schemas import ModelSpec, Progress
 
+from . import archives
+from .cache import DiskCache, entry_key
 from .errors import ModelSourceError
 from .settings import Settings
+from .storage import open_download, parse_location
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,9 @@ class ModelRef:
     revision: str | None
     variant: str | None
     precision: str
+    url: str | None = None  # an archive to fetch; ``id`` then names it
+    # The operator's MODEL_URL may point at private addresses; a request's may not.
+    from_env: bool = field(default=False, compare=False)
 
 
 @dataclass
@@ -53,17 +61,23 @@ def model_ref(spec: ModelSpec, settings: Settings, device: str) -> ModelRef:
     Revision and variant describe MODEL_ID, so they apply only when the id comes from it too;
     precision is a choice about running, so MODEL_PRECISION applies to every model.
     """
-    for name, value in (("MODEL_URL", settings.model_url), ("CHECKPOINT_URL", settings.checkpoint_url)):
-        if value:  # an operator setting we cannot honour yet must not be silently ignored
-            raise ModelSourceError(name, "archives and checkpoints are not available in this version of the worker")
-    if spec.id is None:
-        model_id = settings.model_id or EMBEDDED_ID
+    if settings.checkpoint_url:  # an operator setting we cannot honour yet must not be ignored
+        raise ModelSourceError("CHECKPOINT_URL", "checkpoints are not available in this version of the worker")
+    precision = spec.precision or settings.model_precision or ("fp16" if device == "cuda" else "fp32")
+    if spec.id is None and spec.url is None:  # the endpoint's default model
         revision = spec.revision or settings.model_revision
         variant = spec.variant or settings.model_variant
-    else:
-        model_id, revision, variant = spec.id, spec.revision, spec.variant
-    precision = spec.precision or settings.model_precision or ("fp16" if device == "cuda" else "fp32")
-    return ModelRef(model_id, revision, variant, precision)
+        if settings.model_url:
+            model_id = settings.model_id or _url_name(settings.model_url)
+            return ModelRef(model_id, revision, variant, precision, settings.model_url, from_env=True)
+        return ModelRef(settings.model_id or EMBEDDED_ID, revision, variant, precision)
+    model_id = spec.id or _url_name(spec.url)
+    return ModelRef(model_id, spec.revision, spec.variant, precision, spec.url)
+
+
+def _url_name(url: str) -> str:
+    """A name for a model known only by its URL, safe to report (no query, no credentials)."""
+    return "url:" + url.split("#")[0].split("?")[0].rpartition("@")[2].rstrip("/").rsplit("/", 1)[-1]
 
 
 class ModelStore:
@@ -72,6 +86,7 @@ class ModelStore:
     def __init__(self, settings: Settings, device: str):
         self.settings = settings
         self.device = device
+        self.disk = DiskCache(settings)
         self._loaded: OrderedDict[ModelRef, Loaded] = OrderedDict()
 
     def get(self, ref: ModelRef, emit: Callable[[Progress], None], timings: dict[str, float]) -> tuple[Loaded, str]:
@@ -82,7 +97,7 @@ class ModelStore:
         emit(Progress(stage="load", step=0, total=1))
         start = time.perf_counter()
         path, source = self._locate(ref, emit)
-        if source == "hub":
+        if source in ("hub", "url"):  # for archives, extraction overlaps the download
             timings["download"] = round((time.perf_counter() - start) * 1000, 1)
             start = time.perf_counter()
         loaded = Loaded(ref, self._load(path, ref), source)
@@ -105,6 +120,8 @@ class ModelStore:
     # --- Finding the weights ---
 
     def _locate(self, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Path, str]:
+        if ref.url:
+            return self._from_archive(ref, emit)
         if ref.id == EMBEDDED_ID:
             from builder import tiny_model
 
@@ -145,6 +162,30 @@ class ModelStore:
             raise ModelSourceError("model.id", f"could not download {ref.id} ({type(exc).__name__})") from None
         emit(Progress(stage="download", step=1, total=1))
         return Path(path), "hub"
+
+    def _from_archive(self, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Path, str]:
+        field = "MODEL_URL" if ref.from_env else "model.url"
+        model_id = None if ref.id.startswith("url:") else ref.id
+        location = parse_location(ref.url, field, self.settings, model_id, ref.precision)
+        key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}")
+        installed = self.disk.path("archives", key)
+        if installed.is_dir():
+            self.disk.touch(installed)
+            return installed, "cache"
+        with self.disk.lock("archives", key):
+            if installed.is_dir():  # fetched by another job or worker while we waited
+                return installed, "cache"
+            allow_private = ref.from_env or self.settings.allow_private_urls
+            download = open_download(location, field, self.settings, allow_private=allow_private)
+            expected = location.sha256 or download.sidecar_sha256()
+            log.info("fetching %s (%s bytes, sha256 %s)", location.display, download.size, expected or "unknown")
+            with self.disk.staging() as staging:
+                archives.extract(
+                    download.chunks(), staging, field=field, expected_sha256=expected, expected_size=download.size,
+                    max_bytes=self.settings.max_archive_bytes, max_members=self.settings.max_archive_members,
+                    on_bytes=archives.download_progress(emit, download.size),
+                )
+                return self.disk.install(archives.model_root(staging, field), "archives", key), "url"
 
     # --- Loading ---
 

@@ -45,6 +45,23 @@ class Settings(BaseSettings):
         RUNPOD_VOLUME / "huggingface-cache" / "hub", description="RunPod's cached-models directory, read first."
     )
     hf_hub_offline: bool = Field(False, description="Never contact the hub; models must be cached.")
+    models_disk_budget_gb: float | None = Field(
+        None, gt=0, description="Cap on archives and conversions in MODELS_DIR; least recently used go first."
+    )
+
+    # --- S3-compatible storage. boto3 also reads AWS_ENDPOINT_URL(_S3), AWS_PROFILE ... itself. ---
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_default_region: str | None = None
+    aws_s3_endpoint_url: str | None = Field(None, description="docker-diffusers-api's name for the S3 endpoint.")
+    aws_s3_default_bucket: str | None = Field(None, description="Bucket that a bare s3:// URL means.")
+
+    # --- Downloads of archives and checkpoints. ---
+    download_concurrency: int = Field(8, ge=1, le=64, description="Parallel ranged requests per download.")
+    download_chunk_mb: int = Field(16, ge=1, le=1024, description="Size of each ranged request.")
+    download_retries: int = Field(5, ge=0, le=50, description="Retries per range after a dropped connection.")
+    max_archive_bytes: int = Field(200 * 2**30, ge=1, description="Cap on the bytes an archive may extract to.")
+    max_archive_members: int = Field(100_000, ge=1, description="Cap on the files an archive may hold.")
 
     # --- How the worker runs. ---
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -88,8 +105,8 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Values that must never appear in an answer or a log line."""
-        found = [self.hf_token.get_secret_value()] if self.hf_token else []
-        for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "BUCKET_SECRET_ACCESS_KEY", "RUNPOD_AI_API_KEY"):
+        found = [s.get_secret_value() for s in (self.hf_token, self.aws_secret_access_key) if s]
+        for name in ("AWS_SESSION_TOKEN", "BUCKET_SECRET_ACCESS_KEY", "RUNPOD_AI_API_KEY"):
             if os.environ.get(name):
                 found.append(os.environ[name])
         return [s for s in found if len(s) >= 4]

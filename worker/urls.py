@@ -39,31 +39,41 @@ def check_url(url: str, field: str, allow_private: bool) -> None:
             )
 
 
+def open_url(
+    session: requests.Session, url: str, field: str, *, allow_private: bool, timeout: float, headers: dict | None = None
+) -> requests.Response:
+    """GET ``url`` streaming, following redirects only to hosts ``check_url`` accepts at each hop.
+
+    The response's ``url`` is where the body came from (reuse it for ranged requests)."""
+    for _ in range(_MAX_REDIRECTS + 1):
+        check_url(url, field, allow_private)
+        try:
+            response = session.get(url, stream=True, allow_redirects=False, timeout=timeout, headers=headers)
+        except requests.RequestException as exc:
+            raise UserInputError(field, f"download failed ({type(exc).__name__})") from None
+        if not response.is_redirect:
+            return response
+        response.close()
+        url = urljoin(url, response.headers["location"])
+    raise UserInputError(field, f"more than {_MAX_REDIRECTS} redirects")
+
+
 def fetch_bytes(url: str, field: str, *, max_bytes: int, timeout: float, allow_private: bool) -> bytes:
     """GET ``url`` (following checked redirects) and return at most ``max_bytes`` of body."""
     with requests.Session() as session:
-        for _ in range(_MAX_REDIRECTS + 1):
-            check_url(url, field, allow_private)
+        response = open_url(session, url, field, allow_private=allow_private, timeout=timeout)
+        with response:
+            if response.status_code != 200:
+                raise UserInputError(field, f"download failed (HTTP {response.status_code})")
+            declared = int(response.headers.get("content-length") or 0)
+            if declared > max_bytes:
+                raise UserInputError(field, f"download is {declared} bytes, over the {max_bytes} allowed")
+            body = bytearray()
             try:
-                response = session.get(url, stream=True, allow_redirects=False, timeout=timeout)
+                for chunk in response.iter_content(_CHUNK):
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise UserInputError(field, f"download is over the {max_bytes} bytes allowed")
             except requests.RequestException as exc:
                 raise UserInputError(field, f"download failed ({type(exc).__name__})") from None
-            with response:
-                if response.is_redirect:
-                    url = urljoin(url, response.headers["location"])
-                    continue
-                if response.status_code != 200:
-                    raise UserInputError(field, f"download failed (HTTP {response.status_code})")
-                declared = int(response.headers.get("content-length") or 0)
-                if declared > max_bytes:
-                    raise UserInputError(field, f"download is {declared} bytes, over the {max_bytes} allowed")
-                body = bytearray()
-                try:
-                    for chunk in response.iter_content(_CHUNK):
-                        body += chunk
-                        if len(body) > max_bytes:
-                            raise UserInputError(field, f"download is over the {max_bytes} bytes allowed")
-                except requests.RequestException as exc:
-                    raise UserInputError(field, f"download failed ({type(exc).__name__})") from None
-                return bytes(body)
-    raise UserInputError(field, f"more than {_MAX_REDIRECTS} redirects")
+            return bytes(body)

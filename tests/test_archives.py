@@ -1,0 +1,253 @@
+"""Tier 2: models from archives on S3 (moto's server, over HTTP) and HTTP (a Range server).
+
+Every test runs real transfers on loopback: parallel ranged GETs, boto3's transfer manager,
+streamed zstd + tar extraction into MODELS_DIR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import threading
+from pathlib import Path
+
+import boto3
+import pytest
+import zstandard
+
+from schemas import InferenceRequest
+from tests.helpers import RangeServer
+from worker.engine import Engine
+from worker.errors import ModelSourceError, UserInputError
+from worker.settings import Settings
+
+BUCKET = "models"
+
+
+def pack(model_dir: Path, *, zstd: bool = True, folder: str | None = "tiny-sd") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path in sorted(model_dir.rglob("*")):
+            relative = path.relative_to(model_dir).as_posix()
+            tar.add(path, arcname=f"{folder}/{relative}" if folder else relative, recursive=False)
+    data = buffer.getvalue()
+    return zstandard.ZstdCompressor(level=3).compress(data) if zstd else data
+
+
+def hostile(kind: str) -> bytes:
+    """A tar whose second member tries to escape (after one harmless file)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        ok = tarfile.TarInfo("model/model_index.json")
+        ok.size = 2
+        tar.addfile(ok, io.BytesIO(b"{}"))
+        evil = tarfile.TarInfo({"traversal": "model/../../escaped.txt", "absolute": "/tmp/escaped.txt"}.get(kind, "model/evil"))
+        if kind == "symlink":
+            evil.type, evil.linkname = tarfile.SYMTYPE, "../../../etc/passwd"
+        elif kind == "hardlink":
+            evil.type, evil.linkname = tarfile.LNKTYPE, "/etc/passwd"
+        elif kind == "device":
+            evil.type, evil.devmajor, evil.devminor = tarfile.CHRTYPE, 1, 3
+        else:
+            evil.size = 6
+        tar.addfile(evil, io.BytesIO(b"escape") if evil.isfile() else None)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=url, aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint):
+    return boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                        region_name="us-east-1")
+
+
+@pytest.fixture(scope="module")
+def archive(tiny_dir) -> bytes:
+    return pack(tiny_dir)
+
+
+@pytest.fixture
+def http():
+    server = RangeServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def settings(tmp_path, s3_endpoint) -> Settings:
+    return Settings(
+        models_dir=tmp_path / "models", hf_hub_offline=True, runpod_hf_cache=tmp_path / "none",
+        aws_s3_endpoint_url=s3_endpoint, aws_access_key_id="test", aws_secret_access_key="test-secret-key",
+        aws_default_region="us-east-1", aws_s3_default_bucket=BUCKET, allow_private_urls=True,
+        download_chunk_mb=1, download_concurrency=4, max_loaded_models=2,
+    )
+
+
+def generate(settings: Settings, model: dict, events: list | None = None):
+    engine = Engine(settings)
+    request = InferenceRequest.model_validate({"prompt": "p", "num_inference_steps": 2, "seed": 4, "model": model})
+    return engine.generate(request, (events if events is not None else []).append, lambda: False)
+
+
+def installed(settings: Settings) -> list[str]:
+    root = settings.models_dir / "archives"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def assert_nothing_left(settings: Settings) -> None:
+    assert installed(settings) == []
+    staging = settings.models_dir / ".staging"
+    assert not staging.exists() or not any(staging.iterdir())
+
+
+def test_https_tar_zst_then_cache_gives_the_same_image(settings, http, archive, tiny_dir):
+    http.files["/tiny.tar.zst"] = archive
+    events: list = []
+    first = generate(settings, {"url": http.url + "/tiny.tar.zst"}, events)
+    assert (first.model.source, first.model.id) == ("url", "url:tiny.tar.zst")
+    assert "download" in first.timings
+    downloads = [e for e in events if e.stage == "download"]
+    assert downloads[-1].step == downloads[-1].total == len(archive)
+    ranged = [r for p, r in http.requests if p == "/tiny.tar.zst"]
+    assert len(ranged) == -(-len(archive) // 2**20) and all(r.startswith("bytes=") for r in ranged)
+
+    again = generate(settings, {"url": http.url + "/tiny.tar.zst"})  # a new worker, same volume
+    assert again.model.source == "cache"
+    direct = generate(settings, {"id": str(tiny_dir)})
+    assert first.images[0].base64 == again.images[0].base64 == direct.images[0].base64
+
+
+def test_plain_tar_with_files_at_the_root(settings, http, tiny_dir):
+    http.files["/flat.tar"] = pack(tiny_dir, zstd=False, folder=None)
+    assert generate(settings, {"url": http.url + "/flat.tar"}).model.source == "url"
+
+
+@pytest.mark.parametrize("form", ["s3://models/team/tiny.tar.zst", "s3:///models/team/tiny.tar.zst"])
+def test_s3_url_forms(settings, s3, archive, form):
+    s3.put_object(Bucket=BUCKET, Key="team/tiny.tar.zst", Body=archive)
+    result = generate(settings, {"url": form, "id": "acme/tiny"})
+    assert (result.model.source, result.model.id) == ("url", "acme/tiny")
+
+
+def test_bare_s3_means_default_bucket_and_conventional_name(settings, s3, archive):
+    s3.put_object(Bucket=BUCKET, Key="models--acme--tiny--fp32.tar.zst", Body=archive)
+    assert generate(settings, {"url": "s3://", "id": "acme/tiny"}).model.source == "url"
+    with pytest.raises(ModelSourceError, match=r"^model\.url: a bare s3:// URL needs model\.id"):
+        generate(settings, {"url": "s3://"})
+
+
+def test_missing_s3_object_names_the_field(settings, s3):
+    with pytest.raises(ModelSourceError, match=r"^model\.url: s3://models/nope\.tar\.zst does not exist"):
+        generate(settings, {"url": "s3://models/nope.tar.zst"})
+
+
+def test_sha256_fragment_good_and_bad(settings, http, archive):
+    http.files["/tiny.tar.zst"] = archive
+    digest = hashlib.sha256(archive).hexdigest()
+    with pytest.raises(ModelSourceError, match=rf"^model\.url: sha256 mismatch: expected {'0' * 64}, got {digest}"):
+        generate(settings, {"url": f"{http.url}/tiny.tar.zst#sha256={'0' * 64}"})
+    assert_nothing_left(settings)
+    assert generate(settings, {"url": f"{http.url}/tiny.tar.zst#sha256={digest}"}).model.source == "url"
+
+
+def test_sha256_sidecar_object_on_s3(settings, s3, archive):
+    s3.put_object(Bucket=BUCKET, Key="side/tiny.tar.zst", Body=archive)
+    s3.put_object(Bucket=BUCKET, Key="side/tiny.tar.zst.sha256", Body=b"f" * 64 + b"  tiny.tar.zst\n")
+    with pytest.raises(ModelSourceError, match="sha256 mismatch"):
+        generate(settings, {"url": "s3://models/side/tiny.tar.zst"})
+    s3.put_object(Bucket=BUCKET, Key="side/tiny.tar.zst.sha256", Body=hashlib.sha256(archive).hexdigest().encode())
+    assert generate(settings, {"url": "s3://models/side/tiny.tar.zst"}).model.source == "url"
+
+
+def test_dropped_connection_resumes_from_the_last_good_byte(settings, http, archive):
+    http.files["/tiny.tar.zst"] = archive
+    http.drop["/tiny.tar.zst"] = 300_000  # the first range breaks off 300 kB in
+    result = generate(settings, {"url": http.url + "/tiny.tar.zst"})
+    assert result.model.source == "url"
+    resumed = [int(r[6:].split("-")[0]) for _, r in http.requests if r and r.endswith(f"-{2**20 - 1}")]
+    assert len(resumed) == 2 and 200_000 <= resumed[1] <= 300_000, resumed  # resumed, not restarted
+
+
+def test_truncated_archive_fails_cleanly_and_the_next_request_works(settings, http, archive):
+    http.files["/cut.tar.zst"] = archive[: len(archive) // 2]
+    with pytest.raises(ModelSourceError, match=r"^model\.url: archive is truncated or corrupt"):
+        generate(settings, {"url": http.url + "/cut.tar.zst"})
+    assert_nothing_left(settings)
+    http.files["/tiny.tar.zst"] = archive
+    assert generate(settings, {"url": http.url + "/tiny.tar.zst"}).images
+
+
+@pytest.mark.parametrize("kind", ["traversal", "absolute", "symlink", "hardlink", "device"])
+def test_hostile_archives_are_refused(settings, http, tmp_path, kind):
+    http.files["/evil.tar"] = hostile(kind)
+    with pytest.raises(ModelSourceError, match=r"^model\.url: archive member .* refused: .*nothing was installed"):
+        generate(settings, {"url": http.url + "/evil.tar"})
+    assert_nothing_left(settings)
+    assert not (tmp_path / "escaped.txt").exists() and not (settings.models_dir / "escaped.txt").exists()
+    assert not Path("/tmp/escaped.txt").exists()
+
+
+def test_archive_caps(settings, http, archive):
+    http.files["/tiny.tar.zst"] = archive
+    with pytest.raises(ModelSourceError, match=r"more than 3 members"):
+        generate(settings.model_copy(update={"max_archive_members": 3}), {"url": http.url + "/tiny.tar.zst"})
+    with pytest.raises(ModelSourceError, match=r"extracts to more than 1000 bytes"):
+        generate(settings.model_copy(update={"max_archive_bytes": 1000}), {"url": http.url + "/tiny.tar.zst"})
+    assert_nothing_left(settings)
+
+
+def test_request_urls_cannot_reach_private_addresses(settings, http, archive):
+    http.files["/tiny.tar.zst"] = archive
+    strict = settings.model_copy(update={"allow_private_urls": False})
+    with pytest.raises(UserInputError, match=r"^model\.url: host '127\.0\.0\.1' is a private address"):
+        generate(strict, {"url": http.url + "/tiny.tar.zst"})
+    # The operator's own MODEL_URL is trusted: an internal mirror is a normal setup.
+    operator = strict.model_copy(update={"model_url": http.url + "/tiny.tar.zst"})
+    assert generate(operator, {}).model.source == "url"
+
+
+def test_two_workers_fetch_one_model_once(settings, http, archive):
+    """Two model stores (as two workers sharing a volume) ask for one archive at once."""
+    from schemas import ModelSpec
+    from worker.models import ModelStore, model_ref
+
+    http.files["/tiny.tar.zst"] = archive
+    ref = model_ref(ModelSpec(url=http.url + "/tiny.tar.zst"), settings, "cpu")
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(ModelStore(settings, "cpu")._locate(ref, lambda event: None)[1])
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and sorted(results) == ["cache", "url"]
+    assert [r for _, r in http.requests].count(f"bytes=0-{2**20 - 1}") == 1  # fetched once
+
+
+def test_disk_budget_evicts_the_least_recently_used(settings, http, tiny_dir):
+    for name in ("a", "b"):
+        http.files[f"/{name}.tar"] = pack(tiny_dir, zstd=False)
+    budget = settings.model_copy(update={"models_disk_budget_gb": 12 / 1024})  # room for one 8 MB model
+    generate(budget, {"url": http.url + "/a.tar"})
+    generate(budget, {"url": http.url + "/b.tar"})
+    assert [name.split("-")[0] for name in installed(budget)] == ["b"]

@@ -1,0 +1,115 @@
+"""Models installed on disk under MODELS_DIR: each one complete or absent, never half.
+
+Everything is built in ``MODELS_DIR/.staging`` and renamed into place in one step, so a crash
+or a bad archive leaves nothing a later job could load. A lock file per entry makes two jobs
+(or two workers sharing a network volume) fetch the same model once: the second waits, then
+finds it installed. With MODELS_DISK_BUDGET_GB set, the least recently used entries that no
+one holds are removed after each install.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+KINDS = ("archives", "checkpoints")
+_STALE_STAGING_S = 6 * 3600  # older staging dirs are a crashed run's leftovers
+
+
+def entry_key(name: str, identity: str) -> str:
+    """A directory name: readable (from ``name``) and unique (from ``identity``)."""
+    slug = re.sub(r"(\.tar)?(\.zst)?$|\.(safetensors|ckpt)$", "", name)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", slug).strip(".-")[:80] or "model"
+    return f"{slug}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+class DiskCache:
+    def __init__(self, settings: Settings):
+        self.root = settings.models_dir
+        self.budget = int(settings.models_disk_budget_gb * 2**30) if settings.models_disk_budget_gb else None
+        self._staging = self.root / ".staging"
+        self._locks = self.root / ".locks"
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    @contextmanager
+    def lock(self, kind: str, key: str, *, wait: bool = True) -> Iterator[bool]:
+        """Hold the entry's lock (across processes); with ``wait=False`` yield False if taken."""
+        self._locks.mkdir(parents=True, exist_ok=True)
+        with open(self._locks / f"{kind}--{key}.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh directory on the cache's filesystem, removed afterwards whatever happens."""
+        self._staging.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_staging()
+        path = Path(tempfile.mkdtemp(dir=self._staging))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def install(self, built: Path, kind: str, key: str) -> Path:
+        """Move a complete ``built`` directory into place (atomic rename); call under the lock."""
+        final = self.path(kind, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(built, final)
+        self.enforce_budget(keep=final)
+        return final
+
+    def touch(self, path: Path) -> None:
+        """Mark an entry used now: eviction goes by this time."""
+        os.utime(path)
+
+    def enforce_budget(self, keep: Path) -> None:
+        if self.budget is None:
+            return
+        entries = [p for kind in KINDS if (self.root / kind).is_dir() for p in (self.root / kind).iterdir()]
+        sizes = {p: _du(p) for p in entries}
+        total = sum(sizes.values())
+        for path in sorted(entries, key=lambda p: p.stat().st_mtime):
+            if total <= self.budget:
+                break
+            if path == keep:
+                continue
+            with self.lock(path.parent.name, path.name, wait=False) as held:
+                if held and path.exists():
+                    shutil.rmtree(path)
+                    total -= sizes[path]
+                    log.info("evicted %s from the disk cache (%.1f MB)", path.name, sizes[path] / 2**20)
+
+    def _remove_stale_staging(self) -> None:
+        now = time.time()
+        for path in self._staging.iterdir():
+            try:
+                if now - path.stat().st_mtime > _STALE_STAGING_S:
+                    shutil.rmtree(path, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())

@@ -1,0 +1,311 @@
+"""Objects by URL (model archives, checkpoints): the URL forms, and their bytes streamed in order.
+
+URL forms (CONTRACT §2): ``https://…`` / ``http://…``; ``s3://bucket/key`` and
+``s3:///bucket/key`` (both at the configured endpoint); bare ``s3://`` = the default bucket
+(AWS_S3_DEFAULT_BUCKET) with the conventional name ``models--ORG--NAME--PRECISION.tar.zst``;
+a key ending in ``/`` gets that name too. A ``#sha256=<hex>`` fragment gives the digest.
+
+``Download.chunks()`` yields the object's bytes in order while fetching ahead in parallel:
+ranged GETs for HTTP, each resuming from its last good byte after a dropped connection;
+boto3's transfer manager for S3. Memory stays bounded (about concurrency x chunk size).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+
+from .errors import ModelSourceError
+from .settings import Settings
+from .urls import open_url
+
+log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_RETRYABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+def conventional_name(model_id: str | None, precision: str, field: str) -> str:
+    """docker-diffusers-api's archive name: models--ORG--NAME--PRECISION.tar.zst."""
+    if not model_id or model_id.startswith("/") or "/" not in model_id:
+        raise ModelSourceError(field, "a bare s3:// URL needs model.id as a hub id ('org/name') to name the archive")
+    org, name = model_id.split("/", 1)
+    return f"models--{org}--{name}--{precision}.tar.zst"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where an object is. ``display`` is safe to show: no credentials, no query string."""
+
+    scheme: str  # "http" or "s3"
+    url: str  # http(s): the URL without its fragment; s3: s3://bucket/key
+    bucket: str | None = None
+    key: str | None = None
+    sha256: str | None = None
+
+    @property
+    def display(self) -> str:
+        parts = urlsplit(self.url)
+        return urlunsplit((parts.scheme, parts.hostname or parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+    @property
+    def name(self) -> str:
+        return urlsplit(self.url).path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def parse_location(url: str, field: str, settings: Settings, model_id: str | None, precision: str) -> Location:
+    parts = urlsplit(url)
+    sha256 = None
+    if parts.fragment:
+        key, _, value = parts.fragment.partition("=")
+        if key != "sha256" or not _SHA256.match(value.lower()):
+            raise ModelSourceError(field, "the only URL fragment understood is #sha256=<64 hex digits>")
+        sha256 = value.lower()
+    if parts.scheme in ("http", "https"):
+        if not parts.hostname:
+            raise ModelSourceError(field, "URL has no host")
+        return Location("http", urlunsplit(parts._replace(fragment="")), sha256=sha256)
+    if parts.scheme != "s3":
+        raise ModelSourceError(field, f"must be an https://, http:// or s3:// URL, got scheme {parts.scheme!r}")
+    if parts.netloc:  # s3://bucket/key
+        bucket, key = parts.netloc, parts.path.lstrip("/")
+    else:  # s3:///bucket/key, or bare s3://
+        bucket, _, key = parts.path.lstrip("/").partition("/")
+        if not bucket:
+            bucket = settings.aws_s3_default_bucket
+            if not bucket:
+                raise ModelSourceError(field, "a bare s3:// URL needs AWS_S3_DEFAULT_BUCKET set on the endpoint")
+    if not key or key.endswith("/"):
+        key += conventional_name(model_id, precision, field)
+    return Location("s3", f"s3://{bucket}/{key}", bucket=bucket, key=key, sha256=sha256)
+
+
+class Download(Protocol):
+    """The bytes of one object, in order. ``size`` is known before the first chunk."""
+
+    size: int | None
+
+    def chunks(self) -> Iterator[bytes]: ...
+
+    def sidecar_sha256(self) -> str | None:
+        """The digest in a ``.sha256`` object beside this one, if there is one."""
+
+
+def open_download(location: Location, field: str, settings: Settings, *, allow_private: bool) -> Download:
+    if location.scheme == "s3":
+        return S3Download(location, field, settings)
+    return HttpDownload(location, field, settings, allow_private=allow_private)
+
+
+def _parse_sidecar(text: str) -> str | None:
+    token = (text.split() or [""])[0].lower()  # "<hex>" or sha256sum's "<hex>  name"
+    return token if _SHA256.match(token) else None
+
+
+# --- HTTP: parallel ranged GETs ---
+
+
+class HttpDownload:
+    def __init__(self, location: Location, field: str, settings: Settings, *, allow_private: bool):
+        self.field = field
+        self.settings = settings
+        self.chunk = settings.download_chunk_mb * 2**20
+        self.session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=settings.download_concurrency + 2)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        # The first range doubles as the probe: presigned URLs allow GET but not HEAD.
+        first = open_url(
+            self.session, location.url, field, allow_private=allow_private, timeout=settings.url_timeout_s,
+            headers={"Range": f"bytes=0-{self.chunk - 1}"},
+        )
+        if first.status_code not in (200, 206):
+            first.close()
+            raise ModelSourceError(field, f"{location.display}: HTTP {first.status_code}")
+        self.url = first.url  # after redirects: the ranges go straight there
+        self._first = first
+        self.ranged = first.status_code == 206
+        if self.ranged:
+            self.size = int(first.headers["Content-Range"].rpartition("/")[2])
+        else:
+            self.size = int(first.headers["Content-Length"]) if "Content-Length" in first.headers else None
+
+    def chunks(self) -> Iterator[bytes]:
+        try:
+            if not self.ranged:  # the server ignores Range: one stream, no resuming
+                yield from self._stream_whole(self._first)
+                return
+            spans = [(start, min(start + self.chunk, self.size) - 1) for start in range(0, self.size, self.chunk)]
+            with ThreadPoolExecutor(self.settings.download_concurrency, thread_name_prefix="fetch") as pool:
+                pending: deque = deque()
+                for i, (start, end) in enumerate(spans):
+                    first = self._first if i == 0 else None
+                    pending.append(pool.submit(self._fetch_range, start, end, first))
+                    # Keep a window of ranges in flight ahead of the one being consumed.
+                    while len(pending) > self.settings.download_concurrency:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+        finally:
+            self._first.close()
+            self.session.close()
+
+    def _stream_whole(self, response) -> Iterator[bytes]:
+        try:
+            yield from response.iter_content(1 << 20)
+        except _RETRYABLE as exc:
+            raise ModelSourceError(self.field, f"download interrupted ({type(exc).__name__}); the server "
+                                   "does not support ranges, so it cannot resume") from None
+
+    def _fetch_range(self, start: int, end: int, response=None) -> bytes:
+        got = bytearray()
+        failures = 0
+        while start + len(got) <= end:
+            offset = start + len(got)
+            try:
+                if response is None:
+                    response = self.session.get(
+                        self.url, headers={"Range": f"bytes={offset}-{end}"}, stream=True,
+                        timeout=self.settings.url_timeout_s,
+                    )
+                with response:
+                    content_range = response.headers.get("Content-Range", "")
+                    if response.status_code != 206 or not content_range.startswith(f"bytes {offset}-"):
+                        raise ModelSourceError(self.field, f"bad ranged reply (HTTP {response.status_code})")
+                    # Small blocks: when a connection breaks, only the block being read is lost.
+                    for block in response.iter_content(1 << 16):
+                        got += block
+                response = None
+            except _RETRYABLE as exc:
+                response = None
+                failures += 1
+                if failures > self.settings.download_retries:
+                    raise ModelSourceError(
+                        self.field, f"download failed after {self.settings.download_retries} retries "
+                        f"({type(exc).__name__})"
+                    ) from None
+                log.info("range %d-%d dropped at byte %d (%s); resuming", start, end, start + len(got),
+                         type(exc).__name__)
+                time.sleep(min(0.1 * 2**failures, 5))
+        return bytes(got[: end - start + 1])
+
+    def sidecar_sha256(self) -> str | None:
+        parts = urlsplit(self.url)
+        try:
+            response = self.session.get(
+                urlunsplit(parts._replace(path=parts.path + ".sha256")), timeout=self.settings.url_timeout_s
+            )
+        except requests.RequestException:
+            return None
+        return _parse_sidecar(response.text) if response.status_code == 200 else None
+
+
+# --- S3: boto3's transfer manager ---
+
+
+def s3_client(settings: Settings):
+    import boto3
+    from botocore.config import Config
+
+    secret = settings.aws_secret_access_key
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.aws_s3_endpoint_url,  # None: boto3's own AWS_ENDPOINT_URL(_S3) handling
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=secret.get_secret_value() if secret else None,
+        region_name=settings.aws_default_region,
+        config=Config(
+            max_pool_connections=settings.download_concurrency + 4,
+            retries={"max_attempts": settings.download_retries + 1, "mode": "standard"},
+        ),
+    )
+
+
+def s3_error(exc: Exception, field: str, location: Location) -> ModelSourceError:
+    """A boto error as the caller should read it: what and where, never a credential."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return ModelSourceError(field, f"{location.display} does not exist")
+        if code in ("NoSuchBucket",):
+            return ModelSourceError(field, f"bucket {location.bucket!r} does not exist")
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return ModelSourceError(field, f"access to {location.display} denied; check the endpoint's AWS credentials")
+        return ModelSourceError(field, f"S3 refused {location.display} ({code or 'error'})")
+    return ModelSourceError(field, f"cannot read {location.display} from S3 ({type(exc).__name__})")
+
+
+class S3Download:
+    _DONE = object()
+
+    def __init__(self, location: Location, field: str, settings: Settings):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        self.location, self.field, self.settings = location, field, settings
+        self.client = s3_client(settings)
+        try:
+            self.size = self.client.head_object(Bucket=location.bucket, Key=location.key)["ContentLength"]
+        except (ClientError, BotoCoreError) as exc:
+            raise s3_error(exc, field, location) from None
+
+    def chunks(self) -> Iterator[bytes]:
+        from boto3.s3.transfer import TransferConfig
+
+        chunks: queue.Queue = queue.Queue(maxsize=self.settings.download_concurrency * 2)
+        stop = threading.Event()
+
+        class Sink:  # not seekable, so the transfer manager writes the parts in order
+            def write(self, data: bytes) -> int:
+                if stop.is_set():
+                    raise InterruptedError("download abandoned")
+                chunks.put(bytes(data))
+                return len(data)
+
+        def download() -> None:
+            chunk = self.settings.download_chunk_mb * 2**20
+            config = TransferConfig(
+                multipart_threshold=chunk, multipart_chunksize=chunk,
+                max_concurrency=self.settings.download_concurrency,
+                num_download_attempts=self.settings.download_retries + 1,
+            )
+            try:
+                self.client.download_fileobj(self.location.bucket, self.location.key, Sink(), Config=config)
+                chunks.put(self._DONE)
+            except Exception as exc:  # handed to the consumer, who raises it
+                chunks.put(exc)
+
+        thread = threading.Thread(target=download, name="s3-fetch", daemon=True)
+        thread.start()
+        try:
+            while (item := chunks.get()) is not self._DONE:
+                if isinstance(item, Exception):
+                    raise s3_error(item, self.field, self.location)
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a writer waiting on a full queue
+                try:
+                    chunks.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+
+    def sidecar_sha256(self) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.location.bucket, Key=self.location.key + ".sha256")["Body"]
+            return _parse_sidecar(body.read(1024).decode("ascii", "replace"))
+        except (ClientError, BotoCoreError):
+            return None
