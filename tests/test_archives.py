@@ -251,3 +251,53 @@ def test_disk_budget_evicts_the_least_recently_used(settings, http, tiny_dir):
     generate(budget, {"url": http.url + "/a.tar"})
     generate(budget, {"url": http.url + "/b.tar"})
     assert [name.split("-")[0] for name in installed(budget)] == ["b"]
+
+
+def test_cold_start_fetches_the_default_archive_while_torch_imports(tmp_path, http, archive):
+    """In a fresh process: the archive is installed before the engine module has finished importing."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, worker_env
+
+    http.files["/default.tar.zst"] = archive
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from worker.jobs import JobRunner\n"
+        "from worker.settings import Settings\n"
+        "runner = JobRunner(Settings(), {})\n"
+        "runner.start_warm_up()\n"
+        "archives = Path(sys.argv[1]) / 'archives'\n"
+        "while not (archives.is_dir() and any(archives.iterdir())):\n"
+        "    time.sleep(0.005)\n"
+        "engine = sys.modules.get('worker.engine')\n"
+        "print('engine ready when archive landed:', hasattr(engine, 'Engine'))\n"
+        "runner._gpu.submit(lambda: None).result()\n"
+        "print('default model loaded:', len(runner.engine().models._loaded))\n"
+    )
+    env = worker_env(tmp_path / "models", MODEL_URL=http.url + "/default.tar.zst")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "models")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "engine ready when archive landed: False" in done.stdout
+    assert "default model loaded: 1" in done.stdout
+    assert [p for p, _ in http.requests].count("/default.tar.zst") == -(-len(archive) // (16 * 2**20))  # once
+
+
+def test_baked_model_loads_without_network(settings, tmp_path, archive):
+    from builder.download import bake
+
+    server = RangeServer({"/tiny.tar.zst": archive})
+    url = server.url + "/tiny.tar.zst"
+    baked_dir = tmp_path / "image" / "baked"
+    bake(settings.model_copy(update={"baked_dir": baked_dir, "model_url": url, "model_id": "acme/tiny"}))
+    server.close()  # from here on, any fetch would fail
+
+    runtime = settings.model_copy(update={"baked_dir": baked_dir, "model_url": url, "model_id": "acme/tiny",
+                                          "models_dir": tmp_path / "empty-volume"})
+    result = generate(runtime, {})
+    assert (result.model.id, result.model.source) == ("acme/tiny", "baked")
+    assert not (tmp_path / "empty-volume" / "archives").exists()
+    with pytest.raises(UserInputError, match=r"^model\.url: download failed"):  # not baked: needs its source
+        generate(runtime, {"url": server.url + "/other.tar.zst"})

@@ -4,6 +4,8 @@
 ``ModelRef`` (env defaults filled in); the store answers from memory when it can, else finds
 the weights and loads them, in this order:
 
+0. baked into the image at build (builder/download.py), listed in BAKED_DIR/baked.json
+   (``baked``): no network at all;
 1. a ``url``: an archive already installed in MODELS_DIR (``cache``), else streamed from
    S3 or HTTP and installed there (``url``);
 2. no id anywhere: the embedded tiny model, built on first use (source ``embedded``);
@@ -15,6 +17,7 @@ the weights and loads them, in this order:
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -28,7 +31,7 @@ from . import archives
 from .cache import DiskCache, entry_key
 from .errors import ModelSourceError
 from .settings import Settings
-from .storage import open_download, parse_location
+from .storage import Location, open_download, parse_location
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,54 @@ def _url_name(url: str) -> str:
     return "url:" + url.split("#")[0].split("?")[0].rpartition("@")[2].rstrip("/").rsplit("/", 1)[-1]
 
 
+BAKED_MANIFEST = "baked.json"
+
+
+def baked_entry(ref: ModelRef) -> dict:
+    """How a baked model is listed in the manifest: what identifies it, not how it runs."""
+    return {"id": ref.id, "revision": ref.revision, "variant": ref.variant, "url": ref.url}
+
+
+def read_baked(baked_dir: Path) -> list[dict]:
+    manifest = baked_dir / BAKED_MANIFEST
+    return json.loads(manifest.read_text()) if manifest.is_file() else []
+
+
+def archive_location(ref: ModelRef, settings: Settings) -> Location:
+    field = "MODEL_URL" if ref.from_env else "model.url"
+    model_id = None if ref.id.startswith("url:") else ref.id
+    return parse_location(ref.url, field, settings, model_id, ref.precision)
+
+
+def fetch_archive(
+    ref: ModelRef, settings: Settings, disk: DiskCache, emit: Callable[[Progress], None]
+) -> tuple[Path, str]:
+    """The installed directory of ``ref.url``'s archive, fetching it first if needed.
+
+    Torch-free, so start-up can run it while torch imports (JobRunner.start_warm_up)."""
+    field = "MODEL_URL" if ref.from_env else "model.url"
+    location = archive_location(ref, settings)
+    key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}")
+    installed = disk.path("archives", key)
+    if installed.is_dir():
+        disk.touch(installed)
+        return installed, "cache"
+    with disk.lock("archives", key):
+        if installed.is_dir():  # fetched by another job or worker while we waited
+            return installed, "cache"
+        allow_private = ref.from_env or settings.allow_private_urls
+        download = open_download(location, field, settings, allow_private=allow_private)
+        expected = location.sha256 or download.sidecar_sha256()
+        log.info("fetching %s (%s bytes, sha256 %s)", location.display, download.size, expected or "unknown")
+        with disk.staging() as staging:
+            archives.extract(
+                download.chunks(), staging, field=field, expected_sha256=expected, expected_size=download.size,
+                max_bytes=settings.max_archive_bytes, max_members=settings.max_archive_members,
+                on_bytes=archives.download_progress(emit, download.size),
+            )
+            return disk.install(archives.model_root(staging, field), "archives", key), "url"
+
+
 class ModelStore:
     """Loaded pipelines, least recently used dropped first beyond MAX_LOADED_MODELS."""
 
@@ -87,6 +138,7 @@ class ModelStore:
         self.settings = settings
         self.device = device
         self.disk = DiskCache(settings)
+        self.baked = read_baked(settings.baked_dir)
         self._loaded: OrderedDict[ModelRef, Loaded] = OrderedDict()
 
     def get(self, ref: ModelRef, emit: Callable[[Progress], None], timings: dict[str, float]) -> tuple[Loaded, str]:
@@ -120,8 +172,12 @@ class ModelStore:
     # --- Finding the weights ---
 
     def _locate(self, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Path, str]:
+        wanted = baked_entry(ref)
+        for entry in self.baked:
+            if {k: entry.get(k) for k in wanted} == wanted:
+                return self.settings.baked_dir / entry["path"], "baked"
         if ref.url:
-            return self._from_archive(ref, emit)
+            return fetch_archive(ref, self.settings, self.disk, emit)
         if ref.id == EMBEDDED_ID:
             from builder import tiny_model
 
@@ -162,30 +218,6 @@ class ModelStore:
             raise ModelSourceError("model.id", f"could not download {ref.id} ({type(exc).__name__})") from None
         emit(Progress(stage="download", step=1, total=1))
         return Path(path), "hub"
-
-    def _from_archive(self, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Path, str]:
-        field = "MODEL_URL" if ref.from_env else "model.url"
-        model_id = None if ref.id.startswith("url:") else ref.id
-        location = parse_location(ref.url, field, self.settings, model_id, ref.precision)
-        key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}")
-        installed = self.disk.path("archives", key)
-        if installed.is_dir():
-            self.disk.touch(installed)
-            return installed, "cache"
-        with self.disk.lock("archives", key):
-            if installed.is_dir():  # fetched by another job or worker while we waited
-                return installed, "cache"
-            allow_private = ref.from_env or self.settings.allow_private_urls
-            download = open_download(location, field, self.settings, allow_private=allow_private)
-            expected = location.sha256 or download.sidecar_sha256()
-            log.info("fetching %s (%s bytes, sha256 %s)", location.display, download.size, expected or "unknown")
-            with self.disk.staging() as staging:
-                archives.extract(
-                    download.chunks(), staging, field=field, expected_sha256=expected, expected_size=download.size,
-                    max_bytes=self.settings.max_archive_bytes, max_members=self.settings.max_archive_members,
-                    on_bytes=archives.download_progress(emit, download.size),
-                )
-                return self.disk.install(archives.model_root(staging, field), "archives", key), "url"
 
     # --- Loading ---
 

@@ -27,7 +27,8 @@ def _default_models_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    # env_ignore_empty: Docker ENV lines and RunPod's form set variables to "" to mean unset.
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     # --- The default model: used for whatever a request's `model` leaves out. ---
     model_id: str | None = Field(None, description="Hub repo id or local directory; unset: the embedded tiny model.")
@@ -45,6 +46,7 @@ class Settings(BaseSettings):
         RUNPOD_VOLUME / "huggingface-cache" / "hub", description="RunPod's cached-models directory, read first."
     )
     hf_hub_offline: bool = Field(False, description="Never contact the hub; models must be cached.")
+    baked_dir: Path = Field(Path("/baked-models"), description="Models baked into the image, checked first.")
     models_disk_budget_gb: float | None = Field(
         None, gt=0, description="Cap on archives and conversions in MODELS_DIR; least recently used go first."
     )
