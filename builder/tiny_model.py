@@ -40,25 +40,39 @@ def _tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def build(out_dir: str | os.PathLike, *, inpaint: bool = False) -> Path:
-    """Write the tiny pipeline to ``out_dir`` (diffusers layout, safetensors weights)."""
+def build(out_dir: str | os.PathLike, *, inpaint: bool = False, sd_layout: bool = False) -> Path:
+    """Write the tiny pipeline to ``out_dir`` (diffusers layout, safetensors weights).
+
+    ``sd_layout``: SD 1.x's block layout (4 UNet blocks, 2 layers each, attention in the first
+    three; a 2-layer VAE) with tiny widths, so single-file checkpoints in the original layout
+    can be made from it and converted back."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(
-        sample_size=8,  # 8 latents * 8 (VAE) = 64 px by default
-        in_channels=9 if inpaint else 4,
-        out_channels=4,
+    blocks = dict(
         block_out_channels=(32, 64),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    if sd_layout:
+        blocks = dict(
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+    unet = UNet2DConditionModel(
+        sample_size=8,  # 8 latents * 8 (VAE) = 64 px by default
+        in_channels=9 if inpaint else 4,
+        out_channels=4,
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=32,
+        **blocks,
     )
     # Four blocks, like SD's VAE: it downsamples 8x, and is 10x faster than two.
     vae = AutoencoderKL(
@@ -69,7 +83,7 @@ def build(out_dir: str | os.PathLike, *, inpaint: bool = False) -> Path:
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
-        layers_per_block=1,
+        layers_per_block=2 if sd_layout else 1,
         norm_num_groups=32,
     )
     text_encoder = CLIPTextModel(
@@ -117,7 +131,7 @@ def build(out_dir: str | os.PathLike, *, inpaint: bool = False) -> Path:
     return out
 
 
-def ensure(out_dir: str | os.PathLike, *, inpaint: bool = False) -> Path:
+def ensure(out_dir: str | os.PathLike, *, inpaint: bool = False, sd_layout: bool = False) -> Path:
     """Return ``out_dir`` holding the current tiny model, building it there atomically if needed."""
     out = Path(out_dir)
     marker = out / "TINY_MODEL.json"
@@ -127,7 +141,7 @@ def ensure(out_dir: str | os.PathLike, *, inpaint: bool = False) -> Path:
     # Build beside the target and rename: a crash never leaves half a model to load.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        build(tmp, inpaint=inpaint)
+        build(tmp, inpaint=inpaint, sd_layout=sd_layout)
         if out.exists():
             shutil.rmtree(out)
         try:

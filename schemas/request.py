@@ -57,7 +57,12 @@ class ModelSpec(_Strict):
         description="Archive (.tar.zst / .tar) of a diffusers model: https://, http://, s3://bucket/key, "
         "s3:///bucket/key, or bare s3:// (default bucket, conventional name). `#sha256=` verifies it.",
     )
-    checkpoint_url: str | None = Field(None, description="Single-file checkpoint (not available yet).")
+    checkpoint_url: str | None = Field(
+        None,
+        max_length=8192,
+        description="Single-file checkpoint (.safetensors, or .ckpt read as weights only), same URL forms as "
+        "`url`; `id` names the diffusers model whose configs describe its architecture.",
+    )
 
     @field_validator("id")
     @classmethod
@@ -142,7 +147,6 @@ class InferenceRequest(_Strict):
         if "num_inference_steps" not in self.model_fields_set:
             self.num_inference_steps = min(self.num_inference_steps, limits.max_steps)
         for name, value in (
-            ("model.checkpoint_url", self.model.checkpoint_url),
             ("output.upload_url", self.output.upload_url),
             ("loras", self.loras),
             ("train", self.train),
@@ -150,6 +154,8 @@ class InferenceRequest(_Strict):
         ):
             if value is not None:
                 raise ValueError(f"{name}: not available in this version of the worker")
+        if self.model.url and self.model.checkpoint_url:
+            raise ValueError("model.url: send either model.url or model.checkpoint_url, not both")
         if self.task in ("train", "convert"):
             raise ValueError(f"task: {self.task!r} is not available in this version of the worker")
 

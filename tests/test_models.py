@@ -48,9 +48,11 @@ def test_request_fields_fill_from_the_environment():
     assert model_ref(ModelSpec(), Settings(), "cuda").precision == "fp16"
 
 
-def test_unsupported_operator_sources_are_not_silently_ignored():
-    with pytest.raises(ModelSourceError, match=r"^CHECKPOINT_URL: .*not available"):
+def test_checkpoints_need_a_model_for_their_configs():
+    with pytest.raises(ModelSourceError, match=r"^MODEL_ID: required with a checkpoint"):
         model_ref(ModelSpec(), Settings(checkpoint_url="s3://bucket/model.safetensors"), "cpu")
+    with pytest.raises(ModelSourceError, match=r"^model\.id: required with a checkpoint"):
+        model_ref(ModelSpec(checkpoint_url="s3://bucket/model.safetensors"), Settings(), "cpu")
 
 
 def test_embedded_model_is_built_on_first_use(tmp_path):

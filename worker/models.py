@@ -6,11 +6,13 @@ the weights and loads them, in this order:
 
 0. baked into the image at build (builder/download.py), listed in BAKED_DIR/baked.json
    (``baked``): no network at all;
-1. a ``url``: an archive already installed in MODELS_DIR (``cache``), else streamed from
+1. a ``checkpoint_url``: its conversion installed in MODELS_DIR (``cache``), else fetched and
+   converted with the configs of ``id`` (``checkpoint``);
+2. a ``url``: an archive already installed in MODELS_DIR (``cache``), else streamed from
    S3 or HTTP and installed there (``url``);
-2. no id anywhere: the embedded tiny model, built on first use (source ``embedded``);
-3. an absolute path: a local diffusers directory (``local``);
-4. a hub id: RunPod's cached-models directory, then our hub cache (``cache``), then a
+3. no id anywhere: the embedded tiny model, built on first use (source ``embedded``);
+4. an absolute path: a local diffusers directory (``local``);
+5. a hub id: RunPod's cached-models directory, then our hub cache (``cache``), then a
    download from the hub into our cache (``hub``).
 """
 
@@ -29,6 +31,7 @@ from schemas import ModelSpec, Progress
 
 from . import archives
 from .cache import DiskCache, entry_key
+from .checkpoints import fetch_checkpoint
 from .errors import ModelSourceError
 from .settings import Settings
 from .storage import Location, open_download, parse_location
@@ -47,6 +50,7 @@ class ModelRef:
     variant: str | None
     precision: str
     url: str | None = None  # an archive to fetch; ``id`` then names it
+    checkpoint_url: str | None = None  # a single file to convert; ``id`` gives the configs
     # The operator's MODEL_URL may point at private addresses; a request's may not.
     from_env: bool = field(default=False, compare=False)
 
@@ -64,9 +68,18 @@ def model_ref(spec: ModelSpec, settings: Settings, device: str) -> ModelRef:
     Revision and variant describe MODEL_ID, so they apply only when the id comes from it too;
     precision is a choice about running, so MODEL_PRECISION applies to every model.
     """
-    if settings.checkpoint_url:  # an operator setting we cannot honour yet must not be ignored
-        raise ModelSourceError("CHECKPOINT_URL", "checkpoints are not available in this version of the worker")
     precision = spec.precision or settings.model_precision or ("fp16" if device == "cuda" else "fp32")
+    if spec.checkpoint_url or (spec.id is None and spec.url is None and settings.checkpoint_url):
+        from_env = not spec.checkpoint_url
+        config_id = spec.id or settings.model_id
+        if not config_id:
+            raise ModelSourceError(
+                "MODEL_ID" if from_env else "model.id",
+                "required with a checkpoint: the diffusers model whose configs describe its architecture",
+            )
+        revision = spec.revision if spec.id else settings.model_revision
+        checkpoint = spec.checkpoint_url or settings.checkpoint_url
+        return ModelRef(config_id, revision, None, precision, checkpoint_url=checkpoint, from_env=from_env)
     if spec.id is None and spec.url is None:  # the endpoint's default model
         revision = spec.revision or settings.model_revision
         variant = spec.variant or settings.model_variant
@@ -88,7 +101,8 @@ BAKED_MANIFEST = "baked.json"
 
 def baked_entry(ref: ModelRef) -> dict:
     """How a baked model is listed in the manifest: what identifies it, not how it runs."""
-    return {"id": ref.id, "revision": ref.revision, "variant": ref.variant, "url": ref.url}
+    entry = {"id": ref.id, "revision": ref.revision, "variant": ref.variant, "url": ref.url}
+    return entry | ({"checkpoint_url": ref.checkpoint_url} if ref.checkpoint_url else {})
 
 
 def read_baked(baked_dir: Path) -> list[dict]:
@@ -149,7 +163,7 @@ class ModelStore:
         emit(Progress(stage="load", step=0, total=1))
         start = time.perf_counter()
         path, source = self._locate(ref, emit)
-        if source in ("hub", "url"):  # for archives, extraction overlaps the download
+        if source in ("hub", "url", "checkpoint"):  # archives: extraction overlaps the download
             timings["download"] = round((time.perf_counter() - start) * 1000, 1)
             start = time.perf_counter()
         loaded = Loaded(ref, self._load(path, ref), source)
@@ -176,6 +190,14 @@ class ModelStore:
         for entry in self.baked:
             if {k: entry.get(k) for k in wanted} == wanted:
                 return self.settings.baked_dir / entry["path"], "baked"
+        if ref.checkpoint_url:
+            config = ModelRef(ref.id, ref.revision, None, ref.precision)
+            config_dir, _ = self._locate(config, emit)
+            return fetch_checkpoint(
+                ref.checkpoint_url, field="CHECKPOINT_URL" if ref.from_env else "model.checkpoint_url",
+                trusted=ref.from_env, config_dir=config_dir, config_key=f"{ref.id}@{ref.revision}",
+                precision=ref.precision, settings=self.settings, disk=self.disk, emit=emit,
+            )
         if ref.url:
             return fetch_archive(ref, self.settings, self.disk, emit)
         if ref.id == EMBEDDED_ID:

@@ -1,0 +1,147 @@
+"""Single-file checkpoints (``model.checkpoint_url``, ``CHECKPOINT_URL``), converted once.
+
+A ``.safetensors`` or ``.ckpt`` in the original Stable Diffusion layout is fetched like an
+archive (parallel, resumable, verified), converted by diffusers' ``from_single_file`` with the
+configs of ``model.id`` describing its architecture, and installed in MODELS_DIR/checkpoints as
+a diffusers directory of safetensors; the next load is a plain load.
+
+A ``.ckpt`` is a pickle: it is read only with ``torch.load(weights_only=True)``, which refuses
+anything but tensors and plain containers, and rewritten as safetensors before diffusers sees
+it, so no code in it can run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+from pathlib import Path
+from typing import Callable
+
+from schemas import Progress
+
+from .cache import DiskCache, entry_key
+from .errors import ModelSourceError
+from .settings import Settings
+from .storage import Location, open_download, parse_location
+
+log = logging.getLogger(__name__)
+
+_SAFETENSORS_MAX_HEADER = 100 * 2**20
+
+
+def checkpoint_location(url: str, field: str, settings: Settings) -> Location:
+    return parse_location(url, field, settings, None, "")
+
+
+def fetch_checkpoint(
+    url: str,
+    *,
+    field: str,
+    trusted: bool,
+    config_dir: Path,
+    config_key: str,
+    precision: str,
+    settings: Settings,
+    disk: DiskCache,
+    emit: Callable[[Progress], None],
+) -> tuple[Path, str]:
+    """The installed diffusers directory converted from the checkpoint at ``url``."""
+    location = checkpoint_location(url, field, settings)
+    key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}|{config_key}|{precision}")
+    installed = disk.path("checkpoints", key)
+    if installed.is_dir():
+        disk.touch(installed)
+        return installed, "cache"
+    with disk.lock("checkpoints", key):
+        if installed.is_dir():
+            return installed, "cache"
+        download = open_download(location, field, settings, allow_private=trusted or settings.allow_private_urls)
+        expected = location.sha256 or download.sidecar_sha256()
+        with disk.staging() as staging:
+            # 1. Fetch to a file, hashing on the way.
+            raw = staging / "checkpoint"
+            _save(download, raw, field=field, expected_sha256=expected, max_bytes=settings.max_archive_bytes,
+                  emit=emit)
+            # 2. Plain weights only: a pickle becomes safetensors without running anything in it.
+            # (diffusers picks its reader by the file's extension.)
+            weights = staging / "weights.safetensors"
+            if _is_safetensors(raw):
+                raw.rename(weights)
+            else:
+                _pickle_to_safetensors(raw, weights, field)
+            # 3. Convert with the configs of model.id, at the precision it will run in.
+            emit(Progress(stage="load", step=0, total=1))
+            converted = staging / "model"
+            _convert(weights, config_dir, converted, precision, field)
+            return disk.install(converted, "checkpoints", key), "checkpoint"
+
+
+def _save(download, path: Path, *, field: str, expected_sha256: str | None, max_bytes: int, emit) -> None:
+    from .archives import download_progress
+
+    on_bytes = download_progress(emit, download.size)
+    digest, count = hashlib.sha256(), 0
+    with open(path, "wb") as out:
+        for chunk in download.chunks():
+            count += len(chunk)
+            if count > max_bytes:
+                raise ModelSourceError(field, f"checkpoint is larger than {max_bytes} bytes")
+            digest.update(chunk)
+            out.write(chunk)
+            on_bytes(count)
+    if download.size is not None and count != download.size:
+        raise ModelSourceError(field, f"download ended after {count} of {download.size} bytes")
+    if expected_sha256 and digest.hexdigest() != expected_sha256:
+        raise ModelSourceError(field, f"sha256 mismatch: expected {expected_sha256}, got {digest.hexdigest()}")
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < _SAFETENSORS_MAX_HEADER and head[8:9] == b"{"
+
+
+def _pickle_to_safetensors(path: Path, out: Path, field: str) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+        raise ModelSourceError(
+            field, f"refused to load the .ckpt: it is not plain weights ({type(exc).__name__}); "
+            "only tensors are read from pickles, never code"
+        ) from None
+    while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise ModelSourceError(field, "the .ckpt holds no state dict")
+    tensors = {k: v.contiguous() for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ModelSourceError(field, "the .ckpt holds no tensors")
+    save_file(tensors, out)
+    return out
+
+
+def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: str) -> None:
+    import diffusers
+    import torch
+
+    class_name = json.loads((config_dir / "model_index.json").read_text())["_class_name"]
+    pipeline_class = getattr(diffusers, class_name, None)
+    if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
+        raise ModelSourceError("model.id", f"{class_name} pipelines cannot load single-file checkpoints")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    try:
+        pipeline = pipeline_class.from_single_file(
+            str(weights), config=str(config_dir), local_files_only=True, dtype=dtype
+        )
+    except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ModelSourceError(
+            field, f"could not convert the checkpoint with the configs of model.id ({type(exc).__name__}: {detail})"
+        ) from None
+    pipeline.save_pretrained(out, safe_serialization=True)
