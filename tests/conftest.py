@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import boto3
 import pytest
+
+from tests.helpers import BUCKET, RangeServer
+from worker.settings import Settings
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +54,42 @@ def run(engine):
         return engine.generate(request, events.append, cancelled), events
 
     return _run
+
+
+# --- Storage: a real S3 API over HTTP (moto's server) and a Range-capable HTTP server ---
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=url, aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint):
+    return boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                        region_name="us-east-1")
+
+
+@pytest.fixture
+def http():
+    server = RangeServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def settings(tmp_path, s3_endpoint) -> Settings:
+    return Settings(
+        models_dir=tmp_path / "models", hf_hub_offline=True, runpod_hf_cache=tmp_path / "none",
+        aws_s3_endpoint_url=s3_endpoint, aws_access_key_id="test", aws_secret_access_key="test-secret-key",
+        aws_default_region="us-east-1", aws_s3_default_bucket=BUCKET, allow_private_urls=True,
+        download_chunk_mb=1, download_concurrency=4, max_loaded_models=2,
+    )

@@ -17,6 +17,7 @@ import requests
 from PIL import Image, ImageChops
 
 ROOT = Path(__file__).resolve().parent.parent
+BUCKET = "models"
 ARTIFACTS = ROOT / "test-artifacts"
 
 
@@ -187,3 +188,12 @@ class RangeServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def generate(settings, model: dict, events: list | None = None):
+    """One 2-step txt2img on a fresh engine (a new worker) with ``model``."""
+    from schemas import InferenceRequest
+    from worker.engine import Engine
+
+    request = InferenceRequest.model_validate({"prompt": "p", "num_inference_steps": 2, "seed": 4, "model": model})
+    return Engine(settings).generate(request, (events if events is not None else []).append, lambda: False)

@@ -12,17 +12,12 @@ import tarfile
 import threading
 from pathlib import Path
 
-import boto3
 import pytest
 import zstandard
 
-from schemas import InferenceRequest
-from tests.helpers import RangeServer
-from worker.engine import Engine
+from tests.helpers import BUCKET, RangeServer, generate
 from worker.errors import ModelSourceError, UserInputError
 from worker.settings import Settings
-
-BUCKET = "models"
 
 
 def pack(model_dir: Path, *, zstd: bool = True, folder: str | None = "tiny-sd") -> bytes:
@@ -56,51 +51,8 @@ def hostile(kind: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=url, aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield url
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_endpoint):
-    return boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                        region_name="us-east-1")
-
-
-@pytest.fixture(scope="module")
 def archive(tiny_dir) -> bytes:
     return pack(tiny_dir)
-
-
-@pytest.fixture
-def http():
-    server = RangeServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def settings(tmp_path, s3_endpoint) -> Settings:
-    return Settings(
-        models_dir=tmp_path / "models", hf_hub_offline=True, runpod_hf_cache=tmp_path / "none",
-        aws_s3_endpoint_url=s3_endpoint, aws_access_key_id="test", aws_secret_access_key="test-secret-key",
-        aws_default_region="us-east-1", aws_s3_default_bucket=BUCKET, allow_private_urls=True,
-        download_chunk_mb=1, download_concurrency=4, max_loaded_models=2,
-    )
-
-
-def generate(settings: Settings, model: dict, events: list | None = None):
-    engine = Engine(settings)
-    request = InferenceRequest.model_validate({"prompt": "p", "num_inference_steps": 2, "seed": 4, "model": model})
-    return engine.generate(request, (events if events is not None else []).append, lambda: False)
 
 
 def installed(settings: Settings) -> list[str]:

@@ -6,9 +6,8 @@ import pickle
 
 import pytest
 
-from tests.helpers import RangeServer
+from tests.helpers import BUCKET, generate
 from tests.ldm import write_checkpoint
-from tests.test_archives import BUCKET, generate, s3, s3_endpoint, settings  # noqa: F401  (fixtures)
 from worker.errors import ModelSourceError
 
 
@@ -25,13 +24,6 @@ def files(sd_dir, tmp_path_factory):
     return {suffix: write_checkpoint(sd_dir, out / f"tiny{suffix}").read_bytes() for suffix in (".safetensors", ".ckpt")}
 
 
-@pytest.fixture
-def http():
-    server = RangeServer()
-    yield server
-    server.close()
-
-
 def test_safetensors_checkpoint_over_https_matches_the_source_model(settings, http, files, sd_dir):
     http.files["/tiny.safetensors"] = files[".safetensors"]
     events: list = []
@@ -46,7 +38,7 @@ def test_safetensors_checkpoint_over_https_matches_the_source_model(settings, ht
     assert {p.suffix for p in converted.rglob("*.*") if p.is_file()} <= {".json", ".safetensors", ".txt"}
 
 
-def test_ckpt_checkpoint_from_s3_is_read_as_weights_only(settings, s3, files, sd_dir):  # noqa: F811
+def test_ckpt_checkpoint_from_s3_is_read_as_weights_only(settings, s3, files, sd_dir):
     s3.put_object(Bucket=BUCKET, Key="ckpt/tiny.ckpt", Body=files[".ckpt"])
     result = generate(settings, {"id": str(sd_dir), "checkpoint_url": "s3://models/ckpt/tiny.ckpt"})
     direct = generate(settings, {"id": str(sd_dir)})

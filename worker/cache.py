@@ -19,7 +19,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .settings import Settings
 
@@ -71,6 +71,22 @@ class DiskCache:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+
+    def obtain(self, kind: str, key: str, build: Callable[[Path], Path]) -> tuple[Path, bool]:
+        """The installed entry, built first if absent; True when this call built it.
+
+        ``build(staging)`` fills a fresh staging directory and returns the directory to install
+        (it or one inside it). It runs under the entry's lock, so it runs once however many
+        jobs or workers ask at the same time; the others wait and then find the entry."""
+        installed = self.path(kind, key)
+        if installed.is_dir():
+            self.touch(installed)
+            return installed, False
+        with self.lock(kind, key):
+            if installed.is_dir():  # built by another job or worker while we waited
+                return installed, False
+            with self.staging() as staging:
+                return self.install(build(staging), kind, key), True
 
     def install(self, built: Path, kind: str, key: str) -> Path:
         """Move a complete ``built`` directory into place (atomic rename); call under the lock."""

@@ -50,32 +50,27 @@ def fetch_checkpoint(
     """The installed diffusers directory converted from the checkpoint at ``url``."""
     location = checkpoint_location(url, field, settings)
     key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}|{config_key}|{precision}")
-    installed = disk.path("checkpoints", key)
-    if installed.is_dir():
-        disk.touch(installed)
-        return installed, "cache"
-    with disk.lock("checkpoints", key):
-        if installed.is_dir():
-            return installed, "cache"
+
+    def build(staging: Path) -> Path:
         download = open_download(location, field, settings, allow_private=trusted or settings.allow_private_urls)
         expected = location.sha256 or download.sidecar_sha256()
-        with disk.staging() as staging:
-            # 1. Fetch to a file, hashing on the way.
-            raw = staging / "checkpoint"
-            _save(download, raw, field=field, expected_sha256=expected, max_bytes=settings.max_archive_bytes,
-                  emit=emit)
-            # 2. Plain weights only: a pickle becomes safetensors without running anything in it.
-            # (diffusers picks its reader by the file's extension.)
-            weights = staging / "weights.safetensors"
-            if _is_safetensors(raw):
-                raw.rename(weights)
-            else:
-                _pickle_to_safetensors(raw, weights, field)
-            # 3. Convert with the configs of model.id, at the precision it will run in.
-            emit(Progress(stage="load", step=0, total=1))
-            converted = staging / "model"
-            _convert(weights, config_dir, converted, precision, field)
-            return disk.install(converted, "checkpoints", key), "checkpoint"
+        # 1. Fetch to a file, hashing on the way.
+        raw = staging / "checkpoint"
+        _save(download, raw, field=field, expected_sha256=expected, max_bytes=settings.max_archive_bytes, emit=emit)
+        # 2. Plain weights only: a pickle becomes safetensors without running anything in it.
+        #    (diffusers picks its reader by the file's extension.)
+        weights = staging / "weights.safetensors"
+        if _is_safetensors(raw):
+            raw.rename(weights)
+        else:
+            _pickle_to_safetensors(raw, weights, field)
+        # 3. Convert with the configs of model.id, at the precision it will run in.
+        emit(Progress(stage="load", step=0, total=1))
+        _convert(weights, config_dir, staging / "model", precision, field)
+        return staging / "model"
+
+    path, converted = disk.obtain("checkpoints", key, build)
+    return path, "checkpoint" if converted else "cache"
 
 
 def _save(download, path: Path, *, field: str, expected_sha256: str | None, max_bytes: int, emit) -> None:

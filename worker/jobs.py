@@ -21,7 +21,6 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from schemas import InferenceRequest, Progress, Result

@@ -125,24 +125,20 @@ def fetch_archive(
     field = "MODEL_URL" if ref.from_env else "model.url"
     location = archive_location(ref, settings)
     key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}")
-    installed = disk.path("archives", key)
-    if installed.is_dir():
-        disk.touch(installed)
-        return installed, "cache"
-    with disk.lock("archives", key):
-        if installed.is_dir():  # fetched by another job or worker while we waited
-            return installed, "cache"
-        allow_private = ref.from_env or settings.allow_private_urls
-        download = open_download(location, field, settings, allow_private=allow_private)
+
+    def build(staging: Path) -> Path:
+        download = open_download(location, field, settings, allow_private=ref.from_env or settings.allow_private_urls)
         expected = location.sha256 or download.sidecar_sha256()
         log.info("fetching %s (%s bytes, sha256 %s)", location.display, download.size, expected or "unknown")
-        with disk.staging() as staging:
-            archives.extract(
-                download.chunks(), staging, field=field, expected_sha256=expected, expected_size=download.size,
-                max_bytes=settings.max_archive_bytes, max_members=settings.max_archive_members,
-                on_bytes=archives.download_progress(emit, download.size),
-            )
-            return disk.install(archives.model_root(staging, field), "archives", key), "url"
+        archives.extract(
+            download.chunks(), staging, field=field, expected_sha256=expected, expected_size=download.size,
+            max_bytes=settings.max_archive_bytes, max_members=settings.max_archive_members,
+            on_bytes=archives.download_progress(emit, download.size),
+        )
+        return archives.model_root(staging, field)
+
+    path, fetched = disk.obtain("archives", key, build)
+    return path, "url" if fetched else "cache"
 
 
 class ModelStore:
