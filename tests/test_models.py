@@ -125,6 +125,41 @@ def test_least_recently_used_model_is_dropped(tmp_path, tiny_dir):
     assert sources == ["local", "local", "memory"]
 
 
+def test_a_request_for_a_missing_model_does_not_evict_the_warm_one(tmp_path, tiny_dir):
+    engine = make_engine(tmp_path, max_loaded_models=1)
+    generate(engine, model={"id": str(tiny_dir)})
+    with pytest.raises(ModelSourceError):
+        generate(engine, model={"id": "/no/such/model"})
+    assert generate(engine, model={"id": str(tiny_dir)})[0].model.source == "memory"
+
+
+def test_byte_budget_keeps_what_fits(tmp_path, tiny_dir):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dir, other)
+    roomy = make_engine(tmp_path, max_loaded_models=3, max_loaded_gb=1.0)
+    tight = make_engine(tmp_path, max_loaded_models=3, max_loaded_gb=0.010)  # one 8 MB model
+    for engine, expected in ((roomy, "memory"), (tight, "local")):
+        sources = [generate(engine, model={"id": str(p)})[0].model.source for p in (tiny_dir, other, tiny_dir)]
+        assert sources == ["local", "local", expected]
+
+
+@pytest.mark.gpu
+def test_switching_back_on_cuda_comes_from_cpu_ram(tmp_path, tiny_dir):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dir, other)
+    engine = make_engine(tmp_path, max_loaded_models=1, max_parked_models=1)
+    a, _ = generate(engine, model={"id": str(tiny_dir)})
+    generate(engine, model={"id": str(other)})
+    parked = next(iter(engine.models._parked.values()))
+    assert parked.pipeline.unet.device.type == "cpu"
+    a_again, _ = generate(engine, model={"id": str(tiny_dir)})
+    assert a_again.model.source == "memory" and a_again.images[0].base64 == a.images[0].base64
+
+
 def test_precision_is_applied(tmp_path, tiny_dir):
     engine = make_engine(tmp_path)
     result, _ = generate(engine, model={"id": str(tiny_dir), "precision": "bf16"})

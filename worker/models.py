@@ -141,15 +141,24 @@ def fetch_archive(
     return path, "url" if fetched else "cache"
 
 
+def _weight_bytes(loaded: Loaded) -> int:
+    modules = [c for c in loaded.pipeline.components.values() if hasattr(c, "parameters")]
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
 class ModelStore:
-    """Loaded pipelines, least recently used dropped first beyond MAX_LOADED_MODELS."""
+    """Loaded pipelines, least recently used first out beyond MAX_LOADED_MODELS / MAX_LOADED_GB.
+
+    On CUDA a pipeline leaving the GPU is parked in CPU RAM (up to MAX_PARKED_MODELS), so
+    switching back costs a host-to-device copy instead of a load from disk."""
 
     def __init__(self, settings: Settings, device: str):
         self.settings = settings
         self.device = device
         self.disk = DiskCache(settings)
         self.baked = read_baked(settings.baked_dir)
-        self._loaded: OrderedDict[ModelRef, Loaded] = OrderedDict()
+        self._loaded: OrderedDict[ModelRef, Loaded] = OrderedDict()  # on self.device
+        self._parked: OrderedDict[ModelRef, Loaded] = OrderedDict()  # in CPU RAM, CUDA only
 
     def get(self, ref: ModelRef, emit: Callable[[Progress], None], timings: dict[str, float]) -> tuple[Loaded, str]:
         """The pipeline for ``ref`` and where it came from for this job (``memory`` if warm)."""
@@ -158,21 +167,37 @@ class ModelStore:
             return self._loaded[ref], "memory"
         emit(Progress(stage="load", step=0, total=1))
         start = time.perf_counter()
-        path, source = self._locate(ref, emit)
+        path, source = (None, "memory") if ref in self._parked else self._locate(ref, emit)
         if source in ("hub", "url", "checkpoint"):  # archives: extraction overlaps the download
             timings["download"] = round((time.perf_counter() - start) * 1000, 1)
             start = time.perf_counter()
-        loaded = Loaded(ref, self._load(path, ref), source)
+        # Make room once the weights are found (a bad request must not evict the warm model),
+        # and before loading (next to a model about to leave, it could run out of memory).
+        while len(self._loaded) >= self.settings.max_loaded_models:
+            self._evict()
+        if path is None:
+            loaded = self._parked.pop(ref)
+            loaded.pipeline.to(self.device)
+        else:
+            loaded = Loaded(ref, self._load(path, ref), source)
         timings["load"] = round((time.perf_counter() - start) * 1000, 1)
         emit(Progress(stage="load", step=1, total=1))
         self._loaded[ref] = loaded
-        while len(self._loaded) > self.settings.max_loaded_models:
-            self._drop(next(iter(self._loaded)))
+        budget = self.settings.max_loaded_gb
+        while budget and len(self._loaded) > 1 and sum(map(_weight_bytes, self._loaded.values())) > budget * 2**30:
+            self._evict()
         log.info("loaded %s from %s in %.0f ms", ref.id, source, timings["load"])
         return loaded, source
 
-    def _drop(self, ref: ModelRef) -> None:
-        del self._loaded[ref]
+    def _evict(self) -> None:
+        """Move the least recently used pipeline off the device: parked in CPU RAM, or dropped."""
+        ref, loaded = self._loaded.popitem(last=False)
+        if self.device != "cpu" and self.settings.max_parked_models > 0:
+            loaded.pipeline.to("cpu")
+            self._parked[ref] = loaded
+            while len(self._parked) > self.settings.max_parked_models:
+                self._parked.popitem(last=False)
+        del loaded
         gc.collect()
         if self.device == "cuda":
             import torch

@@ -67,7 +67,11 @@ class Settings(BaseSettings):
 
     # --- How the worker runs. ---
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    max_loaded_models: int = Field(1, ge=1, description="Pipelines kept loaded across jobs.")
+    max_loaded_models: int = Field(1, ge=1, description="Pipelines kept on the device across jobs.")
+    max_loaded_gb: float | None = Field(None, gt=0, description="Cap on the weights kept on the device.")
+    max_parked_models: int = Field(
+        1, ge=0, description="CUDA: pipelines moved to CPU RAM when they leave the GPU, for fast switching back."
+    )
     preload_model: bool = Field(True, description="Load the default model at start-up, before the first job.")
     streaming: bool = Field(True, description="false: plain handler returning the result dict (CONTRACT §1).")
     safety_checker: bool = Field(True, description="Run a model's safety checker when it ships one.")
