@@ -19,14 +19,16 @@ serves the next job.
 
 Who does what: ``worker.settings`` reads the environment; ``worker.jobs`` turns jobs into
 engine calls and exceptions into answers; ``worker.engine`` runs a job on a warm pipeline
-owned by ``worker.models``; ``schemas`` validates requests and shapes results, torch-free.
+owned by ``worker.models``, which finds the weights (hub caches; archives by URL through
+``storage``, ``archives`` and ``cache``; single files through ``checkpoints``); ``schemas``
+validates requests and shapes results, torch-free.
 
 Start-up (nothing heavy happens at import):
 1. read Settings from the environment;
 2. pick the handler: ``local`` when the SDK will run one test job (``python handler.py``,
    ``--test_input``), else ``stream`` (a generator), or ``plain`` with STREAMING=false;
-3. outside local tests, start importing torch and loading the default model on the engine
-   thread while the SDK starts (PRELOAD_MODEL);
+3. outside local tests, load the default model while the SDK starts (PRELOAD_MODEL): its
+   archive, if it has one, streams in on one thread while torch imports on another;
 4. hand over to ``runpod.serverless.start``.
 """
 

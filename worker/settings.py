@@ -35,8 +35,8 @@ class Settings(BaseSettings):
     model_revision: str | None = None
     model_variant: str | None = None
     model_precision: Literal["fp32", "fp16", "bf16"] | None = None
-    model_url: str | None = Field(None, description="Archive URL of the default model (not available yet).")
-    checkpoint_url: str | None = Field(None, description="Single-file checkpoint (not available yet).")
+    model_url: str | None = Field(None, description="Archive of the default model (forms as model.url); trusted.")
+    checkpoint_url: str | None = Field(None, description="Single-file checkpoint of the default model; trusted.")
 
     # --- Where models come from and go. ---
     hf_token: SecretStr | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))
