@@ -1,11 +1,15 @@
 """Request and result models: the worker's public contract, with no torch import."""
 
 from .errors import describe_validation_error
-from .request import InferenceRequest, Limits, ModelSpec, OutputSpec
-from .result import ImageOut, ModelInfo, Progress, Result
+from .request import ConvertRequest, ConvertSpec, InferenceRequest, Limits, ModelSpec, OutputSpec, parse_request
+from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result
 from .schedulers import SCHEDULERS, canonical_scheduler
 
 __all__ = [
+    "ConvertRequest",
+    "ConvertSpec",
+    "ConvertOut",
+    "parse_request",
     "InferenceRequest",
     "Limits",
     "ModelSpec",

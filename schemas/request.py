@@ -119,7 +119,7 @@ class InferenceRequest(_Strict):
     output: OutputSpec = Field(default_factory=OutputSpec, description="Image format and delivery.")
     loras: list[Any] | None = Field(None, description="LoRAs for this request (not available yet).")
     train: dict[str, Any] | None = Field(None, description="Training options (not available yet).")
-    convert: dict[str, Any] | None = Field(None, description="Conversion options (not available yet).")
+    convert: dict[str, Any] | None = Field(None, description="Only with task 'convert' (ConvertRequest).")
 
     @field_validator("width", "height")
     @classmethod
@@ -150,12 +150,13 @@ class InferenceRequest(_Strict):
             ("output.upload_url", self.output.upload_url),
             ("loras", self.loras),
             ("train", self.train),
-            ("convert", self.convert),
         ):
             if value is not None:
                 raise ValueError(f"{name}: not available in this version of the worker")
-        if self.model.url and self.model.checkpoint_url:
-            raise ValueError("model.url: send either model.url or model.checkpoint_url, not both")
+        if self.convert is not None:
+            raise ValueError("convert: only with task 'convert'")
+        if self.model.url and self.model.checkpoint_url and not self.model.url.startswith("s3://"):
+            raise ValueError("model.url: with model.checkpoint_url, only an s3:// archive to publish it as")
         if self.task in ("train", "convert"):
             raise ValueError(f"task: {self.task!r} is not available in this version of the worker")
 
@@ -192,3 +193,39 @@ class InferenceRequest(_Strict):
                 f"{limits.max_pixels} pixels"
             )
         return self
+
+
+class ConvertSpec(_Strict):
+    """Where and how to publish the converted model."""
+
+    dest_url: str = Field(
+        ...,
+        max_length=8192,
+        description="s3://bucket/key, s3:///bucket/key, or s3:// / s3:///bucket/ for the conventional name "
+        "models--ORG--NAME--PRECISION.tar.zst in the default / given bucket.",
+    )
+    precision: Precision = Field("fp16", description="dtype of the published weights.")
+    compression: Literal["zstd", "none"] = Field("zstd", description="`.tar.zst`, or a plain `.tar`.")
+
+    @field_validator("dest_url")
+    @classmethod
+    def _s3_only(cls, value: str) -> str:
+        if not value.startswith("s3://"):
+            raise ValueError(f"must be an s3:// URL, got {value[:60]!r}")
+        return value
+
+
+class ConvertRequest(_Strict):
+    """Convert a model (hub id, local directory, archive or single-file checkpoint) to a
+    safetensors archive and upload it to S3-compatible storage."""
+
+    task: Literal["convert"]
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The source; missing fields from MODEL_*.")
+    convert: ConvertSpec
+    stream: bool = Field(False, description="Yield progress events (load, save, pack, upload) while working.")
+
+
+def parse_request(data: Any, limits: Limits) -> InferenceRequest | ConvertRequest:
+    """The request model for a job's input: by its ``task``."""
+    model = ConvertRequest if isinstance(data, dict) and data.get("task") == "convert" else InferenceRequest
+    return model.model_validate(data, context={"limits": limits})

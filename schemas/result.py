@@ -35,16 +35,25 @@ class ModelInfo(_Out):
     device: str
 
 
+class ConvertOut(_Out):
+    url: str = Field(description="Where the archive was published (s3://bucket/key).")
+    sha256: str
+    size_bytes: int
+    precision: str
+    compression: str
+
+
 class Result(_Out):
     type: Literal["result"] = "result"
     task: str
-    images: list[ImageOut]
+    images: list[ImageOut] = Field(default_factory=list)
+    convert: ConvertOut | None = None
     timings: dict[str, float] = Field(description="Milliseconds per phase that ran, and total_ms.")
     model: ModelInfo
 
 
 class Progress(_Out):
     type: Literal["progress"] = "progress"
-    stage: Literal["load", "download", "inference", "encode"]
+    stage: Literal["load", "download", "inference", "encode", "save", "pack", "upload"]
     step: int
     total: int

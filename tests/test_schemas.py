@@ -77,7 +77,8 @@ def test_defaults():
         ({"prompt": "p", "image": "not base64!"}, "image: must be base64"),
         ({"prompt": "p", "image": IMG, "strength": 0.01}, "strength: 0.01 x num_inference_steps 25"),
         ({"prompt": "p", "task": "train"}, "task: 'train' is not available"),
-        ({"prompt": "p", "model": {"url": "s3://b/k", "checkpoint_url": "s3://b/c"}}, "model.url: send either"),
+        ({"prompt": "p", "convert": {"dest_url": "s3://"}}, "convert: only with task 'convert'"),
+        ({"prompt": "p", "model": {"url": "https://h/k", "checkpoint_url": "s3://b/c"}}, "model.url: with model.checkpoint_url"),
     ],
 )
 def test_bad_requests_name_the_field(data, expected):

@@ -10,6 +10,7 @@ import logging
 import secrets
 import threading
 import time
+from dataclasses import replace
 from typing import Callable
 
 import diffusers
@@ -17,11 +18,13 @@ import torch
 import transformers
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
-from schemas import ImageOut, InferenceRequest, ModelInfo, ModelSpec, Progress, Result
+from schemas import ConvertRequest, ImageOut, InferenceRequest, ModelInfo, ModelSpec, Progress, Result
 
 from .errors import JobCancelled, UserInputError
 from .images import encode_image, load_image
 from .models import EMBEDDED_ID, ModelStore, model_ref
+from .publish import export
+from .storage import parse_location
 from .schedulers import make_scheduler
 from .settings import Settings
 
@@ -129,6 +132,28 @@ class Engine:
             id=ref.id, source=source, revision=ref.revision, precision=ref.precision, device=self.device
         )
         return Result(task=request.task, images=out, timings=timings, model=info)
+
+    def convert(self, request: ConvertRequest, emit: Emit, cancelled: Callable[[], bool]) -> Result:
+        """Publish a model as a safetensors archive on S3 (task "convert")."""
+        timings: dict[str, float] = {}
+        spec = request.convert
+        ref = replace(model_ref(request.model, self.settings, self.device), precision=spec.precision)
+        # 1. Where it goes: bare s3:// names it from the hub id and the precision.
+        hub_id = None if ref.id.startswith(("/", "url:", "embedded:")) else ref.id
+        suffix = ".tar.zst" if spec.compression == "zstd" else ".tar"
+        location = parse_location(spec.dest_url, "convert.dest_url", self.settings, hub_id, spec.precision, suffix)
+        # 2. The source's weights on disk (fetched or converted if need be).
+        start = time.perf_counter()
+        with self._lock:
+            path, source = self.models.locate(ref, emit)
+        if source in ("hub", "url", "checkpoint"):
+            timings["download"] = _ms(start)
+        # 3. Load on the CPU in the target precision, save as safetensors, pack, upload.
+        with self.models.disk.staging() as staging:
+            _, out = export(path, ref.variant, location, spec.precision, staging=staging, settings=self.settings,
+                            field="convert.dest_url", emit=emit, timings=timings)
+        info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=spec.precision, device="cpu")
+        return Result(task="convert", convert=out, timings=timings, model=info)
 
     def _inputs(self, request: InferenceRequest) -> dict:
         """Pipeline arguments for the images and size: {} for txt2img without a size."""

@@ -23,12 +23,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
-from schemas import InferenceRequest, Progress, Result
+from schemas import ConvertRequest, InferenceRequest, Progress, Result, parse_request
 
 from .errors import answer_for
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+Request = InferenceRequest | ConvertRequest
 
 
 class JobRunner:
@@ -123,7 +125,7 @@ class JobRunner:
 
     # --- Shared ---
 
-    async def _run(self, job: dict, wants_progress: Callable[[InferenceRequest], bool]) -> AsyncIterator[Any]:
+    async def _run(self, job: dict, wants_progress: Callable[[Request], bool]) -> AsyncIterator[Any]:
         """Yield Progress events, then the Result or the exception that ended the job."""
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -131,7 +133,7 @@ class JobRunner:
         cancel = threading.Event()
         work = None
         try:
-            request = InferenceRequest.model_validate(job.get("input"), context={"limits": self.settings.limits})
+            request = parse_request(job.get("input"), self.settings.limits)
             emit = _to_loop(loop, events) if wants_progress(request) else _ignore
             work = loop.run_in_executor(self._gpu, self._generate, request, emit, cancel, start)
             work.add_done_callback(lambda _: events.put_nowait(None))
@@ -155,14 +157,16 @@ class JobRunner:
                 secrets = self.settings.secrets()
                 work.add_done_callback(lambda f: log.info("job %s abandoned: %s", job_id, _outcome(f, secrets)))
 
-    def _generate(self, request: InferenceRequest, emit, cancel: threading.Event, received: float) -> Result:
+    def _generate(self, request: Request, emit, cancel: threading.Event, received: float) -> Result:
         """On the engine thread. Reports the time spent queued (behind warm-up) and starting up."""
         phases = {"wait": _ms_since(received)}
         if self._engine is None:  # this job pays for importing torch and diffusers
             start = time.perf_counter()
             self.engine()
             phases["startup"] = _ms_since(start)
-        result = self.engine().generate(request, emit, cancel.is_set)
+        engine = self.engine()
+        run = engine.convert if isinstance(request, ConvertRequest) else engine.generate
+        result = run(request, emit, cancel.is_set)
         result.timings = {k: v for k, v in phases.items() if v >= 1} | result.timings
         return result
 

@@ -6,10 +6,11 @@ the weights and loads them, in this order:
 
 0. baked into the image at build (builder/download.py), listed in BAKED_DIR/baked.json
    (``baked``): no network at all;
-1. a ``checkpoint_url``: its conversion installed in MODELS_DIR (``cache``), else fetched and
+1. a ``url``: an archive already installed in MODELS_DIR (``cache``), else streamed from
+   S3 or HTTP and installed there (``url``); missing on S3 but with another source (``id``,
+   ``checkpoint_url``), built from it and published there first (auto-publish);
+2. a ``checkpoint_url``: its conversion installed in MODELS_DIR (``cache``), else fetched and
    converted with the configs of ``id`` (``checkpoint``);
-2. a ``url``: an archive already installed in MODELS_DIR (``cache``), else streamed from
-   S3 or HTTP and installed there (``url``);
 3. no id anywhere: the embedded tiny model, built on first use (source ``embedded``);
 4. an absolute path: a local diffusers directory (``local``);
 5. a hub id: RunPod's cached-models directory, then our hub cache (``cache``), then a
@@ -23,7 +24,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +35,7 @@ from .cache import DiskCache, entry_key
 from .checkpoints import fetch_checkpoint
 from .errors import ModelSourceError
 from .settings import Settings
-from .storage import Location, open_download, parse_location
+from .storage import Location, ObjectMissing, open_download, parse_location
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def model_ref(spec: ModelSpec, settings: Settings, device: str) -> ModelRef:
             )
         revision = spec.revision if spec.id else settings.model_revision
         checkpoint = spec.checkpoint_url or settings.checkpoint_url
-        return ModelRef(config_id, revision, None, precision, checkpoint_url=checkpoint, from_env=from_env)
+        url = spec.url if spec.checkpoint_url else None  # an archive to publish it as, if missing
+        return ModelRef(config_id, revision, None, precision, url, checkpoint_url=checkpoint, from_env=from_env)
     if spec.id is None and spec.url is None:  # the endpoint's default model
         revision = spec.revision or settings.model_revision
         variant = spec.variant or settings.model_variant
@@ -116,18 +118,34 @@ def archive_location(ref: ModelRef, settings: Settings) -> Location:
     return parse_location(ref.url, field, settings, model_id, ref.precision)
 
 
+Publisher = Callable[[Path, Location], tuple[Path, str]]
+
+
 def fetch_archive(
-    ref: ModelRef, settings: Settings, disk: DiskCache, emit: Callable[[Progress], None]
+    ref: ModelRef, settings: Settings, disk: DiskCache, emit: Callable[[Progress], None],
+    publish_missing: Publisher | None = None,
 ) -> tuple[Path, str]:
     """The installed directory of ``ref.url``'s archive, fetching it first if needed.
 
-    Torch-free, so start-up can run it while torch imports (JobRunner.start_warm_up)."""
+    If the archive does not exist on S3 and ``publish_missing`` is given, that builds and
+    uploads it into the staging directory (docker-diffusers-api's flow) and the result is
+    installed like a download; the source reported is where its weights came from.
+    Torch-free without a publisher, so start-up can run it while torch imports."""
     field = "MODEL_URL" if ref.from_env else "model.url"
     location = archive_location(ref, settings)
     key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}")
 
+    source = "url"
+
     def build(staging: Path) -> Path:
-        download = open_download(location, field, settings, allow_private=ref.from_env or settings.allow_private_urls)
+        nonlocal source
+        try:
+            download = open_download(location, field, settings, allow_private=ref.from_env or settings.allow_private_urls)
+        except ObjectMissing:
+            if publish_missing is None:
+                raise
+            saved, source = publish_missing(staging, location)
+            return saved
         expected = location.sha256 or download.sidecar_sha256()
         log.info("fetching %s (%s bytes, sha256 %s)", location.display, download.size, expected or "unknown")
         archives.extract(
@@ -138,7 +156,23 @@ def fetch_archive(
         return archives.model_root(staging, field)
 
     path, fetched = disk.obtain("archives", key, build)
-    return path, "url" if fetched else "cache"
+    return path, source if fetched else "cache"
+
+
+def load_pipeline(path: Path, precision: str, variant: str | None, device: str) -> Any:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        with_variant = f" (variant {variant!r})" if variant else ""
+        raise ModelSourceError("model.id", f"{type(exc).__name__}{with_variant}: {detail}") from None
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def _weight_bytes(loaded: Loaded) -> int:
@@ -211,6 +245,8 @@ class ModelStore:
         for entry in self.baked:
             if {k: entry.get(k) for k in wanted} == wanted:
                 return self.settings.baked_dir / entry["path"], "baked"
+        if ref.url:
+            return fetch_archive(ref, self.settings, self.disk, emit, self._publisher(ref, emit))
         if ref.checkpoint_url:
             config = ModelRef(ref.id, ref.revision, None, ref.precision)
             config_dir, _ = self._locate(config, emit)
@@ -219,8 +255,6 @@ class ModelStore:
                 trusted=ref.from_env, config_dir=config_dir, config_key=f"{ref.id}@{ref.revision}",
                 precision=ref.precision, settings=self.settings, disk=self.disk, emit=emit,
             )
-        if ref.url:
-            return fetch_archive(ref, self.settings, self.disk, emit)
         if ref.id == EMBEDDED_ID:
             from builder import tiny_model
 
@@ -232,6 +266,27 @@ class ModelStore:
                 raise ModelSourceError("model.id", f"no diffusers model at {ref.id} (model_index.json missing)")
             return path, "local"
         return self._from_hub(ref, emit)
+
+    def locate(self, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Path, str]:
+        """Where ``ref``'s weights are on disk (fetching them if needed), and where they came from."""
+        return self._locate(ref, emit)
+
+    def _publisher(self, ref: ModelRef, emit: Callable[[Progress], None]) -> Publisher | None:
+        """For an archive that does not exist yet: build it from the model's other source."""
+        source_ref = replace(ref, url=None)
+        if not ref.checkpoint_url and (ref.id.startswith("url:") or ref.id == EMBEDDED_ID):
+            return None  # nothing to build it from
+
+        def publish_missing(staging: Path, location: Location) -> tuple[Path, str]:
+            from .publish import export
+
+            path, source = self._locate(source_ref, emit)
+            saved, out = export(path, ref.variant, location, ref.precision, staging=staging, settings=self.settings,
+                                field="MODEL_URL" if ref.from_env else "model.url", emit=emit, timings={})
+            log.info("published %s as %s (%d bytes, sha256 %s)", ref.id, out.url, out.size_bytes, out.sha256)
+            return saved, source
+
+        return publish_missing
 
     def _from_hub(self, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Path, str]:
         from diffusers import DiffusionPipeline
@@ -265,16 +320,7 @@ class ModelStore:
     # --- Loading ---
 
     def _load(self, path: Path, ref: ModelRef) -> Any:
-        import torch
-        from diffusers import DiffusionPipeline
-
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[ref.precision]
         try:
-            pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=ref.variant, local_files_only=True)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            detail = (str(exc).strip().splitlines() or [""])[0][:200]
-            variant = f" (variant {ref.variant!r})" if ref.variant else ""
-            raise ModelSourceError("model.id", f"could not load {ref.id}{variant}: {type(exc).__name__}: {detail}") from None
-        pipeline.to(self.device)
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
+            return load_pipeline(path, ref.precision, ref.variant, self.device)
+        except ModelSourceError as exc:
+            raise ModelSourceError("model.id", f"could not load {ref.id}: {str(exc).partition(': ')[2]}") from None

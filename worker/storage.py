@@ -35,12 +35,16 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _RETRYABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
-def conventional_name(model_id: str | None, precision: str, field: str) -> str:
+class ObjectMissing(ModelSourceError):
+    """The object does not exist (yet): an archive can be published there."""
+
+
+def conventional_name(model_id: str | None, precision: str, field: str, suffix: str = ".tar.zst") -> str:
     """docker-diffusers-api's archive name: models--ORG--NAME--PRECISION.tar.zst."""
     if not model_id or model_id.startswith("/") or "/" not in model_id:
         raise ModelSourceError(field, "a bare s3:// URL needs model.id as a hub id ('org/name') to name the archive")
     org, name = model_id.split("/", 1)
-    return f"models--{org}--{name}--{precision}.tar.zst"
+    return f"models--{org}--{name}--{precision}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,9 @@ class Location:
         return urlsplit(self.url).path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def parse_location(url: str, field: str, settings: Settings, model_id: str | None, precision: str) -> Location:
+def parse_location(
+    url: str, field: str, settings: Settings, model_id: str | None, precision: str, suffix: str = ".tar.zst"
+) -> Location:
     parts = urlsplit(url)
     sha256 = None
     if parts.fragment:
@@ -86,7 +92,7 @@ def parse_location(url: str, field: str, settings: Settings, model_id: str | Non
             if not bucket:
                 raise ModelSourceError(field, "a bare s3:// URL needs AWS_S3_DEFAULT_BUCKET set on the endpoint")
     if not key or key.endswith("/"):
-        key += conventional_name(model_id, precision, field)
+        key += conventional_name(model_id, precision, field, suffix)
     return Location("s3", f"s3://{bucket}/{key}", bucket=bucket, key=key, sha256=sha256)
 
 
@@ -238,7 +244,7 @@ def s3_error(exc: Exception, field: str, location: Location) -> ModelSourceError
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("404", "NoSuchKey", "NotFound"):
-            return ModelSourceError(field, f"{location.display} does not exist")
+            return ObjectMissing(field, f"{location.display} does not exist")
         if code in ("NoSuchBucket",):
             return ModelSourceError(field, f"bucket {location.bucket!r} does not exist")
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
