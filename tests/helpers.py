@@ -13,6 +13,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import shutil
+
 import requests
 from PIL import Image, ImageChops
 
@@ -197,3 +199,15 @@ def generate(settings, model: dict, events: list | None = None):
 
     request = InferenceRequest.model_validate({"prompt": "p", "num_inference_steps": 2, "seed": 4, "model": model})
     return Engine(settings).generate(request, (events if events is not None else []).append, lambda: False)
+
+
+def hub_cache(root: Path, repo_id: str, source: Path, refs: dict[str, str]) -> Path:
+    """Lay out ``source`` as huggingface_hub's cache does: models--org--name/{refs,snapshots}."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    for ref, commit in refs.items():
+        snapshot = repo / "snapshots" / commit
+        if not snapshot.exists():
+            shutil.copytree(source, snapshot)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return root

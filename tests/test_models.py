@@ -12,18 +12,7 @@ from worker.engine import Engine
 from worker.errors import ModelSourceError
 from worker.models import EMBEDDED_ID, ModelRef, model_ref
 from worker.settings import Settings
-
-
-def hub_cache(root: Path, repo_id: str, source: Path, refs: dict[str, str]) -> Path:
-    """Lay out ``source`` as huggingface_hub's cache does: models--org--name/{refs,snapshots}."""
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    for ref, commit in refs.items():
-        snapshot = repo / "snapshots" / commit
-        if not snapshot.exists():
-            shutil.copytree(source, snapshot)
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-    return root
+from tests.helpers import hub_cache
 
 
 def make_engine(tmp_path: Path, **settings) -> Engine:

@@ -241,6 +241,8 @@ def s3_error(exc: Exception, field: str, location: Location) -> ModelSourceError
     """A boto error as the caller should read it: what and where, never a credential."""
     from botocore.exceptions import ClientError
 
+    if not isinstance(exc, ClientError) and isinstance(exc.__cause__ or exc.__context__, ClientError):
+        exc = exc.__cause__ or exc.__context__  # boto3's S3UploadFailedError wraps the real reply
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("404", "NoSuchKey", "NotFound"):
@@ -250,7 +252,7 @@ def s3_error(exc: Exception, field: str, location: Location) -> ModelSourceError
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return ModelSourceError(field, f"access to {location.display} denied; check the endpoint's AWS credentials")
         return ModelSourceError(field, f"S3 refused {location.display} ({code or 'error'})")
-    return ModelSourceError(field, f"cannot read {location.display} from S3 ({type(exc).__name__})")
+    return ModelSourceError(field, f"S3 request for {location.display} failed ({type(exc).__name__})")
 
 
 class S3Download:
