@@ -18,7 +18,6 @@ Medians of --rounds rounds, as ratios to the baseline and as a fraction of the l
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import statistics

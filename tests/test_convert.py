@@ -193,3 +193,26 @@ def test_convert_job_through_the_handler_streams_each_stage(settings, s3, tiny_d
     assert result["convert"]["url"] == "s3://models/job/tiny.tar.zst" and result["convert"]["precision"] == "fp16"
     assert {"save", "pack", "upload"} <= {p["stage"] for p in progress}
     assert {"pack", "upload", "total_ms"} <= set(result["timings"])
+
+
+def test_command_line_publishes_and_reports(settings, s3, tiny_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, worker_env
+
+    env = worker_env(tmp_path / "cli-models", AWS_S3_ENDPOINT_URL=settings.aws_s3_endpoint_url,
+                     AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test-secret-key", AWS_DEFAULT_REGION="us-east-1",
+                     AWS_S3_DEFAULT_BUCKET=BUCKET)
+    done = subprocess.run([sys.executable, "-m", "worker.convert", str(tiny_dir), "s3://models/cli/tiny.tar.zst",
+                           "--precision", "fp32"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    body = s3.get_object(Bucket=BUCKET, Key="cli/tiny.tar.zst")["Body"].read()
+    assert f"sha256 {hashlib.sha256(body).hexdigest()}" in done.stdout
+    assert "published s3://models/cli/tiny.tar.zst" in done.stdout
+    assert "upload" in done.stderr  # the progress bars
+
+    bad = subprocess.run([sys.executable, "-m", "worker.convert", str(tiny_dir), "https://example.com/x.tar"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert bad.returncode == 1
+    assert "error: convert.dest_url: must be an s3:// URL" in bad.stderr and "Traceback" not in bad.stderr

@@ -10,7 +10,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from schemas import SCHEDULERS, InferenceRequest, Limits, canonical_scheduler, describe_validation_error
+from schemas import SCHEDULERS, InferenceRequest, Limits, canonical_scheduler, describe_validation_error, parse_request
 from tests.helpers import ROOT, png_b64
 
 IMG = png_b64()
@@ -121,12 +121,23 @@ def test_documented_examples_validate():
     examples = _documented_inputs()
     assert len(examples) >= 4
     for example in examples:
-        parse(example["input"])
+        parse_request(example["input"], Limits())
 
 
 def test_default_steps_respect_the_operator_cap():
     assert parse({"prompt": "p"}, Limits(max_steps=10)).num_inference_steps == 10
     assert parse({"prompt": "p"}).num_inference_steps == 25
+
+
+def test_convert_requests_are_told_apart_by_task():
+    request = parse_request({"task": "convert", "model": {"id": "a/b"}, "convert": {"dest_url": "s3://"}}, Limits())
+    assert (request.task, request.convert.precision, request.convert.compression) == ("convert", "fp16", "zstd")
+    with pytest.raises(ValidationError) as info:
+        parse_request({"task": "convert", "convert": {"dest_url": "https://x/y.tar"}}, Limits())
+    assert describe_validation_error(info.value).startswith("convert.dest_url: must be an s3:// URL")
+    with pytest.raises(ValidationError) as info:
+        parse_request({"task": "convert", "prompt": "p", "convert": {"dest_url": "s3://"}}, Limits())
+    assert describe_validation_error(info.value) == "prompt: unknown field"
 
 
 def test_readme_lists_every_environment_variable():
