@@ -55,7 +55,8 @@ def test_convert_a_local_model_and_serve_from_the_archive(settings, s3, tiny_dir
     weights = [n for n, m in names.items() if m.isfile() and not n.endswith((".json", ".txt"))]
     assert weights and all(n.endswith(".safetensors") for n in weights), weights
     assert {m.mtime for m in names.values()} == {0}  # deterministic
-    assert {e.stage for e in events} >= {"save", "pack", "upload"}
+    stages = [e.stage for e in events]
+    assert [s for i, s in enumerate(stages) if i == 0 or s != stages[i - 1]] == ["load", "save", "pack", "upload"]
     assert [e for e in events if e.stage == "upload"][-1].step == out.size_bytes
 
     fresh = settings.model_copy(update={"models_dir": tmp_path / "other-worker"})
@@ -112,6 +113,21 @@ def test_auto_publish_on_a_miss_then_the_next_worker_fetches_it(settings, s3, ti
     second = generate(second_worker, {"id": "acme/autopub", "url": "s3://"})
     assert second.model.source == "url"
     assert second.images[0].base64 == first.images[0].base64
+
+
+def test_auto_publish_from_a_single_file_checkpoint(settings, s3, tmp_path):
+    from builder import tiny_model
+
+    sd_dir = tiny_model.ensure(tmp_path / "sd-layout", sd_layout=True)
+    s3.put_object(Bucket=BUCKET, Key="src/auto.safetensors",
+                  Body=write_checkpoint(sd_dir, tmp_path / "auto.safetensors").read_bytes())
+    model = {"id": str(sd_dir), "checkpoint_url": "s3://models/src/auto.safetensors",
+             "url": "s3://models/auto/from-ckpt.tar.zst"}
+    first = generate(settings, model)
+    assert first.model.source == "checkpoint"
+    assert "model_index.json" in members(s3, "auto/from-ckpt.tar.zst")
+    later = generate(settings.model_copy(update={"models_dir": tmp_path / "fresh"}), model)
+    assert later.model.source == "url" and later.images[0].base64 == first.images[0].base64
 
 
 def test_a_miss_with_nothing_to_build_from_is_an_error(settings, s3):

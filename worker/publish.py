@@ -119,7 +119,9 @@ def export(source_dir: Path, variant: str | None, location: Location, precision:
     from .models import load_pipeline
 
     start = time.perf_counter()
+    emit(Progress(stage="load", step=0, total=1))
     pipeline = load_pipeline(source_dir, precision, variant, "cpu")
+    emit(Progress(stage="load", step=1, total=1))
     timings["load"] = round((time.perf_counter() - start) * 1000, 1)
     start = time.perf_counter()
     emit(Progress(stage="save", step=0, total=1))
