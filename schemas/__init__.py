@@ -1,11 +1,13 @@
 """Request and result models: the worker's public contract, with no torch import."""
 
+from .compat import RequestError
 from .errors import describe_validation_error
 from .request import ConvertRequest, ConvertSpec, InferenceRequest, Limits, ModelSpec, OutputSpec, parse_request
 from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result
 from .schedulers import SCHEDULERS, canonical_scheduler
 
 __all__ = [
+    "RequestError",
     "ConvertRequest",
     "ConvertSpec",
     "ConvertOut",

@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 
 from .schedulers import canonical_scheduler
 
@@ -120,6 +122,16 @@ class InferenceRequest(_Strict):
     loras: list[Any] | None = Field(None, description="LoRAs for this request (not available yet).")
     train: dict[str, Any] | None = Field(None, description="Training options (not available yet).")
     convert: dict[str, Any] | None = Field(None, description="Only with task 'convert' (ConvertRequest).")
+    # Set when the job came as a docker-diffusers-api payload: answer in its shape too.
+    _legacy: bool = PrivateAttr(False)
+
+    @property
+    def legacy(self) -> bool:
+        return self._legacy
+
+    @legacy.setter
+    def legacy(self, value: bool) -> None:
+        self._legacy = value
 
     @field_validator("width", "height")
     @classmethod
@@ -226,6 +238,16 @@ class ConvertRequest(_Strict):
 
 
 def parse_request(data: Any, limits: Limits) -> InferenceRequest | ConvertRequest:
-    """The request model for a job's input: by its ``task``."""
+    """The request model for a job's input: by its ``task``; docker-diffusers-api payloads
+    are translated first (``legacy`` is then set, and the answer takes that shape too)."""
+    from .compat import RequestError, describe_legacy_error, from_legacy, is_legacy
+
+    if is_legacy(data):
+        try:
+            request = InferenceRequest.model_validate(from_legacy(data), context={"limits": limits})
+        except ValidationError as exc:
+            raise RequestError(describe_legacy_error(exc)) from None
+        request.legacy = True
+        return request
     model = ConvertRequest if isinstance(data, dict) and data.get("task") == "convert" else InferenceRequest
     return model.model_validate(data, context={"limits": limits})

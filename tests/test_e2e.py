@@ -133,6 +133,12 @@ def test_plain_handler_returns_the_result_dict(plain_api):
     assert_valid_result(answer["output"])  # the dict itself, not a list
 
 
+def test_plain_handler_answers_docker_diffusers_api_clients_in_their_shape(plain_api):
+    answer = plain_api.runsync({"modelInputs": {"prompt": "p", "num_inference_steps": 2, "seed": 1}})
+    assert answer["status"] == "COMPLETED"
+    assert answer["output"]["image_base64"] and "$timings" in answer["output"]
+
+
 def test_plain_handler_fails_bad_jobs(plain_api):
     answer = plain_api.runsync({"prompt": "p", "width": 100})
     assert answer["status"] == "FAILED"
@@ -231,3 +237,28 @@ def decode_file(path):
     image = Image.open(path)
     image.load()
     return image
+
+
+# --- docker-diffusers-api payloads (CONTRACT §2) ---
+
+def test_docker_diffusers_api_payload_gets_its_answer_shape(api):
+    payload = {"callInputs": {"PIPELINE": "StableDiffusionPipeline", "SCHEDULER": "DDIMScheduler",
+                              "MODEL_PRECISION": "", "safety_checker": False},
+               "modelInputs": {"prompt": "a lighthouse", "num_inference_steps": 3, "seed": 11}}
+    [result] = api.runsync(payload)["output"]
+    assert_valid_result(result)
+    assert result["image_base64"] == result["images"][0]["base64"]
+    assert result["$timings"] == result["timings"] and result["model"]["precision"] == "fp32"
+    # Same seed, same image, whichever shape asked for it.
+    same = api.runsync(VALID | {"scheduler": "DDIM"})["output"][-1]
+    assert result["image_base64"] == same["images"][0]["base64"]
+
+    several = api.runsync({"modelInputs": {"prompt": "p", "num_inference_steps": 2, "num_images_per_prompt": 2}})
+    assert len(several["output"][-1]["images_base64"]) == 2
+
+
+def test_docker_diffusers_api_errors_name_their_fields(api):
+    [error] = api.runsync({"modelInputs": {"prompt": "p", "num_images_per_prompt": 12}})["output"]
+    assert error == {"error": "modelInputs.num_images_per_prompt: at most 8 on this endpoint, got 12"}
+    [error] = api.runsync({"callInputs": {"train": "dreambooth"}, "modelInputs": {"prompt": "p"}})["output"]
+    assert error["error"].startswith("callInputs.train: training is not available")

@@ -140,6 +140,21 @@ def test_convert_requests_are_told_apart_by_task():
     assert describe_validation_error(info.value) == "prompt: unknown field"
 
 
+def test_docker_diffusers_api_payloads_translate():
+    request = parse_request({
+        "callInputs": {"MODEL_ID": "acme/sd", "MODEL_URL": "s3://", "MODEL_PRECISION": "", "MODEL_REVISION": "fp16",
+                       "PIPELINE": "StableDiffusionInpaintPipelineLegacy", "SCHEDULER": "EulerAncestralDiscreteScheduler",
+                       "safety_checker": False, "xformers_memory_efficient_attention": True},
+        "modelInputs": {"prompt": "p", "init_image": png_b64(), "mask_image": png_b64(), "strength": 0.5,
+                        "num_images_per_prompt": 2, "seed": 9},
+    }, Limits())
+    assert request.legacy and request.task == "inpaint" and request.scheduler == "EulerAncestralDiscrete"
+    assert (request.model.id, request.model.url, request.model.precision, request.model.revision) == (
+        "acme/sd", "s3://", "fp32", "fp16")
+    assert (request.num_images, request.seed, request.strength, request.safety_checker) == (2, 9, 0.5, False)
+    assert not parse_request({"prompt": "p"}, Limits()).legacy
+
+
 def test_readme_lists_every_environment_variable():
     from worker.settings import Settings
 

@@ -13,7 +13,7 @@ import sys
 
 from pydantic import ValidationError
 
-from schemas import describe_validation_error
+from schemas import RequestError, describe_validation_error
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def answer_for(exc: BaseException, secrets: list[str] = ()) -> tuple[str, bool]:
     """The caller's error message for ``exc``, and whether to ask RunPod for a fresh worker."""
     if isinstance(exc, ValidationError):
         message = describe_validation_error(exc)
-    elif isinstance(exc, WorkerError):
+    elif isinstance(exc, (WorkerError, RequestError)):
         message = str(exc)
     elif needs_fresh_worker(exc):
         if isinstance(exc, sys.modules["torch"].cuda.OutOfMemoryError):

@@ -88,10 +88,7 @@ class JobRunner:
 
     async def stream(self, job: dict) -> AsyncIterator[dict]:
         async for item in self._run(job, lambda request: request.stream):
-            if isinstance(item, Progress):
-                yield item.dump()
-            else:
-                yield self._answer(item)
+            yield item.dump() if isinstance(item, Progress) else item
 
     async def plain(self, job: dict) -> dict:
         last_sent = 0.0
@@ -109,11 +106,13 @@ class JobRunner:
             if isinstance(item, Progress):
                 report(item)
             else:
-                return self._answer(item)
+                return item
         raise AssertionError("_run ended without an answer")
 
     async def local(self, job: dict) -> dict:
         answer = await self.plain(job)
+        for key in ("image_base64", "images_base64"):  # printed below as files instead
+            answer.pop(key, None)
         out_dir = self.settings.local_output_dir
         for i, image in enumerate(answer.get("images", [])):
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,12 +125,12 @@ class JobRunner:
     # --- Shared ---
 
     async def _run(self, job: dict, wants_progress: Callable[[Request], bool]) -> AsyncIterator[Any]:
-        """Yield Progress events, then the Result or the exception that ended the job."""
+        """Yield Progress events, then the answer: the result dict, or the error dict."""
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
-        work = None
+        work = request = None
         try:
             request = parse_request(job.get("input"), self.settings.limits)
             emit = _to_loop(loop, events) if wants_progress(request) else _ignore
@@ -145,9 +144,9 @@ class JobRunner:
                 "job %s: %s on %s (%s), %d image(s), %s",
                 job.get("id"), result.task, result.model.id, result.model.source, len(result.images), result.timings,
             )
-            yield result
+            yield self._answer(result, legacy=getattr(request, "legacy", False))
         except Exception as exc:
-            yield exc
+            yield self._answer(exc)
         finally:
             # Done: a no-op. Cancelled by RunPod (the SDK cancels the task iterating us):
             # stop the denoising loop at its next step, and log how the job ended.
@@ -170,9 +169,17 @@ class JobRunner:
         result.timings = {k: v for k, v in phases.items() if v >= 1} | result.timings
         return result
 
-    def _answer(self, outcome: Result | BaseException) -> dict:
+    def _answer(self, outcome: Result | BaseException, legacy: bool = False) -> dict:
         if isinstance(outcome, Result):
-            return outcome.dump()
+            answer = outcome.dump()
+            if legacy:  # docker-diffusers-api's fields, beside ours (CONTRACT §2)
+                images = [image["base64"] for image in answer["images"] if "base64" in image]
+                if len(images) == 1:
+                    answer["image_base64"] = images[0]
+                else:
+                    answer["images_base64"] = images
+                answer["$timings"] = answer["timings"]
+            return answer
         message, refresh = answer_for(outcome, self.settings.secrets())
         log.warning("job failed: %s", message)
         if refresh:

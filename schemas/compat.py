@@ -1,0 +1,104 @@
+"""docker-diffusers-api payloads: ``{"callInputs": {...}, "modelInputs": {...}}`` (CONTRACT §2).
+
+Clients written for docker-diffusers-api keep working: their payload is translated to this
+worker's request, and the answer carries that project's fields too (``image_base64`` or
+``images_base64``, ``$timings``) next to the usual result. Errors name the field as the
+client sent it (``modelInputs.num_images_per_prompt: ...``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import describe_validation_error
+
+# docker-diffusers-api's PIPELINE values (diffusers class names) -> task.
+PIPELINE_TASKS = {
+    "StableDiffusionPipeline": "txt2img",
+    "StableDiffusionXLPipeline": "txt2img",
+    "AutoPipelineForText2Image": "txt2img",
+    "StableDiffusionImg2ImgPipeline": "img2img",
+    "StableDiffusionXLImg2ImgPipeline": "img2img",
+    "AutoPipelineForImage2Image": "img2img",
+    "StableDiffusionInpaintPipeline": "inpaint",
+    "StableDiffusionInpaintPipelineLegacy": "inpaint",
+    "StableDiffusionXLInpaintPipeline": "inpaint",
+    "AutoPipelineForInpainting": "inpaint",
+}
+MODEL_INPUTS = {  # theirs -> ours
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image", "mask_image": "mask_image",
+    "init_image": "image", "num_inference_steps": "num_inference_steps", "guidance_scale": "guidance_scale",
+    "width": "width", "height": "height", "seed": "seed", "num_images_per_prompt": "num_images",
+    "strength": "strength",
+}
+CALL_INPUTS_MODEL = {"MODEL_ID": "id", "MODEL_URL": "url", "MODEL_REVISION": "revision",
+                     "MODEL_PRECISION": "precision", "CHECKPOINT_URL": "checkpoint_url"}
+# Options of docker-diffusers-api that this worker does by itself: accepted, nothing to do.
+IGNORED_CALL_INPUTS = {"xformers_memory_efficient_attention", "startRequestId", "MODEL_VARIANT_FALLBACK"}
+
+
+class RequestError(ValueError):
+    """A request error whose message already names the field: ``field: what was wrong``."""
+
+
+def is_legacy(data: Any) -> bool:
+    return isinstance(data, dict) and bool(data) and set(data) <= {"callInputs", "modelInputs"}
+
+
+def from_legacy(data: dict) -> dict:
+    """This worker's request for a docker-diffusers-api payload."""
+    call, inputs = data.get("callInputs") or {}, data.get("modelInputs") or {}
+    for name, value in (("callInputs", call), ("modelInputs", inputs)):
+        if not isinstance(value, dict):
+            raise RequestError(f"{name}: must be a JSON object")
+    request: dict[str, Any] = {}
+    for key, value in inputs.items():
+        if key not in MODEL_INPUTS:
+            raise RequestError(f"modelInputs.{key}: not supported by this worker")
+        request[MODEL_INPUTS[key]] = value
+    model: dict[str, Any] = {}
+    for key, value in call.items():
+        if key in CALL_INPUTS_MODEL:
+            if key == "MODEL_PRECISION" and value == "":
+                value = "fp32"  # docker-diffusers-api: "" means full precision
+            if value is not None:
+                model[CALL_INPUTS_MODEL[key]] = value
+        elif key == "PIPELINE":
+            if value not in PIPELINE_TASKS:
+                raise RequestError(f"callInputs.PIPELINE: must be one of {', '.join(PIPELINE_TASKS)}, got {value!r}")
+            request["task"] = PIPELINE_TASKS[value]
+        elif key == "SCHEDULER":
+            request["scheduler"] = value
+        elif key == "safety_checker":
+            request["safety_checker"] = value
+        elif key in ("train", "dest_url"):
+            raise RequestError(f"callInputs.{key}: training is not available in this version of the worker")
+        elif key not in IGNORED_CALL_INPUTS:
+            raise RequestError(f"callInputs.{key}: not supported by this worker")
+    if model:
+        request["model"] = model
+    return request
+
+
+def legacy_field(name: str) -> str:
+    """The field a docker-diffusers-api client sent, for one of ours."""
+    if name.startswith("model."):
+        theirs = {v: k for k, v in CALL_INPUTS_MODEL.items()}.get(name[6:])
+        return f"callInputs.{theirs}" if theirs else name
+    if name == "scheduler":
+        return "callInputs.SCHEDULER"
+    if name in ("task", "safety_checker"):
+        return "callInputs.PIPELINE" if name == "task" else "callInputs.safety_checker"
+    theirs = {v: k for k, v in MODEL_INPUTS.items() if k != "init_image"}.get(name)
+    return f"modelInputs.{theirs}" if theirs else name
+
+
+def describe_legacy_error(exc: ValidationError) -> str:
+    """Our validation message with each leading field renamed as the client sent it."""
+    parts = []
+    for message in describe_validation_error(exc).split("; "):
+        field, sep, rest = message.partition(": ")
+        parts.append(f"{legacy_field(field)}{sep}{rest}")
+    return "; ".join(parts)
