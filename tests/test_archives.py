@@ -244,10 +244,15 @@ def test_baked_model_loads_without_network(settings, tmp_path, archive):
     url = server.url + "/tiny.tar.zst"
     baked_dir = tmp_path / "image" / "baked"
     bake(settings.model_copy(update={"baked_dir": baked_dir, "model_url": url, "model_id": "acme/tiny"}))
-    server.close()  # from here on, any fetch would fail
-
     runtime = settings.model_copy(update={"baked_dir": baked_dir, "model_url": url, "model_id": "acme/tiny",
                                           "models_dir": tmp_path / "empty-volume"})
+    from worker.jobs import JobRunner
+
+    asked = len(server.requests)
+    JobRunner(runtime, {})._prefetch()  # start-up must not fetch what is baked
+    assert len(server.requests) == asked
+    server.close()  # from here on, any fetch would fail
+
     result = generate(runtime, {})
     assert (result.model.id, result.model.source) == ("acme/tiny", "baked")
     assert not (tmp_path / "empty-volume" / "archives").exists()

@@ -67,14 +67,19 @@ class JobRunner:
         from schemas import ModelSpec
 
         from .cache import DiskCache
-        from .models import archive_location, fetch_archive, model_ref
+        from .models import archive_location, fetch_archive, find_baked, model_ref, read_baked
+        from .storage import ObjectMissing
 
         try:
             # Which device we get is known only after importing torch; the precision default
             # depends on it, and so does a bare s3:// name. Prefetch only what both would use.
             on_gpu, on_cpu = (model_ref(ModelSpec(), self.settings, device) for device in ("cuda", "cpu"))
-            if on_gpu.url and archive_location(on_gpu, self.settings) == archive_location(on_cpu, self.settings):
+            if not on_gpu.url or find_baked(on_gpu, read_baked(self.settings.baked_dir), self.settings.baked_dir):
+                return
+            if archive_location(on_gpu, self.settings) == archive_location(on_cpu, self.settings):
                 fetch_archive(on_gpu, self.settings, DiskCache(self.settings), lambda event: None)
+        except ObjectMissing:
+            pass  # not published yet: the warm-up builds and publishes it (it needs torch)
         except Exception as exc:  # the warm-up or the first job will report it
             log.warning("prefetch failed: %s", answer_for(exc, self.settings.secrets())[0])
 

@@ -112,6 +112,14 @@ def read_baked(baked_dir: Path) -> list[dict]:
     return json.loads(manifest.read_text()) if manifest.is_file() else []
 
 
+def find_baked(ref: ModelRef, baked: list[dict], baked_dir: Path) -> Path | None:
+    wanted = baked_entry(ref)
+    for entry in baked:
+        if {k: entry.get(k) for k in wanted} == wanted:
+            return baked_dir / entry["path"]
+    return None
+
+
 def archive_location(ref: ModelRef, settings: Settings) -> Location:
     field = "MODEL_URL" if ref.from_env else "model.url"
     model_id = None if ref.id.startswith("url:") else ref.id
@@ -241,10 +249,8 @@ class ModelStore:
     # --- Finding the weights ---
 
     def _locate(self, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Path, str]:
-        wanted = baked_entry(ref)
-        for entry in self.baked:
-            if {k: entry.get(k) for k in wanted} == wanted:
-                return self.settings.baked_dir / entry["path"], "baked"
+        if baked := find_baked(ref, self.baked, self.settings.baked_dir):
+            return baked, "baked"
         if ref.url:
             return fetch_archive(ref, self.settings, self.disk, emit, self._publisher(ref, emit))
         if ref.checkpoint_url:
