@@ -179,6 +179,23 @@ def test_private_urls_are_refused_by_default(models_dir):
         server.close()
 
 
+def test_connections_to_private_addresses_are_refused_even_after_the_name_check():
+    """DNS rebinding: the name looked public when checked, the connection lands on a private
+    address. The connected socket is checked before anything is sent on it."""
+    from tests.helpers import RangeServer
+    from worker.urls import open_url, session_for
+
+    server = RangeServer({"/secret": b"internal"})
+    try:
+        with pytest.raises(UserInputError, match=r"^image: host '127\.0\.0\.1' is a private address"):
+            # allow_private=True here skips only the name check, standing in for a DNS answer
+            # that was public then and private now; the session still refuses the peer.
+            open_url(session_for(allow_private=False), server.url + "/secret", "image", allow_private=True, timeout=5)
+        assert server.requests == []  # not a byte reached it
+    finally:
+        server.close()
+
+
 def test_bad_image_payloads_name_the_field(run):
     with pytest.raises(UserInputError, match=r"^image: is not a readable image"):
         run(prompt="p", image=base64.b64encode(b"definitely not a png").decode(), num_inference_steps=2)

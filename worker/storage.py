@@ -27,7 +27,7 @@ import requests
 
 from .errors import ModelSourceError
 from .settings import Settings
-from .urls import open_url
+from .urls import open_url, session_for
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,7 @@ class HttpDownload:
         self.field = field
         self.settings = settings
         self.chunk = settings.download_chunk_mb * 2**20
-        self.session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_maxsize=settings.download_concurrency + 2)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.session = session_for(allow_private, pool_size=settings.download_concurrency + 2)
         # The first range doubles as the probe: presigned URLs allow GET but not HEAD.
         first = open_url(
             self.session, location.url, field, allow_private=allow_private, timeout=settings.url_timeout_s,
