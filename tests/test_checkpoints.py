@@ -73,6 +73,22 @@ def test_checkpoint_that_does_not_fit_the_configs_names_the_field(settings, http
         generate(settings, {"id": str(tiny_dir), "checkpoint_url": http.url + "/tiny.safetensors"})
 
 
+def test_a_hub_model_gives_its_configs_without_its_weights(settings, http, files, sd_dir, tmp_path):
+    """A checkpoint replaces the weights: from the hub, only the configs are needed."""
+    import shutil
+
+    from tests.helpers import hub_cache
+
+    configs = tmp_path / "configs-only"
+    shutil.copytree(sd_dir, configs, ignore=shutil.ignore_patterns("*.safetensors"))
+    hub = hub_cache(tmp_path / "hub", "acme/sd-base", configs, {"main": "9" * 40})
+    http.files["/tiny.safetensors"] = files[".safetensors"]
+    result = generate(settings.model_copy(update={"hf_hub_cache": hub}),
+                      {"id": "acme/sd-base", "checkpoint_url": http.url + "/tiny.safetensors"})
+    assert (result.model.id, result.model.source) == ("acme/sd-base", "checkpoint")
+    assert result.images[0].base64 == generate(settings, {"id": str(sd_dir)}).images[0].base64
+
+
 def test_checkpoint_url_from_the_environment(settings, http, files, sd_dir):
     http.files["/tiny.safetensors"] = files[".safetensors"]
     operator = settings.model_copy(update={

@@ -255,7 +255,8 @@ class ModelStore:
             return fetch_archive(ref, self.settings, self.disk, emit, self._publisher(ref, emit))
         if ref.checkpoint_url:
             config = ModelRef(ref.id, ref.revision, None, ref.precision)
-            config_dir, _ = self._locate(config, emit)
+            hub_id = not config.id.startswith("/") and config.id != EMBEDDED_ID
+            config_dir, _ = self._from_hub(config, emit, configs_only=True) if hub_id else self._locate(config, emit)
             return fetch_checkpoint(
                 ref.checkpoint_url, field="CHECKPOINT_URL" if ref.from_env else "model.checkpoint_url",
                 trusted=ref.from_env, config_dir=config_dir, config_key=f"{ref.id}@{ref.revision}",
@@ -294,16 +295,26 @@ class ModelStore:
 
         return publish_missing
 
-    def _from_hub(self, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Path, str]:
+    def _from_hub(
+        self, ref: ModelRef, emit: Callable[[Progress], None], configs_only: bool = False
+    ) -> tuple[Path, str]:
+        """The model's snapshot in a hub cache, downloading it if need be.
+
+        ``configs_only``: just what describes the architecture (what a checkpoint's conversion
+        needs), not gigabytes of weights the checkpoint replaces."""
         from diffusers import DiffusionPipeline
         from huggingface_hub import errors as hub_errors
+        from huggingface_hub import snapshot_download
 
         token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
         options = dict(revision=ref.revision, variant=ref.variant, token=token)
+        if configs_only:
+            options = dict(revision=ref.revision, token=token, allow_patterns=["*.json", "*.txt", "*.model"])
+        download = snapshot_download if configs_only else DiffusionPipeline.download
         for cache in (self.settings.runpod_hf_cache, self.settings.hub_cache):
             if cache.is_dir():
                 try:
-                    path = DiffusionPipeline.download(ref.id, cache_dir=cache, local_files_only=True, **options)
+                    path = download(ref.id, cache_dir=cache, local_files_only=True, **options)
                     return Path(path), "cache"
                 except (hub_errors.LocalEntryNotFoundError, FileNotFoundError):
                     pass
@@ -311,7 +322,7 @@ class ModelStore:
             raise ModelSourceError("model.id", f"{ref.id} is not cached on this worker and HF_HUB_OFFLINE is set")
         emit(Progress(stage="download", step=0, total=1))
         try:
-            path = DiffusionPipeline.download(ref.id, cache_dir=self.settings.hub_cache, **options)
+            path = download(ref.id, cache_dir=self.settings.hub_cache, **options)
         except hub_errors.GatedRepoError:
             raise ModelSourceError("model.id", f"{ref.id} is gated: HF_TOKEN must belong to an account with access")
         except hub_errors.RepositoryNotFoundError:
