@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import boto3
 import pytest
 
 from tests.helpers import BUCKET, RangeServer
@@ -60,6 +59,7 @@ def run(engine):
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
+    import boto3
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -74,6 +74,8 @@ def s3_endpoint():
 
 @pytest.fixture
 def s3(s3_endpoint):
+    import boto3
+
     return boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="test", aws_secret_access_key="test",
                         region_name="us-east-1")
 

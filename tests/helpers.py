@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,8 +13,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-
-import shutil
 
 import requests
 from PIL import Image, ImageChops

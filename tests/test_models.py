@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from schemas import InferenceRequest, ModelSpec
+from tests.helpers import hub_cache
 from worker.engine import Engine
 from worker.errors import ModelSourceError
 from worker.models import EMBEDDED_ID, ModelRef, model_ref
 from worker.settings import Settings
-from tests.helpers import hub_cache
 
 
 def make_engine(tmp_path: Path, **settings) -> Engine:
