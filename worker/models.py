@@ -60,7 +60,6 @@ class ModelRef:
 class Loaded:
     ref: ModelRef
     pipeline: Any  # a diffusers DiffusionPipeline
-    source: str  # where the weights came from when it was loaded
 
 
 def model_ref(spec: ModelSpec, settings: Settings, device: str) -> ModelRef:
@@ -221,7 +220,7 @@ class ModelStore:
             loaded = self._parked.pop(ref)
             loaded.pipeline.to(self.device)
         else:
-            loaded = Loaded(ref, self._load(path, ref), source)
+            loaded = Loaded(ref, self._load(path, ref))
         timings["load"] = round((time.perf_counter() - start) * 1000, 1)
         emit(Progress(stage="load", step=1, total=1))
         self._loaded[ref] = loaded
