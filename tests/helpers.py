@@ -9,12 +9,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
+import zstandard
 from PIL import Image, ImageChops
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,3 +212,14 @@ def hub_cache(root: Path, repo_id: str, source: Path, refs: dict[str, str]) -> P
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / ref).write_text(commit)
     return root
+
+
+def pack(model_dir: Path, *, zstd: bool = True, folder: str | None = "tiny-sd") -> bytes:
+    """``model_dir`` as archive bytes (.tar.zst, or .tar), in ``folder`` or at the root."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path in sorted(model_dir.rglob("*")):
+            relative = path.relative_to(model_dir).as_posix()
+            tar.add(path, arcname=f"{folder}/{relative}" if folder else relative, recursive=False)
+    data = buffer.getvalue()
+    return zstandard.ZstdCompressor(level=3).compress(data) if zstd else data

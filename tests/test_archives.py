@@ -13,21 +13,10 @@ import threading
 from pathlib import Path
 
 import pytest
-import zstandard
 
-from tests.helpers import BUCKET, RangeServer, generate
+from tests.helpers import BUCKET, RangeServer, generate, pack
 from worker.errors import ModelSourceError, UserInputError
 from worker.settings import Settings
-
-
-def pack(model_dir: Path, *, zstd: bool = True, folder: str | None = "tiny-sd") -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for path in sorted(model_dir.rglob("*")):
-            relative = path.relative_to(model_dir).as_posix()
-            tar.add(path, arcname=f"{folder}/{relative}" if folder else relative, recursive=False)
-    data = buffer.getvalue()
-    return zstandard.ZstdCompressor(level=3).compress(data) if zstd else data
 
 
 def hostile(kind: str) -> bytes:

@@ -262,3 +262,28 @@ def test_docker_diffusers_api_errors_name_their_fields(api):
     assert error == {"error": "modelInputs.num_images_per_prompt: at most 8 on this endpoint, got 12"}
     [error] = api.runsync({"callInputs": {"train": "dreambooth"}, "modelInputs": {"prompt": "p"}})["output"]
     assert error["error"].startswith("callInputs.train: training is not available")
+
+
+def test_production_loop_with_an_archive_as_the_default_model(tmp_path, tiny_dir):
+    """MODEL_URL on the endpoint: fetched at start-up, warm for the first job; a request's own
+    URL to a private address is refused (ALLOW_PRIVATE_URLS off), the operator's is not."""
+    from tests.helpers import RangeServer, pack
+
+    server = RangeServer({"/default.tar.zst": pack(tiny_dir)})
+    url = server.url + "/default.tar.zst"
+    try:
+        done = run_production(tmp_path / "models", tmp_path, [
+            ("first", VALID),
+            ("same-url", VALID | {"model": {"url": url}}),  # what the worker has: no connection made
+            ("private", VALID | {"model": {"url": server.url + "/other.tar.zst"}}),
+        ], MODEL_URL=url, ALLOW_PRIVATE_URLS="0")
+    finally:
+        server.close()
+    result = done.done["first"]["output"][-1]
+    assert_valid_result(result)
+    assert (result["model"]["id"], result["model"]["source"]) == ("url:default.tar.zst", "memory")
+    assert done.done["same-url"]["output"][-1]["model"]["source"] == "memory"
+    assert done.done["private"]["error"] == (
+        "model.url: host '127.0.0.1' is a private address; the operator must set ALLOW_PRIVATE_URLS=1")
+    assert [p for p, _ in server.requests].count("/default.tar.zst") == 1  # one 16 MiB range: fetched once
+    assert "/other.tar.zst" not in [p for p, _ in server.requests]
