@@ -129,10 +129,6 @@ class InferenceRequest(_Strict):
     def legacy(self) -> bool:
         return self._legacy
 
-    @legacy.setter
-    def legacy(self, value: bool) -> None:
-        self._legacy = value
-
     @field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, value: int | None) -> int | None:
@@ -247,7 +243,7 @@ def parse_request(data: Any, limits: Limits) -> InferenceRequest | ConvertReques
             request = InferenceRequest.model_validate(from_legacy(data), context={"limits": limits})
         except ValidationError as exc:
             raise RequestError(describe_legacy_error(exc)) from None
-        request.legacy = True
+        request._legacy = True
         return request
     model = ConvertRequest if isinstance(data, dict) and data.get("task") == "convert" else InferenceRequest
     return model.model_validate(data, context={"limits": limits})

@@ -51,8 +51,9 @@ class _ChunkReader(io.RawIOBase):
         return n
 
 
-def download_progress(emit: Callable[[Progress], None], total: int | None, every_s: float = 0.25):
-    """A byte counter that emits a ``download`` event at most every ``every_s`` and at the end."""
+def byte_progress(emit: Callable[[Progress], None], stage: str, total: int | None, every_s: float = 0.25):
+    """A byte counter (called with bytes done so far) that emits a ``stage`` event at most every
+    ``every_s`` seconds, and at the end."""
     last = 0.0
 
     def on_bytes(done: int) -> None:
@@ -60,7 +61,7 @@ def download_progress(emit: Callable[[Progress], None], total: int | None, every
         now = time.monotonic()
         if now - last >= every_s or done == total:
             last = now
-            emit(Progress(stage="download", step=done, total=total or 0))
+            emit(Progress(stage=stage, step=done, total=total or 0))
 
     return on_bytes
 

@@ -24,15 +24,11 @@ from schemas import Progress
 from .cache import DiskCache, entry_key
 from .errors import ModelSourceError
 from .settings import Settings
-from .storage import Location, open_download, parse_location
+from .storage import open_download, parse_location
 
 log = logging.getLogger(__name__)
 
 _SAFETENSORS_MAX_HEADER = 100 * 2**20
-
-
-def checkpoint_location(url: str, field: str, settings: Settings) -> Location:
-    return parse_location(url, field, settings, None, "")
 
 
 def fetch_checkpoint(
@@ -48,7 +44,7 @@ def fetch_checkpoint(
     emit: Callable[[Progress], None],
 ) -> tuple[Path, str]:
     """The installed diffusers directory converted from the checkpoint at ``url``."""
-    location = checkpoint_location(url, field, settings)
+    location = parse_location(url, field, settings, None, "")
     key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}|{config_key}|{precision}")
 
     def build(staging: Path) -> Path:
@@ -74,9 +70,9 @@ def fetch_checkpoint(
 
 
 def _save(download, path: Path, *, field: str, expected_sha256: str | None, max_bytes: int, emit) -> None:
-    from .archives import download_progress
+    from .archives import byte_progress
 
-    on_bytes = download_progress(emit, download.size)
+    on_bytes = byte_progress(emit, "download", download.size)
     digest, count = hashlib.sha256(), 0
     with open(path, "wb") as out:
         for chunk in download.chunks():

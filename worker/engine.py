@@ -22,7 +22,7 @@ from schemas import ConvertRequest, ImageOut, InferenceRequest, ModelInfo, Model
 
 from .errors import JobCancelled, UserInputError
 from .images import encode_image, load_image
-from .models import EMBEDDED_ID, ModelStore, model_ref
+from .models import EMBEDDED_ID, FETCHED_NOW, ModelStore, model_ref
 from .publish import export
 from .storage import parse_location
 from .schedulers import make_scheduler
@@ -146,7 +146,7 @@ class Engine:
         start = time.perf_counter()
         with self._lock:
             path, source = self.models.locate(ref, emit)
-        if source in ("hub", "url", "checkpoint"):
+        if source in FETCHED_NOW:
             timings["download"] = _ms(start)
         # 3. Load on the CPU in the target precision, save as safetensors, pack, upload.
         with self.models.disk.staging() as staging:

@@ -40,6 +40,7 @@ from .storage import Location, ObjectMissing, open_download, parse_location
 log = logging.getLogger(__name__)
 
 EMBEDDED_ID = "embedded:tiny-sd"
+FETCHED_NOW = ("hub", "url", "checkpoint")  # sources whose locate step downloaded something
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def fetch_archive(
         archives.extract(
             download.chunks(), staging, field=field, expected_sha256=expected, expected_size=download.size,
             max_bytes=settings.max_archive_bytes, max_members=settings.max_archive_members,
-            on_bytes=archives.download_progress(emit, download.size),
+            on_bytes=archives.byte_progress(emit, "download", download.size),
         )
         return archives.model_root(staging, field)
 
@@ -209,7 +210,7 @@ class ModelStore:
         emit(Progress(stage="load", step=0, total=1))
         start = time.perf_counter()
         path, source = (None, "memory") if ref in self._parked else self._locate(ref, emit)
-        if source in ("hub", "url", "checkpoint"):  # archives: extraction overlaps the download
+        if source in FETCHED_NOW:  # for archives, extraction overlaps the download
             timings["download"] = round((time.perf_counter() - start) * 1000, 1)
             start = time.perf_counter()
         # Make room once the weights are found (a bad request must not evict the warm model),

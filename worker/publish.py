@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from schemas import ConvertOut, Progress
 
+from .archives import byte_progress
 from .settings import Settings
 from .storage import Location, s3_client, s3_error
 
@@ -72,14 +74,14 @@ def upload(path: Path, location: Location, sha256: str, settings: Settings, fiel
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = s3_client(settings)
-    total, done, last = path.stat().st_size, 0, 0.0
+    on_bytes = byte_progress(emit, "upload", path.stat().st_size)
+    done, lock = 0, threading.Lock()
 
-    def progress(n: int) -> None:
-        nonlocal done, last
-        done += n
-        if time.monotonic() - last >= 0.25 or done == total:
-            last = time.monotonic()
-            emit(Progress(stage="upload", step=done, total=total))
+    def progress(n: int) -> None:  # boto3 reports each increment, from several transfer threads
+        nonlocal done
+        with lock:
+            done += n
+            on_bytes(done)
 
     chunk = max(settings.download_chunk_mb, 5) * 2**20  # S3's smallest part is 5 MiB
     config = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk,
