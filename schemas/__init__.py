@@ -2,8 +2,11 @@
 
 from .compat import RequestError
 from .errors import describe_validation_error
-from .request import ConvertRequest, ConvertSpec, InferenceRequest, Limits, ModelSpec, OutputSpec, parse_request
-from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result
+from .request import (
+    ConvertRequest, ConvertSpec, InferenceRequest, Limits, LoraSpec, ModelSpec, OutputSpec, S3Config, TrainRequest, TrainSpec,
+    parse_request,
+)
+from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result, TrainOut
 from .schedulers import SCHEDULERS, canonical_scheduler
 
 __all__ = [
@@ -14,6 +17,11 @@ __all__ = [
     "parse_request",
     "InferenceRequest",
     "Limits",
+    "LoraSpec",
+    "S3Config",
+    "TrainRequest",
+    "TrainSpec",
+    "TrainOut",
     "ModelSpec",
     "OutputSpec",
     "ImageOut",

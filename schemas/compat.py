@@ -35,6 +35,13 @@ MODEL_INPUTS = {  # theirs -> ours
 }
 CALL_INPUTS_MODEL = {"MODEL_ID": "id", "MODEL_URL": "url", "MODEL_REVISION": "revision",
                      "MODEL_PRECISION": "precision", "CHECKPOINT_URL": "checkpoint_url"}
+# Its dreambooth modelInputs -> ours, under `train` (callInputs.train: "dreambooth").
+TRAIN_INPUTS = {
+    "instance_prompt", "instance_images", "max_train_steps", "learning_rate", "resolution", "train_batch_size",
+    "seed", "class_prompt", "num_class_images", "prior_loss_weight", "train_text_encoder",
+}
+# Its training options that this worker decides by itself (precision, memory savers).
+IGNORED_TRAIN_INPUTS = {"mixed_precision", "gradient_checkpointing", "use_8bit_adam"}
 # Options of docker-diffusers-api that this worker does by itself: accepted, nothing to do.
 IGNORED_CALL_INPUTS = {"xformers_memory_efficient_attention", "startRequestId", "MODEL_VARIANT_FALLBACK"}
 
@@ -53,6 +60,8 @@ def from_legacy(data: dict) -> dict:
     for name, value in (("callInputs", call), ("modelInputs", inputs)):
         if not isinstance(value, dict):
             raise RequestError(f"{name}: must be a JSON object")
+    if "train" in call:
+        return _legacy_training(call, inputs)
     request: dict[str, Any] = {}
     for key, value in inputs.items():
         if key not in MODEL_INPUTS:
@@ -73,12 +82,36 @@ def from_legacy(data: dict) -> dict:
             request["scheduler"] = value
         elif key == "safety_checker":
             request["safety_checker"] = value
-        elif key in ("train", "dest_url"):
-            raise RequestError(f"callInputs.{key}: training is not available in this version of the worker")
+        elif key == "dest_url":
+            raise RequestError("callInputs.dest_url: only with callInputs.train")
         elif key not in IGNORED_CALL_INPUTS:
             raise RequestError(f"callInputs.{key}: not supported by this worker")
     if model:
         request["model"] = model
+    return request
+
+
+def _legacy_training(call: dict, inputs: dict) -> dict:
+    if call["train"] != "dreambooth":
+        raise RequestError(f"callInputs.train: must be 'dreambooth', got {call['train']!r}")
+    train: dict[str, Any] = {"method": "dreambooth"}
+    if "dest_url" in call:
+        train["dest_url"] = call["dest_url"]
+    prior = inputs.get("with_prior_preservation", True)
+    for key, value in inputs.items():
+        if key in TRAIN_INPUTS:
+            if prior or key not in ("class_prompt", "num_class_images", "prior_loss_weight"):
+                train[key] = value
+        elif key not in IGNORED_TRAIN_INPUTS and key != "with_prior_preservation":
+            raise RequestError(f"modelInputs.{key}: not supported for training by this worker")
+    request: dict[str, Any] = {"task": "train", "train": train}
+    model = {CALL_INPUTS_MODEL[k]: ("fp32" if k == "MODEL_PRECISION" and v == "" else v)
+             for k, v in call.items() if k in CALL_INPUTS_MODEL and v is not None}
+    if model:
+        request["model"] = model
+    for key in call:
+        if key not in CALL_INPUTS_MODEL and key not in IGNORED_CALL_INPUTS and key not in ("train", "dest_url"):
+            raise RequestError(f"callInputs.{key}: not supported for training by this worker")
     return request
 
 
@@ -89,6 +122,10 @@ def legacy_field(name: str) -> str:
         return f"callInputs.{theirs}" if theirs else name
     if name == "scheduler":
         return "callInputs.SCHEDULER"
+    if name == "train.dest_url":
+        return "callInputs.dest_url"
+    if name.startswith("train."):
+        return f"modelInputs.{name[6:]}"
     if name in ("task", "safety_checker"):
         return "callInputs.PIPELINE" if name == "task" else "callInputs.safety_checker"
     theirs = {v: k for k, v in MODEL_INPUTS.items() if k != "init_image"}.get(name)

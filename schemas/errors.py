@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import ValidationError
 
+_NESTED_RULE = re.compile(r"^[a-z_]+: ")
 _MAX_SHOWN = 60  # characters of an offending value quoted back (base64 images are long)
 
 
@@ -25,6 +28,9 @@ def describe_validation_error(exc: ValidationError) -> str:
             messages.append(msg)  # a cross-field rule: its message names the fields
             continue
         where = _where(err["loc"])
+        if err["type"] == "value_error" and _NESTED_RULE.match(msg):
+            messages.append(f"{where}.{msg}")  # a nested object's cross-field rule, naming its field
+            continue
         if err["type"] == "model_type":
             messages.append(f"{where}: must be a JSON object, got {_shown(err.get('input'))}")
         elif err["type"] == "extra_forbidden":

@@ -10,10 +10,11 @@ schema stays free of environment reads:
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator,
+    AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, ValidationInfo,
+    field_validator, model_validator,
 )
 
 from .schedulers import canonical_scheduler
@@ -26,12 +27,22 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._
 _IMAGE_SOURCE = re.compile(r"^(https?://|data:)|^[A-Za-z0-9+/=\s_-]+$")
 
 
+def _s3_only(value: str) -> str:
+    if not value.startswith("s3://"):
+        raise ValueError(f"must be an s3:// URL, got {value[:60]!r}")
+    return value
+
+
+S3Url = Annotated[str, AfterValidator(_s3_only)]
+
+
 class Limits(BaseModel):
     """Caps the operator sets (see worker.settings); requests above them are refused."""
 
     max_pixels: int = 2048 * 2048
     max_images: int = 8
     max_steps: int = 150
+    max_train_steps: int = 2000
 
 
 class _Strict(BaseModel):
@@ -83,7 +94,53 @@ class OutputSpec(_Strict):
     quality: int | None = Field(
         None, ge=1, le=100, description="JPEG / WebP quality (default 90); PNG is lossless."
     )
-    upload_url: str | None = Field(None, description="s3://bucket/prefix/ to upload to (not available yet).")
+    upload_url: S3Url | None = Field(
+        None,
+        max_length=4096,
+        description="Upload the images to s3://bucket/prefix/ (or s3:///bucket/prefix/) and answer with their "
+        "URLs instead of base64. Bare s3:// means the bucket of the job's s3Config.",
+    )
+
+
+class LoraSpec(_Strict):
+    """A LoRA applied for one request: from a URL (.safetensors) or a hub id / local directory."""
+
+    url: str | None = Field(
+        None, max_length=8192,
+        description="A .safetensors LoRA: https://, http://, s3://bucket/key or s3:///bucket/key; `#sha256=` verifies it.",
+    )
+    id: str | None = Field(
+        None, max_length=4096, description="Hub repo id (`org/name`) or absolute path of a file or directory."
+    )
+    weight_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,200}\.safetensors$",
+        description="With `id`: which .safetensors file of the repo (default: its only one).",
+    )
+    scale: float = Field(1.0, ge=-10, le=10, description="How strongly it applies; 0 turns it off.")
+
+    @field_validator("url")
+    @classmethod
+    def _url_form(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://", "s3://")):
+            raise ValueError(f"must be an https://, http:// or s3:// URL, got {value[:60]!r}")
+        return value
+
+    @field_validator("id")
+    @classmethod
+    def _id_form(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("/") or _REPO_ID.match(value)):
+            raise ValueError(f"must be a hub repo id like 'org/name' or an absolute path, got {value!r}")
+        if value is not None and ".." in value.split("/"):
+            raise ValueError(f"must not contain '..', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoraSpec:
+        if (self.url is None) == (self.id is None):
+            raise ValueError("give exactly one of url or id")
+        if self.weight_name and self.url:
+            raise ValueError("weight_name: only with id")
+        return self
 
 
 class InferenceRequest(_Strict):
@@ -119,8 +176,10 @@ class InferenceRequest(_Strict):
     )
     stream: bool = Field(False, description="Yield a progress event per step while working.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Image format and delivery.")
-    loras: list[Any] | None = Field(None, description="LoRAs for this request (not available yet).")
-    train: dict[str, Any] | None = Field(None, description="Training options (not available yet).")
+    loras: list[LoraSpec] = Field(
+        default_factory=list, max_length=8, description="LoRAs applied for this request only, each with its scale."
+    )
+    train: dict[str, Any] | None = Field(None, description="Only with task 'train' (TrainRequest).")
     convert: dict[str, Any] | None = Field(None, description="Only with task 'convert' (ConvertRequest).")
     # Set when the job came as a docker-diffusers-api payload: answer in its shape too.
     _legacy: bool = PrivateAttr(False)
@@ -154,19 +213,14 @@ class InferenceRequest(_Strict):
         limits: Limits = (info.context or {}).get("limits") or Limits()
         if "num_inference_steps" not in self.model_fields_set:
             self.num_inference_steps = min(self.num_inference_steps, limits.max_steps)
-        for name, value in (
-            ("output.upload_url", self.output.upload_url),
-            ("loras", self.loras),
-            ("train", self.train),
-        ):
-            if value is not None:
-                raise ValueError(f"{name}: not available in this version of the worker")
+        if self.train is not None:
+            raise ValueError("train: only with task 'train'")
         if self.convert is not None:
             raise ValueError("convert: only with task 'convert'")
         if self.model.url and self.model.checkpoint_url and not self.model.url.startswith("s3://"):
             raise ValueError("model.url: with model.checkpoint_url, only an s3:// archive to publish it as")
-        if self.task in ("train", "convert"):
-            raise ValueError(f"task: {self.task!r} is not available in this version of the worker")
+        if self.task in ("train", "convert"):  # parse_request sends those to their own models
+            raise ValueError(f"task: {self.task!r} needs its own fields (see TrainRequest, ConvertRequest)")
 
         if self.task is None:
             self.task = "inpaint" if self.mask_image else "img2img" if self.image else "txt2img"
@@ -203,10 +257,22 @@ class InferenceRequest(_Strict):
         return self
 
 
+class S3Config(BaseModel):
+    """RunPod's per-job bucket (the job's ``s3Config``, beside ``input``): where images are
+    uploaded, with its own credentials. Unknown keys are ignored: RunPod owns this shape."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    accessId: str = Field(..., min_length=1, max_length=1024)
+    accessSecret: SecretStr = Field(..., min_length=1, max_length=4096)
+    bucketName: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+    endpointUrl: str = Field(..., pattern=r"^https?://", max_length=4096)
+
+
 class ConvertSpec(_Strict):
     """Where and how to publish the converted model."""
 
-    dest_url: str = Field(
+    dest_url: S3Url = Field(
         ...,
         max_length=8192,
         description="s3://bucket/key, s3:///bucket/key, or s3:// / s3:///bucket/ for the conventional name "
@@ -214,13 +280,6 @@ class ConvertSpec(_Strict):
     )
     precision: Precision = Field("fp16", description="dtype of the published weights.")
     compression: Literal["zstd", "none"] = Field("zstd", description="`.tar.zst`, or a plain `.tar`.")
-
-    @field_validator("dest_url")
-    @classmethod
-    def _s3_only(cls, value: str) -> str:
-        if not value.startswith("s3://"):
-            raise ValueError(f"must be an s3:// URL, got {value[:60]!r}")
-        return value
 
 
 class ConvertRequest(_Strict):
@@ -233,17 +292,110 @@ class ConvertRequest(_Strict):
     stream: bool = Field(False, description="Yield progress events (load, save, pack, upload) while working.")
 
 
-def parse_request(data: Any, limits: Limits) -> InferenceRequest | ConvertRequest:
+class TrainSpec(_Strict):
+    """Fine-tune the model on a few images of one subject (DreamBooth), fully or as a LoRA."""
+
+    method: Literal["dreambooth", "lora"] = Field(
+        "lora", description="`lora`: train a small adapter (a .safetensors file); `dreambooth`: all UNet weights "
+        "(a whole model archive)."
+    )
+    instance_prompt: str = Field(..., min_length=1, max_length=1000, description="Names the subject, e.g. 'a photo of sks dog'.")
+    instance_images: list[str] = Field(
+        ..., min_length=1, max_length=100, description="The subject's pictures, each like `image`."
+    )
+    max_train_steps: int = Field(400, ge=1, le=100_000, description="Optimizer steps.")
+    learning_rate: float = Field(
+        1e-4, gt=0, le=1, description="AdamW learning rate (LoRA: 1e-4; dreambooth: 5e-6 or lower is usual)."
+    )
+    resolution: int = Field(512, ge=64, le=2048, description="Training images are resized and center-cropped to this.")
+    train_batch_size: int = Field(1, ge=1, le=16, description="Images per step.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Makes a run reproducible on the same worker.")
+    dest_url: S3Url = Field(
+        ..., max_length=8192,
+        description="s3://bucket/key (or s3:///bucket/key) for the result: a .safetensors LoRA, or a .tar.zst model "
+        "archive for dreambooth. A key ending in '/' gets the name <job id>-<method>.safetensors / .tar.zst.",
+    )
+    train_text_encoder: bool = Field(False, description="Train the text encoder too (LoRA layers, or all weights).")
+    rank: int = Field(4, ge=1, le=256, description="LoRA rank.")
+    class_prompt: str | None = Field(
+        None, min_length=1, max_length=1000, description="Prior preservation: the subject's class, e.g. 'a photo of a dog'."
+    )
+    num_class_images: int = Field(
+        0, ge=0, le=200, description="Prior preservation: class images generated by the model before training."
+    )
+    class_inference_steps: int = Field(25, ge=1, le=150, description="Denoising steps for each class image.")
+    prior_loss_weight: float = Field(1.0, ge=0, le=10, description="Weight of the prior-preservation loss.")
+    precision: Precision = Field(
+        "fp16", description="dtype of the published weights (training keeps fp32 master weights whatever this is)."
+    )
+
+    @field_validator("instance_images")
+    @classmethod
+    def _image_forms(cls, values: list[str]) -> list[str]:
+        for i, value in enumerate(values):
+            if not _IMAGE_SOURCE.match(value[:256]):
+                raise ValueError(f"[{i}] must be base64, a data: URI or an http(s):// URL")
+        return values
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _prior_preservation(self) -> TrainSpec:
+        if self.num_class_images and not self.class_prompt:
+            raise ValueError(f"class_prompt: required with num_class_images {self.num_class_images}")
+        if self.class_prompt and not self.num_class_images:
+            raise ValueError("num_class_images: required with class_prompt (how many class images)")
+        return self
+
+
+class TrainRequest(_Strict):
+    """DreamBooth fine-tuning of a model (hub id, local directory, archive or checkpoint),
+    published to S3-compatible storage."""
+
+    task: Literal["train"]
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The base model; missing fields from MODEL_*.")
+    train: TrainSpec
+    stream: bool = Field(False, description="Yield a progress event per training step (with its loss).")
+    _legacy: bool = PrivateAttr(False)
+
+    @property
+    def legacy(self) -> bool:
+        return self._legacy
+
+    @model_validator(mode="after")
+    def _within_limits(self, info: ValidationInfo) -> TrainRequest:
+        limits: Limits = (info.context or {}).get("limits") or Limits()
+        if self.train.max_train_steps > limits.max_train_steps:
+            raise ValueError(
+                f"train.max_train_steps: at most {limits.max_train_steps} on this endpoint, got {self.train.max_train_steps}"
+            )
+        if self.train.resolution**2 * self.train.train_batch_size > limits.max_pixels:
+            raise ValueError(
+                f"train.resolution: {self.train.resolution}² x train_batch_size {self.train.train_batch_size} is over "
+                f"this endpoint's {limits.max_pixels} pixels"
+            )
+        return self
+
+
+def parse_request(data: Any, limits: Limits) -> InferenceRequest | ConvertRequest | TrainRequest:
     """The request model for a job's input: by its ``task``; docker-diffusers-api payloads
     are translated first (``legacy`` is then set, and the answer takes that shape too)."""
     from .compat import RequestError, describe_legacy_error, from_legacy, is_legacy
 
     if is_legacy(data):
+        translated = from_legacy(data)
+        model = TrainRequest if translated.get("task") == "train" else InferenceRequest
         try:
-            request = InferenceRequest.model_validate(from_legacy(data), context={"limits": limits})
+            request = model.model_validate(translated, context={"limits": limits})
         except ValidationError as exc:
             raise RequestError(describe_legacy_error(exc)) from None
         request._legacy = True
         return request
-    model = ConvertRequest if isinstance(data, dict) and data.get("task") == "convert" else InferenceRequest
+    task = data.get("task") if isinstance(data, dict) else None
+    model = {"convert": ConvertRequest, "train": TrainRequest}.get(task, InferenceRequest)
     return model.model_validate(data, context={"limits": limits})

@@ -19,7 +19,8 @@ class _Out(BaseModel):
 
 class ImageOut(_Out):
     base64: str | None = Field(None, description="The encoded image (when not uploaded).")
-    url: str | None = Field(None, description="Where the image was uploaded.")
+    url: str | None = Field(None, description="Where the image was uploaded: s3://bucket/key.")
+    presigned_url: str | None = Field(None, description="An https link to the uploaded image, for a while.")
     format: Literal["png", "jpeg", "webp"]
     seed: int = Field(description="Reproduces this image with `seed` and `num_images: 1`.")
     width: int
@@ -43,17 +44,31 @@ class ConvertOut(_Out):
     compression: str
 
 
+class TrainOut(_Out):
+    method: str
+    url: str = Field(description="Where the result was published: a .safetensors LoRA or a model archive.")
+    sha256: str
+    size_bytes: int
+    precision: str
+    steps: int
+    loss: float = Field(description="Mean training loss over the last steps (up to 50).")
+    instance_images: int
+    class_images: int = 0
+
+
 class Result(_Out):
     type: Literal["result"] = "result"
     task: str
     images: list[ImageOut] = Field(default_factory=list)
     convert: ConvertOut | None = None
+    train: TrainOut | None = None
     timings: dict[str, float] = Field(description="Milliseconds per phase that ran, and total_ms.")
     model: ModelInfo
 
 
 class Progress(_Out):
     type: Literal["progress"] = "progress"
-    stage: Literal["load", "download", "inference", "encode", "save", "pack", "upload"]
+    stage: Literal["load", "download", "inference", "class_images", "train", "encode", "save", "pack", "upload"]
     step: int
     total: int
+    loss: float | None = Field(None, description="stage train: this step's loss.")

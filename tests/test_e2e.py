@@ -110,7 +110,7 @@ BAD_INPUTS = [
     ({"prompt": "p", "task": "inpaint", "image": png_b64()}, "mask_image: required for task 'inpaint'"),
     ({"prompt": "p", "image": png_b64(size=(8, 8))}, "image: 8x8 is smaller than 64x64"),
     ({"prompt": "p", "safety_checker": True}, "safety_checker: the embedded model ships no safety checker"),
-    ({"prompt": "p", "loras": [{"id": "a/b", "scale": 1}]}, "loras: not available"),
+    ({"prompt": "p", "loras": [{"scale": 1}]}, "loras[0]: give exactly one of url or id"),
 ]
 
 
@@ -261,7 +261,7 @@ def test_docker_diffusers_api_errors_name_their_fields(api):
     [error] = api.runsync({"modelInputs": {"prompt": "p", "num_images_per_prompt": 12}})["output"]
     assert error == {"error": "modelInputs.num_images_per_prompt: at most 8 on this endpoint, got 12"}
     [error] = api.runsync({"callInputs": {"train": "dreambooth"}, "modelInputs": {"prompt": "p"}})["output"]
-    assert error["error"].startswith("callInputs.train: training is not available")
+    assert error["error"] == "modelInputs.prompt: not supported for training by this worker"
 
 
 def test_production_loop_with_an_archive_as_the_default_model(tmp_path, tiny_dir):

@@ -67,7 +67,7 @@ def test_cancelled_job_stops_denoising_and_the_next_job_runs(runner, caplog):
 class OutOfMemoryEngine:
     """Stands in for a GPU running out of memory, which a CPU-only machine cannot do for real."""
 
-    def generate(self, request, emit, cancelled):
+    def generate(self, request, emit, cancelled, outbox=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 

@@ -10,7 +10,9 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from schemas import SCHEDULERS, InferenceRequest, Limits, canonical_scheduler, describe_validation_error, parse_request
+from schemas import (
+    SCHEDULERS, InferenceRequest, Limits, RequestError, canonical_scheduler, describe_validation_error, parse_request,
+)
 from tests.helpers import ROOT, png_b64
 
 IMG = png_b64()
@@ -76,7 +78,8 @@ def test_defaults():
         ({"prompt": "p", "task": "inpaint", "image": IMG}, "mask_image: required for task 'inpaint'"),
         ({"prompt": "p", "image": "not base64!"}, "image: must be base64"),
         ({"prompt": "p", "image": IMG, "strength": 0.01}, "strength: 0.01 x num_inference_steps 25"),
-        ({"prompt": "p", "task": "train"}, "task: 'train' is not available"),
+        ({"prompt": "p", "task": "train"}, "task: 'train' needs its own fields"),
+        ({"prompt": "p", "train": {"method": "lora"}}, "train: only with task 'train'"),
         ({"prompt": "p", "convert": {"dest_url": "s3://"}}, "convert: only with task 'convert'"),
         ({"prompt": "p", "model": {"url": "https://h/k", "checkpoint_url": "s3://b/c"}}, "model.url: with model.checkpoint_url"),
     ],
@@ -161,3 +164,39 @@ def test_readme_lists_every_environment_variable():
     readme = (ROOT / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`{name.upper()}`" in readme, f"README.md does not document {name.upper()}"
+
+
+def test_training_requests_parse_and_name_their_fields():
+    base = {"task": "train", "train": {"instance_prompt": "sks", "instance_images": [IMG], "dest_url": "s3://b/"}}
+    request = parse_request(base, Limits())
+    assert request.train.method == "lora" and request.train.precision == "fp16"
+
+    def error(data, limits=Limits()):
+        with pytest.raises((ValidationError, RequestError)) as info:
+            parse_request(data, limits)
+        exc = info.value
+        return describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+
+    train = base["train"]
+    assert error({"task": "train", "train": train | {"learning_rate": 0}}).startswith("train.learning_rate: ")
+    assert error({"task": "train", "train": train | {"class_prompt": "dog"}}) == (
+        "train.num_class_images: required with class_prompt (how many class images)")
+    assert error({"task": "train", "train": train | {"resolution": 1024, "train_batch_size": 8}},
+                 Limits(max_pixels=1024 * 1024)).startswith("train.resolution: 1024² x train_batch_size 8")
+    assert error({"task": "train", "prompt": "p", "train": train}) == "prompt: unknown field"
+
+
+def test_docker_diffusers_api_dreambooth_payload_is_translated():
+    payload = {"callInputs": {"MODEL_ID": "org/base", "MODEL_PRECISION": "", "train": "dreambooth",
+                              "dest_url": "s3:///bucket/model.tar.zst"},
+               "modelInputs": {"instance_prompt": "a photo of sks dog", "instance_images": [IMG],
+                               "max_train_steps": 300, "with_prior_preservation": False,
+                               "class_prompt": "a photo of dog", "mixed_precision": "fp16"}}
+    request = parse_request(payload, Limits())
+    assert request.legacy and request.model.id == "org/base" and request.model.precision == "fp32"
+    assert request.train.method == "dreambooth" and request.train.max_train_steps == 300
+    assert request.train.class_prompt is None  # with_prior_preservation: false drops it
+    with pytest.raises(RequestError, match=r"^modelInputs\.learning_rate: input should be less than"):
+        parse_request(payload | {"modelInputs": payload["modelInputs"] | {"learning_rate": 3}}, Limits())
+    with pytest.raises(RequestError, match=r"^modelInputs\.lr_scheduler: not supported for training"):
+        parse_request(payload | {"modelInputs": payload["modelInputs"] | {"lr_scheduler": "cosine"}}, Limits())

@@ -52,11 +52,11 @@ def fetch_checkpoint(
         expected = location.sha256 or download.sidecar_sha256()
         # 1. Fetch to a file, hashing on the way.
         raw = staging / "checkpoint"
-        _save(download, raw, field=field, expected_sha256=expected, max_bytes=settings.max_archive_bytes, emit=emit)
+        save_download(download, raw, field=field, expected_sha256=expected, max_bytes=settings.max_archive_bytes, emit=emit)
         # 2. Plain weights only: a pickle becomes safetensors without running anything in it.
         #    (diffusers picks its reader by the file's extension.)
         weights = staging / "weights.safetensors"
-        if _is_safetensors(raw):
+        if is_safetensors(raw):
             raw.rename(weights)
         else:
             _pickle_to_safetensors(raw, weights, field)
@@ -69,7 +69,7 @@ def fetch_checkpoint(
     return path, "checkpoint" if converted else "cache"
 
 
-def _save(download, path: Path, *, field: str, expected_sha256: str | None, max_bytes: int, emit) -> None:
+def save_download(download, path: Path, *, field: str, expected_sha256: str | None, max_bytes: int, emit) -> None:
     from .archives import byte_progress
 
     on_bytes = byte_progress(emit, "download", download.size)
@@ -88,7 +88,7 @@ def _save(download, path: Path, *, field: str, expected_sha256: str | None, max_
         raise ModelSourceError(field, f"sha256 mismatch: expected {expected_sha256}, got {digest.hexdigest()}")
 
 
-def _is_safetensors(path: Path) -> bool:
+def is_safetensors(path: Path) -> bool:
     """safetensors: an 8-byte little-endian header length, then a JSON header."""
     with open(path, "rb") as f:
         head = f.read(9)

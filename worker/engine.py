@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import base64
 import logging
+import re
 import secrets
 import threading
 import time
@@ -18,11 +20,13 @@ import torch
 import transformers
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
-from schemas import ConvertRequest, ImageOut, InferenceRequest, ModelInfo, ModelSpec, Progress, Result
+from schemas import ConvertRequest, ImageOut, InferenceRequest, ModelInfo, ModelSpec, Progress, Result, TrainRequest
 
+from . import loras
 from .errors import JobCancelled, UserInputError
 from .images import encode_image, load_image
 from .models import EMBEDDED_ID, FETCHED_NOW, ModelStore, model_ref
+from .outputs import Outbox
 from .publish import export
 from .storage import parse_location
 from .schedulers import make_scheduler
@@ -65,7 +69,9 @@ class Engine:
         with self._lock:
             self.models.get(model_ref(ModelSpec(), self.settings, self.device), lambda _: None, {})
 
-    def generate(self, request: InferenceRequest, emit: Emit, cancelled: Callable[[], bool]) -> Result:
+    def generate(self, request: InferenceRequest, emit: Emit, cancelled: Callable[[], bool],
+                 outbox: Outbox | None = None) -> Result:
+        """Run one inference job; with an ``outbox`` the images are uploaded, not inlined."""
         timings: dict[str, float] = {}
         with self._lock:
             # 1. The model: from memory when warm.
@@ -93,41 +99,47 @@ class Engine:
                 emit(Progress(stage="inference", step=step + 1, total=pipeline.num_timesteps))
                 return tensors
 
-            start = time.perf_counter()
-            output = pipe(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                num_inference_steps=request.num_inference_steps,
-                guidance_scale=request.guidance_scale,
-                num_images_per_prompt=request.num_images,
-                generator=generators,
-                callback_on_step_end=on_step,
-                **images,
-            )
-            timings["inference"] = _ms(start)
+            # 6. This request's LoRAs, on for the denoising and off again after it.
+            with loras.applied(pipe, request.loras, settings=self.settings, disk=self.models.disk, emit=emit,
+                               timings=timings):
+                start = time.perf_counter()
+                output = pipe(
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt,
+                    num_inference_steps=request.num_inference_steps,
+                    guidance_scale=request.guidance_scale,
+                    num_images_per_prompt=request.num_images,
+                    generator=generators,
+                    callback_on_step_end=on_step,
+                    **images,
+                )
+                timings["inference"] = _ms(start)
 
-        # 6. Encode, outside the lock: the GPU is free for the next job.
+        # 7. Encode, outside the lock: the GPU is free for the next job. Then upload, or inline.
         start = time.perf_counter()
+        fmt = request.output.format
+        encoded = [encode_image(image, fmt, request.output.quality) for image in output.images]
+        timings["encode"] = _ms(start)
         nsfw = getattr(output, "nsfw_content_detected", None) or [None] * len(output.images)
         out = [
-            ImageOut(
-                base64=encode_image(image, request.output.format, request.output.quality),
-                format=request.output.format,
-                seed=seed,
-                width=image.width,
-                height=image.height,
-                nsfw=flag,
-            )
+            ImageOut(format=fmt, seed=seed, width=image.width, height=image.height, nsfw=flag)
             for image, seed, flag in zip(output.images, seeds, nsfw)
         ]
-        timings["encode"] = _ms(start)
-        size = sum(len(image.base64) for image in out)
-        if size > self.settings.max_result_bytes:
-            raise UserInputError(
-                "output", f"the images come to {size / 2**20:.1f} MB of base64, over this endpoint's "
-                f"{self.settings.max_result_bytes / 2**20:.1f} MB result limit; ask for fewer or smaller "
-                "images, or output.format jpeg / webp"
-            )
+        if outbox is not None:
+            start = time.perf_counter()
+            for image, (url, link) in zip(out, outbox.put_all([(data, fmt) for data in encoded], emit)):
+                image.url, image.presigned_url = url, link
+            timings["upload"] = _ms(start)
+        else:
+            size = sum((len(data) + 2) // 3 * 4 for data in encoded)
+            if size > self.settings.max_result_bytes:
+                raise UserInputError(
+                    "output", f"the images come to {size / 2**20:.1f} MB of base64, over this endpoint's "
+                    f"{self.settings.max_result_bytes / 2**20:.1f} MB result limit; ask for fewer or smaller "
+                    "images, output.format jpeg / webp, or an output.upload_url"
+                )
+            for image, data in zip(out, encoded):
+                image.base64 = base64.b64encode(data).decode("ascii")
         info = ModelInfo(
             id=ref.id, source=source, revision=ref.revision, precision=ref.precision, device=self.device
         )
@@ -154,6 +166,27 @@ class Engine:
                             field="convert.dest_url", emit=emit, timings=timings)
         info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=spec.precision, device="cpu")
         return Result(task="convert", convert=out, timings=timings, model=info)
+
+    def train(self, request: TrainRequest, emit: Emit, cancelled: Callable[[], bool], job_id: str | None) -> Result:
+        """Fine-tune a fresh copy of the model and publish the result (task "train")."""
+        from . import train
+
+        timings: dict[str, float] = {}
+        spec = request.train
+        ref = model_ref(request.model, self.settings, self.device)
+        suffix = ".safetensors" if spec.method == "lora" else ".tar.zst"
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", job_id or time.strftime("%Y%m%d-%H%M%S"))[:128]
+        location = parse_location(spec.dest_url, "train.dest_url", self.settings, None, spec.precision, suffix,
+                                  default_name=f"{stem}-{spec.method}{suffix}")
+        with self._lock, self.models.disk.staging() as staging:
+            start = time.perf_counter()
+            path, source = self.models.locate(ref, emit)
+            if source in FETCHED_NOW:
+                timings["download"] = _ms(start)
+            out = train.train(spec, path, location, device=self.device, staging=staging, settings=self.settings,
+                              emit=emit, cancelled=cancelled, timings=timings)
+        info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision="fp32", device=self.device)
+        return Result(task="train", train=out, timings=timings, model=info)
 
     def _inputs(self, request: InferenceRequest) -> dict:
         """Pipeline arguments for the images and size: {} for txt2img without a size."""

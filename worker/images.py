@@ -1,4 +1,4 @@
-"""Input images in (base64, data: URI, URL) and output images out (png / jpeg / webp, base64)."""
+"""Input images in (base64, data: URI, URL) and output images out (png / jpeg / webp bytes)."""
 
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ def load_image(source: str, field: str, settings: Settings, mode: str = "RGB") -
     return image.convert(mode)
 
 
-def encode_image(image: Image.Image, fmt: str, quality: int | None) -> str:
+def encode_image(image: Image.Image, fmt: str, quality: int | None) -> bytes:
     buffer = io.BytesIO()
     if fmt == "png":
         image.save(buffer, format="PNG")
     else:
         image.save(buffer, format=fmt.upper(), quality=quality or 90)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()

@@ -23,14 +23,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
-from schemas import ConvertRequest, InferenceRequest, Progress, Result, parse_request
+from schemas import ConvertRequest, InferenceRequest, Progress, Result, TrainRequest, parse_request
 
 from .errors import answer_for
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-Request = InferenceRequest | ConvertRequest
+Request = InferenceRequest | ConvertRequest | TrainRequest
 
 
 class JobRunner:
@@ -120,6 +120,8 @@ class JobRunner:
             answer.pop(key, None)
         out_dir = self.settings.local_output_dir
         for i, image in enumerate(answer.get("images", [])):
+            if "base64" not in image:  # uploaded: its URL is in the answer
+                continue
             out_dir.mkdir(parents=True, exist_ok=True)
             path = out_dir / f"{job['id']}-{i}.{image['format']}"
             path.write_bytes(base64.b64decode(image.pop("base64")))
@@ -139,7 +141,7 @@ class JobRunner:
         try:
             request = parse_request(job.get("input"), self.settings.limits)
             emit = _to_loop(loop, events) if wants_progress(request) else _ignore
-            work = loop.run_in_executor(self._gpu, self._generate, request, emit, cancel, start)
+            work = loop.run_in_executor(self._gpu, self._generate, job, request, emit, cancel, start)
             work.add_done_callback(lambda _: events.put_nowait(None))
             while (event := await events.get()) is not None:
                 yield event
@@ -151,41 +153,50 @@ class JobRunner:
             )
             yield self._answer(result, legacy=getattr(request, "legacy", False))
         except Exception as exc:
-            yield self._answer(exc)
+            yield self._answer(exc, secrets=_job_secrets(job))
         finally:
             # Done: a no-op. Cancelled by RunPod (the SDK cancels the task iterating us):
             # stop the denoising loop at its next step, and log how the job ended.
             cancel.set()
             if work is not None and not work.done():
                 job_id = job.get("id")
-                secrets = self.settings.secrets()
+                secrets = self.settings.secrets() + _job_secrets(job)
                 work.add_done_callback(lambda f: log.info("job %s abandoned: %s", job_id, _outcome(f, secrets)))
 
-    def _generate(self, request: Request, emit, cancel: threading.Event, received: float) -> Result:
+    def _generate(self, job: dict, request: Request, emit, cancel: threading.Event, received: float) -> Result:
         """On the engine thread. Reports the time spent queued (behind warm-up) and starting up."""
         phases = {"wait": _ms_since(received)}
+        outbox = None
+        if isinstance(request, InferenceRequest):  # checked before the GPU works for nothing
+            from .outputs import outbox_for
+
+            outbox = outbox_for(request.output.upload_url, job.get("s3Config"), job.get("id"), self.settings)
         if self._engine is None:  # this job pays for importing torch and diffusers
             start = time.perf_counter()
             self.engine()
             phases["startup"] = _ms_since(start)
         engine = self.engine()
-        run = engine.convert if isinstance(request, ConvertRequest) else engine.generate
-        result = run(request, emit, cancel.is_set)
+        if isinstance(request, ConvertRequest):
+            result = engine.convert(request, emit, cancel.is_set)
+        elif isinstance(request, TrainRequest):
+            result = engine.train(request, emit, cancel.is_set, job.get("id"))
+        else:
+            result = engine.generate(request, emit, cancel.is_set, outbox)
         result.timings = {k: v for k, v in phases.items() if v >= 1} | result.timings
         return result
 
-    def _answer(self, outcome: Result | BaseException, legacy: bool = False) -> dict:
+    def _answer(self, outcome: Result | BaseException, legacy: bool = False, secrets: list[str] = ()) -> dict:
         if isinstance(outcome, Result):
             answer = outcome.dump()
             if legacy:  # docker-diffusers-api's fields, beside ours (CONTRACT §2)
                 images = [image["base64"] for image in answer["images"] if "base64" in image]
                 if len(images) == 1:
                     answer["image_base64"] = images[0]
-                else:
+                elif images:
                     answer["images_base64"] = images
                 answer["$timings"] = answer["timings"]
             return answer
-        message, refresh = answer_for(outcome, self.settings.secrets())
+        message, refresh = answer_for(outcome, self.settings.secrets() + list(secrets))
         log.warning("job failed: %s", message)
         if refresh:
             self.sdk_config["refresh_worker"] = True
@@ -195,6 +206,13 @@ class JobRunner:
 def _outcome(future, secrets: list[str]) -> str:
     exc = future.exception()
     return "finished anyway" if exc is None else answer_for(exc, secrets)[0]
+
+
+def _job_secrets(job: dict) -> list[str]:
+    """The job's own credentials (RunPod's s3Config), never to be echoed back."""
+    config = job.get("s3Config")
+    secret = config.get("accessSecret") if isinstance(config, dict) else None
+    return [secret] if isinstance(secret, str) and len(secret) >= 4 else []
 
 
 def _ms_since(start: float) -> float:

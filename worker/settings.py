@@ -58,6 +58,14 @@ class Settings(BaseSettings):
     aws_s3_endpoint_url: str | None = Field(None, description="docker-diffusers-api's name for the S3 endpoint.")
     aws_s3_default_bucket: str | None = Field(None, description="Bucket that a bare s3:// URL means.")
 
+    # --- Image uploads (output.upload_url, a job's s3Config): RunPod's names. Unset: the AWS_* above. ---
+    bucket_endpoint_url: str | None = Field(None, description="S3 API endpoint for image uploads.")
+    bucket_access_key_id: str | None = None
+    bucket_secret_access_key: SecretStr | None = None
+    output_url_expires_s: int = Field(
+        7 * 24 * 3600, ge=0, le=7 * 24 * 3600, description="Life of the presigned link to each uploaded image; 0: none."
+    )
+
     # --- Downloads of archives and checkpoints. ---
     download_concurrency: int = Field(8, ge=1, le=64, description="Parallel ranged requests per download.")
     download_chunk_mb: int = Field(16, ge=1, le=1024, description="Size of each ranged request.")
@@ -92,6 +100,7 @@ class Settings(BaseSettings):
     max_pixels: int = Field(2048 * 2048, ge=64 * 64)
     max_images: int = Field(8, ge=1, le=64)
     max_steps: int = Field(150, ge=1, le=1000)
+    max_train_steps: int = Field(2000, ge=1, le=100_000, description="Cap on train.max_train_steps.")
     max_input_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest input image download.")
     url_timeout_s: float = Field(30, gt=0)
     # RunPod loses results over about 20 MB without a word: refuse them with a reason instead.
@@ -103,7 +112,10 @@ class Settings(BaseSettings):
 
     @property
     def limits(self) -> Limits:
-        return Limits(max_pixels=self.max_pixels, max_images=self.max_images, max_steps=self.max_steps)
+        return Limits(
+            max_pixels=self.max_pixels, max_images=self.max_images, max_steps=self.max_steps,
+            max_train_steps=self.max_train_steps,
+        )
 
     @property
     def hub_cache(self) -> Path:
@@ -111,8 +123,10 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Values that must never appear in an answer or a log line."""
-        found = [s.get_secret_value() for s in (self.hf_token, self.aws_secret_access_key) if s]
-        for name in ("AWS_SESSION_TOKEN", "BUCKET_SECRET_ACCESS_KEY", "RUNPOD_AI_API_KEY"):
+        found = [
+            s.get_secret_value() for s in (self.hf_token, self.aws_secret_access_key, self.bucket_secret_access_key) if s
+        ]
+        for name in ("AWS_SESSION_TOKEN", "RUNPOD_AI_API_KEY"):
             if os.environ.get(name):
                 found.append(os.environ[name])
         return [s for s in found if len(s) >= 4]

@@ -68,8 +68,11 @@ class Location:
 
 
 def parse_location(
-    url: str, field: str, settings: Settings, model_id: str | None, precision: str, suffix: str = ".tar.zst"
+    url: str, field: str, settings: Settings, model_id: str | None, precision: str, suffix: str = ".tar.zst",
+    default_name: str | None = None,
 ) -> Location:
+    """``url`` as a Location. A key that is empty or ends in "/" gets ``default_name``, else the
+    conventional name built from ``model_id``, ``precision`` and ``suffix``."""
     parts = urlsplit(url)
     sha256 = None
     if parts.fragment:
@@ -92,7 +95,7 @@ def parse_location(
             if not bucket:
                 raise ModelSourceError(field, "a bare s3:// URL needs AWS_S3_DEFAULT_BUCKET set on the endpoint")
     if not key or key.endswith("/"):
-        key += conventional_name(model_id, precision, field, suffix)
+        key += default_name or conventional_name(model_id, precision, field, suffix)
     return Location("s3", f"s3://{bucket}/{key}", bucket=bucket, key=key, sha256=sha256)
 
 

@@ -1,0 +1,118 @@
+"""Images uploaded to S3 instead of inlined (output.upload_url, a job's s3Config), against
+moto's S3 server over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.helpers import BUCKET, assert_images_close, decode
+from worker.jobs import JobRunner
+
+VALID = {"prompt": "a red barn", "num_inference_steps": 2, "seed": 11}
+
+
+@pytest.fixture(scope="module")
+def small_results_engine(models_dir, s3_endpoint):
+    """An engine whose result limit is far below an image's size: uploads are not held to it."""
+    from worker.engine import Engine
+    from worker.settings import Settings
+
+    return Engine(Settings(
+        models_dir=models_dir, hf_hub_offline=True, allow_private_urls=True, max_result_bytes=1024,
+        aws_s3_endpoint_url=s3_endpoint, aws_access_key_id="test", aws_secret_access_key="test-secret-key",
+        aws_default_region="us-east-1",
+    ))
+
+
+@pytest.fixture
+def runner(small_results_engine):
+    runner = JobRunner(small_results_engine.settings, sdk_config={})
+    runner._engine = small_results_engine
+    return runner
+
+
+def run_job(runner: JobRunner, job: dict) -> list[dict]:
+    async def go():
+        return [item async for item in runner.stream(job)]
+
+    return asyncio.run(go())
+
+
+def stored(s3, bucket: str, key: str) -> tuple[Image.Image, str]:
+    obj = s3.get_object(Bucket=bucket, Key=key)
+    image = Image.open(io.BytesIO(obj["Body"].read()))
+    image.load()
+    return image, obj["ContentType"]
+
+
+def test_upload_url_puts_each_image_and_answers_with_links(runner, run, s3):
+    inline, _ = run(**VALID, num_images=2)
+    items = run_job(runner, {"id": "job-7", "input": VALID | {
+        "num_images": 2, "stream": True, "output": {"upload_url": f"s3://{BUCKET}/renders/"}}})
+    result = items[-1]
+    assert result["type"] == "result", result
+    assert [image["url"] for image in result["images"]] == [
+        f"s3://{BUCKET}/renders/job-7-0.png", f"s3://{BUCKET}/renders/job-7-1.png"]
+    assert all("base64" not in image for image in result["images"])
+    assert "upload" in result["timings"]
+    uploads = [item for item in items if item.get("stage") == "upload"]
+    assert uploads[-1] == {"type": "progress", "stage": "upload", "step": 2, "total": 2}
+    for i, (image, expected) in enumerate(zip(result["images"], inline.images)):
+        got, content_type = stored(s3, BUCKET, f"renders/job-7-{i}.png")
+        assert content_type == "image/png"
+        assert image["seed"] == expected.seed
+        assert_images_close(decode(expected.base64), got, f"uploaded-{i}")
+        # The presigned link fetches the same bytes, with no credentials.
+        link = requests.get(image["presigned_url"], timeout=10)
+        assert link.status_code == 200 and link.content == s3.get_object(
+            Bucket=BUCKET, Key=f"renders/job-7-{i}.png")["Body"].read()
+
+
+def test_a_jobs_s3config_gets_the_images_in_its_own_bucket(runner, s3, s3_endpoint):
+    s3.create_bucket(Bucket="callers-bucket")
+    job = {"id": "sync-abc", "input": VALID | {"output": {"format": "jpeg"}},
+           "s3Config": {"accessId": "caller", "accessSecret": "caller-secret-value",
+                        "bucketName": "callers-bucket", "endpointUrl": s3_endpoint}}
+    result = run_job(runner, job)[-1]
+    # RunPod's layout: a folder per job in the caller's bucket.
+    assert result["images"][0]["url"] == "s3://callers-bucket/sync-abc/sync-abc-0.jpeg", result
+    got, content_type = stored(s3, "callers-bucket", "sync-abc/sync-abc-0.jpeg")
+    assert content_type == "image/jpeg" and got.format == "JPEG"
+
+
+@pytest.mark.parametrize("job, expected", [
+    ({"input": VALID | {"output": {"upload_url": "s3://"}}},
+     "output.upload_url: names no bucket"),
+    ({"input": VALID | {"output": {"upload_url": "s3://no-such-bucket/x/"}}},
+     "output.upload_url: bucket 'no-such-bucket' does not exist"),
+    ({"input": VALID, "s3Config": {"accessId": "a", "bucketName": "b", "endpointUrl": "http://x"}},
+     "s3Config.accessSecret: field required"),
+    ({"input": VALID, "s3Config": {"accessId": "a", "accessSecret": "do-not-echo-me", "endpointUrl": "ftp://x"}},
+     "s3Config.endpointUrl: string should match pattern"),
+])
+def test_unusable_destinations_name_the_field(runner, job, expected):
+    answer = run_job(runner, {"id": "bad"} | job)[-1]
+    assert answer["error"].startswith(expected), answer
+    assert "do-not-echo-me" not in answer["error"]
+    assert run_job(runner, {"id": "next", "input": VALID | {"output": {"upload_url": f"s3://{BUCKET}/ok/"}}}
+                   )[-1]["type"] == "result"
+
+
+def test_s3config_endpoint_on_a_private_address_is_refused_by_default(small_results_engine, s3_endpoint):
+    runner = JobRunner(small_results_engine.settings.model_copy(update={"allow_private_urls": False}), sdk_config={})
+    runner._engine = small_results_engine
+    job = {"id": "j", "input": VALID, "s3Config": {
+        "accessId": "a", "accessSecret": "caller-secret-value", "bucketName": BUCKET, "endpointUrl": s3_endpoint}}
+    answer = run_job(runner, job)[-1]
+    assert answer["error"].startswith("s3Config.endpointUrl: host '127.0.0.1' is a private address"), answer
+
+
+def test_without_an_upload_images_over_the_result_limit_are_refused(runner):
+    answer = run_job(runner, {"id": "big", "input": VALID})[-1]
+    assert answer["error"].startswith("output: the images come to"), answer
+    assert "output.upload_url" in answer["error"]

@@ -1,0 +1,127 @@
+"""DreamBooth / LoRA training (task "train") on the tiny model at 64 px, published to moto's S3."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+from safetensors import safe_open
+
+from tests.helpers import BUCKET, assert_images_close, decode, png_b64
+from worker.jobs import JobRunner
+
+SUBJECT = [png_b64((220, 40, 40)), png_b64((40, 40, 220), size=(96, 80))]
+
+
+def train_input(**train) -> dict:
+    return {"task": "train", "stream": True, "train": {
+        "instance_prompt": "a photo of sks toy", "instance_images": SUBJECT, "resolution": 64,
+        "max_train_steps": 2, "learning_rate": 1e-2, "dest_url": f"s3://{BUCKET}/trained/", **train}}
+
+
+@pytest.fixture
+def runner(settings, models_dir):
+    """A fresh worker: training must not need (or disturb) anything warm."""
+    return JobRunner(settings.model_copy(update={"models_dir": models_dir}), sdk_config={})
+
+
+def run_job(runner: JobRunner, job_input: dict, job_id: str = "job-1") -> list[dict]:
+    async def go():
+        return [item async for item in runner.stream({"id": job_id, "input": job_input})]
+
+    return asyncio.run(go())
+
+
+def generate(runner: JobRunner, **fields) -> dict:
+    answer = run_job(runner, {"prompt": "a photo of sks toy", "num_inference_steps": 2, "seed": 5} | fields, "gen")[-1]
+    assert answer.get("type") == "result", answer
+    return answer
+
+
+def test_lora_training_publishes_a_lora_that_requests_can_use(runner, s3):
+    before = generate(runner)
+    items = run_job(runner, train_input(method="lora", rank=4, train_text_encoder=True), "lora-job")
+    result = items[-1]
+    assert result.get("type") == "result", result
+    out = result["train"]
+    assert out["url"] == f"s3://{BUCKET}/trained/lora-job-lora.safetensors"
+    assert out["method"] == "lora" and out["steps"] == 2 and out["instance_images"] == 2
+    body = s3.get_object(Bucket=BUCKET, Key="trained/lora-job-lora.safetensors")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == out["sha256"] and len(body) == out["size_bytes"]
+    # One progress event per step, with its loss.
+    steps = [item for item in items if item.get("stage") == "train"]
+    assert [item["step"] for item in steps] == [1, 2] and all(item["loss"] > 0 for item in steps)
+    for stage in ("load", "train", "save"):
+        assert stage in result["timings"]
+    # The file holds UNet and text-encoder layers, in the requested precision.
+    path = runner.settings.models_dir / "downloaded-lora.safetensors"
+    path.write_bytes(body)
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+        assert f.get_tensor(keys[0]).dtype.__repr__() == "torch.float16"
+    # The warm model was not trained: the same request draws the same image.
+    after = generate(runner)
+    assert after["images"][0]["base64"] == before["images"][0]["base64"]
+    # And the LoRA, used from where it was published, changes the image.
+    styled = generate(runner, loras=[{"url": out["url"]}])
+    with pytest.raises(AssertionError):
+        assert_images_close(decode(before["images"][0]["base64"]), decode(styled["images"][0]["base64"]), "trained-lora")
+
+
+def test_dreambooth_publishes_a_model_that_loads_from_its_archive(runner, s3):
+    before = generate(runner)
+    result = run_job(runner, train_input(
+        method="dreambooth", train_text_encoder=True, precision="fp32", class_prompt="a photo of a toy",
+        num_class_images=2, class_inference_steps=2, dest_url=f"s3://{BUCKET}/trained/toy.tar.zst"), "db")[-1]
+    assert result.get("type") == "result", result
+    out = result["train"]
+    assert out["url"] == f"s3://{BUCKET}/trained/toy.tar.zst" and out["class_images"] == 2
+    assert "class_images" in result["timings"] and "pack" in result["timings"]
+    sidecar = s3.get_object(Bucket=BUCKET, Key="trained/toy.tar.zst.sha256")["Body"].read().decode()
+    assert sidecar.split()[0] == out["sha256"]
+    tuned = generate(runner, model={"url": out["url"]})
+    assert tuned["model"]["source"] == "url"
+    with pytest.raises(AssertionError):
+        assert_images_close(decode(before["images"][0]["base64"]), decode(tuned["images"][0]["base64"]), "dreambooth")
+
+
+def test_training_is_reproducible_with_its_seed(runner, s3):
+    first = run_job(runner, train_input(dest_url=f"s3://{BUCKET}/a.safetensors"), "a")[-1]["train"]
+    second = run_job(runner, train_input(dest_url=f"s3://{BUCKET}/b.safetensors"), "b")[-1]["train"]
+    assert first["sha256"] == second["sha256"] and first["loss"] == second["loss"]
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"instance_images": []}, "train.instance_images: list should have at least 1 item"),
+    ({"num_class_images": 3}, "train.class_prompt: required with num_class_images 3"),
+    ({"dest_url": "https://example.com/x"}, "train.dest_url: must be an s3:// URL"),
+    ({"max_train_steps": 10**5}, "train.max_train_steps: at most 2000 on this endpoint"),
+    ({"resolution": 100}, "train.resolution: must be a multiple of 8, got 100"),
+    ({"instance_images": ["bm90IGFuIGltYWdl"]}, "train.instance_images[0]: is not a readable image"),
+    ({"dest_url": "s3://no-such-bucket/x.safetensors"}, "train.dest_url: bucket 'no-such-bucket' does not exist"),
+])
+def test_bad_training_requests_name_the_field(runner, change, expected):
+    answer = run_job(runner, train_input(**change))[-1]
+    assert answer.get("error", "").startswith(expected), answer
+
+
+def test_a_cancelled_training_stops_at_the_next_step(runner):
+    async def go():
+        seen = asyncio.Event()
+
+        async def consume():
+            async for item in runner.stream({"id": "long", "input": train_input(max_train_steps=2000)}):
+                if item.get("stage") == "train":
+                    seen.set()
+            raise AssertionError(f"training ended before it was cancelled: {item}")
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(seen.wait(), 120)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return [item async for item in runner.stream({"id": "next", "input": {"prompt": "p", "num_inference_steps": 2}})]
+
+    assert asyncio.run(go())[-1]["type"] == "result"

@@ -1,0 +1,141 @@
+"""LoRAs for one request (``loras``): put on the warm model for the job, taken off after it.
+
+Each LoRA is one ``.safetensors`` file, in diffusers' or kohya's layout (diffusers converts
+the latter): from a URL (fetched like a checkpoint: parallel, resumable, verified against
+``#sha256=`` or a ``.sha256`` object, cached in MODELS_DIR/loras), a hub repo (its only
+``.safetensors`` file, or ``weight_name``), or a local path. They are loaded as named adapters
+onto the UNet (and the text encoder when the file has layers for it), weighted by ``scale``,
+and unloaded when the job ends, however it ends, so the next job runs the plain model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from schemas import LoraSpec, Progress
+
+from .cache import DiskCache, entry_key
+from .checkpoints import is_safetensors, save_download
+from .errors import ModelSourceError, UserInputError
+from .settings import Settings
+from .storage import open_download, parse_location
+
+log = logging.getLogger(__name__)
+
+_MAX_LORA_BYTES = 4 * 2**30  # the largest SDXL LoRAs are about 1.7 GB
+
+
+@contextmanager
+def applied(pipeline: Any, specs: list[LoraSpec], *, settings: Settings, disk: DiskCache,
+            emit: Callable[[Progress], None], timings: dict[str, float]) -> Iterator[None]:
+    """Run the body with ``specs`` loaded onto ``pipeline``'s modules."""
+    if not specs:
+        yield
+        return
+    start = time.perf_counter()
+    names = [f"request_lora_{i}" for i in range(len(specs))]
+    try:
+        for i, (spec, name) in enumerate(zip(specs, names)):
+            field = f"loras[{i}]"
+            path = _locate(spec, field, settings, disk, emit)
+            _load(pipeline, path, name, field)
+        pipeline.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
+        timings["loras"] = round((time.perf_counter() - start) * 1000, 1)
+        yield
+    finally:
+        # Shared by every pipeline made from this model: it must leave as it came.
+        pipeline.unload_lora_weights()
+
+
+def _load(pipeline: Any, path: Path, name: str, field: str) -> None:
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # a "load report" table per LoRA is noise in a worker's log
+    try:
+        pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+    except (ValueError, KeyError, RuntimeError, TypeError, OSError) as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise UserInputError(
+            field, f"cannot be applied to this model ({type(exc).__name__}: {detail}); "
+            "is it a LoRA for this model's architecture?"
+        ) from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _locate(spec: LoraSpec, field: str, settings: Settings, disk: DiskCache,
+            emit: Callable[[Progress], None]) -> Path:
+    """The LoRA's .safetensors file on local disk."""
+    if spec.url:
+        return _fetch(spec.url, f"{field}.url", settings, disk, emit)
+    if spec.id.startswith("/"):
+        path = Path(spec.id)
+        if path.is_dir():
+            path = _only_safetensors(path, spec.weight_name, f"{field}.id")
+        if not path.is_file() or not is_safetensors(path):
+            raise ModelSourceError(f"{field}.id", f"{spec.id} is not a .safetensors file on this worker")
+        return path
+    return _from_hub(spec, f"{field}.id", settings)
+
+
+def _fetch(url: str, field: str, settings: Settings, disk: DiskCache, emit: Callable[[Progress], None]) -> Path:
+    location = parse_location(url, field, settings, None, "")
+    key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}")
+
+    def build(staging: Path) -> Path:
+        download = open_download(location, field, settings, allow_private=settings.allow_private_urls)
+        out = staging / "lora"
+        out.mkdir()
+        save_download(download, out / "lora.safetensors", field=field,
+                      expected_sha256=location.sha256 or download.sidecar_sha256(),
+                      max_bytes=_MAX_LORA_BYTES, emit=emit)
+        if not is_safetensors(out / "lora.safetensors"):
+            raise ModelSourceError(field, "is not a .safetensors file (pickled LoRAs are not loaded)")
+        return out
+
+    entry, _ = disk.obtain("loras", key, build)
+    return entry / "lora.safetensors"
+
+
+def _from_hub(spec: LoraSpec, field: str, settings: Settings) -> Path:
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
+
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    patterns = [spec.weight_name] if spec.weight_name else ["*.safetensors"]
+    for cache in (settings.runpod_hf_cache, settings.hub_cache):
+        if cache.is_dir():
+            try:
+                snapshot = snapshot_download(spec.id, cache_dir=cache, local_files_only=True, token=token,
+                                             allow_patterns=patterns)
+                return _only_safetensors(Path(snapshot), spec.weight_name, field)
+            except (hub_errors.LocalEntryNotFoundError, FileNotFoundError, ModelSourceError):
+                pass
+    if settings.hf_hub_offline:
+        raise ModelSourceError(field, f"{spec.id} is not cached on this worker and HF_HUB_OFFLINE is set")
+    try:
+        snapshot = snapshot_download(spec.id, cache_dir=settings.hub_cache, token=token, allow_patterns=patterns)
+    except hub_errors.GatedRepoError:
+        raise ModelSourceError(field, f"{spec.id} is gated: HF_TOKEN must belong to an account with access")
+    except hub_errors.RepositoryNotFoundError:
+        raise ModelSourceError(field, f"{spec.id} not found on the hub (if private, set HF_TOKEN)")
+    except (hub_errors.HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelSourceError(field, f"could not download {spec.id} ({type(exc).__name__})") from None
+    return _only_safetensors(Path(snapshot), spec.weight_name, field)
+
+
+def _only_safetensors(folder: Path, weight_name: str | None, field: str) -> Path:
+    if weight_name:
+        if not (folder / weight_name).is_file():
+            raise ModelSourceError(field, f"has no file {weight_name!r}")
+        return folder / weight_name
+    found = sorted(folder.rglob("*.safetensors"))
+    if len(found) != 1:
+        what = "no .safetensors file" if not found else f"{len(found)} .safetensors files"
+        raise ModelSourceError(field, f"has {what}; name one with weight_name")
+    return found[0]

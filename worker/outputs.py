@@ -1,0 +1,148 @@
+"""Images delivered to S3-compatible storage instead of inline base64.
+
+A job's images are uploaded when its ``output.upload_url`` names a place, or when the job
+carries RunPod's ``s3Config`` (the caller's own bucket, beside ``input``):
+
+- where: the bucket and prefix of ``output.upload_url`` (``s3://bucket/prefix/`` or
+  ``s3:///bucket/prefix/``); a bare ``s3://``, or an s3Config without ``upload_url``, means the
+  s3Config's ``bucketName``. Image *i* is stored as ``{prefix}{job id}-{i}.{format}``.
+- with which credentials: the job's s3Config when it has one, else BUCKET_ENDPOINT_URL /
+  BUCKET_ACCESS_KEY_ID / BUCKET_SECRET_ACCESS_KEY (RunPod's names), else the AWS_* settings the
+  models come from.
+- what comes back: each image's ``url`` (``s3://bucket/key``) and ``presigned_url``, an https
+  link that works for OUTPUT_URL_EXPIRES_S (default 7 days, the most S3 allows).
+
+An s3Config's endpoint is the caller's: unless ALLOW_PRIVATE_URLS=1 it must resolve to a
+public address, like every URL a request brings.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+
+from schemas import Progress, S3Config
+
+from .errors import UserInputError
+from .settings import Settings
+from .storage import Location, s3_client, s3_error
+from .urls import check_url
+
+_CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+@dataclass(frozen=True)
+class Outbox:
+    """Where one job's images go, and the client that puts them there."""
+
+    client: Any
+    bucket: str
+    prefix: str  # "" or ending in "/"
+    stem: str  # the job id, made safe for a key
+    expires_s: int
+    field: str  # the request field to name in errors
+
+    def put_all(self, images: list[tuple[bytes, str]], emit: Callable[[Progress], None]) -> list[tuple[str, str | None]]:
+        """Upload (data, format) pairs in parallel; return (s3 URL, presigned link) for each."""
+        keys = [f"{self.prefix}{self.stem}-{i}.{fmt}" for i, (_, fmt) in enumerate(images)]
+        done = 0
+
+        def put(key: str, data: bytes, fmt: str) -> None:
+            location = Location("s3", f"s3://{self.bucket}/{key}", bucket=self.bucket, key=key)
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=_CONTENT_TYPES[fmt])
+            except Exception as exc:  # botocore's errors, read by s3_error; never a credential
+                raise s3_error(exc, self.field, location) from None
+
+        emit(Progress(stage="upload", step=0, total=len(images)))
+        with ThreadPoolExecutor(min(len(images), 8) or 1, thread_name_prefix="upload") as pool:
+            futures = [pool.submit(put, key, data, fmt) for key, (data, fmt) in zip(keys, images)]
+            for future in futures:
+                future.result()
+                done += 1
+                emit(Progress(stage="upload", step=done, total=len(images)))
+        return [(f"s3://{self.bucket}/{key}", self._presigned(key)) for key in keys]
+
+    def _presigned(self, key: str) -> str | None:
+        if not self.expires_s:
+            return None
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.expires_s
+        )
+
+
+def outbox_for(upload_url: str | None, s3_config: Any, job_id: str | None, settings: Settings) -> Outbox | None:
+    """The job's Outbox, or None when its images come back inline. Raises UserInputError
+    naming ``output.upload_url`` or ``s3Config.<key>`` when the destination is unusable."""
+    if upload_url is None and s3_config is None:
+        return None
+    config = _s3_config(s3_config, settings) if s3_config is not None else None
+    field = "output.upload_url" if upload_url else "s3Config.bucketName"
+
+    # 1. Bucket and prefix.
+    bucket, prefix = "", ""
+    if upload_url:
+        parts = urlsplit(upload_url)
+        if parts.query or parts.fragment:
+            raise UserInputError(field, "must be s3://bucket/prefix/, with no query or fragment")
+        if parts.netloc:  # s3://bucket/prefix
+            bucket, prefix = parts.netloc, parts.path.lstrip("/")
+        else:  # s3:///bucket/prefix, or bare s3://
+            bucket, _, prefix = parts.path.lstrip("/").partition("/")
+    if not bucket:
+        if config is None or not config.bucketName:
+            raise UserInputError(field, "names no bucket: send s3://bucket/prefix/, or an s3Config with bucketName")
+        bucket = config.bucketName
+        prefix = prefix or "{job}/"  # RunPod's own layout: one folder per job
+    if ".." in prefix.split("/"):
+        raise UserInputError(field, "must not contain '..'")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+
+    # 2. The client: the job's own bucket, else RunPod's BUCKET_*, else the models' AWS_*.
+    if config is not None:
+        client = _client(settings, config.endpointUrl, config.accessId, config.accessSecret.get_secret_value())
+    elif settings.bucket_endpoint_url or settings.bucket_access_key_id:
+        secret = settings.bucket_secret_access_key
+        client = _client(settings, settings.bucket_endpoint_url, settings.bucket_access_key_id,
+                         secret.get_secret_value() if secret else None)
+    else:
+        client = s3_client(settings)
+    stem = _UNSAFE.sub("_", job_id or uuid.uuid4().hex)[:128]
+    return Outbox(client, bucket, prefix.replace("{job}", stem), stem, settings.output_url_expires_s, field)
+
+
+def _s3_config(raw: Any, settings: Settings) -> S3Config:
+    try:
+        config = S3Config.model_validate(raw)
+    except ValidationError as exc:
+        # Said without the values: one of them is a secret.
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserInputError(f"s3Config.{where}" if where else "s3Config", first["msg"].lower()) from None
+    check_url(config.endpointUrl, "s3Config.endpointUrl", settings.allow_private_urls)
+    return config
+
+
+def _client(settings: Settings, endpoint: str | None, key_id: str | None, secret: str | None):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=key_id, aws_secret_access_key=secret,
+        region_name=settings.aws_default_region or _region_of(endpoint),
+        config=Config(signature_version="s3v4", retries={"max_attempts": 3, "mode": "standard"}),
+    )
+
+
+def _region_of(endpoint: str | None) -> str | None:
+    """The region in an AWS-style endpoint (s3.eu-west-1.amazonaws.com); presigned links need it."""
+    match = re.search(r"\bs3[.-]([a-z]{2}-[a-z]+-\d)\.", endpoint or "")
+    return match.group(1) if match else None

@@ -1,0 +1,322 @@
+"""DreamBooth fine-tuning (``task: "train"``), shaped like diffusers' train_dreambooth(_lora).py.
+
+``train()`` runs on the engine thread, which holds the GPU for the whole run:
+
+1. The base model is loaded fresh from its files in fp32: training never touches the warm
+   pipelines that inference jobs share.
+2. Instance images are decoded, resized and center-cropped, and encoded once by the VAE (each
+   step samples from the stored distribution, as encoding every step would).
+3. Prior preservation: the base model draws ``num_class_images`` of ``class_prompt`` first.
+4. Trainable weights stay in fp32 (the master copy) whatever the model runs in; on CUDA the
+   forward pass runs under autocast, bf16 where the GPU has it, else fp16 with a gradient
+   scaler, and the frozen parts are cast to that dtype to save memory. fp32 trainable weights
+   are what fix docker-diffusers-api's "Attempting to unscale FP16 gradients".
+5. Each step: noise, a random timestep, the UNet's prediction, MSE against the noise (or the
+   velocity for v-prediction models), plus the weighted prior loss; gradients clipped at 1.0,
+   then AdamW. A progress event per step carries the loss; a cancelled job stops at the next
+   step.
+6. The result is saved in ``precision`` and published to ``dest_url``: a LoRA as one
+   ``.safetensors`` file (usable at once in a request's ``loras``), a DreamBooth model as a
+   ``.tar.zst`` archive of a diffusers directory (usable at once as ``model.url``).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from schemas import Progress, TrainOut, TrainSpec
+
+from .errors import JobCancelled, UserInputError
+from .images import load_image
+from .models import load_pipeline
+from .publish import publish, upload
+from .settings import Settings
+from .storage import Location
+
+log = logging.getLogger(__name__)
+
+_UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+_TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+_PROGRESS_INTERVAL_S = 0.1  # the contract: throttled only above about 10 events a second
+_LOSS_WINDOW = 50
+_TRAINABLE = ("StableDiffusionPipeline",)
+
+
+def train(spec: TrainSpec, model_dir: Path, location: Location, *, device: str, staging: Path,
+          settings: Settings, emit: Callable[[Progress], None], cancelled: Callable[[], bool],
+          timings: dict[str, float]) -> TrainOut:
+    # 1. The base model, fresh, in fp32.
+    start = time.perf_counter()
+    class_name = json.loads((model_dir / "model_index.json").read_text()).get("_class_name")
+    if class_name not in _TRAINABLE:
+        raise UserInputError("model.id", f"training supports Stable Diffusion 1.x / 2.x models, not {class_name}")
+    emit(Progress(stage="load", step=0, total=1))
+    pipe = load_pipeline(model_dir, "fp32", None, device)
+    emit(Progress(stage="load", step=1, total=1))
+    timings["load"] = _ms(start)
+    autocast_dtype = _autocast_dtype(device)
+    generator = torch.Generator("cpu").manual_seed(spec.seed)
+
+    # 2. Instance latents, and 3. class latents for prior preservation.
+    start = time.perf_counter()
+    instance = _latent_stats(pipe, [
+        load_image(source, f"train.instance_images[{i}]", settings) for i, source in enumerate(spec.instance_images)
+    ], spec.resolution, autocast_dtype)
+    timings["inputs"] = _ms(start)
+    prior = None
+    if spec.num_class_images:
+        start = time.perf_counter()
+        images = _class_images(pipe, spec, device, autocast_dtype, emit, cancelled)
+        prior = _latent_stats(pipe, images, spec.resolution, autocast_dtype)
+        timings["class_images"] = _ms(start)
+
+    # 4. What trains, in fp32; what does not, in the autocast dtype on CUDA.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+        torch.manual_seed(spec.seed)  # LoRA layers start random: the same seed, the same start
+        params = _prepare(pipe, spec, autocast_dtype)
+    frozen_text = not spec.train_text_encoder
+    embeddings = {}
+    if frozen_text:  # one encoding per prompt for the whole run
+        with torch.no_grad():
+            embeddings = {p: _encode(pipe, p).float() for p in {spec.instance_prompt, spec.class_prompt} if p}
+
+    # 5. The loop.
+    start = time.perf_counter()
+    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=1e-2)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    scheduler = _noise_scheduler(pipe)
+    losses: list[float] = []
+    last_sent = 0.0
+    for step in range(1, spec.max_train_steps + 1):
+        if cancelled():
+            raise JobCancelled(step - 1, spec.max_train_steps)
+        latents = _sample(instance, spec.train_batch_size, generator, pipe)
+        prompts = [spec.instance_prompt] * spec.train_batch_size
+        if prior is not None:
+            latents = torch.cat([latents, _sample(prior, spec.train_batch_size, generator, pipe)])
+            prompts += [spec.class_prompt] * spec.train_batch_size
+        with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            states = torch.cat([embeddings[p] for p in prompts]) if frozen_text else _encode(pipe, prompts)
+            loss = _loss(pipe, scheduler, latents, states, generator, spec.prior_loss_weight if prior is not None else None)
+        if not math.isfinite(loss.item()):
+            raise UserInputError("train.learning_rate", f"the loss became {loss.item()} at step {step}; lower it")
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses = (losses + [loss.item()])[-_LOSS_WINDOW:]
+        now = time.monotonic()
+        if now - last_sent >= _PROGRESS_INTERVAL_S or step == spec.max_train_steps:
+            last_sent = now
+            emit(Progress(stage="train", step=step, total=spec.max_train_steps, loss=round(losses[-1], 6)))
+    timings["train"] = _ms(start)
+    del optimizer, scaler
+    _free(device)
+
+    # 6. Save and publish.
+    if spec.method == "lora":
+        sha256, size = _publish_lora(pipe, spec, location, staging, settings, emit, timings)
+    else:
+        sha256, size = _publish_model(pipe, spec, location, staging, settings, emit, timings)
+    del pipe
+    _free(device)
+    return TrainOut(
+        method=spec.method, url=location.url, sha256=sha256, size_bytes=size, precision=spec.precision,
+        steps=spec.max_train_steps, loss=round(sum(losses) / len(losses), 6), instance_images=len(spec.instance_images),
+        class_images=spec.num_class_images,
+    )
+
+
+def _autocast_dtype(device: str) -> torch.dtype | None:
+    if device != "cuda":
+        return None  # CPU: plain fp32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _prepare(pipe, spec: TrainSpec, autocast_dtype: torch.dtype | None) -> list[torch.nn.Parameter]:
+    """Mark what trains (fp32) and cast the rest; return the trainable parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+        module.requires_grad_(False)
+    if spec.method == "lora":
+        if autocast_dtype is not None:  # frozen base weights in half; the adapters stay fp32
+            pipe.unet.to(dtype=autocast_dtype)
+            pipe.text_encoder.to(dtype=autocast_dtype)
+        config = dict(r=spec.rank, lora_alpha=spec.rank, init_lora_weights="gaussian")
+        pipe.unet.add_adapter(LoraConfig(target_modules=_UNET_LORA_TARGETS, **config))
+        if spec.train_text_encoder:
+            # transformers 5's own add_adapter wants peft >= 0.22; peft's injection works with 0.21.
+            inject_adapter_in_model(LoraConfig(target_modules=_TEXT_LORA_TARGETS, **config), pipe.text_encoder)
+        modules = [pipe.unet] + ([pipe.text_encoder] if spec.train_text_encoder else [])
+        params = [p for m in modules for n, p in m.named_parameters() if "lora_" in n]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    else:
+        pipe.unet.requires_grad_(True)
+        params = list(pipe.unet.parameters())
+        if spec.train_text_encoder:
+            pipe.text_encoder.requires_grad_(True)
+            params += list(pipe.text_encoder.parameters())
+        elif autocast_dtype is not None:
+            pipe.text_encoder.to(dtype=autocast_dtype)
+        if autocast_dtype is not None:
+            pipe.unet.enable_gradient_checkpointing()  # a full UNet's activations are the memory hog
+    if autocast_dtype is not None:
+        pipe.vae.to(dtype=autocast_dtype)
+    pipe.unet.train()
+    pipe.text_encoder.train(spec.train_text_encoder)
+    return params
+
+
+def _latent_stats(pipe, images, resolution: int, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latent mean and std of each image, resized and center-cropped to ``resolution``."""
+    import numpy as np
+    from PIL import ImageOps
+
+    pixels = []
+    for image in images:
+        image = ImageOps.fit(image.convert("RGB"), (resolution, resolution))
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        pixels.append(torch.from_numpy(array).permute(2, 0, 1))
+    batch = torch.stack(pixels).to(pipe.vae.device, dtype=dtype or torch.float32)
+    with torch.no_grad():
+        dist = pipe.vae.encode(batch).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def _sample(stats: tuple[torch.Tensor, torch.Tensor], batch: int, generator: torch.Generator, pipe) -> torch.Tensor:
+    mean, std = stats
+    index = torch.randint(0, mean.shape[0], (batch,), generator=generator)
+    noise = torch.randn(mean[index].shape, generator=generator).to(mean.device)
+    return (mean[index] + std[index] * noise) * pipe.vae.config.scaling_factor
+
+
+def _encode(pipe, prompts) -> torch.Tensor:
+    ids = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0]
+
+
+def _noise_scheduler(pipe):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def _loss(pipe, scheduler, latents, states, generator, prior_weight: float | None) -> torch.Tensor:
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    steps = steps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, steps)
+    prediction = pipe.unet(noisy, steps, states).sample
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, steps)
+    else:
+        target = noise
+    if prior_weight is None:
+        return F.mse_loss(prediction.float(), target.float())
+    pred_instance, pred_prior = prediction.float().chunk(2)
+    target_instance, target_prior = target.float().chunk(2)
+    return F.mse_loss(pred_instance, target_instance) + prior_weight * F.mse_loss(pred_prior, target_prior)
+
+
+def _class_images(pipe, spec: TrainSpec, device: str, autocast_dtype, emit, cancelled) -> list:
+    from diffusers import StableDiffusionPipeline
+
+    # Without the safety checker: a blacked-out image would teach the model black squares.
+    drawer = StableDiffusionPipeline.from_pipe(pipe, safety_checker=None, requires_safety_checker=False)
+    drawer.set_progress_bar_config(disable=True)
+    images = []
+    for i in range(spec.num_class_images):
+        if cancelled():
+            raise JobCancelled(i, spec.num_class_images)
+        emit(Progress(stage="class_images", step=i, total=spec.num_class_images))
+        with torch.no_grad(), torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32,
+                                             enabled=autocast_dtype is not None):
+            out = drawer(spec.class_prompt, num_inference_steps=spec.class_inference_steps, width=spec.resolution,
+                         height=spec.resolution, generator=torch.Generator("cpu").manual_seed(spec.seed + i))
+        images.append(out.images[0])
+    emit(Progress(stage="class_images", step=spec.num_class_images, total=spec.num_class_images))
+    return images
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def _publish_lora(pipe, spec, location, staging, settings, emit, timings) -> tuple[str, int]:
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    start = time.perf_counter()
+    emit(Progress(stage="save", step=0, total=1))
+    dtype = _dtype(spec.precision)
+
+    def layers(module) -> dict:
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+
+    extra = {"text_encoder_lora_layers": layers(pipe.text_encoder)} if spec.train_text_encoder else {}
+    StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=layers(pipe.unet),
+                                              weight_name="lora.safetensors", **extra)
+    path = staging / "lora.safetensors"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    emit(Progress(stage="save", step=1, total=1))
+    timings["save"] = _ms(start)
+    start = time.perf_counter()
+    upload(path, location, digest.hexdigest(), settings, "train.dest_url", emit)
+    timings["upload"] = _ms(start)
+    return digest.hexdigest(), path.stat().st_size
+
+
+def _publish_model(pipe, spec, location, staging, settings, emit, timings) -> tuple[str, int]:
+    start = time.perf_counter()
+    emit(Progress(stage="save", step=0, total=1))
+    pipe.unet.disable_gradient_checkpointing()
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    pipe.to("cpu", _dtype(spec.precision))
+    pipe.save_pretrained(staging / "model", safe_serialization=True)
+    emit(Progress(stage="save", step=1, total=1))
+    timings["save"] = _ms(start)
+    compression = "zstd" if location.name.endswith(".zst") else "none"
+    out = publish(staging / "model", location, compression, spec.precision, staging=staging, settings=settings,
+                  field="train.dest_url", emit=emit, timings=timings)
+    return out.sha256, out.size_bytes
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 1)
