@@ -14,14 +14,21 @@ always the result last::
      "timings": {"inference": 812.5, "encode": 21.0, "total_ms": 840.2},
      "model": {"id": "...", "source": "memory", "precision": "fp16", "device": "cuda"}}
 
+Other jobs: ``task: "train"`` (DreamBooth / LoRA fine-tuning, published to S3; the result
+carries ``train``), ``task: "convert"`` (a model published as a safetensors archive; the
+result carries ``convert``). ``loras`` and ``output.upload_url`` (or the job's ``s3Config``)
+change how an inference runs and how its images come back.
+
 A bad request answers ``{"error": "width: must be a multiple of 8, got 513"}`` and the worker
 serves the next job.
 
 Who does what: ``worker.settings`` reads the environment; ``worker.jobs`` turns jobs into
 engine calls and exceptions into answers; ``worker.engine`` runs a job on a warm pipeline
 owned by ``worker.models``, which finds the weights (hub caches; archives by URL through
-``storage``, ``archives`` and ``cache``; single files through ``checkpoints``); ``schemas``
-validates requests and shapes results, torch-free.
+``storage``, ``archives`` and ``cache``; single files through ``checkpoints``); ``loras``
+puts a request's LoRAs on and takes them off; ``outputs`` uploads images; ``train`` fine-tunes
+and ``publish`` packs and uploads models; ``schemas`` validates requests and shapes results,
+torch-free.
 
 Start-up (nothing heavy happens at import):
 1. read Settings from the environment;

@@ -90,8 +90,9 @@ class JobServer:
             "RUNPOD_PING_INTERVAL": "1000",
         }
 
-    def submit(self, job_id: str, job_input) -> None:
-        self.jobs.put({"id": job_id, "input": job_input})
+    def submit(self, job_id: str, job_input, **extra) -> None:
+        """Queue a job; ``extra`` goes beside ``input`` (RunPod's ``s3Config``, ...)."""
+        self.jobs.put({"id": job_id, "input": job_input, **extra})
 
     def wait_done(self, job_id: str, timeout: float = 120) -> dict:
         with self._done_event:

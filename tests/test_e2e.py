@@ -148,17 +148,18 @@ def test_plain_handler_fails_bad_jobs(plain_api):
 
 # --- The SDK's production job loop ---
 
-def run_production(models_dir, tmp_path, jobs: list[tuple[str, object]], **env) -> JobServer:
+def run_production(models_dir, tmp_path, jobs: list[tuple], **env) -> JobServer:
+    """Run ``jobs`` — (id, input) or (id, input, {beside input}) — through the SDK's production loop."""
     server = JobServer()
-    for job_id, job_input in jobs:
-        server.submit(job_id, job_input)
+    for job_id, job_input, *extra in jobs:
+        server.submit(job_id, job_input, **(extra[0] if extra else {}))
     log = open(tmp_path / "worker.log", "w")
     process = subprocess.Popen(
         [sys.executable, "handler.py"], cwd=ROOT, env=worker_env(models_dir, **server.env(), **env),
         stdout=log, stderr=subprocess.STDOUT,
     )
     try:
-        for job_id, _ in jobs:
+        for job_id, *_ in jobs:
             server.wait_done(job_id)
     finally:
         process.terminate()
@@ -200,6 +201,34 @@ def test_production_loop_plain_handler_reports_progress(models_dir, tmp_path):
     steps = [p["output"]["step"] for p in server.progress["p-1"] if p["output"]["stage"] == "inference"]
     assert sorted(steps) == [1, 2, 3, 4]  # progress_update posts from threads: any order
     assert server.done["p-bad"]["error"].startswith("prompt: ")
+
+
+def test_production_loop_trains_then_uploads_to_the_jobs_own_bucket(models_dir, tmp_path, s3, s3_endpoint):
+    """A streamed LoRA training published to S3, then an inference that uses the new LoRA and
+    whose images go to the bucket of the job's s3Config, which the SDK hands over with the job."""
+    from tests.helpers import BUCKET, png_b64
+
+    s3.create_bucket(Bucket="outputs")
+    lora_url = f"s3://{BUCKET}/e2e/style.safetensors"
+    train = {"task": "train", "stream": True, "train": {
+        "instance_prompt": "a photo of sks toy", "instance_images": [png_b64()], "resolution": 64,
+        "max_train_steps": 3, "learning_rate": 1e-2, "dest_url": lora_url}}
+    s3_config = {"accessId": "test", "accessSecret": "per-job-secret", "bucketName": "outputs",
+                 "endpointUrl": s3_endpoint}
+    server = run_production(models_dir, tmp_path, [
+        ("train-1", train),
+        ("styled", VALID | {"loras": [{"url": lora_url, "scale": 0.8}]}, {"s3Config": s3_config}),
+    ], AWS_S3_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+        AWS_DEFAULT_REGION="us-east-1")
+    streamed = [post["output"] for post in server.stream["train-1"]]
+    steps = [s["step"] for s in streamed if s.get("stage") == "train"]
+    assert steps[0] == 1 and steps[-1] == 3 and steps == sorted(set(steps))  # at most ~10 a second
+    trained = streamed[-1]
+    assert trained["type"] == "result" and trained["train"]["url"] == lora_url, trained
+    [result] = server.done["styled"]["output"]
+    assert result["images"][0]["url"] == "s3://outputs/styled/styled-0.png", result
+    assert s3.get_object(Bucket="outputs", Key="styled/styled-0.png")["ContentType"] == "image/png"
+    assert "per-job-secret" not in (tmp_path / "worker.log").read_text()
 
 
 # --- python handler.py (test_input.json) and --test_input ---

@@ -49,7 +49,7 @@ def test_lora_training_publishes_a_lora_that_requests_can_use(runner, s3):
     assert out["method"] == "lora" and out["steps"] == 2 and out["instance_images"] == 2
     body = s3.get_object(Bucket=BUCKET, Key="trained/lora-job-lora.safetensors")["Body"].read()
     assert hashlib.sha256(body).hexdigest() == out["sha256"] and len(body) == out["size_bytes"]
-    # One progress event per step, with its loss.
+    # Progress per step (at most ~10 a second: the first and the last always), with its loss.
     steps = [item for item in items if item.get("stage") == "train"]
     assert [item["step"] for item in steps] == [1, 2] and all(item["loss"] > 0 for item in steps)
     for stage in ("load", "train", "save"):
@@ -125,3 +125,41 @@ def test_a_cancelled_training_stops_at_the_next_step(runner):
         return [item async for item in runner.stream({"id": "next", "input": {"prompt": "p", "num_inference_steps": 2}})]
 
     assert asyncio.run(go())[-1]["type"] == "result"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", ["bf16", "fp16"])
+def test_mixed_precision_training_keeps_fp32_master_weights(runner, s3, monkeypatch, autocast):
+    """The GPU recipe, run by the CPU's autocast: frozen weights cast to half, trainable ones
+    in fp32, fp16 with a gradient scaler (what failed in docker-diffusers-api with fp16
+    weights). On a GPU the same test runs on CUDA (an H100 would pick bf16 by itself)."""
+    import torch
+
+    import worker.train
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[autocast]
+    monkeypatch.setattr(worker.train, "_autocast_dtype", lambda device: dtype)
+    seen = {}
+    prepare = worker.train._prepare
+
+    def spy(pipe, spec, autocast_dtype):
+        params = prepare(pipe, spec, autocast_dtype)
+        seen[spec.method] = ({p.dtype for p in params}, pipe.vae.dtype)
+        return params
+
+    monkeypatch.setattr(worker.train, "_prepare", spy)
+    generate(runner)  # a warm model, which training must set aside and leave untouched
+    lora = run_job(runner, train_input(method="lora", train_text_encoder=True,
+                                       dest_url=f"s3://{BUCKET}/mixed-{autocast}.safetensors"))[-1]
+    assert lora.get("type") == "result", lora
+    full = run_job(runner, train_input(method="dreambooth", train_text_encoder=True, num_class_images=1,
+                                       class_prompt="a toy", class_inference_steps=2,
+                                       dest_url=f"s3://{BUCKET}/mixed-{autocast}.tar.zst"))[-1]
+    assert full.get("type") == "result", full
+    assert seen == {"lora": ({torch.float32}, dtype), "dreambooth": ({torch.float32}, dtype)}
+    styled = generate(runner, loras=[{"url": lora["train"]["url"]}])
+    assert styled["model"]["source"] == "memory"  # on CUDA: parked in CPU RAM while training ran
+    if torch.cuda.is_available():
+        assert styled["model"]["precision"] == "fp16"
+    tuned = generate(runner, model={"url": full["train"]["url"]})
+    assert styled["type"] == tuned["type"] == "result" and tuned["model"]["source"] == "url"

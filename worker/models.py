@@ -231,6 +231,13 @@ class ModelStore:
         log.info("loaded %s from %s in %.0f ms", ref.id, source, timings["load"])
         return loaded, source
 
+    def clear_device(self) -> None:
+        """Free the GPU for a job that needs all of it (training): warm pipelines are parked in
+        CPU RAM (up to MAX_PARKED_MODELS), so the next inference gets them back without the disk."""
+        if self.device == "cuda":
+            while self._loaded:
+                self._evict()
+
     def _evict(self) -> None:
         """Move the least recently used pipeline off the device: parked in CPU RAM, or dropped."""
         ref, loaded = self._loaded.popitem(last=False)

@@ -71,13 +71,13 @@ def train(spec: TrainSpec, model_dir: Path, location: Location, *, device: str, 
     start = time.perf_counter()
     instance = _latent_stats(pipe, [
         load_image(source, f"train.instance_images[{i}]", settings) for i, source in enumerate(spec.instance_images)
-    ], spec.resolution, autocast_dtype)
+    ], spec.resolution)
     timings["inputs"] = _ms(start)
     prior = None
     if spec.num_class_images:
         start = time.perf_counter()
         images = _class_images(pipe, spec, device, autocast_dtype, emit, cancelled)
-        prior = _latent_stats(pipe, images, spec.resolution, autocast_dtype)
+        prior = _latent_stats(pipe, images, spec.resolution)
         timings["class_images"] = _ms(start)
 
     # 4. What trains, in fp32; what does not, in the autocast dtype on CUDA.
@@ -93,7 +93,7 @@ def train(spec: TrainSpec, model_dir: Path, location: Location, *, device: str, 
     # 5. The loop.
     start = time.perf_counter()
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=1e-2)
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device) if autocast_dtype == torch.float16 else None
     scheduler = _noise_scheduler(pipe)
     losses: list[float] = []
     last_sent = 0.0
@@ -189,7 +189,7 @@ def _prepare(pipe, spec: TrainSpec, autocast_dtype: torch.dtype | None) -> list[
     return params
 
 
-def _latent_stats(pipe, images, resolution: int, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _latent_stats(pipe, images, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's latent mean and std of each image, resized and center-cropped to ``resolution``."""
     import numpy as np
     from PIL import ImageOps
@@ -199,7 +199,7 @@ def _latent_stats(pipe, images, resolution: int, dtype: torch.dtype | None) -> t
         image = ImageOps.fit(image.convert("RGB"), (resolution, resolution))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         pixels.append(torch.from_numpy(array).permute(2, 0, 1))
-    batch = torch.stack(pixels).to(pipe.vae.device, dtype=dtype or torch.float32)
+    batch = torch.stack(pixels).to(pipe.vae.device, dtype=pipe.vae.dtype)
     with torch.no_grad():
         dist = pipe.vae.encode(batch).latent_dist
     return dist.mean.float(), dist.std.float()
