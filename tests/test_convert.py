@@ -130,6 +130,13 @@ def test_auto_publish_from_a_single_file_checkpoint(settings, s3, tmp_path):
     assert later.model.source == "url" and later.images[0].base64 == first.images[0].base64
 
 
+def test_a_missing_bucket_is_refused_before_any_work(settings, s3, tiny_dir):
+    events = []
+    with pytest.raises(ModelSourceError, match=r"^convert\.dest_url: bucket 'nowhere' does not exist"):
+        convert(settings, {"id": str(tiny_dir)}, "s3://nowhere/x.tar.zst", events)
+    assert events == []
+
+
 def test_a_miss_with_nothing_to_build_from_is_an_error(settings, s3):
     with pytest.raises(ModelSourceError, match=r"^model\.url: s3://models/absent\.tar\.zst does not exist"):
         generate(settings, {"url": "s3://models/absent.tar.zst"})

@@ -103,8 +103,9 @@ def test_training_is_reproducible_with_its_seed(runner, s3):
     ({"dest_url": "s3://no-such-bucket/x.safetensors"}, "train.dest_url: bucket 'no-such-bucket' does not exist"),
 ])
 def test_bad_training_requests_name_the_field(runner, change, expected):
-    answer = run_job(runner, train_input(**change))[-1]
-    assert answer.get("error", "").startswith(expected), answer
+    items = run_job(runner, train_input(**change))
+    assert items[-1].get("error", "").startswith(expected), items[-1]
+    assert not [item for item in items if item.get("stage") == "train"]  # refused before training
 
 
 def test_a_cancelled_training_stops_at_the_next_step(runner):

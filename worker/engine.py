@@ -27,7 +27,7 @@ from .errors import JobCancelled, UserInputError
 from .images import encode_image, load_image
 from .models import EMBEDDED_ID, FETCHED_NOW, ModelStore, model_ref
 from .outputs import Outbox
-from .publish import export
+from .publish import check_destination, export
 from .storage import parse_location
 from .schedulers import make_scheduler
 from .settings import Settings
@@ -154,6 +154,7 @@ class Engine:
         hub_id = None if ref.id.startswith(("/", "url:", "embedded:")) else ref.id
         suffix = ".tar.zst" if spec.compression == "zstd" else ".tar"
         location = parse_location(spec.dest_url, "convert.dest_url", self.settings, hub_id, spec.precision, suffix)
+        check_destination(location, self.settings, "convert.dest_url")
         # 2. The source's weights on disk (fetched or converted if need be).
         start = time.perf_counter()
         with self._lock:
@@ -178,6 +179,7 @@ class Engine:
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", job_id or time.strftime("%Y%m%d-%H%M%S"))[:128]
         location = parse_location(spec.dest_url, "train.dest_url", self.settings, None, spec.precision, suffix,
                                   default_name=f"{stem}-{spec.method}{suffix}")
+        check_destination(location, self.settings, "train.dest_url")
         with self._lock, self.models.disk.staging() as staging:
             start = time.perf_counter()
             path, source = self.models.locate(ref, emit)

@@ -36,6 +36,8 @@ def applied(pipeline: Any, specs: list[LoraSpec], *, settings: Settings, disk: D
     if not specs:
         yield
         return
+    if not hasattr(pipeline, "load_lora_weights"):
+        raise UserInputError("loras", f"{type(pipeline).__name__} pipelines do not take LoRAs")
     start = time.perf_counter()
     names = [f"request_lora_{i}" for i in range(len(specs))]
     try:

@@ -20,6 +20,7 @@ from typing import Callable
 from schemas import ConvertOut, Progress
 
 from .archives import byte_progress
+from .errors import ModelSourceError
 from .settings import Settings
 from .storage import Location, s3_client, s3_error
 
@@ -65,6 +66,20 @@ def pack(model_dir: Path, out: Path, compression: str) -> tuple[str, int]:
         if sink is not hashed:
             sink.close()
     return hashed.sha256.hexdigest(), hashed.size
+
+
+def check_destination(location: Location, settings: Settings, field: str) -> None:
+    """Fail before a long job, not after it, when the bucket is missing or refuses us."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        s3_client(settings).head_bucket(Bucket=location.bucket)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+            raise ModelSourceError(field, f"bucket {location.bucket!r} does not exist") from None
+        raise s3_error(exc, field, location) from None
+    except BotoCoreError as exc:
+        raise s3_error(exc, field, location) from None
 
 
 def upload(path: Path, location: Location, sha256: str, settings: Settings, field: str,
