@@ -52,8 +52,8 @@ _LOSS_WINDOW = 50
 _TRAINABLE = ("StableDiffusionPipeline",)
 
 
-def train(spec: TrainSpec, model_dir: Path, location: Location, *, device: str, staging: Path,
-          settings: Settings, emit: Callable[[Progress], None], cancelled: Callable[[], bool],
+def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Location, *, device: str,
+          staging: Path, settings: Settings, emit: Callable[[Progress], None], cancelled: Callable[[], bool],
           timings: dict[str, float]) -> TrainOut:
     # 1. The base model, fresh, in fp32.
     start = time.perf_counter()
@@ -61,7 +61,7 @@ def train(spec: TrainSpec, model_dir: Path, location: Location, *, device: str, 
     if class_name not in _TRAINABLE:
         raise UserInputError("model.id", f"training supports Stable Diffusion 1.x / 2.x models, not {class_name}")
     emit(Progress(stage="load", step=0, total=1))
-    pipe = load_pipeline(model_dir, "fp32", None, device)
+    pipe = load_pipeline(model_dir, "fp32", variant, device)
     emit(Progress(stage="load", step=1, total=1))
     timings["load"] = _ms(start)
     autocast_dtype = _autocast_dtype(device)
@@ -108,7 +108,8 @@ def train(spec: TrainSpec, model_dir: Path, location: Location, *, device: str, 
         with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             states = torch.cat([embeddings[p] for p in prompts]) if frozen_text else _encode(pipe, prompts)
-            loss = _loss(pipe, scheduler, latents, states, generator, spec.prior_loss_weight if prior is not None else None)
+            prior_weight = spec.prior_loss_weight if prior is not None else None
+            loss = _loss(pipe, scheduler, latents, states, generator, prior_weight)
         if not math.isfinite(loss.item()):
             raise UserInputError("train.learning_rate", f"the loss became {loss.item()} at step {step}; lower it")
         if scaler is not None:
