@@ -147,3 +147,40 @@ def test_unusable_loras_name_the_field_and_leave_the_model_clean(run, tmp_path, 
         server.close()
     after, _, _ = image_of(run)
     assert_images_close(plain, after, "failed-lora-not-leaked", tolerance=0)
+
+
+def test_loras_stay_loaded_for_the_next_request_up_to_the_cap(engine, lora_files):
+    from schemas import InferenceRequest
+    from worker.engine import Engine
+
+    capped = Engine(engine.settings.model_copy(update={"max_loaded_loras": 1}))
+
+    def draw(*names, **scales):
+        loras = [{"id": str(lora_files[name]), "scale": scales.get(name, 1.0)} for name in names]
+        request = InferenceRequest.model_validate(BASE | {"loras": loras})
+        result = capped.generate(request, lambda event: None, lambda: False)
+        resident = next(iter(capped.models._loaded.values())).loras
+        return result, len(resident)
+
+    first, resident = draw("style")
+    assert resident == 1
+    _, resident = draw("style", "other")  # a request may hold more than the cap ...
+    assert resident == 2
+    _, resident = draw("other")  # ... and the least recently used leave after it
+    assert resident == 1
+    again, resident = draw("style")  # loaded anew, the same image
+    assert resident == 1 and again.images[0].base64 == first.images[0].base64
+
+
+def test_unet_and_text_encoder_loras_together(run, lora_files):
+    plain, _, _ = image_of(run)
+    text_only_layers, _, _ = image_of(run, loras=[{"id": str(lora_files["with_text"])}])
+    both, _, _ = image_of(run, loras=[{"id": str(lora_files["with_text"])}, {"id": str(lora_files["other"])}])
+    assert differs(both, text_only_layers) and differs(both, plain)
+    after, _, _ = image_of(run)
+    assert_images_close(plain, after, "mixed-loras-not-leaked", tolerance=0)
+
+
+def test_the_same_lora_twice_is_refused(run, lora_files):
+    with pytest.raises(Exception, match=r"^loras: the same LoRA is listed twice"):
+        image_of(run, loras=[{"id": str(lora_files["style"])}, {"id": str(lora_files["style"]), "scale": 0.5}])

@@ -87,6 +87,16 @@ def test_dreambooth_publishes_a_model_that_loads_from_its_archive(runner, s3):
         assert_images_close(decode(before["images"][0]["base64"]), decode(tuned["images"][0]["base64"]), "dreambooth")
 
 
+def test_docker_diffusers_api_dreambooth_payload_trains_and_answers_in_its_shape(runner, s3):
+    payload = {"callInputs": {"train": "dreambooth", "dest_url": f"s3:///{BUCKET}/legacy/model.tar.zst"},
+               "modelInputs": {"instance_prompt": "a photo of sks toy", "instance_images": SUBJECT,
+                               "resolution": 64, "max_train_steps": 2, "mixed_precision": "fp16"}}
+    answer = run_job(runner, payload, "legacy")[-1]
+    assert answer.get("type") == "result", answer
+    assert answer["train"]["method"] == "dreambooth" and answer["$timings"] == answer["timings"]
+    assert s3.head_object(Bucket=BUCKET, Key="legacy/model.tar.zst")["ContentLength"] == answer["train"]["size_bytes"]
+
+
 def test_training_is_reproducible_with_its_seed(runner, s3):
     first = run_job(runner, train_input(dest_url=f"s3://{BUCKET}/a.safetensors"), "a")[-1]["train"]
     second = run_job(runner, train_input(dest_url=f"s3://{BUCKET}/b.safetensors"), "b")[-1]["train"]

@@ -92,28 +92,29 @@ class Engine:
             seeds = [(first + i) % 2**63 for i in range(request.num_images)]
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
-            # 5. Denoise, reporting every step and stopping if RunPod cancelled the job.
+            # 5. Exactly this request's LoRAs active; none: the plain model.
+            loras.apply(loaded, pipe, request.loras, settings=self.settings, disk=self.models.disk, emit=emit,
+                        timings=timings)
+
+            # 6. Denoise, reporting every step and stopping if RunPod cancelled the job.
             def on_step(pipeline, step: int, timestep, tensors: dict) -> dict:
                 if cancelled():
                     raise JobCancelled(step, pipeline.num_timesteps)
                 emit(Progress(stage="inference", step=step + 1, total=pipeline.num_timesteps))
                 return tensors
 
-            # 6. This request's LoRAs, on for the denoising and off again after it.
-            with loras.applied(pipe, request.loras, settings=self.settings, disk=self.models.disk, emit=emit,
-                               timings=timings):
-                start = time.perf_counter()
-                output = pipe(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    num_inference_steps=request.num_inference_steps,
-                    guidance_scale=request.guidance_scale,
-                    num_images_per_prompt=request.num_images,
-                    generator=generators,
-                    callback_on_step_end=on_step,
-                    **images,
-                )
-                timings["inference"] = _ms(start)
+            start = time.perf_counter()
+            output = pipe(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                num_images_per_prompt=request.num_images,
+                generator=generators,
+                callback_on_step_end=on_step,
+                **images,
+            )
+            timings["inference"] = _ms(start)
 
         # 7. Encode, outside the lock: the GPU is free for the next job. Then upload, or inline.
         start = time.perf_counter()

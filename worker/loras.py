@@ -1,20 +1,22 @@
-"""LoRAs for one request (``loras``): put on the warm model for the job, taken off after it.
+"""LoRAs for one request (``loras``): active for that job only, kept warm for the next.
 
 Each LoRA is one ``.safetensors`` file, in diffusers' or kohya's layout (diffusers converts
 the latter): from a URL (fetched like a checkpoint: parallel, resumable, verified against
 ``#sha256=`` or a ``.sha256`` object, cached in MODELS_DIR/loras), a hub repo (its only
-``.safetensors`` file, or ``weight_name``), or a local path. They are loaded as named adapters
-onto the UNet (and the text encoder when the file has layers for it), weighted by ``scale``,
-and unloaded when the job ends, however it ends, so the next job runs the plain model.
+``.safetensors`` file, or ``weight_name``), or a local path. Each is loaded once as a named
+adapter onto the UNet (and the text encoder when the file has layers for it) and stays
+resident on that loaded model, up to MAX_LOADED_LORAS; every job then activates exactly the
+LoRAs it asks for at its scales, or none (adapters disabled: the base layers alone compute,
+bit for bit the plain model). A load that fails takes every adapter off.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from schemas import LoraSpec, Progress
 
@@ -24,40 +26,65 @@ from .errors import ModelSourceError, UserInputError
 from .settings import Settings
 from .storage import open_download, parse_location
 
+if TYPE_CHECKING:
+    from .models import Loaded
+
 log = logging.getLogger(__name__)
+_names = itertools.count()  # adapter names, unique in the process
 
 _MAX_LORA_BYTES = 4 * 2**30  # the largest SDXL LoRAs are about 1.7 GB
 
 
-@contextmanager
-def applied(pipeline: Any, specs: list[LoraSpec], *, settings: Settings, disk: DiskCache,
-            emit: Callable[[Progress], None], timings: dict[str, float]) -> Iterator[None]:
-    """Run the body with ``specs`` loaded onto ``pipeline``'s modules."""
+def apply(loaded: Loaded, pipeline: Any, specs: list[LoraSpec], *, settings: Settings, disk: DiskCache,
+          emit: Callable[[Progress], None], timings: dict[str, float]) -> None:
+    """Make exactly ``specs`` active on ``loaded``'s modules (``pipeline`` shares them), at
+    their scales; with no specs, the plain model. Up to MAX_LOADED_LORAS stay resident (the
+    least recently used are deleted), so a LoRA used again costs a switch, not a load."""
+    resident = loaded.loras
     if not specs:
-        yield
+        if resident:
+            pipeline.disable_lora()  # adapters stay, unused: the base layers alone compute
         return
     if not hasattr(pipeline, "load_lora_weights"):
         raise UserInputError("loras", f"{type(pipeline).__name__} pipelines do not take LoRAs")
     start = time.perf_counter()
-    names = [f"request_lora_{i}" for i in range(len(specs))]
+    names = []
     try:
-        for i, (spec, name) in enumerate(zip(specs, names)):
+        for i, spec in enumerate(specs):
             field = f"loras[{i}]"
             path = _locate(spec, field, settings, disk, emit)
-            _load(pipeline, path, name, field)
+            stat = path.stat()
+            key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+            if key not in resident:
+                name = f"lora_{next(_names)}"
+                _load(pipeline, path, name, field)
+                resident[key] = name
+            resident.move_to_end(key)
+            names.append(resident[key])
+        if len(set(names)) < len(names):
+            raise UserInputError("loras", "the same LoRA is listed twice; give it one scale")
+        # Room for the next ones: the least recently used beyond the cap leave (not this request's).
+        while len(resident) > max(settings.max_loaded_loras, len(names)):
+            _, name = resident.popitem(last=False)
+            pipeline.delete_adapters([name])
+        pipeline.enable_lora()
         pipeline.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
-        timings["loras"] = round((time.perf_counter() - start) * 1000, 1)
-        yield
-    finally:
-        # Shared by every pipeline made from this model: it must leave as it came.
+    except BaseException:
+        # Whatever state a failed load left behind, the model goes back to plain.
         pipeline.unload_lora_weights()
+        resident.clear()
+        raise
+    timings["loras"] = round((time.perf_counter() - start) * 1000, 1)
 
 
 def _load(pipeline: Any, path: Path, name: str, field: str) -> None:
+    import diffusers
     import transformers
 
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # a "load report" table per LoRA is noise in a worker's log
+    # Per-file "load report" tables and "no text-encoder keys" remarks are noise in a worker's log.
+    verbosity = transformers.logging.get_verbosity(), diffusers.utils.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
     try:
         pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     except (ValueError, KeyError, RuntimeError, TypeError, OSError) as exc:
@@ -67,7 +94,8 @@ def _load(pipeline: Any, path: Path, name: str, field: str) -> None:
             "is it a LoRA for this model's architecture?"
         ) from None
     finally:
-        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.set_verbosity(verbosity[0])
+        diffusers.utils.logging.set_verbosity(verbosity[1])
 
 
 def _locate(spec: LoraSpec, field: str, settings: Settings, disk: DiskCache,

@@ -61,6 +61,8 @@ class ModelRef:
 class Loaded:
     ref: ModelRef
     pipeline: Any  # a diffusers DiffusionPipeline
+    # LoRAs resident on its modules, least recently used first: file identity -> adapter name.
+    loras: OrderedDict[str, str] = field(default_factory=OrderedDict)
 
 
 def model_ref(spec: ModelSpec, settings: Settings, device: str) -> ModelRef:

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     max_parked_models: int = Field(
         1, ge=0, description="CUDA: pipelines moved to CPU RAM when they leave the GPU, for fast switching back."
     )
+    max_loaded_loras: int = Field(
+        4, ge=1, le=64, description="LoRAs kept loaded on each warm model, least recently used out first."
+    )
     preload_model: bool = Field(True, description="Load the default model at start-up, before the first job.")
     streaming: bool = Field(True, description="false: plain handler returning the result dict (CONTRACT §1).")
     safety_checker: bool = Field(True, description="Run a model's safety checker when it ships one.")
