@@ -35,6 +35,13 @@ def inpaint_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory) -> Path:
+    from tests.sdxl import build_sdxl
+
+    return build_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def engine(models_dir):
     from worker.engine import Engine
     from worker.settings import Settings

@@ -1,19 +1,13 @@
 """Stable Diffusion XL through the worker, on a tiny random-weight SDXL model: every task, its
-schedulers, LoRAs, and an archive round trip; training refuses it with a reason."""
+schedulers, LoRAs, an archive round trip, and LoRA / DreamBooth training."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.helpers import BUCKET, decode, png_b64
-from tests.sdxl import build_sdxl
 
 BASE = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 9}
-
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    return build_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
 
 
 def xl(run, sdxl_dir, **fields):
@@ -68,12 +62,42 @@ def test_sdxl_converts_to_an_archive_and_serves_from_it(settings, s3, sdxl_dir):
     assert served.model.source == "url" and served.images[0].base64 == direct.images[0].base64
 
 
-def test_training_sdxl_is_refused_with_a_reason(settings, s3, sdxl_dir):
-    from schemas import TrainRequest
-    from worker.engine import Engine
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_sdxl_trains_and_the_result_is_usable(settings, s3, sdxl_dir, method):
+    import asyncio
 
-    request = TrainRequest.model_validate({"task": "train", "model": {"id": str(sdxl_dir)}, "train": {
-        "instance_prompt": "sks", "instance_images": [png_b64()], "dest_url": f"s3://{BUCKET}/x/"}})
-    with pytest.raises(Exception, match=r"^model\.id: training supports Stable Diffusion 1\.x / 2\.x models, "
-                                        r"not StableDiffusionXLPipeline"):
-        Engine(settings).train(request, lambda event: None, lambda: False, "job")
+    from schemas import InferenceRequest
+    from worker.jobs import JobRunner
+
+    runner = JobRunner(settings, sdk_config={})
+    dest = f"s3://{BUCKET}/xl/trained-{method}" + (".safetensors" if method == "lora" else ".tar.zst")
+    job = {"id": "xl", "input": {"task": "train", "model": {"id": str(sdxl_dir)}, "train": {
+        "method": method, "instance_prompt": "a photo of sks toy", "instance_images": [png_b64()],
+        "resolution": 64, "max_train_steps": 2, "learning_rate": 1e-2, "train_text_encoder": True,
+        "class_prompt": "a toy", "num_class_images": 1, "class_inference_steps": 2, "precision": "fp32",
+        "dest_url": dest}}}
+
+    async def go():
+        return [item async for item in runner.stream(job)]
+
+    result = asyncio.run(go())[-1]
+    assert result.get("type") == "result", result
+    engine = runner.engine()
+
+    def draw(**fields):
+        request = InferenceRequest.model_validate(BASE | {"model": {"id": str(sdxl_dir)}} | fields)
+        return engine.generate(request, lambda event: None, lambda: False)
+
+    plain = draw()
+    if method == "lora":
+        from safetensors import safe_open
+
+        path = settings.models_dir / "xl-lora.safetensors"
+        path.write_bytes(s3.get_object(Bucket=BUCKET, Key="xl/trained-lora.safetensors")["Body"].read())
+        with safe_open(str(path), "pt") as f:
+            prefixes = {key.split(".")[0] for key in f.keys()}
+        assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
+        tuned = draw(loras=[{"url": dest}])
+    else:
+        tuned = draw(model={"url": dest})
+    assert tuned.images[0].base64 != plain.images[0].base64

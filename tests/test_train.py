@@ -14,8 +14,8 @@ from worker.jobs import JobRunner
 SUBJECT = [png_b64((220, 40, 40)), png_b64((40, 40, 220), size=(96, 80))]
 
 
-def train_input(**train) -> dict:
-    return {"task": "train", "stream": True, "train": {
+def train_input(model: dict | None = None, **train) -> dict:
+    return {"task": "train", "stream": True, "model": model or {}, "train": {
         "instance_prompt": "a photo of sks toy", "instance_images": SUBJECT, "resolution": 64,
         "max_train_steps": 2, "learning_rate": 1e-2, "dest_url": f"s3://{BUCKET}/trained/", **train}}
 
@@ -140,7 +140,9 @@ def test_a_cancelled_training_stops_at_the_next_step(runner):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast", ["bf16", "fp16"])
-def test_mixed_precision_training_keeps_fp32_master_weights(runner, s3, monkeypatch, autocast):
+@pytest.mark.parametrize("architecture", ["sd", "sdxl"])
+def test_mixed_precision_training_keeps_fp32_master_weights(runner, s3, monkeypatch, autocast, architecture,
+                                                             request):
     """The GPU recipe, run by the CPU's autocast: frozen weights cast to half, trainable ones
     in fp32, fp16 with a gradient scaler (what failed in docker-diffusers-api with fp16
     weights). On a GPU the same test runs on CUDA (an H100 would pick bf16 by itself)."""
@@ -159,16 +161,18 @@ def test_mixed_precision_training_keeps_fp32_master_weights(runner, s3, monkeypa
         return params
 
     monkeypatch.setattr(worker.train, "_prepare", spy)
-    generate(runner)  # a warm model, which training must set aside and leave untouched
-    lora = run_job(runner, train_input(method="lora", train_text_encoder=True,
-                                       dest_url=f"s3://{BUCKET}/mixed-{autocast}.safetensors"))[-1]
+    model = {"id": str(request.getfixturevalue("sdxl_dir"))} if architecture == "sdxl" else {}
+    generate(runner, model=model)  # a warm model, which training must set aside and leave untouched
+    name = f"mixed-{architecture}-{autocast}"
+    lora = run_job(runner, train_input(method="lora", train_text_encoder=True, model=model,
+                                       dest_url=f"s3://{BUCKET}/{name}.safetensors"))[-1]
     assert lora.get("type") == "result", lora
     full = run_job(runner, train_input(method="dreambooth", train_text_encoder=True, num_class_images=1,
-                                       class_prompt="a toy", class_inference_steps=2,
-                                       dest_url=f"s3://{BUCKET}/mixed-{autocast}.tar.zst"))[-1]
+                                       class_prompt="a toy", class_inference_steps=2, model=model,
+                                       dest_url=f"s3://{BUCKET}/{name}.tar.zst"))[-1]
     assert full.get("type") == "result", full
     assert seen == {"lora": ({torch.float32}, dtype), "dreambooth": ({torch.float32}, dtype)}
-    styled = generate(runner, loras=[{"url": lora["train"]["url"]}])
+    styled = generate(runner, model=model, loras=[{"url": lora["train"]["url"]}])
     assert styled["model"]["source"] == "memory"  # on CUDA: parked in CPU RAM while training ran
     if torch.cuda.is_available():
         assert styled["model"]["precision"] == "fp16"

@@ -11,8 +11,9 @@
    forward pass runs under autocast, bf16 where the GPU has it, else fp16 with a gradient
    scaler, and the frozen parts are cast to that dtype to save memory. fp32 trainable weights
    are what fix docker-diffusers-api's "Attempting to unscale FP16 gradients".
-5. Each step: noise, a random timestep, the UNet's prediction, MSE against the noise (or the
-   velocity for v-prediction models), plus the weighted prior loss; gradients clipped at 1.0,
+5. Each step: noise, a random timestep, the UNet's prediction (SDXL's also conditioned on both
+   text encoders, the pooled text and the image size), MSE against the noise (or the velocity
+   for v-prediction models), plus the weighted prior loss; gradients clipped at 1.0,
    then AdamW. A progress event per step carries the loss; a cancelled job stops at the next
    step.
 6. The result is saved in ``precision`` and published to ``dest_url``: a LoRA as one
@@ -49,7 +50,7 @@ _UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 _TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 _PROGRESS_INTERVAL_S = 0.1  # the contract: throttled only above about 10 events a second
 _LOSS_WINDOW = 50
-_TRAINABLE = ("StableDiffusionPipeline",)
+_TRAINABLE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Location, *, device: str,
@@ -59,7 +60,7 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     start = time.perf_counter()
     class_name = json.loads((model_dir / "model_index.json").read_text()).get("_class_name")
     if class_name not in _TRAINABLE:
-        raise UserInputError("model.id", f"training supports Stable Diffusion 1.x / 2.x models, not {class_name}")
+        raise UserInputError("model.id", f"training supports Stable Diffusion 1.x / 2.x and XL models, not {class_name}")
     emit(Progress(stage="load", step=0, total=1))
     pipe = load_pipeline(model_dir, "fp32", variant, device)
     emit(Progress(stage="load", step=1, total=1))
@@ -88,7 +89,7 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     embeddings = {}
     if frozen_text:  # one encoding per prompt for the whole run
         with torch.no_grad():
-            embeddings = {p: _encode(pipe, p).float() for p in {spec.instance_prompt, spec.class_prompt} if p}
+            embeddings = {p: _encode(pipe, [p]) for p in {spec.instance_prompt, spec.class_prompt} if p}
 
     # 5. The loop.
     start = time.perf_counter()
@@ -107,9 +108,9 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
             prompts += [spec.class_prompt] * spec.train_batch_size
         with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            states = torch.cat([embeddings[p] for p in prompts]) if frozen_text else _encode(pipe, prompts)
+            text = _batch([embeddings[p] for p in prompts]) if frozen_text else _encode(pipe, prompts)
             prior_weight = spec.prior_loss_weight if prior is not None else None
-            loss = _loss(pipe, scheduler, latents, states, generator, prior_weight)
+            loss = _loss(pipe, scheduler, latents, text, spec.resolution, generator, prior_weight)
         if not math.isfinite(loss.item()):
             raise UserInputError("train.learning_rate", f"the loss became {loss.item()} at step {step}; lower it")
         if scaler is not None:
@@ -157,18 +158,20 @@ def _prepare(pipe, spec: TrainSpec, autocast_dtype: torch.dtype | None) -> list[
     """Mark what trains (fp32) and cast the rest; return the trainable parameters."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+    encoders = _text_encoders(pipe)
+    for module in (pipe.unet, pipe.vae, *encoders):
         module.requires_grad_(False)
     if spec.method == "lora":
         if autocast_dtype is not None:  # frozen base weights in half; the adapters stay fp32
-            pipe.unet.to(dtype=autocast_dtype)
-            pipe.text_encoder.to(dtype=autocast_dtype)
+            for module in (pipe.unet, *encoders):
+                module.to(dtype=autocast_dtype)
         config = dict(r=spec.rank, lora_alpha=spec.rank, init_lora_weights="gaussian")
         pipe.unet.add_adapter(LoraConfig(target_modules=_UNET_LORA_TARGETS, **config))
         if spec.train_text_encoder:
             # transformers 5's own add_adapter wants peft >= 0.22; peft's injection works with 0.21.
-            inject_adapter_in_model(LoraConfig(target_modules=_TEXT_LORA_TARGETS, **config), pipe.text_encoder)
-        modules = [pipe.unet] + ([pipe.text_encoder] if spec.train_text_encoder else [])
+            for encoder in encoders:
+                inject_adapter_in_model(LoraConfig(target_modules=_TEXT_LORA_TARGETS, **config), encoder)
+        modules = [pipe.unet] + (encoders if spec.train_text_encoder else [])
         params = [p for m in modules for n, p in m.named_parameters() if "lora_" in n]
         for p in params:
             p.data = p.data.float()
@@ -176,18 +179,24 @@ def _prepare(pipe, spec: TrainSpec, autocast_dtype: torch.dtype | None) -> list[
     else:
         pipe.unet.requires_grad_(True)
         params = list(pipe.unet.parameters())
-        if spec.train_text_encoder:
-            pipe.text_encoder.requires_grad_(True)
-            params += list(pipe.text_encoder.parameters())
-        elif autocast_dtype is not None:
-            pipe.text_encoder.to(dtype=autocast_dtype)
+        for encoder in encoders:
+            if spec.train_text_encoder:
+                encoder.requires_grad_(True)
+                params += list(encoder.parameters())
+            elif autocast_dtype is not None:
+                encoder.to(dtype=autocast_dtype)
         if autocast_dtype is not None:
             pipe.unet.enable_gradient_checkpointing()  # a full UNet's activations are the memory hog
     if autocast_dtype is not None:
-        pipe.vae.to(dtype=autocast_dtype)
+        pipe.vae.to(dtype=autocast_dtype)  # done with: the latents are encoded
     pipe.unet.train()
-    pipe.text_encoder.train(spec.train_text_encoder)
+    for encoder in encoders:
+        encoder.train(spec.train_text_encoder)
     return params
+
+
+def _text_encoders(pipe) -> list:
+    return [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
 
 
 def _latent_stats(pipe, images, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,12 +222,29 @@ def _sample(stats: tuple[torch.Tensor, torch.Tensor], batch: int, generator: tor
     return (mean[index] + std[index] * noise) * pipe.vae.config.scaling_factor
 
 
-def _encode(pipe, prompts) -> torch.Tensor:
-    ids = pipe.tokenizer(
-        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0]
+def _encode(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The UNet's text conditioning: hidden states, and for SDXL the pooled embedding too."""
+    if getattr(pipe, "text_encoder_2", None) is None:  # SD 1.x / 2.x: the last hidden state
+        return pipe.text_encoder(_ids(pipe.tokenizer, prompts, pipe.text_encoder.device))[0], None
+    # SDXL, like its pipeline: both encoders' penultimate states side by side, the second's pooled output.
+    states, pooled = [], None
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        out = encoder(_ids(tokenizer, prompts, encoder.device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]
+    return torch.cat(states, dim=-1), pooled
+
+
+def _ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt",
+    ).input_ids.to(device)
+
+
+def _batch(encoded: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    states = torch.cat([e[0] for e in encoded])
+    pooled = torch.cat([e[1] for e in encoded]) if encoded[0][1] is not None else None
+    return states, pooled
 
 
 def _noise_scheduler(pipe):
@@ -227,12 +253,17 @@ def _noise_scheduler(pipe):
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
-def _loss(pipe, scheduler, latents, states, generator, prior_weight: float | None) -> torch.Tensor:
+def _loss(pipe, scheduler, latents, text, resolution: int, generator, prior_weight: float | None) -> torch.Tensor:
+    states, pooled = text
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     steps = steps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, steps)
-    prediction = pipe.unet(noisy, steps, states).sample
+    extra = None
+    if pooled is not None:  # SDXL: original size, crop corner, target size (square, uncropped)
+        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=latents.device)
+        extra = {"text_embeds": pooled, "time_ids": time_ids.repeat(latents.shape[0], 1)}
+    prediction = pipe.unet(noisy, steps, states, added_cond_kwargs=extra).sample
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, steps)
     else:
@@ -245,21 +276,26 @@ def _loss(pipe, scheduler, latents, states, generator, prior_weight: float | Non
 
 
 def _class_images(pipe, spec: TrainSpec, device: str, autocast_dtype, emit, cancelled) -> list:
-    from diffusers import StableDiffusionPipeline
-
     # Without the safety checker: a blacked-out image would teach the model black squares.
-    drawer = StableDiffusionPipeline.from_pipe(pipe, safety_checker=None, requires_safety_checker=False)
+    no_checker = {"safety_checker": None, "requires_safety_checker": False} if hasattr(pipe, "safety_checker") else {}
+    drawer = type(pipe).from_pipe(pipe, **no_checker)
     drawer.set_progress_bar_config(disable=True)
     images = []
     for i in range(spec.num_class_images):
         if cancelled():
             raise JobCancelled(i, spec.num_class_images)
         emit(Progress(stage="class_images", step=i, total=spec.num_class_images))
-        with torch.no_grad(), torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32,
-                                             enabled=autocast_dtype is not None):
-            out = drawer(spec.class_prompt, num_inference_steps=spec.class_inference_steps, width=spec.resolution,
-                         height=spec.resolution, generator=torch.Generator("cpu").manual_seed(spec.seed + i))
-        images.append(out.images[0])
+        with torch.no_grad():
+            with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                latents = drawer(
+                    spec.class_prompt, num_inference_steps=spec.class_inference_steps, width=spec.resolution,
+                    height=spec.resolution, generator=torch.Generator("cpu").manual_seed(spec.seed + i),
+                    output_type="latent",
+                ).images
+            # Decoded in fp32, outside autocast: SDXL's VAE overflows in fp16.
+            decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+        images += drawer.image_processor.postprocess(decoded.float(), output_type="pil")
     emit(Progress(stage="class_images", step=spec.num_class_images, total=spec.num_class_images))
     return images
 
@@ -269,7 +305,6 @@ def _dtype(precision: str) -> torch.dtype:
 
 
 def _publish_lora(pipe, spec, location, staging, settings, emit, timings) -> tuple[str, int]:
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
@@ -281,9 +316,11 @@ def _publish_lora(pipe, spec, location, staging, settings, emit, timings) -> tup
         state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
-    extra = {"text_encoder_lora_layers": layers(pipe.text_encoder)} if spec.train_text_encoder else {}
-    StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=layers(pipe.unet),
-                                              weight_name="lora.safetensors", **extra)
+    extra = {}
+    if spec.train_text_encoder:
+        names = ("text_encoder_lora_layers", "text_encoder_2_lora_layers")
+        extra = {name: layers(encoder) for name, encoder in zip(names, _text_encoders(pipe))}
+    type(pipe).save_lora_weights(staging, unet_lora_layers=layers(pipe.unet), weight_name="lora.safetensors", **extra)
     path = staging / "lora.safetensors"
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -301,8 +338,8 @@ def _publish_model(pipe, spec, location, staging, settings, emit, timings) -> tu
     start = time.perf_counter()
     emit(Progress(stage="save", step=0, total=1))
     pipe.unet.disable_gradient_checkpointing()
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
+    for module in (pipe.unet, *_text_encoders(pipe)):
+        module.eval()
     pipe.to("cpu", _dtype(spec.precision))
     pipe.save_pretrained(staging / "model", safe_serialization=True)
     emit(Progress(stage="save", step=1, total=1))
