@@ -187,8 +187,8 @@ class Engine:
             if source in FETCHED_NOW:
                 timings["download"] = _ms(start)
             self.models.clear_device()
-            out = train.train(spec, path, ref.variant, location, device=self.device, staging=staging, settings=self.settings,
-                              emit=emit, cancelled=cancelled, timings=timings)
+            out = train.train(spec, path, ref.variant, location, device=self.device, staging=staging,
+                              settings=self.settings, emit=emit, cancelled=cancelled, timings=timings)
         info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision="fp32", device=self.device)
         return Result(task="train", train=out, timings=timings, model=info)
 

@@ -49,7 +49,8 @@ class Outbox:
     expires_s: int
     field: str  # the request field to name in errors
 
-    def put_all(self, images: list[tuple[bytes, str]], emit: Callable[[Progress], None]) -> list[tuple[str, str | None]]:
+    def put_all(self, images: list[tuple[bytes, str]],
+                emit: Callable[[Progress], None]) -> list[tuple[str, str | None]]:
         """Upload (data, format) pairs in parallel; return (s3 URL, presigned link) for each."""
         keys = [f"{self.prefix}{self.stem}-{i}.{fmt}" for i, (_, fmt) in enumerate(images)]
         done = 0
