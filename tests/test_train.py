@@ -98,9 +98,13 @@ def test_docker_diffusers_api_dreambooth_payload_trains_and_answers_in_its_shape
 
 
 def test_training_is_reproducible_with_its_seed(runner, s3):
-    first = run_job(runner, train_input(dest_url=f"s3://{BUCKET}/a.safetensors"), "a")[-1]["train"]
-    second = run_job(runner, train_input(dest_url=f"s3://{BUCKET}/b.safetensors"), "b")[-1]["train"]
-    assert first["sha256"] == second["sha256"] and first["loss"] == second["loss"]
+    images = SUBJECT * 3  # more than the VAE encodes at once
+    first = run_job(runner, train_input(instance_images=images, dest_url=f"s3://{BUCKET}/a.safetensors"), "a")[-1]
+    second = run_job(runner, train_input(instance_images=images, dest_url=f"s3://{BUCKET}/b.safetensors"), "b")[-1]
+    assert first["train"]["instance_images"] == 6
+    assert first["train"]["sha256"] == second["train"]["sha256"] and first["train"]["loss"] == second["train"]["loss"]
+    other_seed = run_job(runner, train_input(instance_images=images, seed=1, dest_url=f"s3://{BUCKET}/c.safetensors"))
+    assert other_seed[-1]["train"]["sha256"] != first["train"]["sha256"]
 
 
 @pytest.mark.parametrize("change, expected", [

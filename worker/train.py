@@ -50,6 +50,7 @@ _UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 _TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 _PROGRESS_INTERVAL_S = 0.1  # the contract: throttled only above about 10 events a second
 _LOSS_WINDOW = 50
+_VAE_BATCH = 4
 _TRAINABLE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
@@ -70,9 +71,9 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
 
     # 2. Instance latents, and 3. class latents for prior preservation.
     start = time.perf_counter()
-    instance = _latent_stats(pipe, [
+    instance = _latent_stats(pipe, (  # one full-size image in memory at a time
         load_image(source, f"train.instance_images[{i}]", settings) for i, source in enumerate(spec.instance_images)
-    ], spec.resolution)
+    ), spec.resolution)
     timings["inputs"] = _ms(start)
     prior = None
     if spec.num_class_images:
@@ -209,10 +210,14 @@ def _latent_stats(pipe, images, resolution: int) -> tuple[torch.Tensor, torch.Te
         image = ImageOps.fit(image.convert("RGB"), (resolution, resolution))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         pixels.append(torch.from_numpy(array).permute(2, 0, 1))
-    batch = torch.stack(pixels).to(pipe.vae.device, dtype=pipe.vae.dtype)
-    with torch.no_grad():
-        dist = pipe.vae.encode(batch).latent_dist
-    return dist.mean.float(), dist.std.float()
+    means, stds = [], []
+    for start in range(0, len(pixels), _VAE_BATCH):  # a few at a time: the encoder's activations are large
+        batch = torch.stack(pixels[start:start + _VAE_BATCH]).to(pipe.vae.device, dtype=pipe.vae.dtype)
+        with torch.no_grad():
+            dist = pipe.vae.encode(batch).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
 
 
 def _sample(stats: tuple[torch.Tensor, torch.Tensor], batch: int, generator: torch.Generator, pipe) -> torch.Tensor:
