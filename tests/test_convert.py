@@ -130,6 +130,18 @@ def test_auto_publish_from_a_single_file_checkpoint(settings, s3, tmp_path):
     assert later.model.source == "url" and later.images[0].base64 == first.images[0].base64
 
 
+def test_a_cancelled_convert_stops_before_its_next_stage(settings, s3, tiny_dir):
+    from worker.errors import JobCancelled
+
+    events = []
+    request = ConvertRequest.model_validate({"task": "convert", "model": {"id": str(tiny_dir)},
+                                             "convert": {"dest_url": f"s3://{BUCKET}/cancelled.tar.zst"}})
+    loaded = lambda: any(e.stage == "load" and e.step == 1 for e in events)  # noqa: E731  RunPod cancels now
+    with pytest.raises(JobCancelled, match="^job: cancelled before save$"):
+        Engine(settings).convert(request, events.append, loaded)
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="cancelled")
+
+
 def test_a_missing_bucket_is_refused_before_any_work(settings, s3, tiny_dir):
     events = []
     with pytest.raises(ModelSourceError, match=r"^convert\.dest_url: bucket 'nowhere' does not exist"):

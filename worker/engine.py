@@ -99,7 +99,7 @@ class Engine:
             # 6. Denoise, reporting every step and stopping if RunPod cancelled the job.
             def on_step(pipeline, step: int, timestep, tensors: dict) -> dict:
                 if cancelled():
-                    raise JobCancelled(step, pipeline.num_timesteps)
+                    raise JobCancelled(f"at step {step} of {pipeline.num_timesteps}")
                 emit(Progress(stage="inference", step=step + 1, total=pipeline.num_timesteps))
                 return tensors
 
@@ -157,6 +157,7 @@ class Engine:
         location = parse_location(spec.dest_url, "convert.dest_url", self.settings, hub_id, spec.precision, suffix)
         check_destination(location, self.settings, "convert.dest_url")
         # 2. The source's weights on disk (fetched or converted if need be).
+        emit = _stops_between_stages(emit, cancelled)
         start = time.perf_counter()
         with self._lock:
             path, source = self.models.locate(ref, emit)
@@ -242,6 +243,18 @@ class Engine:
             raise UserInputError("task", f"{name} ({type(base).__name__}) cannot run {request.task}") from None
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def _stops_between_stages(emit: Emit, cancelled: Callable[[], bool]) -> Emit:
+    """``emit`` that raises JobCancelled when a stage starts (its step-0 event) after RunPod
+    cancelled the job: long jobs made of stages stop at the next one."""
+
+    def checked(event: Progress) -> None:
+        if event.step == 0 and cancelled():
+            raise JobCancelled(f"before {event.stage}")
+        emit(event)
+
+    return checked
 
 
 def _ms(start: float) -> float:

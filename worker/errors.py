@@ -37,8 +37,8 @@ class ModelSourceError(UserInputError):
 class JobCancelled(WorkerError):
     """RunPod cancelled the job (or it timed out) while it ran."""
 
-    def __init__(self, step: int, total: int) -> None:
-        super().__init__(f"job: cancelled at step {step} of {total}")
+    def __init__(self, where: str) -> None:
+        super().__init__(f"job: cancelled {where}")
 
 
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")

@@ -101,7 +101,7 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     last_sent = 0.0
     for step in range(1, spec.max_train_steps + 1):
         if cancelled():
-            raise JobCancelled(step - 1, spec.max_train_steps)
+            raise JobCancelled(f"at training step {step - 1} of {spec.max_train_steps}")
         latents = _sample(instance, spec.train_batch_size, generator, pipe)
         prompts = [spec.instance_prompt] * spec.train_batch_size
         if prior is not None:
@@ -288,7 +288,7 @@ def _class_images(pipe, spec: TrainSpec, device: str, autocast_dtype, emit, canc
     images = []
     for i in range(spec.num_class_images):
         if cancelled():
-            raise JobCancelled(i, spec.num_class_images)
+            raise JobCancelled(f"at class image {i} of {spec.num_class_images}")
         emit(Progress(stage="class_images", step=i, total=spec.num_class_images))
         with torch.no_grad():
             with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32,
