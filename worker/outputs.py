@@ -87,7 +87,8 @@ def outbox_for(upload_url: str | None, s3_config: Any, job_id: str | None, setti
     config = _s3_config(s3_config, settings) if s3_config is not None else None
     field = "output.upload_url" if upload_url else "s3Config.bucketName"
 
-    # 1. Bucket and prefix.
+    # 1. Bucket and prefix; images are named after the job.
+    stem = _UNSAFE.sub("_", job_id or uuid.uuid4().hex)[:128]
     bucket, prefix = "", ""
     if upload_url:
         parts = urlsplit(upload_url)
@@ -101,7 +102,7 @@ def outbox_for(upload_url: str | None, s3_config: Any, job_id: str | None, setti
         if config is None or not config.bucketName:
             raise UserInputError(field, "names no bucket: send s3://bucket/prefix/, or an s3Config with bucketName")
         bucket = config.bucketName
-        prefix = prefix or "{job}/"  # RunPod's own layout: one folder per job
+        prefix = prefix or f"{stem}/"  # RunPod's own layout: one folder per job
     if ".." in prefix.split("/"):
         raise UserInputError(field, "must not contain '..'")
     if prefix and not prefix.endswith("/"):
@@ -116,8 +117,7 @@ def outbox_for(upload_url: str | None, s3_config: Any, job_id: str | None, setti
                          secret.get_secret_value() if secret else None)
     else:
         client = s3_client(settings)
-    stem = _UNSAFE.sub("_", job_id or uuid.uuid4().hex)[:128]
-    return Outbox(client, bucket, prefix.replace("{job}", stem), stem, settings.output_url_expires_s, field)
+    return Outbox(client, bucket, prefix, stem, settings.output_url_expires_s, field)
 
 
 def _s3_config(raw: Any, settings: Settings) -> S3Config:
