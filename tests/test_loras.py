@@ -184,3 +184,12 @@ def test_unet_and_text_encoder_loras_together(run, lora_files):
 def test_the_same_lora_twice_is_refused(run, lora_files):
     with pytest.raises(Exception, match=r"^loras: the same LoRA is listed twice"):
         image_of(run, loras=[{"id": str(lora_files["style"])}, {"id": str(lora_files["style"]), "scale": 0.5}])
+
+
+def test_a_failed_fetch_keeps_the_loras_already_loaded(run, engine, lora_files):
+    image_of(run, loras=[{"id": str(lora_files["style"])}])
+    loaded = next(loaded for loaded in engine.models._loaded.values() if loaded.loras)
+    before = dict(loaded.loras)
+    with pytest.raises(Exception, match=r"^loras\[1\]\.id: /nowhere/x\.safetensors is not a \.safetensors file"):
+        image_of(run, loras=[{"id": str(lora_files["style"])}, {"id": "/nowhere/x.safetensors"}])
+    assert dict(loaded.loras) == before  # nothing was unloaded: the next use of style is a switch

@@ -15,8 +15,10 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from schemas import LoraSpec, Progress
 
@@ -49,32 +51,40 @@ def apply(loaded: Loaded, pipeline: Any, specs: list[LoraSpec], *, settings: Set
         raise UserInputError("loras", f"{type(pipeline).__name__} pipelines do not take LoRAs")
     start = time.perf_counter()
     names = []
-    try:
-        for i, spec in enumerate(specs):
-            field = f"loras[{i}]"
-            path = _locate(spec, field, settings, disk, emit)
-            stat = path.stat()
-            key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-            if key not in resident:
-                name = f"lora_{next(_names)}"
+    for i, spec in enumerate(specs):
+        field = f"loras[{i}]"
+        path = _locate(spec, field, settings, disk, emit)  # a failed fetch leaves the model as it is
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in resident:
+            name = f"lora_{next(_names)}"
+            with _plain_on_failure(pipeline, resident):
                 _load(pipeline, path, name, field)
-                resident[key] = name
-            resident.move_to_end(key)
-            names.append(resident[key])
-        if len(set(names)) < len(names):
-            raise UserInputError("loras", "the same LoRA is listed twice; give it one scale")
+            resident[key] = name
+            log.info("loaded LoRA %s as adapter %s", path.name, name)
+        resident.move_to_end(key)
+        names.append(resident[key])
+    if len(set(names)) < len(names):
+        raise UserInputError("loras", "the same LoRA is listed twice; give it one scale")
+    with _plain_on_failure(pipeline, resident):
         # Room for the next ones: the least recently used beyond the cap leave (not this request's).
         while len(resident) > max(settings.max_loaded_loras, len(names)):
             _, name = resident.popitem(last=False)
             pipeline.delete_adapters([name])
         pipeline.enable_lora()
         pipeline.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
+    timings["loras"] = round((time.perf_counter() - start) * 1000, 1)
+
+
+@contextmanager
+def _plain_on_failure(pipeline: Any, resident: OrderedDict) -> Iterator[None]:
+    """Whatever state a failed load or switch left behind, the model goes back to plain."""
+    try:
+        yield
     except BaseException:
-        # Whatever state a failed load left behind, the model goes back to plain.
         pipeline.unload_lora_weights()
         resident.clear()
         raise
-    timings["loras"] = round((time.perf_counter() - start) * 1000, 1)
 
 
 def _load(pipeline: Any, path: Path, name: str, field: str) -> None:
