@@ -116,3 +116,40 @@ def test_without_an_upload_images_over_the_result_limit_are_refused(runner):
     answer = run_job(runner, {"id": "big", "input": VALID})[-1]
     assert answer["error"].startswith("output: the images come to"), answer
     assert "output.upload_url" in answer["error"]
+
+
+def test_uploads_through_the_checked_session_work(s3_endpoint, s3):
+    """What botocore sends through worker.urls' sessions (how a caller's endpoint is reached)
+    comes back parsed like its own replies: small and large uploads, reads, errors."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    from worker.outputs import send_through
+    from worker.urls import session_for
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="caller",
+                          aws_secret_access_key="caller-secret-value", region_name="us-east-1")
+    client.meta.events.register("before-send.s3", send_through(session_for(allow_private=True), 10))
+    client.put_object(Bucket=BUCKET, Key="through/x.png", Body=b"\x89PNG-bytes", ContentType="image/png")
+    got = s3.get_object(Bucket=BUCKET, Key="through/x.png")
+    assert got["Body"].read() == b"\x89PNG-bytes" and got["ContentType"] == "image/png"
+    assert client.head_object(Bucket=BUCKET, Key="through/x.png")["ContentLength"] == 10
+    large = bytes(range(256)) * 8192  # 2 MiB: botocore asks for "Expect: 100-continue" above 1 MB
+    client.put_object(Bucket=BUCKET, Key="through/large.png", Body=large)
+    assert s3.get_object(Bucket=BUCKET, Key="through/large.png")["Body"].read() == large
+    with pytest.raises(ClientError) as error:
+        client.put_object(Bucket="no-such-bucket", Key="x", Body=b"x")
+    assert error.value.response["Error"]["Code"] == "NoSuchBucket"
+
+
+def test_a_callers_endpoint_is_refused_on_the_connection_too(s3_endpoint, s3):
+    """DNS rebinding: the endpoint's name looked public when checked, the connection lands on a
+    private address. The connected socket is checked before anything is sent on it."""
+    from worker.errors import UserInputError
+    from worker.outputs import _client
+    from worker.settings import Settings
+
+    client = _client(Settings(), s3_endpoint, "caller", "caller-secret-value", public_only=True)
+    with pytest.raises(UserInputError, match=r"^s3Config\.endpointUrl: host '127\.0\.0\.1' is a private address"):
+        client.put_object(Bucket=BUCKET, Key="rebound/x.png", Body=b"x")
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="rebound/")

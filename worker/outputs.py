@@ -13,7 +13,8 @@ carries RunPod's ``s3Config`` (the caller's own bucket, beside ``input``):
   link that works for OUTPUT_URL_EXPIRES_S (default 7 days, the most S3 allows).
 
 An s3Config's endpoint is the caller's: unless ALLOW_PRIVATE_URLS=1 it must resolve to a
-public address, like every URL a request brings.
+public address, like every URL a request brings, checked on its name and again on every
+connection, before a byte is sent.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from schemas import Progress, S3Config
 from .errors import UserInputError
 from .settings import Settings
 from .storage import Location, s3_client, s3_error
-from .urls import check_url
+from .urls import PrivateAddress, caused_by, check_url, private_message, session_for
 
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -59,6 +60,8 @@ class Outbox:
             location = Location("s3", f"s3://{self.bucket}/{key}", bucket=self.bucket, key=key)
             try:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=_CONTENT_TYPES[fmt])
+            except UserInputError:
+                raise  # already says what and where (a private endpoint)
             except Exception as exc:  # botocore's errors, read by s3_error; never a credential
                 raise s3_error(exc, self.field, location) from None
 
@@ -110,7 +113,8 @@ def outbox_for(upload_url: str | None, s3_config: Any, job_id: str | None, setti
 
     # 2. The client: the job's own bucket, else RunPod's BUCKET_*, else the models' AWS_*.
     if config is not None:
-        client = _client(settings, config.endpointUrl, config.accessId, config.accessSecret.get_secret_value())
+        client = _client(settings, config.endpointUrl, config.accessId, config.accessSecret.get_secret_value(),
+                         public_only=not settings.allow_private_urls)
     elif settings.bucket_endpoint_url or settings.bucket_access_key_id:
         secret = settings.bucket_secret_access_key
         client = _client(settings, settings.bucket_endpoint_url, settings.bucket_access_key_id,
@@ -132,15 +136,43 @@ def _s3_config(raw: Any, settings: Settings) -> S3Config:
     return config
 
 
-def _client(settings: Settings, endpoint: str | None, key_id: str | None, secret: str | None):
+def _client(settings: Settings, endpoint: str | None, key_id: str | None, secret: str | None,
+            public_only: bool = False):
     import boto3
     from botocore.config import Config
 
-    return boto3.client(
+    client = boto3.client(
         "s3", endpoint_url=endpoint, aws_access_key_id=key_id, aws_secret_access_key=secret,
         region_name=settings.aws_default_region or _region_of(endpoint),
         config=Config(signature_version="s3v4", retries={"max_attempts": 3, "mode": "standard"}),
     )
+    if public_only:
+        # A caller's endpoint: its name was checked, and every connection is checked again, on
+        # the connected socket, before a byte is sent (a DNS answer can change in between).
+        # botocore sends through a requests session that enforces it, via its before-send hook.
+        client.meta.events.register("before-send.s3", send_through(session_for(allow_private=False),
+                                                                    settings.url_timeout_s))
+    return client
+
+
+def send_through(session, timeout: float):
+    """A botocore before-send handler that sends each request through ``session`` (requests)."""
+    import requests
+    from botocore.awsrequest import AWSResponse
+
+    def send(request, **kwargs) -> AWSResponse:
+        try:
+            # botocore's own connection handles "Expect: 100-continue"; requests just sends the body.
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "expect"}
+            response = session.request(request.method, request.url, headers=headers, data=request.body,
+                                       stream=True, allow_redirects=False, timeout=timeout)
+        except requests.RequestException as exc:
+            if caused_by(exc, PrivateAddress):
+                raise UserInputError("s3Config.endpointUrl", private_message(urlsplit(request.url).hostname)) from None
+            raise UserInputError("s3Config.endpointUrl", f"upload failed ({type(exc).__name__})") from None
+        return AWSResponse(request.url, response.status_code, response.headers, response.raw)
+
+    return send
 
 
 def _region_of(endpoint: str | None) -> str | None:

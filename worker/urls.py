@@ -90,10 +90,10 @@ def check_url(url: str, field: str, allow_private: bool) -> None:
     except (socket.gaierror, UnicodeError):
         raise UserInputError(field, f"cannot resolve host {parts.hostname!r}") from None
     if not all(_is_public(info[4][0]) for info in infos):
-        raise UserInputError(field, _private_message(parts.hostname))
+        raise UserInputError(field, private_message(parts.hostname))
 
 
-def _private_message(host: str) -> str:
+def private_message(host: str) -> str:
     return f"host {host!r} is a private address; the operator must set ALLOW_PRIVATE_URLS=1"
 
 
@@ -108,8 +108,8 @@ def open_url(
         try:
             response = session.get(url, stream=True, allow_redirects=False, timeout=timeout, headers=headers)
         except requests.RequestException as exc:
-            if _caused_by(exc, PrivateAddress):
-                raise UserInputError(field, _private_message(urlsplit(url).hostname)) from None
+            if caused_by(exc, PrivateAddress):
+                raise UserInputError(field, private_message(urlsplit(url).hostname)) from None
             raise UserInputError(field, f"download failed ({type(exc).__name__})") from None
         if not response.is_redirect:
             return response
@@ -139,7 +139,7 @@ def fetch_bytes(url: str, field: str, *, max_bytes: int, timeout: float, allow_p
             return bytes(body)
 
 
-def _caused_by(exc: BaseException, kind: type) -> bool:
+def caused_by(exc: BaseException, kind: type) -> bool:
     """Whether ``kind`` is anywhere in the chain of causes (requests and urllib3 wrap errors)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
