@@ -39,6 +39,7 @@ CALL_INPUTS_MODEL = {"MODEL_ID": "id", "MODEL_URL": "url", "MODEL_REVISION": "re
 TRAIN_INPUTS = {
     "instance_prompt", "instance_images", "max_train_steps", "learning_rate", "resolution", "train_batch_size",
     "seed", "class_prompt", "num_class_images", "prior_loss_weight", "train_text_encoder",
+    "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
 }
 # Its training options that this worker decides by itself (precision, memory savers).
 IGNORED_TRAIN_INPUTS = {"mixed_precision", "gradient_checkpointing", "use_8bit_adam"}

@@ -309,6 +309,16 @@ class TrainSpec(_Strict):
     )
     resolution: int = Field(512, ge=64, le=2048, description="Training images are resized and center-cropped to this.")
     train_batch_size: int = Field(1, ge=1, le=16, description="Images per step.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=64, description="Batches whose gradients add up to one optimizer step (a larger effective batch)."
+    )
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = (
+        Field("constant", description="How the learning rate moves over the run (diffusers' schedules).")
+    )
+    lr_warmup_steps: int = Field(0, ge=0, le=100_000, description="Steps over which the learning rate rises from 0.")
+    snr_gamma: float | None = Field(
+        None, gt=0, le=100, description="Min-SNR loss weighting (5.0 is usual); off when absent."
+    )
     seed: int = Field(0, ge=0, lt=2**63, description="Makes a run reproducible on the same worker.")
     dest_url: S3Url = Field(
         ..., max_length=8192,

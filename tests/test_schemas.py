@@ -198,5 +198,9 @@ def test_docker_diffusers_api_dreambooth_payload_is_translated():
     assert request.train.class_prompt is None  # with_prior_preservation: false drops it
     with pytest.raises(RequestError, match=r"^modelInputs\.learning_rate: input should be less than"):
         parse_request(payload | {"modelInputs": payload["modelInputs"] | {"learning_rate": 3}}, Limits())
-    with pytest.raises(RequestError, match=r"^modelInputs\.lr_scheduler: not supported for training"):
-        parse_request(payload | {"modelInputs": payload["modelInputs"] | {"lr_scheduler": "cosine"}}, Limits())
+    scheduled = parse_request(payload | {"modelInputs": payload["modelInputs"] | {
+        "lr_scheduler": "cosine", "lr_warmup_steps": 10, "gradient_accumulation_steps": 2}}, Limits())
+    assert (scheduled.train.lr_scheduler, scheduled.train.lr_warmup_steps) == ("cosine", 10)
+    assert scheduled.train.gradient_accumulation_steps == 2
+    with pytest.raises(RequestError, match=r"^modelInputs\.adam_beta1: not supported for training"):
+        parse_request(payload | {"modelInputs": payload["modelInputs"] | {"adam_beta1": 0.8}}, Limits())

@@ -107,12 +107,35 @@ def test_training_is_reproducible_with_its_seed(runner, s3):
     assert other_seed[-1]["train"]["sha256"] != first["train"]["sha256"]
 
 
+@pytest.mark.parametrize("knob", [
+    {"lr_scheduler": "cosine"},
+    {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 1},
+    {"gradient_accumulation_steps": 2},
+    # Adam ignores a loss scaled by one number: Min-SNR shows with samples of different timesteps.
+    {"snr_gamma": 5.0, "train_batch_size": 2},
+    {"snr_gamma": 5.0, "class_prompt": "a toy", "num_class_images": 1, "class_inference_steps": 2},
+], ids=["cosine", "warmup", "accumulation", "min-snr", "min-snr-with-prior"])
+def test_each_training_option_changes_what_is_learned(runner, s3, knob):
+    def trained(name: str, **options) -> dict:
+        answer = run_job(runner, train_input(max_train_steps=3, dest_url=f"s3://{BUCKET}/knobs/{name}.safetensors",
+                                             **options))[-1]
+        assert answer.get("type") == "result", answer
+        return answer["train"]
+
+    shared = ("class_prompt", "num_class_images", "class_inference_steps", "train_batch_size")
+    plain_options = {k: v for k, v in knob.items() if k in shared}
+    plain = trained("plain-" + "-".join(knob), **plain_options)
+    tuned = trained("tuned-" + "-".join(knob), **knob)
+    assert tuned["steps"] == 3 and tuned["sha256"] != plain["sha256"]
+
+
 @pytest.mark.parametrize("change, expected", [
     ({"instance_images": []}, "train.instance_images: list should have at least 1 item"),
     ({"num_class_images": 3}, "train.class_prompt: required with num_class_images 3"),
     ({"dest_url": "https://example.com/x"}, "train.dest_url: must be an s3:// URL"),
     ({"max_train_steps": 10**5}, "train.max_train_steps: at most 2000 on this endpoint"),
     ({"resolution": 100}, "train.resolution: must be a multiple of 8, got 100"),
+    ({"lr_scheduler": "exponential"}, "train.lr_scheduler: input should be 'constant'"),
     ({"instance_images": ["bm90IGFuIGltYWdl"]}, "train.instance_images[0]: is not a readable image"),
     ({"dest_url": "s3://no-such-bucket/x.safetensors"}, "train.dest_url: bucket 'no-such-bucket' does not exist"),
 ])

@@ -14,8 +14,9 @@
 5. Each step: noise, a random timestep, the UNet's prediction (SDXL's also conditioned on both
    text encoders, the pooled text and the image size), MSE against the noise (or the velocity
    for v-prediction models), plus the weighted prior loss; gradients clipped at 1.0,
-   then AdamW. A progress event per step carries the loss; a cancelled job stops at the next
-   step.
+   then AdamW under the chosen learning-rate schedule (gradient accumulation and Min-SNR
+   weighting if asked). A progress event per step carries the loss; a cancelled job stops at
+   the next step.
 6. The result is saved in ``precision`` and published to ``dest_url``: a LoRA as one
    ``.safetensors`` file (usable at once in a request's ``loras``), a DreamBooth model as a
    ``.tar.zst`` archive of a diffusers directory (usable at once as ``model.url``).
@@ -34,6 +35,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
 
 from schemas import Progress, TrainOut, TrainSpec
 
@@ -95,6 +98,8 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     # 5. The loop.
     start = time.perf_counter()
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=1e-2)
+    lr_schedule = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=spec.lr_warmup_steps,
+                                num_training_steps=spec.max_train_steps)
     scaler = torch.amp.GradScaler(device) if autocast_dtype == torch.float16 else None
     scheduler = _noise_scheduler(pipe)
     losses: list[float] = []
@@ -102,37 +107,40 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     for step in range(1, spec.max_train_steps + 1):
         if cancelled():
             raise JobCancelled(f"at training step {step - 1} of {spec.max_train_steps}")
-        latents = _sample(instance, spec.train_batch_size, generator, pipe)
-        prompts = [spec.instance_prompt] * spec.train_batch_size
-        if prior is not None:
-            latents = torch.cat([latents, _sample(prior, spec.train_batch_size, generator, pipe)])
-            prompts += [spec.class_prompt] * spec.train_batch_size
-        with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
-            text = _batch([embeddings[p] for p in prompts]) if frozen_text else _encode(pipe, prompts)
-            prior_weight = spec.prior_loss_weight if prior is not None else None
-            loss = _loss(pipe, scheduler, latents, text, spec.resolution, generator, prior_weight)
-        if not math.isfinite(loss.item()):
-            raise UserInputError("train.learning_rate", f"the loss became {loss.item()} at step {step}; lower it")
+        step_loss = 0.0
+        for _ in range(spec.gradient_accumulation_steps):  # gradients add up over the micro-batches
+            latents = _sample(instance, spec.train_batch_size, generator, pipe)
+            prompts = [spec.instance_prompt] * spec.train_batch_size
+            if prior is not None:
+                latents = torch.cat([latents, _sample(prior, spec.train_batch_size, generator, pipe)])
+                prompts += [spec.class_prompt] * spec.train_batch_size
+            with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                text = _batch([embeddings[p] for p in prompts]) if frozen_text else _encode(pipe, prompts)
+                prior_weight = spec.prior_loss_weight if prior is not None else None
+                loss = _loss(pipe, scheduler, latents, text, spec.resolution, generator, prior_weight, spec.snr_gamma)
+            if not math.isfinite(loss.item()):
+                raise UserInputError("train.learning_rate", f"the loss became {loss.item()} at step {step}; lower it")
+            loss = loss / spec.gradient_accumulation_steps
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            step_loss += loss.item()
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-        else:
-            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
+        lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses = (losses + [loss.item()])[-_LOSS_WINDOW:]
+        losses = (losses + [step_loss])[-_LOSS_WINDOW:]
         now = time.monotonic()
         if now - last_sent >= _PROGRESS_INTERVAL_S or step == spec.max_train_steps:
             last_sent = now
             emit(Progress(stage="train", step=step, total=spec.max_train_steps, loss=round(losses[-1], 6)))
     timings["train"] = _ms(start)
-    del optimizer, scaler
+    del optimizer, lr_schedule, scaler
     _free(device)
 
     # 6. Save and publish.
@@ -258,7 +266,8 @@ def _noise_scheduler(pipe):
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
-def _loss(pipe, scheduler, latents, text, resolution: int, generator, prior_weight: float | None) -> torch.Tensor:
+def _loss(pipe, scheduler, latents, text, resolution: int, generator, prior_weight: float | None,
+          snr_gamma: float | None) -> torch.Tensor:
     states, pooled = text
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
@@ -273,11 +282,21 @@ def _loss(pipe, scheduler, latents, text, resolution: int, generator, prior_weig
         target = scheduler.get_velocity(latents, noise, steps)
     else:
         target = noise
-    if prior_weight is None:
-        return F.mse_loss(prediction.float(), target.float())
-    pred_instance, pred_prior = prediction.float().chunk(2)
-    target_instance, target_prior = target.float().chunk(2)
-    return F.mse_loss(pred_instance, target_instance) + prior_weight * F.mse_loss(pred_prior, target_prior)
+    prediction, target = prediction.float(), target.float()
+    if prior_weight is not None:
+        prediction, pred_prior = prediction.chunk(2)
+        target, target_prior = target.chunk(2)
+        steps = steps.chunk(2)[0]
+    if snr_gamma is None:
+        loss = F.mse_loss(prediction, target)
+    else:  # Min-SNR weighting (Hang et al. 2023), as in diffusers' training examples
+        snr = compute_snr(scheduler, steps)
+        weights = torch.clamp(snr, max=snr_gamma) / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
+        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * weights).mean()
+    if prior_weight is not None:
+        loss = loss + prior_weight * F.mse_loss(pred_prior, target_prior)
+    return loss
 
 
 def _class_images(pipe, spec: TrainSpec, device: str, autocast_dtype, emit, cancelled) -> list:
