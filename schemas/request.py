@@ -21,6 +21,7 @@ from .schedulers import canonical_scheduler
 
 Task = Literal["txt2img", "img2img", "inpaint", "train", "convert"]
 Precision = Literal["fp32", "fp16", "bf16"]
+LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 # Hub repo ids: "org/name", each part letters, digits, "-", "_", "." (huggingface_hub's rule).
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -312,9 +313,7 @@ class TrainSpec(_Strict):
     gradient_accumulation_steps: int = Field(
         1, ge=1, le=64, description="Batches whose gradients add up to one optimizer step (a larger effective batch)."
     )
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = (
-        Field("constant", description="How the learning rate moves over the run (diffusers' schedules).")
-    )
+    lr_scheduler: LrSchedule = Field("constant", description="How the learning rate moves over the run (diffusers').")
     lr_warmup_steps: int = Field(0, ge=0, le=100_000, description="Steps over which the learning rate rises from 0.")
     snr_gamma: float | None = Field(
         None, gt=0, le=100, description="Min-SNR loss weighting (5.0 is usual); off when absent."

@@ -291,7 +291,8 @@ def _loss(pipe, scheduler, latents, text, resolution: int, generator, prior_weig
         loss = F.mse_loss(prediction, target)
     else:  # Min-SNR weighting (Hang et al. 2023), as in diffusers' training examples
         snr = compute_snr(scheduler, steps)
-        weights = torch.clamp(snr, max=snr_gamma) / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
+        divisor = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+        weights = torch.clamp(snr, max=snr_gamma) / divisor
         per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights).mean()
     if prior_weight is not None:
