@@ -175,6 +175,9 @@ class InferenceRequest(_Strict):
     safety_checker: bool | None = Field(
         None, description="Run the model's safety checker (default: when the model ships one)."
     )
+    clip_skip: int | None = Field(
+        None, ge=1, le=24, description="Text-encoder layers to skip from the end (1: the penultimate layer's output)."
+    )
     stream: bool = Field(False, description="Yield a progress event per step while working.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Image format and delivery.")
     loras: list[LoraSpec] = Field(

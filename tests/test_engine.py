@@ -232,3 +232,13 @@ def test_data_uri_and_unpadded_base64_are_accepted(run):
     a, _ = run(prompt="p", seed=1, image="data:image/png;base64," + plain, num_inference_steps=2)
     b, _ = run(prompt="p", seed=1, image=plain.rstrip("="), num_inference_steps=2)
     assert a.images[0].base64 == b.images[0].base64
+
+
+def test_clip_skip_uses_an_earlier_text_encoder_layer(run):
+    plain, _ = run(prompt="a lighthouse", num_inference_steps=2, seed=3)
+    skipped, _ = run(prompt="a lighthouse", num_inference_steps=2, seed=3, clip_skip=1)
+    assert skipped.images[0].base64 != plain.images[0].base64
+    again, _ = run(prompt="a lighthouse", num_inference_steps=2, seed=3)
+    assert again.images[0].base64 == plain.images[0].base64  # per request only
+    with pytest.raises(UserInputError, match=r"^clip_skip: at most 1 for the embedded model, got 2"):
+        run(prompt="a lighthouse", num_inference_steps=2, clip_skip=2)  # its text encoder has 2 layers

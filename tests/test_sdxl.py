@@ -101,3 +101,7 @@ def test_sdxl_trains_and_the_result_is_usable(settings, s3, sdxl_dir, method):
     else:
         tuned = draw(model={"url": dest})
     assert tuned.images[0].base64 != plain.images[0].base64
+
+
+def test_clip_skip_on_sdxl(run, sdxl_dir):
+    assert xl(run, sdxl_dir, clip_skip=1).images[0].base64 != xl(run, sdxl_dir).images[0].base64

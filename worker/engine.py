@@ -112,6 +112,7 @@ class Engine:
                 num_images_per_prompt=request.num_images,
                 generator=generators,
                 callback_on_step_end=on_step,
+                **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
                 **images,
             )
             timings["inference"] = _ms(start)
@@ -230,6 +231,10 @@ class Engine:
             raise UserInputError(
                 "num_inference_steps", f"must be below {trained} for this model's scheduler, got {request.num_inference_steps}"
             )
+        encoder = getattr(base, "text_encoder", None)
+        layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
+        if request.clip_skip and (layers is None or request.clip_skip >= layers):
+            raise UserInputError("clip_skip", f"at most {(layers or 1) - 1} for {name}, got {request.clip_skip}")
         overrides = {"scheduler": scheduler}
         ships_checker = getattr(base, "safety_checker", None) is not None
         use_checker = self.settings.safety_checker if request.safety_checker is None else request.safety_checker

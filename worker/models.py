@@ -182,7 +182,19 @@ def load_pipeline(path: Path, precision: str, variant: str | None, device: str) 
         raise ModelSourceError("model.id", f"{type(exc).__name__}{with_variant}: {detail}") from None
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
+    _text_model_alias(pipeline)
     return pipeline
+
+
+def _text_model_alias(pipeline: Any) -> None:
+    """diffusers 0.42 applies ``clip_skip`` through ``text_encoder.text_model.final_layer_norm``;
+    transformers 5 moved that layer to ``text_encoder.final_layer_norm``. A plain attribute (not
+    a registered module: nothing is saved or moved twice) lets the old path find it."""
+    from types import SimpleNamespace
+
+    encoder = getattr(pipeline, "text_encoder", None)
+    if encoder is not None and hasattr(encoder, "final_layer_norm") and not hasattr(encoder, "text_model"):
+        object.__setattr__(encoder, "text_model", SimpleNamespace(final_layer_norm=encoder.final_layer_norm))
 
 
 def _weight_bytes(loaded: Loaded) -> int:
