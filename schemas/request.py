@@ -95,6 +95,10 @@ class OutputSpec(_Strict):
     quality: int | None = Field(
         None, ge=1, le=100, description="JPEG / WebP quality (default 90); PNG is lossless."
     )
+    metadata: bool = Field(
+        False, description="Write how each image was made (prompt, seed, steps, ...) into the file, "
+        "as AUTOMATIC1111 does: a PNG text chunk `parameters`, or EXIF for JPEG / WebP.",
+    )
     upload_url: S3Url | None = Field(
         None,
         max_length=4096,

@@ -242,3 +242,17 @@ def test_clip_skip_uses_an_earlier_text_encoder_layer(run):
     assert again.images[0].base64 == plain.images[0].base64  # per request only
     with pytest.raises(UserInputError, match=r"^clip_skip: at most 1 for the embedded model, got 2"):
         run(prompt="a lighthouse", num_inference_steps=2, clip_skip=2)  # its text encoder has 2 layers
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_images_say_how_they_were_made(run, fmt):
+    result, _ = run(prompt="a lighthouse", negative_prompt="fog", num_inference_steps=2, seed=77,
+                    scheduler="EulerDiscrete", output={"format": fmt, "metadata": True})
+    image = decode(result.images[0].base64)
+    text = image.info["parameters"] if fmt == "png" else image.getexif()[0x010E]
+    assert text.splitlines()[:2] == ["a lighthouse", "Negative prompt: fog"]
+    assert "Steps: 2, Sampler: EulerDiscrete, CFG scale: 7.5, Seed: 77, Size: 64x64" in text
+    bare, _ = run(prompt="a lighthouse", num_inference_steps=2, seed=77, output={"format": fmt})  # the default
+    plain = decode(bare.images[0].base64)
+    assert "parameters" not in plain.info and 0x010E not in plain.getexif()
+    assert len(bare.images[0].base64) < len(result.images[0].base64)

@@ -23,7 +23,7 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, Aut
 from schemas import ConvertRequest, ImageOut, InferenceRequest, ModelInfo, ModelSpec, Progress, Result, TrainRequest
 
 from . import loras
-from .errors import JobCancelled, UserInputError
+from .errors import JobCancelled, UserInputError, redact
 from .images import encode_image, load_image
 from .models import EMBEDDED_ID, FETCHED_NOW, ModelStore, model_ref
 from .outputs import Outbox
@@ -120,7 +120,11 @@ class Engine:
         # 7. Encode, outside the lock: the GPU is free for the next job. Then upload, or inline.
         start = time.perf_counter()
         fmt = request.output.format
-        encoded = [encode_image(image, fmt, request.output.quality) for image in output.images]
+        encoded = [
+            encode_image(image, fmt, request.output.quality,
+                         request.output.metadata and _parameters(request, seed, image.size, ref.id, pipe.scheduler))
+            for image, seed in zip(output.images, seeds)
+        ]
         timings["encode"] = _ms(start)
         nsfw = getattr(output, "nsfw_content_detected", None) or [None] * len(output.images)
         out = [
@@ -248,6 +252,26 @@ class Engine:
             raise UserInputError("task", f"{name} ({type(base).__name__}) cannot run {request.task}") from None
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], model_id: str, scheduler) -> str:
+    """How an image was made, in AUTOMATIC1111's "parameters" layout, which image viewers and
+    UIs parse: the prompt, the negative prompt, then "key: value" pairs."""
+    lines = [request.prompt]
+    if request.negative_prompt:
+        lines.append(f"Negative prompt: {request.negative_prompt}")
+    pairs = {
+        "Steps": request.num_inference_steps, "Sampler": type(scheduler).__name__.removesuffix("Scheduler"),
+        "CFG scale": request.guidance_scale, "Seed": seed, "Size": f"{size[0]}x{size[1]}", "Model": model_id,
+    }
+    if request.strength is not None:
+        pairs["Denoising strength"] = request.strength
+    if request.clip_skip:
+        pairs["Clip skip"] = request.clip_skip + 1  # A1111 counts the last layer as 1
+    if request.loras:
+        pairs["LoRAs"] = "; ".join(f"{redact(lora.url or lora.id)}:{lora.scale}" for lora in request.loras)
+    lines.append(", ".join(f"{key}: {value}" for key, value in pairs.items()))
+    return "\n".join(lines)
 
 
 def _stops_between_stages(emit: Emit, cancelled: Callable[[], bool]) -> Emit:

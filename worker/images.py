@@ -7,6 +7,7 @@ import binascii
 import io
 
 from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from .errors import UserInputError
 from .settings import Settings
@@ -14,6 +15,7 @@ from .urls import fetch_bytes
 
 # Decoding an input image costs memory by its pixel count, whatever its file size.
 _INPUT_PIXELS_PER_OUTPUT_PIXEL = 4
+_IMAGE_DESCRIPTION = 0x010E  # EXIF tag
 
 
 def _raw_bytes(source: str, field: str, settings: Settings) -> bytes:
@@ -51,10 +53,19 @@ def load_image(source: str, field: str, settings: Settings, mode: str = "RGB") -
     return image.convert(mode)
 
 
-def encode_image(image: Image.Image, fmt: str, quality: int | None) -> bytes:
+def encode_image(image: Image.Image, fmt: str, quality: int | None, parameters: str | None = None) -> bytes:
+    """``image`` as file bytes; ``parameters`` (how it was made) goes where image tools read it:
+    a PNG ``parameters`` text chunk (AUTOMATIC1111's), or the EXIF ImageDescription."""
     buffer = io.BytesIO()
     if fmt == "png":
-        image.save(buffer, format="PNG")
+        info = None
+        if parameters:
+            info = PngInfo()
+            info.add_itxt("parameters", parameters)
+        image.save(buffer, format="PNG", pnginfo=info)
     else:
-        image.save(buffer, format=fmt.upper(), quality=quality or 90)
+        exif = Image.Exif()
+        if parameters:
+            exif[_IMAGE_DESCRIPTION] = parameters
+        image.save(buffer, format=fmt.upper(), quality=quality or 90, exif=exif)
     return buffer.getvalue()
