@@ -107,12 +107,13 @@ class OutputSpec(_Strict):
     )
 
 
-class LoraSpec(_Strict):
-    """A LoRA applied for one request: from a URL (.safetensors) or a hub id / local directory."""
+class _FileSource(_Strict):
+    """One .safetensors file: by URL, or a hub repo id / local path with an optional file name."""
 
     url: str | None = Field(
         None, max_length=8192,
-        description="A .safetensors LoRA: https://, http://, s3://bucket/key or s3:///bucket/key; `#sha256=` verifies it.",
+        description="https://, http://, s3://bucket/key or s3:///bucket/key of a .safetensors file; "
+        "`#sha256=` verifies it.",
     )
     id: str | None = Field(
         None, max_length=4096, description="Hub repo id (`org/name`) or absolute path of a file or directory."
@@ -121,7 +122,6 @@ class LoraSpec(_Strict):
         None, pattern=r"^[A-Za-z0-9_.-]{1,200}\.safetensors$",
         description="With `id`: which .safetensors file of the repo (default: its only one).",
     )
-    scale: float = Field(1.0, ge=-10, le=10, description="How strongly it applies; 0 turns it off.")
 
     @field_validator("url")
     @classmethod
@@ -140,12 +140,27 @@ class LoraSpec(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _one_source(self) -> LoraSpec:
+    def _one_source(self) -> _FileSource:
         if (self.url is None) == (self.id is None):
             raise ValueError("give exactly one of url or id")
         if self.weight_name and self.url:
             raise ValueError("weight_name: only with id")
         return self
+
+
+class EmbeddingSpec(_FileSource):
+    """A textual-inversion embedding for one request: a new word for prompts to use."""
+
+    token: str | None = Field(
+        None, pattern=r"^\S{1,64}$",
+        description="The word prompts use for it (default: the one stored in the file, else the file's name).",
+    )
+
+
+class LoraSpec(_FileSource):
+    """A LoRA applied for one request: from a URL (.safetensors) or a hub id / local directory."""
+
+    scale: float = Field(1.0, ge=-10, le=10, description="How strongly it applies; 0 turns it off.")
 
 
 class InferenceRequest(_Strict):
@@ -186,6 +201,9 @@ class InferenceRequest(_Strict):
     output: OutputSpec = Field(default_factory=OutputSpec, description="Image format and delivery.")
     loras: list[LoraSpec] = Field(
         default_factory=list, max_length=8, description="LoRAs applied for this request only, each with its scale."
+    )
+    embeddings: list[EmbeddingSpec] = Field(
+        default_factory=list, max_length=16, description="Textual-inversion embeddings for this request only."
     )
     train: dict[str, Any] | None = Field(None, description="Only with task 'train' (TrainRequest).")
     convert: dict[str, Any] | None = Field(None, description="Only with task 'convert' (ConvertRequest).")

@@ -22,7 +22,7 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, Aut
 
 from schemas import ConvertRequest, ImageOut, InferenceRequest, ModelInfo, ModelSpec, Progress, Result, TrainRequest
 
-from . import loras
+from . import embeddings, loras
 from .errors import JobCancelled, UserInputError, redact
 from .images import encode_image, load_image
 from .models import EMBEDDED_ID, FETCHED_NOW, ModelStore, model_ref
@@ -96,26 +96,32 @@ class Engine:
             loras.apply(loaded, pipe, request.loras, settings=self.settings, disk=self.models.disk, emit=emit,
                         timings=timings)
 
-            # 6. Denoise, reporting every step and stopping if RunPod cancelled the job.
+            # 6. Denoise with this request's embeddings, reporting every step and stopping if
+            #    RunPod cancelled the job.
             def on_step(pipeline, step: int, timestep, tensors: dict) -> dict:
                 if cancelled():
                     raise JobCancelled(f"at step {step} of {pipeline.num_timesteps}")
                 emit(Progress(stage="inference", step=step + 1, total=pipeline.num_timesteps))
                 return tensors
 
-            start = time.perf_counter()
-            output = pipe(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                num_inference_steps=request.num_inference_steps,
-                guidance_scale=request.guidance_scale,
-                num_images_per_prompt=request.num_images,
-                generator=generators,
-                callback_on_step_end=on_step,
-                **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
-                **images,
-            )
-            timings["inference"] = _ms(start)
+            prompt, negative = request.prompt, request.negative_prompt
+            if request.embeddings:
+                prompt, negative = embeddings.as_read(prompt), negative and embeddings.as_read(negative)
+            with embeddings.added(pipe, request.embeddings, settings=self.settings, disk=self.models.disk,
+                                  emit=emit, timings=timings):
+                start = time.perf_counter()
+                output = pipe(
+                    prompt=prompt,
+                    negative_prompt=negative,
+                    num_inference_steps=request.num_inference_steps,
+                    guidance_scale=request.guidance_scale,
+                    num_images_per_prompt=request.num_images,
+                    generator=generators,
+                    callback_on_step_end=on_step,
+                    **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
+                    **images,
+                )
+                timings["inference"] = _ms(start)
 
         # 7. Encode, outside the lock: the GPU is free for the next job. Then upload, or inline.
         start = time.perf_counter()

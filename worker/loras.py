@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from schemas import LoraSpec, Progress
+from schemas import EmbeddingSpec, LoraSpec, Progress
 
 from .cache import DiskCache, entry_key
 from .checkpoints import is_safetensors, save_download
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _names = itertools.count()  # adapter names, unique in the process
 
-_MAX_LORA_BYTES = 4 * 2**30  # the largest SDXL LoRAs are about 1.7 GB
+_MAX_FILE_BYTES = 4 * 2**30  # the largest SDXL LoRAs are about 1.7 GB
 
 
 def apply(loaded: Loaded, pipeline: Any, specs: list[LoraSpec], *, settings: Settings, disk: DiskCache,
@@ -53,7 +54,7 @@ def apply(loaded: Loaded, pipeline: Any, specs: list[LoraSpec], *, settings: Set
     names = []
     for i, spec in enumerate(specs):
         field = f"loras[{i}]"
-        path = _locate(spec, field, settings, disk, emit)  # a failed fetch leaves the model as it is
+        path = locate_file(spec, field, settings, disk, emit)  # a failed fetch leaves the model as it is
         stat = path.stat()
         key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         if key not in resident:
@@ -88,31 +89,39 @@ def _plain_on_failure(pipeline: Any, resident: OrderedDict) -> Iterator[None]:
 
 
 def _load(pipeline: Any, path: Path, name: str, field: str) -> None:
-    import diffusers
-    import transformers
-
-    # Per-file "load report" tables and "no text-encoder keys" remarks are noise in a worker's log.
-    verbosity = transformers.logging.get_verbosity(), diffusers.utils.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    diffusers.utils.logging.set_verbosity_error()
     try:
-        pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        with quiet_libraries():
+            pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     except (ValueError, KeyError, RuntimeError, TypeError, OSError) as exc:
         detail = (str(exc).strip().splitlines() or [""])[0][:160]
         raise UserInputError(
             field, f"cannot be applied to this model ({type(exc).__name__}: {detail}); "
             "is it a LoRA for this model's architecture?"
         ) from None
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Per-file "load report" tables and "no text-encoder keys" remarks are noise in a worker's log."""
+    import diffusers
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity(), diffusers.utils.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        yield
     finally:
         transformers.logging.set_verbosity(verbosity[0])
         diffusers.utils.logging.set_verbosity(verbosity[1])
 
 
-def _locate(spec: LoraSpec, field: str, settings: Settings, disk: DiskCache,
-            emit: Callable[[Progress], None]) -> Path:
-    """The LoRA's .safetensors file on local disk."""
+def locate_file(spec: LoraSpec | EmbeddingSpec, field: str, settings: Settings, disk: DiskCache,
+                emit: Callable[[Progress], None], kind: str = "loras") -> Path:
+    """The ``.safetensors`` file a request names by ``url`` (fetched into MODELS_DIR/``kind``),
+    hub ``id`` (with ``weight_name``) or local path, on local disk."""
     if spec.url:
-        return _fetch(spec.url, f"{field}.url", settings, disk, emit)
+        return _fetch(spec.url, f"{field}.url", settings, disk, emit, kind)
     if spec.id.startswith("/"):
         path = Path(spec.id)
         if path.is_dir():
@@ -123,26 +132,29 @@ def _locate(spec: LoraSpec, field: str, settings: Settings, disk: DiskCache,
     return _from_hub(spec, f"{field}.id", settings)
 
 
-def _fetch(url: str, field: str, settings: Settings, disk: DiskCache, emit: Callable[[Progress], None]) -> Path:
+def _fetch(url: str, field: str, settings: Settings, disk: DiskCache, emit: Callable[[Progress], None],
+           kind: str) -> Path:
     location = parse_location(url, field, settings, None, "")
     key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}")
+    # The file keeps its name: an embedding's name is the word prompts use for it.
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", location.name).removesuffix(".safetensors")[:100] or "weights"
+    name += ".safetensors"
 
     def build(staging: Path) -> Path:
         download = open_download(location, field, settings, allow_private=settings.allow_private_urls)
-        out = staging / "lora"
+        out = staging / "file"
         out.mkdir()
-        save_download(download, out / "lora.safetensors", field=field,
-                      expected_sha256=location.sha256 or download.sidecar_sha256(),
-                      max_bytes=_MAX_LORA_BYTES, emit=emit)
-        if not is_safetensors(out / "lora.safetensors"):
-            raise ModelSourceError(field, "is not a .safetensors file (pickled LoRAs are not loaded)")
+        save_download(download, out / name, field=field, expected_sha256=location.sha256 or download.sidecar_sha256(),
+                      max_bytes=_MAX_FILE_BYTES, emit=emit)
+        if not is_safetensors(out / name):
+            raise ModelSourceError(field, "is not a .safetensors file (pickles are not loaded)")
         return out
 
-    entry, _ = disk.obtain("loras", key, build)
-    return entry / "lora.safetensors"
+    entry, _ = disk.obtain(kind, key, build)
+    return entry / name
 
 
-def _from_hub(spec: LoraSpec, field: str, settings: Settings) -> Path:
+def _from_hub(spec: LoraSpec | EmbeddingSpec, field: str, settings: Settings) -> Path:
     from huggingface_hub import errors as hub_errors
     from huggingface_hub import snapshot_download
 
