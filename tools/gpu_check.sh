@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The GPU checks, as one command for an offline GPU machine that has torch (Python 3.12):
+# install the wheels tools/device_wheels.sh gathered in .whl/, then run the tests marked gpu
+# (CUDA parking of models in CPU RAM, fp16 by default, mixed-precision training of SD and
+# SDXL). With the device tool: carry [".whl"], command "bash tools/gpu_check.sh".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+log=${OUT:-/tmp}/gpu-tests.log
+python3 -m pytest -m gpu -p no:cacheprovider -q -rs 2>&1 | tee "$log"
