@@ -81,10 +81,17 @@ def s3_endpoint():
 
 @pytest.fixture
 def s3(s3_endpoint):
+    """A client of the session's S3 server; the bucket is emptied after each test, so what one
+    test published (an archive, its .sha256) never meets another's."""
     import boto3
 
-    return boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                        region_name="us-east-1")
+    client = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                          region_name="us-east-1")
+    yield client
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
 
 
 @pytest.fixture
