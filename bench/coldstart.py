@@ -25,13 +25,15 @@ import tarfile
 import threading
 import time
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+
+from tests.helpers import Loopback
 
 _PIECE = 256 * 1024
 
 
-class ThrottledServer:
+class ThrottledServer(Loopback):
     """Files by path (/bucket/key), with Range, paced per connection and in total."""
 
     def __init__(self, files: dict[str, Path], conn_rate: float, link_rate: float):
@@ -98,14 +100,7 @@ class ThrottledServer:
             def log_message(self, *args):
                 pass
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.http.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
+        super().__init__(Handler)
 
 
 def make_model(out: Path) -> Path:

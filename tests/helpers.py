@@ -55,7 +55,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class FileServer:
+class Loopback:
+    """A real HTTP server on 127.0.0.1, serving ``handler`` on threads of its own."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.http.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+class FileServer(Loopback):
     """A real HTTP server on loopback serving ``routes`` {path: (status, headers, body)}."""
 
     def __init__(self, routes: dict[str, tuple[int, dict, bytes]]):
@@ -75,13 +89,7 @@ class FileServer:
                 pass
 
         self.routes = routes
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def worker_env(models_dir: Path, **extra: str) -> dict[str, str]:
@@ -130,7 +138,7 @@ class ApiServer:
         self.log.close()
 
 
-class RangeServer:
+class RangeServer(Loopback):
     """A real HTTP server on loopback with Range support, for archives.
 
     ``files`` maps paths to bytes. ``drop[path] = n`` makes the next response for ``path``
@@ -183,14 +191,7 @@ class RangeServer:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def generate(settings, model: dict, events: list | None = None):

@@ -12,11 +12,13 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
+from tests.helpers import Loopback
 
-class JobServer:
+
+class JobServer(Loopback):
     def __init__(self):
         self.jobs: queue.Queue = queue.Queue()
         self.stream: dict[str, list] = defaultdict(list)
@@ -71,9 +73,7 @@ class JobServer:
             def log_message(self, *args):
                 pass
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        super().__init__(Handler)
 
     def env(self) -> dict[str, str]:
         """The variables RunPod sets on a serverless worker, pointed at this server."""
@@ -100,6 +100,3 @@ class JobServer:
                 raise TimeoutError(f"job {job_id} never finished")
             return self.done[job_id]
 
-    def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()

@@ -6,13 +6,12 @@ import asyncio
 import hashlib
 import io
 import tarfile
-import threading
 
 import pytest
 import zstandard
 
 from schemas import ConvertRequest
-from tests.helpers import BUCKET, generate, hub_cache
+from tests.helpers import BUCKET, Loopback, generate, hub_cache
 from tests.ldm import write_checkpoint
 from worker.engine import Engine
 from worker.errors import ModelSourceError
@@ -154,12 +153,12 @@ def test_a_miss_with_nothing_to_build_from_is_an_error(settings, s3):
         generate(settings, {"url": "s3://models/absent.tar.zst"})
 
 
-class DenyingS3:
+class DenyingS3(Loopback):
     """A real HTTP endpoint speaking S3's multipart protocol that refuses every part (403),
     recording what the client asks, to see that a failed upload is aborted."""
 
     def __init__(self):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         calls = self.calls = []
 
@@ -190,10 +189,7 @@ class DenyingS3:
             def log_message(self, *args):
                 pass
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.http.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        super().__init__(Handler)
 
 
 def test_a_failed_upload_is_aborted_and_says_why(settings, tiny_dir, tmp_path):
@@ -208,7 +204,7 @@ def test_a_failed_upload_is_aborted_and_says_why(settings, tiny_dir, tmp_path):
     location = parse_location("s3://models/broken/tiny.tar", "convert.dest_url", denying, None, "fp32")
     with pytest.raises(ModelSourceError, match=r"^convert\.dest_url: access to s3://models/broken/tiny\.tar denied"):
         upload(archive, location, sha256, denying, "convert.dest_url", lambda event: None)
-    server.http.shutdown()
+    server.close()
     methods = [method for method, _ in server.calls]
     assert methods[0] == "POST" and "PUT" in methods
     assert ("DELETE", "/models/broken/tiny.tar?uploadId=upload-1") in server.calls  # aborted: no orphan parts
