@@ -21,6 +21,7 @@ from .cache import DiskCache
 from .errors import UserInputError
 from .loras import locate_file, quiet_libraries
 from .settings import Settings
+from .timing import ms_since
 
 _A1111_KEYS = ("emb_params", "string_to_param")
 
@@ -43,7 +44,7 @@ def added(pipeline: Any, specs: list[EmbeddingSpec], *, settings: Settings, disk
             field = f"embeddings[{i}]"
             path = locate_file(spec, field, settings, disk, emit, kind="embeddings")
             _load(pipeline, path, spec.token, encoders, field)
-        timings["embeddings"] = round((time.perf_counter() - start) * 1000, 1)
+        timings["embeddings"] = ms_since(start)
         yield
     finally:
         for tokenizer, encoder in encoders:

@@ -28,9 +28,10 @@ from .images import encode_image, load_image
 from .models import EMBEDDED_ID, FETCHED_NOW, ModelStore, model_ref
 from .outputs import Outbox
 from .publish import check_destination, export
-from .storage import parse_location
 from .schedulers import make_scheduler
 from .settings import Settings
+from .storage import parse_location
+from .timing import ms_since
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Engine:
             start = time.perf_counter()
             images = self._inputs(request)
             if request.task != "txt2img":
-                timings["inputs"] = _ms(start)
+                timings["inputs"] = ms_since(start)
 
             # 3. The pipeline for this task, sharing the loaded components, with its own scheduler.
             pipe = self._task_pipeline(loaded, request)
@@ -121,7 +122,7 @@ class Engine:
                     **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
                     **images,
                 )
-                timings["inference"] = _ms(start)
+                timings["inference"] = ms_since(start)
 
         # 7. Encode, outside the lock: the GPU is free for the next job. Then upload, or inline.
         start = time.perf_counter()
@@ -131,7 +132,7 @@ class Engine:
                          request.output.metadata and _parameters(request, seed, image.size, ref.id, pipe.scheduler))
             for image, seed in zip(output.images, seeds)
         ]
-        timings["encode"] = _ms(start)
+        timings["encode"] = ms_since(start)
         nsfw = getattr(output, "nsfw_content_detected", None) or [None] * len(output.images)
         out = [
             ImageOut(format=fmt, seed=seed, width=image.width, height=image.height, nsfw=flag)
@@ -141,7 +142,7 @@ class Engine:
             start = time.perf_counter()
             for image, (url, link) in zip(out, outbox.put_all([(data, fmt) for data in encoded], emit)):
                 image.url, image.presigned_url = url, link
-            timings["upload"] = _ms(start)
+            timings["upload"] = ms_since(start)
         else:
             size = sum((len(data) + 2) // 3 * 4 for data in encoded)
             if size > self.settings.max_result_bytes:
@@ -173,7 +174,7 @@ class Engine:
         with self._lock:
             path, source = self.models.locate(ref, emit)
         if source in FETCHED_NOW:
-            timings["download"] = _ms(start)
+            timings["download"] = ms_since(start)
         # 3. Load on the CPU in the target precision, save as safetensors, pack, upload.
         with self.models.disk.staging() as staging:
             _, out = export(path, ref.variant, location, spec.precision, staging=staging, settings=self.settings,
@@ -197,7 +198,7 @@ class Engine:
             start = time.perf_counter()
             path, source = self.models.locate(ref, emit)
             if source in FETCHED_NOW:
-                timings["download"] = _ms(start)
+                timings["download"] = ms_since(start)
             self.models.clear_device()
             out = train.train(spec, path, ref.variant, location, device=self.device, staging=staging,
                               settings=self.settings, emit=emit, cancelled=cancelled, timings=timings)
@@ -291,6 +292,3 @@ def _stops_between_stages(emit: Emit, cancelled: Callable[[], bool]) -> Emit:
 
     return checked
 
-
-def _ms(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 1)

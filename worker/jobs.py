@@ -27,6 +27,7 @@ from schemas import ConvertRequest, InferenceRequest, Progress, Result, TrainReq
 
 from .errors import answer_for
 from .settings import Settings
+from .timing import ms_since
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class JobRunner:
             while (event := await events.get()) is not None:
                 yield event
             result: Result = await work
-            result.timings["total_ms"] = _ms_since(start)
+            result.timings["total_ms"] = ms_since(start)
             log.info(
                 "job %s: %s on %s (%s), %d image(s), %s",
                 job.get("id"), result.task, result.model.id, result.model.source, len(result.images), result.timings,
@@ -165,7 +166,7 @@ class JobRunner:
 
     def _generate(self, job: dict, request: Request, emit, cancel: threading.Event, received: float) -> Result:
         """On the engine thread. Reports the time spent queued (behind warm-up) and starting up."""
-        phases = {"wait": _ms_since(received)}
+        phases = {"wait": ms_since(received)}
         outbox = None
         if isinstance(request, InferenceRequest):  # checked before the GPU works for nothing
             from .outputs import outbox_for
@@ -174,7 +175,7 @@ class JobRunner:
         if self._engine is None:  # this job pays for importing torch and diffusers
             start = time.perf_counter()
             self.engine()
-            phases["startup"] = _ms_since(start)
+            phases["startup"] = ms_since(start)
         engine = self.engine()
         if isinstance(request, ConvertRequest):
             result = engine.convert(request, emit, cancel.is_set)
@@ -214,9 +215,6 @@ def _job_secrets(job: dict) -> list[str]:
     secret = config.get("accessSecret") if isinstance(config, dict) else None
     return [secret] if isinstance(secret, str) and len(secret) >= 4 else []
 
-
-def _ms_since(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 1)
 
 
 def _to_loop(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[Progress], None]:

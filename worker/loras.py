@@ -28,6 +28,7 @@ from .checkpoints import is_safetensors, save_download
 from .errors import ModelSourceError, UserInputError
 from .settings import Settings
 from .storage import open_download, parse_location
+from .timing import ms_since
 
 if TYPE_CHECKING:
     from .models import Loaded
@@ -74,7 +75,7 @@ def apply(loaded: Loaded, pipeline: Any, specs: list[LoraSpec], *, settings: Set
             pipeline.delete_adapters([name])
         pipeline.enable_lora()
         pipeline.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
-    timings["loras"] = round((time.perf_counter() - start) * 1000, 1)
+    timings["loras"] = ms_since(start)
 
 
 @contextmanager

@@ -36,6 +36,7 @@ from .checkpoints import fetch_checkpoint
 from .errors import ModelSourceError
 from .settings import Settings
 from .storage import Location, ObjectMissing, open_download, parse_location
+from .timing import ms_since
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ class ModelStore:
         start = time.perf_counter()
         path, source = (None, "memory") if ref in self._parked else self._locate(ref, emit)
         if source in FETCHED_NOW:  # for archives, extraction overlaps the download
-            timings["download"] = round((time.perf_counter() - start) * 1000, 1)
+            timings["download"] = ms_since(start)
             start = time.perf_counter()
         # Make room once the weights are found (a bad request must not evict the warm model),
         # and before loading (next to a model about to leave, it could run out of memory).
@@ -236,7 +237,7 @@ class ModelStore:
             loaded.pipeline.to(self.device)
         else:
             loaded = Loaded(ref, self._load(path, ref))
-        timings["load"] = round((time.perf_counter() - start) * 1000, 1)
+        timings["load"] = ms_since(start)
         emit(Progress(stage="load", step=1, total=1))
         self._loaded[ref] = loaded
         budget = self.settings.max_loaded_gb

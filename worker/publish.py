@@ -23,6 +23,7 @@ from .archives import byte_progress
 from .errors import ModelSourceError
 from .settings import Settings
 from .storage import Location, s3_client, s3_error
+from .timing import ms_since
 
 _LEVEL = 3  # fp16 weights barely compress: a fast level loses next to nothing
 
@@ -118,10 +119,10 @@ def publish(model_dir: Path, location: Location, compression: str, precision: st
     archive = staging / location.name
     sha256, size = pack(model_dir, archive, compression)
     emit(Progress(stage="pack", step=1, total=1))
-    timings["pack"] = round((time.perf_counter() - start) * 1000, 1)
+    timings["pack"] = ms_since(start)
     start = time.perf_counter()
     upload(archive, location, sha256, settings, field, emit)
-    timings["upload"] = round((time.perf_counter() - start) * 1000, 1)
+    timings["upload"] = ms_since(start)
     archive.unlink()
     return ConvertOut(url=location.url, sha256=sha256, size_bytes=size, precision=precision, compression=compression)
 
@@ -139,7 +140,7 @@ def export(source_dir: Path, variant: str | None, location: Location, precision:
     emit(Progress(stage="load", step=0, total=1))
     pipeline = load_pipeline(source_dir, precision, variant, "cpu")
     emit(Progress(stage="load", step=1, total=1))
-    timings["load"] = round((time.perf_counter() - start) * 1000, 1)
+    timings["load"] = ms_since(start)
     start = time.perf_counter()
     emit(Progress(stage="save", step=0, total=1))
     saved = staging / "model"
@@ -147,7 +148,7 @@ def export(source_dir: Path, variant: str | None, location: Location, precision:
     pipeline.save_pretrained(saved, safe_serialization=True)
     del pipeline
     emit(Progress(stage="save", step=1, total=1))
-    timings["save"] = round((time.perf_counter() - start) * 1000, 1)
+    timings["save"] = ms_since(start)
     compression = "zstd" if location.name.endswith(".zst") else "none"
     return saved, publish(saved, location, compression, precision, staging=staging, settings=settings,
                           field=field, emit=emit, timings=timings)

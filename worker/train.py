@@ -46,6 +46,7 @@ from .models import load_pipeline
 from .publish import publish, upload
 from .settings import Settings
 from .storage import Location
+from .timing import ms_since
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     emit(Progress(stage="load", step=0, total=1))
     pipe = load_pipeline(model_dir, "fp32", variant, device)
     emit(Progress(stage="load", step=1, total=1))
-    timings["load"] = _ms(start)
+    timings["load"] = ms_since(start)
     autocast_dtype = _autocast_dtype(device)
     generator = torch.Generator("cpu").manual_seed(spec.seed)
 
@@ -77,13 +78,13 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     instance = _latent_stats(pipe, (  # one full-size image in memory at a time
         load_image(source, f"train.instance_images[{i}]", settings) for i, source in enumerate(spec.instance_images)
     ), spec.resolution)
-    timings["inputs"] = _ms(start)
+    timings["inputs"] = ms_since(start)
     prior = None
     if spec.num_class_images:
         start = time.perf_counter()
         images = _class_images(pipe, spec, device, autocast_dtype, emit, cancelled)
         prior = _latent_stats(pipe, images, spec.resolution)
-        timings["class_images"] = _ms(start)
+        timings["class_images"] = ms_since(start)
 
     # 4. What trains, in fp32; what does not, in the autocast dtype on CUDA.
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
@@ -139,7 +140,7 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
         if now - last_sent >= _PROGRESS_INTERVAL_S or step == spec.max_train_steps:
             last_sent = now
             emit(Progress(stage="train", step=step, total=spec.max_train_steps, loss=round(losses[-1], 6)))
-    timings["train"] = _ms(start)
+    timings["train"] = ms_since(start)
     del optimizer, lr_schedule, scaler
     _free(device)
 
@@ -352,10 +353,10 @@ def _publish_lora(pipe, spec, location, staging, settings, emit, timings) -> tup
         while block := f.read(1 << 20):
             digest.update(block)
     emit(Progress(stage="save", step=1, total=1))
-    timings["save"] = _ms(start)
+    timings["save"] = ms_since(start)
     start = time.perf_counter()
     upload(path, location, digest.hexdigest(), settings, "train.dest_url", emit)
-    timings["upload"] = _ms(start)
+    timings["upload"] = ms_since(start)
     return digest.hexdigest(), path.stat().st_size
 
 
@@ -368,7 +369,7 @@ def _publish_model(pipe, spec, location, staging, settings, emit, timings) -> tu
     pipe.to("cpu", _dtype(spec.precision))
     pipe.save_pretrained(staging / "model", safe_serialization=True)
     emit(Progress(stage="save", step=1, total=1))
-    timings["save"] = _ms(start)
+    timings["save"] = ms_since(start)
     compression = "zstd" if location.name.endswith(".zst") else "none"
     out = publish(staging / "model", location, compression, spec.precision, staging=staging, settings=settings,
                   field="train.dest_url", emit=emit, timings=timings)
@@ -380,6 +381,3 @@ def _free(device: str) -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
 
-
-def _ms(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 1)
