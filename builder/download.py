@@ -1,7 +1,8 @@
 """Bake the default model into the image at build time (Dockerfile.build-download).
 
 Fetches what the worker would fetch for a request with no ``model``, from the same variables
-(``MODEL_ID``, ``MODEL_REVISION``, ``MODEL_VARIANT``, ``MODEL_PRECISION``, ``MODEL_URL``),
+(``MODEL_ID``, ``MODEL_REVISION``, ``MODEL_VARIANT``, ``MODEL_PRECISION``, ``MODEL_URL``,
+``CHECKPOINT_URL``),
 into ``BAKED_DIR``, and lists it in ``BAKED_DIR/baked.json``. The worker checks that list
 before anything else, so a baked model loads with no network at all.
 

@@ -1,36 +1,43 @@
-"""Write a diffusers SD 1.x pipeline as an original-layout single-file checkpoint, for tests.
+"""Write a diffusers SD 1.x or SDXL pipeline as an original-layout single-file checkpoint, for tests.
 
-diffusers' wheel converts original -> diffusers only; this is the inverse for SD 1.x's block
-layout (what builder.tiny_model makes with ``sd_layout=True``), after diffusers' former
-scripts/convert_diffusers_to_original_stable_diffusion.py.
+diffusers' wheel converts original -> diffusers only; this is the inverse, laid out from the
+model's own configs (so the tiny models convert as well as full-size ones), after diffusers'
+former scripts/convert_diffusers_to_original_stable_diffusion.py and
+convert_diffusers_to_original_sdxl.py.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
-def _unet_map() -> list[tuple[str, str]]:
-    """(original, diffusers) prefixes."""
+def _unet_map(config: dict) -> list[tuple[str, str]]:
+    """(original, diffusers) prefixes of the UNet's blocks, for the block layout in ``config``."""
     pairs = [
         ("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+        ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2."),  # SDXL
         ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
-        ("middle_block.1.", "mid_block.attentions.0."),
+        ("middle_block.0.", "mid_block.resnets.0."), ("middle_block.1.", "mid_block.attentions.0."),
+        ("middle_block.2.", "mid_block.resnets.1."),
     ]
-    for i in range(4):
-        for j in range(2):
-            pairs.append((f"input_blocks.{3 * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
-            if i < 3:
-                pairs.append((f"input_blocks.{3 * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
-        for j in range(3):
-            pairs.append((f"output_blocks.{3 * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
-            if i > 0:
-                pairs.append((f"output_blocks.{3 * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
-        if i < 3:
-            pairs.append((f"input_blocks.{3 * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
-            pairs.append((f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.", f"up_blocks.{i}.upsamplers.0."))
-    for j in range(2):
-        pairs.append((f"middle_block.{2 * j}.", f"mid_block.resnets.{j}."))
+    layers, blocks = config["layers_per_block"], len(config["block_out_channels"])
+    for i, kind in enumerate(config["down_block_types"]):
+        for j in range(layers):
+            pairs.append((f"input_blocks.{i * (layers + 1) + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
+            if "CrossAttn" in kind:
+                pairs.append((f"input_blocks.{i * (layers + 1) + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
+        if i < blocks - 1:
+            pairs.append((f"input_blocks.{(i + 1) * (layers + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
+    for i, kind in enumerate(config["up_block_types"]):
+        attention = "CrossAttn" in kind
+        for j in range(layers + 1):
+            pairs.append((f"output_blocks.{i * (layers + 1) + j}.0.", f"up_blocks.{i}.resnets.{j}."))
+            if attention:
+                pairs.append((f"output_blocks.{i * (layers + 1) + j}.1.", f"up_blocks.{i}.attentions.{j}."))
+        if i < blocks - 1:
+            last = i * (layers + 1) + layers
+            pairs.append((f"output_blocks.{last}.{2 if attention else 1}.", f"up_blocks.{i}.upsamplers.0."))
     return pairs
 
 
@@ -38,18 +45,21 @@ _RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", 
            ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
 
 
-def _vae_map() -> list[tuple[str, str]]:
-    pairs = [("nin_shortcut", "conv_shortcut"), ("norm_out", "conv_norm_out"), ("mid.attn_1.", "mid_block.attentions.0.")]
-    for i in range(4):
-        for j in range(2):
+def _vae_map(config: dict) -> list[tuple[str, str]]:
+    pairs = [("encoder.mid.attn_1.", "encoder.mid_block.attentions.0."),
+             ("decoder.mid.attn_1.", "decoder.mid_block.attentions.0.")]
+    blocks, layers = len(config["block_out_channels"]), config["layers_per_block"]
+    for i in range(blocks):
+        for j in range(layers):
             pairs.append((f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}."))
-        if i < 3:
-            pairs.append((f"down.{i}.downsample.", f"down_blocks.{i}.downsamplers.0."))
-            pairs.append((f"up.{3 - i}.upsample.", f"up_blocks.{i}.upsamplers.0."))
-        for j in range(3):
-            pairs.append((f"decoder.up.{3 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}."))
-    for i in range(2):
-        pairs.append((f"mid.block_{i + 1}.", f"mid_block.resnets.{i}."))
+        for j in range(layers + 1):
+            pairs.append((f"decoder.up.{blocks - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}."))
+        if i < blocks - 1:
+            pairs.append((f"encoder.down.{i}.downsample.", f"encoder.down_blocks.{i}.downsamplers.0."))
+            pairs.append((f"decoder.up.{blocks - 1 - i}.upsample.", f"decoder.up_blocks.{i}.upsamplers.0."))
+    for side in ("encoder", "decoder"):
+        for i in range(2):
+            pairs.append((f"{side}.mid.block_{i + 1}.", f"{side}.mid_block.resnets.{i}."))
     return pairs
 
 
@@ -57,36 +67,90 @@ _VAE_ATTN = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", 
 
 
 def _rename(key: str, pairs: list[tuple[str, str]]) -> str:
+    """``key`` with the first matching diffusers prefix replaced by its original."""
     for original, diffusers_name in pairs:
-        key = key.replace(diffusers_name, original)
+        if key.startswith(diffusers_name):
+            return original + key[len(diffusers_name):]
     return key
 
 
-def to_original(model_dir: Path) -> dict:
-    """The pipeline's weights keyed as an original SD 1.x checkpoint."""
+def _load(model_dir: Path, part: str) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
-    unet = load_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors")
-    vae = load_file(model_dir / "vae" / "diffusion_pytorch_model.safetensors")
-    text = load_file(model_dir / "text_encoder" / "model.safetensors")
-    out = {}
-    unet_map = _unet_map()
-    for key, value in unet.items():
-        renamed = key
+    name = "model.safetensors" if part.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
+    return load_file(model_dir / part / name), json.loads((model_dir / part / "config.json").read_text())
+
+
+def _unet(model_dir: Path) -> dict:
+    weights, config = _load(model_dir, "unet")
+    pairs, out = _unet_map(config), {}
+    for key, value in weights.items():
+        renamed = _rename(key, pairs)
         if "resnets" in key:
             for original, diffusers_name in _RESNET:
                 renamed = renamed.replace(diffusers_name, original)
-        out["model.diffusion_model." + _rename(renamed, unet_map)] = value
-    vae_map = _vae_map()
-    for key, value in vae.items():
-        renamed = _rename(key, vae_map)
-        if "attentions" in key or "mid.attn_1" in renamed:
-            renamed = _rename(renamed, _VAE_ATTN)
+        out["model.diffusion_model." + renamed] = value
+    return out
+
+
+def _vae(model_dir: Path) -> dict:
+    weights, config = _load(model_dir, "vae")
+    pairs, out = _vae_map(config), {}
+    for key, value in weights.items():
+        renamed = _rename(key, pairs).replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        if "attentions" in key:
+            prefix, _, leaf = renamed.rpartition("attn_1.")
+            renamed = prefix + "attn_1." + _rename(leaf, _VAE_ATTN)
             if value.ndim == 2:  # the original attention uses 1x1 convolutions
                 value = value[:, :, None, None]
         out["first_stage_model." + renamed] = value
-    for key, value in text.items():  # transformers 5 saves CLIPTextModel without "text_model."
-        out["cond_stage_model.transformer." + ("" if key.startswith("text_model.") else "text_model.") + key] = value
+    return out
+
+
+def _clip(model_dir: Path, part: str, prefix: str) -> dict:
+    """A transformers CLIP text encoder, as SD 1.x and SDXL's first embedder keep it."""
+    weights, _ = _load(model_dir, part)  # transformers 5 saves CLIPTextModel without "text_model."
+    return {prefix + ("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in weights.items()}
+
+
+def _open_clip(model_dir: Path, part: str, prefix: str) -> dict:
+    """SDXL's second text encoder in OpenCLIP's layout: fused q/k/v, ``text_projection`` as a matrix."""
+    import torch
+
+    weights, _ = _load(model_dir, part)
+    weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    out = {
+        "token_embedding.weight": weights.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": weights.pop("embeddings.position_embedding.weight"),
+        "ln_final.weight": weights.pop("final_layer_norm.weight"),
+        "ln_final.bias": weights.pop("final_layer_norm.bias"),
+        "text_projection": weights.pop("text_projection.weight").T.contiguous(),
+    }
+    weights.pop("embeddings.position_ids", None)
+    layers = {k.split(".")[2] for k in weights if k.startswith("encoder.layers.")}
+    for n in sorted(layers, key=int):
+        source, target = f"encoder.layers.{n}.", f"transformer.resblocks.{n}."
+        for kind in ("weight", "bias"):
+            out[f"{target}attn.in_proj_{kind}"] = torch.cat(
+                [weights.pop(f"{source}self_attn.{p}_proj.{kind}") for p in "qkv"]
+            )
+            out[f"{target}attn.out_proj.{kind}"] = weights.pop(f"{source}self_attn.out_proj.{kind}")
+            out[f"{target}ln_1.{kind}"] = weights.pop(f"{source}layer_norm1.{kind}")
+            out[f"{target}ln_2.{kind}"] = weights.pop(f"{source}layer_norm2.{kind}")
+            out[f"{target}mlp.c_fc.{kind}"] = weights.pop(f"{source}mlp.fc1.{kind}")
+            out[f"{target}mlp.c_proj.{kind}"] = weights.pop(f"{source}mlp.fc2.{kind}")
+    assert not weights, f"left unconverted: {sorted(weights)}"
+    return {prefix + k: v for k, v in out.items()}
+
+
+def to_original(model_dir: Path) -> dict:
+    """The pipeline's weights keyed as an original SD 1.x or SDXL checkpoint."""
+    out = _unet(model_dir) | _vae(model_dir)
+    if (model_dir / "text_encoder_2").is_dir():  # SDXL
+        out |= _clip(model_dir, "text_encoder", "conditioner.embedders.0.transformer.")
+        out |= _open_clip(model_dir, "text_encoder_2", "conditioner.embedders.1.model.")
+    else:
+        out |= _clip(model_dir, "text_encoder", "cond_stage_model.transformer.")
     return {k: v.contiguous() for k, v in out.items()}
 
 

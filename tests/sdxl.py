@@ -16,17 +16,21 @@ def build_sdxl(out: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    text_config = CLIPTextConfig(
-        vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513, projection_dim=32,
-    )
+
+    def text_config(width: int, act: str) -> CLIPTextConfig:  # SDXL's: CLIP ViT-L and OpenCLIP ViT-bigG
+        return CLIPTextConfig(
+            vocab_size=514, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+            projection_dim=width, hidden_act=act,
+        )
+
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1),
-        cross_attention_dim=64,  # both encoders' hidden states, side by side
+        cross_attention_dim=32 + 48,  # both encoders' hidden states, side by side
         addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop numbers + the pooled text
+        projection_class_embeddings_input_dim=6 * 8 + 48,  # six size/crop numbers + the pooled text
         norm_num_groups=32,
     )
     vae = AutoencoderKL(
@@ -39,7 +43,8 @@ def build_sdxl(out: Path) -> Path:
         timestep_spacing="leading",
     )
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
+        vae=vae, text_encoder=CLIPTextModel(text_config(32, "quick_gelu")),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(48, "gelu")),
         tokenizer=_tokenizer(), tokenizer_2=_tokenizer(), unet=unet, scheduler=scheduler,
     )
     pipe.save_pretrained(out, safe_serialization=True)

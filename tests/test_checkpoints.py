@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from tests.helpers import BUCKET, generate
+from tests.helpers import BUCKET, generate, hub_cache
 from tests.ldm import write_checkpoint
 from worker.errors import ModelSourceError
 
@@ -75,13 +75,7 @@ def test_checkpoint_that_does_not_fit_the_configs_names_the_field(settings, http
 
 def test_a_hub_model_gives_its_configs_without_its_weights(settings, http, files, sd_dir, tmp_path):
     """A checkpoint replaces the weights: from the hub, only the configs are needed."""
-    import shutil
-
-    from tests.helpers import hub_cache
-
-    configs = tmp_path / "configs-only"
-    shutil.copytree(sd_dir, configs, ignore=shutil.ignore_patterns("*.safetensors"))
-    hub = hub_cache(tmp_path / "hub", "acme/sd-base", configs, {"main": "9" * 40})
+    hub = hub_cache(tmp_path / "hub", "acme/sd-base", configs_only(sd_dir, tmp_path), {"main": "9" * 40})
     http.files["/tiny.safetensors"] = files[".safetensors"]
     result = generate(settings.model_copy(update={"hf_hub_cache": hub}),
                       {"id": "acme/sd-base", "checkpoint_url": http.url + "/tiny.safetensors"})
@@ -95,3 +89,70 @@ def test_checkpoint_url_from_the_environment(settings, http, files, sd_dir):
         "model_id": str(sd_dir), "checkpoint_url": http.url + "/tiny.safetensors", "allow_private_urls": False,
     })
     assert generate(operator, {}).model.source == "checkpoint"
+
+
+def configs_only(model_dir, tmp_path):
+    """What a hub model gives a checkpoint's conversion: its configs, not its weights."""
+    import shutil
+
+    out = tmp_path / f"configs-of-{model_dir.name}"
+    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_sdxl_checkpoint_converts_with_its_model_configs(settings, http, sdxl_dir, tmp_path, suffix):
+    http.files["/xl" + suffix] = write_checkpoint(sdxl_dir, tmp_path / ("xl" + suffix)).read_bytes()
+    result = generate(settings, {"id": str(sdxl_dir), "checkpoint_url": http.url + "/xl" + suffix})
+    assert result.model.source == "checkpoint"
+    assert result.images[0].base64 == generate(settings, {"id": str(sdxl_dir)}).images[0].base64
+
+
+@pytest.mark.parametrize("kind, reference", [
+    ("sd", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
+])
+def test_without_model_id_the_checkpoint_layout_picks_the_configs(settings, http, request, tmp_path, kind, reference):
+    """A Civitai-style request: just the file. Its keys tell SD 1.x from SDXL, and the configs are
+    those of the reference model for that layout (here cached, as on a worker that has run it)."""
+    model_dir = request.getfixturevalue(f"{kind}_dir")
+    http.files["/finetune.safetensors"] = write_checkpoint(model_dir, tmp_path / "finetune.safetensors").read_bytes()
+    hub = hub_cache(tmp_path / "hub", reference, configs_only(model_dir, tmp_path), {"main": "7" * 40})
+    worker = settings.model_copy(update={"hf_hub_cache": hub})
+    result = generate(worker, {"checkpoint_url": http.url + "/finetune.safetensors"})
+    assert (result.model.id, result.model.source) == ("url:finetune.safetensors", "checkpoint")
+    assert result.images[0].base64 == generate(settings, {"id": str(model_dir)}).images[0].base64
+    again = generate(worker, {"checkpoint_url": http.url + "/finetune.safetensors"})
+    assert again.model.source == "cache"
+
+
+def test_an_inpainting_checkpoint_takes_inpainting_configs(inpaint_dir, tmp_path):
+    from worker.checkpoints import reference_model
+
+    path = write_checkpoint(inpaint_dir, tmp_path / "inpaint.safetensors")
+    assert reference_model(path, "model.checkpoint_url") == "stable-diffusion-v1-5/stable-diffusion-inpainting"
+
+
+def test_a_layout_whose_configs_cannot_be_had_says_which_it_needs(settings, http, files):
+    http.files["/finetune.safetensors"] = files[".safetensors"]
+    with pytest.raises(ModelSourceError, match=r"^model\.checkpoint_url: its layout takes the configs of "
+                       r"stable-diffusion-v1-5/stable-diffusion-v1-5: .* HF_HUB_OFFLINE is set"):
+        generate(settings, {"checkpoint_url": http.url + "/finetune.safetensors"})
+    assert not list((settings.models_dir / "checkpoints").glob("*/model_index.json"))
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 32)},
+     "is a LoRA, not a model: pass it in loras"),
+    ({"vae.decoder.conv_in.weight": (4, 4)}, "is not a Stable Diffusion checkpoint"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (32, 4, 3, 3),
+      "conditioner.embedders.0.model.text_projection": (8, 8)}, "is an SDXL refiner"),
+])
+def test_a_file_that_is_not_a_model_checkpoint_says_what_it_is(settings, http, tmp_path, keys, message):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, tmp_path / "file.safetensors")
+    http.files["/file.safetensors"] = (tmp_path / "file.safetensors").read_bytes()
+    with pytest.raises(ModelSourceError, match=rf"^model\.checkpoint_url: {message}"):
+        generate(settings, {"checkpoint_url": http.url + "/file.safetensors"})

@@ -20,7 +20,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("embeddings")
     save_file({"<papercut>": vector(1)[0]}, root / "papercut.safetensors")  # diffusers' layout
     save_file({"emb_params": vector(2, rows=2)}, root / "EasyNegative.safetensors")  # AUTOMATIC1111's
-    save_file({"clip_l": vector(3), "clip_g": vector(4)}, root / "xl-style.safetensors")  # SDXL's
+    save_file({"clip_l": vector(3), "clip_g": vector(4, width=48)}, root / "xl-style.safetensors")  # SDXL's
     return root
 
 

@@ -37,11 +37,17 @@ def test_request_fields_fill_from_the_environment():
     assert model_ref(ModelSpec(), Settings(), "cuda").precision == "fp16"
 
 
-def test_checkpoints_need_a_model_for_their_configs():
-    with pytest.raises(ModelSourceError, match=r"^MODEL_ID: required with a checkpoint"):
-        model_ref(ModelSpec(), Settings(checkpoint_url="s3://bucket/model.safetensors"), "cpu")
-    with pytest.raises(ModelSourceError, match=r"^model\.id: required with a checkpoint"):
-        model_ref(ModelSpec(checkpoint_url="s3://bucket/model.safetensors"), Settings(), "cpu")
+def test_a_checkpoint_takes_its_configs_from_model_id_or_else_from_its_layout():
+    checkpoint = "s3://bucket/dir/model.safetensors"
+    operator = Settings(model_id="acme/base", model_revision="v2")
+    assert model_ref(ModelSpec(id="acme/xl", checkpoint_url=checkpoint), operator, "cpu").id == "acme/xl"
+    # A request's checkpoint is not described by the operator's MODEL_ID: its own keys tell.
+    assert model_ref(ModelSpec(checkpoint_url=checkpoint), operator, "cpu") == ModelRef(
+        "url:model.safetensors", None, None, "fp32", checkpoint_url=checkpoint)
+    # The operator's CHECKPOINT_URL goes with MODEL_ID (and its revision) when both are set.
+    both = Settings(model_id="acme/base", model_revision="v2", checkpoint_url=checkpoint)
+    assert model_ref(ModelSpec(), both, "cpu") == ModelRef("acme/base", "v2", None, "fp32", checkpoint_url=checkpoint)
+    assert model_ref(ModelSpec(), Settings(checkpoint_url=checkpoint), "cpu").id == "url:model.safetensors"
 
 
 def test_embedded_model_is_built_on_first_use(tmp_path):

@@ -3,7 +3,9 @@
 A ``.safetensors`` or ``.ckpt`` in the original Stable Diffusion layout is fetched like an
 archive (parallel, resumable, verified), converted by diffusers' ``from_single_file`` with the
 configs of ``model.id`` describing its architecture, and installed in MODELS_DIR/checkpoints as
-a diffusers directory of safetensors; the next load is a plain load.
+a diffusers directory of safetensors; the next load is a plain load. Without ``model.id``, the
+checkpoint's keys tell its architecture (SD 1.x, 2.x, SDXL; inpainting or not), and the configs
+are those of the reference model diffusers names for it.
 
 A ``.ckpt`` is a pickle: it is read only with ``torch.load(weights_only=True)``, which refuses
 anything but tensors and plain containers, and rewritten as safetensors before diffusers sees
@@ -36,14 +38,17 @@ def fetch_checkpoint(
     *,
     field: str,
     trusted: bool,
-    config_dir: Path,
+    configs: Callable[[Path], Path],
     config_key: str,
     precision: str,
     settings: Settings,
     disk: DiskCache,
     emit: Callable[[Progress], None],
 ) -> tuple[Path, str]:
-    """The installed diffusers directory converted from the checkpoint at ``url``."""
+    """The installed diffusers directory converted from the checkpoint at ``url``.
+
+    ``configs``: the diffusers directory whose configs describe the architecture, given the
+    fetched weights (as safetensors)."""
     location = parse_location(url, field, settings, None, "")
     key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}|{config_key}|{precision}")
 
@@ -60,7 +65,9 @@ def fetch_checkpoint(
             raw.rename(weights)
         else:
             _pickle_to_safetensors(raw, weights, field)
-        # 3. Convert with the configs of model.id, at the precision it will run in.
+        # 3. Convert with the configs of model.id (or the reference model for its layout), at the
+        #    precision it will run in.
+        config_dir = configs(weights)
         emit(Progress(stage="load", step=0, total=1))
         _convert(weights, config_dir, staging / "model", precision, field)
         return staging / "model"
@@ -93,6 +100,46 @@ def is_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
     return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < _SAFETENSORS_MAX_HEADER and head[8:9] == b"{"
+
+
+def reference_model(weights: Path, field: str) -> str:
+    """The hub model whose configs describe this checkpoint, told from its keys.
+
+    The reference models are diffusers' own (what its ``from_single_file`` picks without a
+    config); which one is decided here, from which text encoders are present and how many
+    channels the UNet takes (9: inpainting), so that a file that is not a Stable Diffusion
+    checkpoint gets an answer saying so instead of a failed conversion."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        keys = set(f.keys())
+        unet_input = "model.diffusion_model.input_blocks.0.0.weight"
+        inpaint = unet_input in keys and f.get_slice(unet_input).get_shape()[1] == 9
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if unet_input not in keys:
+        if any("lora" in k.lower() for k in keys):
+            raise ModelSourceError(field, "is a LoRA, not a model: pass it in loras, with the model it was made for")
+        raise ModelSourceError(
+            field, "is not a Stable Diffusion checkpoint (no UNet under model.diffusion_model); "
+            "if it is one in another layout, name a diffusers model with its architecture in model.id"
+        )
+    if has("conditioner.embedders.1.model."):
+        kind = "xl_inpaint" if inpaint else "xl_base"
+    elif has("conditioner.embedders.0.model."):
+        raise ModelSourceError(field, "is an SDXL refiner, which refines other models' images; it is not served alone")
+    elif has("cond_stage_model.model."):  # OpenCLIP-H: SD 2.x
+        kind = "inpainting_v2" if inpaint else "v2"
+    elif has("cond_stage_model.transformer."):  # CLIP-L: SD 1.x
+        kind = "inpainting" if inpaint else "v1"
+    else:
+        raise ModelSourceError(
+            field, "has a UNet but no text encoder this worker knows; name the model it belongs to in model.id"
+        )
+    return DIFFUSERS_DEFAULT_PIPELINE_PATHS[kind]["pretrained_model_name_or_path"]
 
 
 def _pickle_to_safetensors(path: Path, out: Path, field: str) -> Path:

@@ -7,10 +7,10 @@ For operators preparing archives before they deploy:
     python -m worker.convert https://example.com/finetune.safetensors s3:///my-bucket/ \\
         --config stable-diffusion-v1-5/stable-diffusion-v1-5
 
-SOURCE is a hub id, a local diffusers directory, an archive URL, or (with --config naming the
-model whose configs describe it) a single-file checkpoint URL. DEST takes the forms of
-``convert.dest_url``. Storage and hub settings come from the same environment variables as the
-worker (AWS_*, AWS_S3_ENDPOINT_URL, AWS_S3_DEFAULT_BUCKET, HF_TOKEN, MODELS_DIR ...).
+SOURCE is a hub id, a local diffusers directory, an archive URL, or a single-file checkpoint URL
+(--config names the model whose configs describe it; without it, its layout picks them). DEST
+takes the forms of ``convert.dest_url``. Storage and hub settings come from the same environment
+variables as the worker (AWS_*, AWS_S3_ENDPOINT_URL, AWS_S3_DEFAULT_BUCKET, HF_TOKEN, MODELS_DIR ...).
 Prints the published URL, sha256 and size; exits 1 with the reason on failure.
 """
 
@@ -24,11 +24,11 @@ _CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.convert", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="hub id, local directory, archive URL, or checkpoint URL (with --config)")
+    parser.add_argument("source", help="hub id, local directory, archive URL, or checkpoint URL")
     parser.add_argument("dest", help="s3://bucket/key, s3:///bucket/key, s3:// or s3:///bucket/")
     parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
     parser.add_argument("--compression", choices=("zstd", "none"), default="zstd")
-    parser.add_argument("--config", help="for a checkpoint: the diffusers model whose configs describe it")
+    parser.add_argument("--config", help="for a checkpoint: the diffusers model whose configs describe it (default: told from its layout)")
     parser.add_argument("--revision", help="hub revision of the source (or of --config)")
     args = parser.parse_args(argv)
 

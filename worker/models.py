@@ -10,7 +10,8 @@ the weights and loads them, in this order:
    S3 or HTTP and installed there (``url``); missing on S3 but with another source (``id``,
    ``checkpoint_url``), built from it and published there first (auto-publish);
 2. a ``checkpoint_url``: its conversion installed in MODELS_DIR (``cache``), else fetched and
-   converted with the configs of ``id`` (``checkpoint``);
+   converted with the configs of ``id``, or without one of the reference model for its layout
+   (``checkpoint``);
 3. no id anywhere: the embedded tiny model, built on first use (source ``embedded``);
 4. an absolute path: a local diffusers directory (``local``);
 5. a hub id: RunPod's cached-models directory, then our hub cache (``cache``), then a
@@ -32,7 +33,7 @@ from schemas import ModelSpec, Progress
 
 from . import archives
 from .cache import DiskCache, entry_key
-from .checkpoints import fetch_checkpoint
+from .checkpoints import fetch_checkpoint, reference_model
 from .errors import ModelSourceError
 from .settings import Settings
 from .storage import Location, ObjectMissing, open_download, parse_location
@@ -48,12 +49,12 @@ FETCHED_NOW = ("hub", "url", "checkpoint")  # sources whose locate step download
 class ModelRef:
     """Everything that makes two loaded pipelines different."""
 
-    id: str  # EMBEDDED_ID, an absolute path, or a hub repo id
+    id: str  # EMBEDDED_ID, an absolute path, a hub repo id, or url:NAME for a file known only by its URL
     revision: str | None
     variant: str | None
     precision: str
     url: str | None = None  # an archive to fetch; ``id`` then names it
-    checkpoint_url: str | None = None  # a single file to convert; ``id`` gives the configs
+    checkpoint_url: str | None = None  # a single file to convert; ``id`` gives the configs, unless url:NAME
     # The operator's MODEL_URL may point at private addresses; a request's may not.
     from_env: bool = field(default=False, compare=False)
 
@@ -75,14 +76,15 @@ def model_ref(spec: ModelSpec, settings: Settings, device: str) -> ModelRef:
     precision = spec.precision or settings.model_precision or ("fp16" if device == "cuda" else "fp32")
     if spec.checkpoint_url or (spec.id is None and spec.url is None and settings.checkpoint_url):
         from_env = not spec.checkpoint_url
-        config_id = spec.id or settings.model_id
-        if not config_id:
-            raise ModelSourceError(
-                "MODEL_ID" if from_env else "model.id",
-                "required with a checkpoint: the diffusers model whose configs describe its architecture",
-            )
-        revision = spec.revision if spec.id else settings.model_revision
         checkpoint = spec.checkpoint_url or settings.checkpoint_url
+        # The configs of model.id (for the operator's CHECKPOINT_URL, MODEL_ID); with none, the
+        # checkpoint's own layout picks them (a url: id).
+        if spec.id:
+            config_id, revision = spec.id, spec.revision
+        elif from_env and settings.model_id:
+            config_id, revision = settings.model_id, settings.model_revision
+        else:
+            config_id, revision = _url_name(checkpoint), None
         url = spec.url if spec.checkpoint_url else None  # an archive to publish it as, if missing
         return ModelRef(config_id, revision, None, precision, url, checkpoint_url=checkpoint, from_env=from_env)
     if spec.id is None and spec.url is None:  # the endpoint's default model
@@ -276,12 +278,25 @@ class ModelStore:
         if ref.url:
             return fetch_archive(ref, self.settings, self.disk, emit, self._publisher(ref, emit))
         if ref.checkpoint_url:
-            config = ModelRef(ref.id, ref.revision, None, ref.precision)
-            hub_id = not config.id.startswith("/") and config.id != EMBEDDED_ID
-            config_dir, _ = self._from_hub(config, emit, configs_only=True) if hub_id else self._locate(config, emit)
+            field = "CHECKPOINT_URL" if ref.from_env else "model.checkpoint_url"
+            if ref.id.startswith("url:"):
+                config_key = "layout"
+
+                def configs(weights: Path) -> Path:
+                    reference = reference_model(weights, field)
+                    try:
+                        return self._configs(ModelRef(reference, None, None, ref.precision), emit)
+                    except ModelSourceError as exc:
+                        detail = str(exc).partition(": ")[2]
+                        raise ModelSourceError(field, f"its layout takes the configs of {reference}: {detail}") from None
+            else:
+                config_key = f"{ref.id}@{ref.revision}"
+                config_dir = self._configs(ModelRef(ref.id, ref.revision, None, ref.precision), emit)
+
+                def configs(weights: Path) -> Path:
+                    return config_dir
             return fetch_checkpoint(
-                ref.checkpoint_url, field="CHECKPOINT_URL" if ref.from_env else "model.checkpoint_url",
-                trusted=ref.from_env, config_dir=config_dir, config_key=f"{ref.id}@{ref.revision}",
+                ref.checkpoint_url, field=field, trusted=ref.from_env, configs=configs, config_key=config_key,
                 precision=ref.precision, settings=self.settings, disk=self.disk, emit=emit,
             )
         if ref.id == EMBEDDED_ID:
@@ -295,6 +310,12 @@ class ModelStore:
                 raise ModelSourceError("model.id", f"no diffusers model at {ref.id} (model_index.json missing)")
             return path, "local"
         return self._from_hub(ref, emit)
+
+    def _configs(self, ref: ModelRef, emit: Callable[[Progress], None]) -> Path:
+        """A diffusers directory with ``ref``'s configs: from the hub, just the configs."""
+        if ref.id.startswith("/") or ref.id == EMBEDDED_ID:
+            return self._locate(ref, emit)[0]
+        return self._from_hub(ref, emit, configs_only=True)[0]
 
     def locate(self, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Path, str]:
         """Where ``ref``'s weights are on disk (fetching them if needed), and where they came from."""
