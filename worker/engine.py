@@ -22,7 +22,7 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, Aut
 
 from schemas import ConvertRequest, ImageOut, InferenceRequest, ModelInfo, ModelSpec, Progress, Result, TrainRequest
 
-from . import embeddings, loras
+from . import embeddings, loras, prompts
 from .errors import JobCancelled, UserInputError, redact
 from .images import encode_image, load_image
 from .models import EMBEDDED_ID, FETCHED_NOW, ModelStore, model_ref
@@ -111,15 +111,18 @@ class Engine:
             with embeddings.added(pipe, request.embeddings, settings=self.settings, disk=self.models.disk,
                                   emit=emit, timings=timings):
                 start = time.perf_counter()
+                # Prompts past CLIP's 77 tokens are encoded whole here; shorter ones by the pipeline.
+                texts = prompts.encoded(pipe, prompt, negative, request.clip_skip) or {
+                    "prompt": prompt, "negative_prompt": negative,
+                    **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
+                }
                 output = pipe(
-                    prompt=prompt,
-                    negative_prompt=negative,
+                    **texts,
                     num_inference_steps=request.num_inference_steps,
                     guidance_scale=request.guidance_scale,
                     num_images_per_prompt=request.num_images,
                     generator=generators,
                     callback_on_step_end=on_step,
-                    **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
                     **images,
                 )
                 timings["inference"] = ms_since(start)
