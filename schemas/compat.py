@@ -63,7 +63,7 @@ def from_legacy(data: dict) -> dict:
             raise RequestError(f"{name}: must be a JSON object")
     if "train" in call:
         return _legacy_training(call, inputs)
-    request: dict[str, Any] = {}
+    request: dict[str, Any] = {"prompt_weighting": False}  # it passed prompts to diffusers as they were
     for key, value in inputs.items():
         if key not in MODEL_INPUTS:
             raise RequestError(f"modelInputs.{key}: not supported by this worker")

@@ -197,6 +197,9 @@ class InferenceRequest(_Strict):
     clip_skip: int | None = Field(
         None, ge=1, le=24, description="Text-encoder layers to skip from the end (1: the penultimate layer's output)."
     )
+    prompt_weighting: bool = Field(
+        True, description="Read AUTOMATIC1111's attention syntax in the prompts: (words:1.3), (words), [words], BREAK."
+    )
     stream: bool = Field(False, description="Yield a progress event per step while working.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Image format and delivery.")
     loras: list[LoraSpec] = Field(

@@ -111,8 +111,8 @@ class Engine:
             with embeddings.added(pipe, request.embeddings, settings=self.settings, disk=self.models.disk,
                                   emit=emit, timings=timings):
                 start = time.perf_counter()
-                # Prompts past CLIP's 77 tokens are encoded whole here; shorter ones by the pipeline.
-                texts = prompts.encoded(pipe, prompt, negative, request.clip_skip) or {
+                # Long or weighted prompts are encoded here; plain ones that fit by the pipeline.
+                texts = prompts.encoded(pipe, prompt, negative, request.clip_skip, request.prompt_weighting) or {
                     "prompt": prompt, "negative_prompt": negative,
                     **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
                 }

@@ -1,20 +1,83 @@
-"""Prompts longer than CLIP's window, encoded whole instead of cut off.
+"""Prompts as AUTOMATIC1111 reads them: longer than CLIP's window, and with weights.
 
 CLIP reads 77 tokens: a start token, 75 of the prompt's, an end token. diffusers' pipelines
-cut a longer prompt there and say so only in a log line, while AUTOMATIC1111 and ComfyUI users
-write longer ones all the time. A prompt that fits is left to the pipeline (the images are
-plain diffusers'); a longer one is split into windows of 75 tokens, each encoded alone with its
-own start and end, and the windows' hidden states are joined along the sequence, which the
-UNet's cross-attention takes at any length (AUTOMATIC1111's scheme). The other prompt of the
-pair is padded to as many windows with empty ones. SDXL's pooled text comes from the first
-window, as in ComfyUI.
+cut a longer prompt there and say so only in a log line, and read ``(word:1.3)`` as the
+characters it is made of, while AUTOMATIC1111 and ComfyUI users write both all the time.
+
+A plain prompt that fits is left to the pipeline (the images are plain diffusers'). Otherwise
+the prompt is split into windows of 75 tokens (``BREAK`` starts a new one), each encoded alone
+with its own start and end; each token's hidden state is scaled by its weight, and the window
+rescaled to its mean before weighting; the windows are joined along the sequence, which the
+UNet's cross-attention takes at any length. The other prompt of the pair is padded to as many
+windows with empty ones. SDXL's pooled text comes from the first window, as in ComfyUI.
+
+The syntax (AUTOMATIC1111's): ``(words)`` weighs 1.1 times, ``[words]`` 1/1.1 times,
+``(words:1.5)`` 1.5 times; brackets nest and multiply; ``\\(`` ``\\)`` ``\\[`` ``\\]`` are the
+characters themselves; an unmatched closing bracket is a character too.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
+
+BREAK = None  # a piece of a parsed prompt that starts a new window
+_WEIGHT = re.compile(r":\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+Pieces = list[tuple[str | None, float]]  # (text or BREAK, weight)
+
+
+def parse(prompt: str) -> Pieces:
+    """``prompt`` as pieces of text with their weights, in order."""
+    pieces: list[list] = []
+    rounds: list[int] = []  # where each open "(" began in ``pieces``
+    squares: list[int] = []
+    text: list[str] = []
+
+    def flush() -> None:
+        for i, part in enumerate(_BREAK.split("".join(text))):
+            if i:
+                pieces.append([BREAK, 1.0])
+            if part:
+                pieces.append([part, 1.0])
+        text.clear()
+
+    def close(start: int, factor: float) -> None:
+        flush()
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    i = 0
+    while i < len(prompt):
+        char = prompt[i]
+        weight = _WEIGHT.match(prompt, i) if char == ":" and rounds else None
+        if char == "\\" and prompt[i + 1:i + 2] in ("(", ")", "[", "]", "\\"):
+            text.append(prompt[i + 1])
+            i += 2
+            continue
+        if char in "([":
+            flush()
+            (rounds if char == "(" else squares).append(len(pieces))
+        elif weight:
+            close(rounds.pop(), float(weight.group(1)))
+            i = weight.end()
+            continue
+        elif char == ")" and rounds:
+            close(rounds.pop(), 1.1)
+        elif char == "]" and squares:
+            close(squares.pop(), 1 / 1.1)
+        else:
+            text.append(char)
+        i += 1
+    flush()
+    for start in rounds:  # left open: weighed as if closed at the end
+        close(start, 1.1)
+    for start in squares:
+        close(start, 1 / 1.1)
+    return [(text, weight) for text, weight in pieces] or [("", 1.0)]
 
 
 def window_tokens(tokenizer: Any) -> int:
@@ -22,71 +85,99 @@ def window_tokens(tokenizer: Any) -> int:
     return tokenizer.model_max_length - 2
 
 
-def _ids(pipe: Any, tokenizer: Any, text: str) -> list[int]:
-    if hasattr(pipe, "maybe_convert_prompt"):  # textual-inversion words that stand for several vectors
-        text = pipe.maybe_convert_prompt(text, tokenizer)
-    return tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+Window = list[tuple[int, float]]  # (token id, weight)
 
 
-def _windows(tokenizer: Any, ids: list[int], count: int) -> torch.Tensor:
-    """``count`` rows of model_max_length ids: start, up to 75 tokens, end, padding."""
-    size, length = window_tokens(tokenizer), tokenizer.model_max_length
-    rows = []
+def _windows(pipe: Any, tokenizer: Any, pieces: Pieces) -> list[Window]:
+    windows: list[Window] = [[]]
+    for text, weight in pieces:
+        if text is BREAK:
+            windows.append([])
+            continue
+        if hasattr(pipe, "maybe_convert_prompt"):  # textual-inversion words that stand for several vectors
+            text = pipe.maybe_convert_prompt(text, tokenizer)
+        for token in tokenizer(text, add_special_tokens=False, truncation=False).input_ids:
+            if len(windows[-1]) == window_tokens(tokenizer):
+                windows.append([])
+            windows[-1].append((token, weight))
+    return windows
+
+
+def _tensors(tokenizer: Any, windows: list[Window], count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` rows of model_max_length ids (start, tokens, end, padding), and their weights."""
+    length = tokenizer.model_max_length
+    ids, weights = [], []
     for i in range(count):
-        part = ids[i * size:(i + 1) * size]
-        row = [tokenizer.bos_token_id, *part, tokenizer.eos_token_id]
-        rows.append(row + [tokenizer.pad_token_id] * (length - len(row)))
-    return torch.tensor(rows)
+        window = windows[i] if i < len(windows) else []
+        row = [tokenizer.bos_token_id, *(t for t, _ in window), tokenizer.eos_token_id]
+        ids.append(row + [tokenizer.pad_token_id] * (length - len(row)))
+        weights.append([1.0, *(w for _, w in window)] + [1.0] * (length - len(window) - 1))
+    return torch.tensor(ids), torch.tensor(weights)
 
 
-def _sd(pipe: Any, ids: list[int], count: int, clip_skip: int | None) -> torch.Tensor:
+def _weighted(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each token's state times its weight; each window keeps its mean (AUTOMATIC1111's rescale)."""
+    if bool((weights == 1).all()):
+        return hidden
+    weights = weights.to(hidden.device, hidden.dtype)
+    before = hidden.mean(dim=(1, 2), keepdim=True)
+    scaled = hidden * weights[..., None]
+    after = scaled.mean(dim=(1, 2), keepdim=True)
+    return scaled * torch.where(after == 0, 1, before / after)
+
+
+def _sd(pipe: Any, windows: list[Window], count: int, clip_skip: int | None) -> torch.Tensor:
     """SD 1.x/2.x: the last hidden state (or the one ``clip_skip`` layers before it, normed)."""
     encoder = pipe.text_encoder
-    tokens = _windows(pipe.tokenizer, ids, count).to(encoder.device)
+    ids, weights = _tensors(pipe.tokenizer, windows, count)
     if clip_skip is None:
-        hidden = encoder(tokens)[0]
+        hidden = encoder(ids.to(encoder.device))[0]
     else:
-        hidden = encoder(tokens, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        hidden = encoder(ids.to(encoder.device), output_hidden_states=True).hidden_states[-(clip_skip + 1)]
         hidden = getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
+    hidden = _weighted(hidden, weights)
     return hidden.reshape(1, -1, hidden.shape[-1]).to(encoder.dtype)
 
 
-def _sdxl(pipe: Any, ids: list[list[int]], count: int, clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sdxl(pipe: Any, windows: list[list[Window]], count: int, clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL: both encoders' penultimate (or earlier) hidden states side by side, and the pooled
     projection of the second encoder's first window."""
     states, pooled = [], None
-    for tokenizer, encoder, own in zip((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), ids):
+    for tokenizer, encoder, own in zip((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), windows):
         if encoder is None:  # a model with only the second encoder
             continue
-        out = encoder(_windows(tokenizer, own, count).to(encoder.device), output_hidden_states=True)
+        ids, weights = _tensors(tokenizer, own, count)
+        out = encoder(ids.to(encoder.device), output_hidden_states=True)
         if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first
             pooled = out[0][:1]
-        hidden = out.hidden_states[-(clip_skip + 2) if clip_skip else -2]
+        hidden = _weighted(out.hidden_states[-(clip_skip + 2) if clip_skip else -2], weights)
         states.append(hidden.reshape(1, -1, hidden.shape[-1]))
     return torch.cat(states, dim=-1).to(pipe.text_encoder_2.dtype), pooled.to(pipe.text_encoder_2.dtype)
 
 
-def encoded(pipe: Any, prompt: str, negative: str | None, clip_skip: int | None) -> dict | None:
-    """Pipeline keywords carrying both prompts' embeddings, when either is longer than a window;
-    None when both fit (the pipeline encodes them itself, exactly as diffusers does)."""
-    tokenizer = pipe.tokenizer if pipe.tokenizer is not None else pipe.tokenizer_2
+def encoded(pipe: Any, prompt: str, negative: str | None, clip_skip: int | None, weighting: bool = True) -> dict | None:
+    """Pipeline keywords carrying both prompts' embeddings; None for plain prompts that fit,
+    which the pipeline encodes itself, exactly as diffusers does.
+
+    ``weighting``: read the attention syntax; else the text is taken as it is (still whole)."""
     sdxl = hasattr(pipe, "text_encoder_2")
     tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
-    texts = {"prompt": prompt, "negative": negative or ""}
-    ids = {name: [_ids(pipe, t, text) if t is not None else [] for t in tokenizers] for name, text in texts.items()}
-    longest = max(len(i) for per_tokenizer in ids.values() for i in per_tokenizer)
-    size = window_tokens(tokenizer)
-    if longest <= size:
+    pieces = {"prompt": prompt, "negative": negative or ""}
+    pieces = {name: parse(text) if weighting else [(text, 1.0)] for name, text in pieces.items()}
+    windows = {name: [_windows(pipe, t, own) if t is not None else [[]] for t in tokenizers]
+               for name, own in pieces.items()}
+    count = max(len(w) for per_tokenizer in windows.values() for w in per_tokenizer)
+    plain = pieces["prompt"] == [(prompt, 1.0)] and pieces["negative"] == [(negative or "", 1.0)]
+    if count == 1 and plain:
         return None
-    count = -(-longest // size)
     with torch.no_grad():
         if not sdxl:
-            return {"prompt_embeds": _sd(pipe, ids["prompt"][0], count, clip_skip),
-                    "negative_prompt_embeds": _sd(pipe, ids["negative"][0], count, clip_skip)}
-        embeds, pooled = _sdxl(pipe, ids["prompt"], count, clip_skip)
+            return {"prompt_embeds": _sd(pipe, windows["prompt"][0], count, clip_skip),
+                    "negative_prompt_embeds": _sd(pipe, windows["negative"][0], count, clip_skip)}
+        embeds, pooled = _sdxl(pipe, windows["prompt"], count, clip_skip)
         if negative is None and pipe.config.force_zeros_for_empty_prompt:  # as the SDXL pipeline does
             negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         else:
-            negative_embeds, negative_pooled = _sdxl(pipe, ids["negative"], count, clip_skip)
+            negative_embeds, negative_pooled = _sdxl(pipe, windows["negative"], count, clip_skip)
     return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds,
             "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
