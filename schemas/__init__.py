@@ -3,8 +3,8 @@
 from .compat import RequestError
 from .errors import describe_validation_error
 from .request import (
-    ConvertRequest, ConvertSpec, EmbeddingSpec, InferenceRequest, Limits, LoraSpec, ModelSpec, OutputSpec, S3Config,
-    TrainRequest, TrainSpec, parse_request,
+    ControlNetSpec, ConvertRequest, ConvertSpec, EmbeddingSpec, InferenceRequest, Limits, LoraSpec, ModelSpec,
+    OutputSpec, S3Config, TrainRequest, TrainSpec, parse_request,
 )
 from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result, TrainOut
 from .schedulers import SCHEDULERS, canonical_scheduler
@@ -18,6 +18,7 @@ __all__ = [
     "InferenceRequest",
     "Limits",
     "LoraSpec",
+    "ControlNetSpec",
     "EmbeddingSpec",
     "S3Config",
     "TrainRequest",

@@ -163,6 +163,41 @@ class LoraSpec(_FileSource):
     scale: float = Field(1.0, ge=-10, le=10, description="How strongly it applies; 0 turns it off.")
 
 
+class ControlNetSpec(_Strict):
+    """A ControlNet steering one request with an image (edges, depth, pose ...), preprocessed."""
+
+    id: str = Field(
+        ..., max_length=4096,
+        description="Hub repo id (`org/name`) or absolute path of a diffusers ControlNet directory "
+        "(config.json + diffusion_pytorch_model.safetensors).",
+    )
+    image: str = Field(..., description="The control image, preprocessed (an edge map, a depth map ...): "
+                       "base64, `data:` URI or http(s) URL.")
+    scale: float = Field(1.0, ge=0, le=5, description="How strongly it steers (controlnet_conditioning_scale).")
+    start: float = Field(0.0, ge=0, le=1, description="Fraction of the steps after which it starts steering.")
+    end: float = Field(1.0, ge=0, le=1, description="Fraction of the steps after which it stops.")
+
+    @field_validator("id")
+    @classmethod
+    def _id_form(cls, value: str) -> str:
+        if not (value.startswith("/") or _REPO_ID.match(value)) or ".." in value.split("/"):
+            raise ValueError(f"must be a hub repo id like 'org/name' or an absolute path, got {value!r}")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image_form(cls, value: str) -> str:
+        if not _IMAGE_SOURCE.match(value[:256]):
+            raise ValueError("must be base64, a data: URI or an http(s):// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _in_order(self) -> ControlNetSpec:
+        if self.start >= self.end:
+            raise ValueError(f"start: must be below end ({self.end}), got {self.start}")
+        return self
+
+
 class InferenceRequest(_Strict):
     """txt2img, img2img or inpaint. `task` may be left out: `mask_image` means inpaint,
     `image` means img2img, neither means txt2img."""
@@ -207,6 +242,9 @@ class InferenceRequest(_Strict):
     )
     embeddings: list[EmbeddingSpec] = Field(
         default_factory=list, max_length=16, description="Textual-inversion embeddings for this request only."
+    )
+    controlnets: list[ControlNetSpec] = Field(
+        default_factory=list, max_length=4, description="ControlNets steering this request, each with its image."
     )
     train: dict[str, Any] | None = Field(None, description="Only with task 'train' (TrainRequest).")
     convert: dict[str, Any] | None = Field(None, description="Only with task 'convert' (ConvertRequest).")

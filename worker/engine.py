@@ -23,6 +23,7 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, Aut
 from schemas import ConvertRequest, ImageOut, InferenceRequest, ModelInfo, ModelSpec, Progress, Result, TrainRequest
 
 from . import embeddings, loras, prompts
+from .controlnets import ControlNets
 from .errors import JobCancelled, UserInputError, redact
 from .images import encode_image, load_image
 from .models import EMBEDDED_ID, FETCHED_NOW, ModelStore, model_ref
@@ -63,6 +64,7 @@ class Engine:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.models = ModelStore(settings, self.device)
+        self.controlnets = ControlNets(settings)
         self._lock = threading.Lock()  # one job on the GPU at a time
 
     def warm_up(self) -> None:
@@ -79,14 +81,17 @@ class Engine:
             ref = model_ref(request.model, self.settings, self.device)
             loaded, source = self.models.get(ref, emit, timings)
 
-            # 2. Input images, sized to what will be generated.
+            # 2. Input images (control images too), sized to what will be generated.
             start = time.perf_counter()
             images = self._inputs(request)
-            if request.task != "txt2img":
+            images.update(self._control_inputs(request, images))
+            if request.task != "txt2img" or request.controlnets:
                 timings["inputs"] = ms_since(start)
 
-            # 3. The pipeline for this task, sharing the loaded components, with its own scheduler.
-            pipe = self._task_pipeline(loaded, request)
+            # 3. The pipeline for this task, sharing the loaded components, with its own scheduler
+            #    (and this request's ControlNets, kept warm).
+            nets = self.controlnets.get(request.controlnets, loaded.pipeline.unet, timings) if request.controlnets else []
+            pipe = self._task_pipeline(loaded, request, nets)
 
             # 4. One generator per image, so each image's seed reproduces it alone.
             first = request.seed if request.seed is not None else secrets.randbits(63)
@@ -203,6 +208,7 @@ class Engine:
             if source in FETCHED_NOW:
                 timings["download"] = ms_since(start)
             self.models.clear_device()
+            self.controlnets.clear()
             out = train.train(spec, path, ref.variant, location, device=self.device, staging=staging,
                               settings=self.settings, emit=emit, cancelled=cancelled, timings=timings)
         info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision="fp32", device=self.device)
@@ -213,16 +219,7 @@ class Engine:
         if request.task == "txt2img":
             return {k: v for k, v in (("width", request.width), ("height", request.height)) if v}
         image = load_image(request.image, "image", self.settings)
-        # Output size: as asked, else the input's, rounded down to the VAE's multiple of 8.
-        width = request.width or image.width // 8 * 8
-        height = request.height or image.height // 8 * 8
-        if width < 64 or height < 64:
-            raise UserInputError("image", f"{image.width}x{image.height} is smaller than 64x64")
-        if width * height > self.settings.max_pixels:
-            raise UserInputError(
-                "image", f"{image.width}x{image.height} is over this endpoint's {self.settings.max_pixels} "
-                "pixels; send width and height to resize it"
-            )
+        width, height = self._size_from(image, request, "image")
         args = {"image": image.resize((width, height)) if image.size != (width, height) else image,
                 "strength": request.strength}
         if request.task == "inpaint":
@@ -230,7 +227,45 @@ class Engine:
             args.update(mask_image=mask.resize((width, height)), width=width, height=height)
         return args
 
-    def _task_pipeline(self, loaded, request: InferenceRequest):
+    def _size_from(self, image, request: InferenceRequest, field: str) -> tuple[int, int]:
+        """Output size: as asked, else the input's, rounded down to the VAE's multiple of 8."""
+        width = request.width or image.width // 8 * 8
+        height = request.height or image.height // 8 * 8
+        if width < 64 or height < 64:
+            raise UserInputError(field, f"{image.width}x{image.height} is smaller than 64x64")
+        if width * height > self.settings.max_pixels:
+            raise UserInputError(
+                field, f"{image.width}x{image.height} is over this endpoint's {self.settings.max_pixels} "
+                "pixels; send width and height to resize it"
+            )
+        return width, height
+
+    def _control_inputs(self, request: InferenceRequest, images: dict) -> dict:
+        """Pipeline arguments for the ControlNets: their images at the output size, and how each steers.
+        txt2img takes its size from the first control image when the request gives none."""
+        if not request.controlnets:
+            return {}
+        controls = [load_image(spec.image, f"controlnets[{i}].image", self.settings)
+                    for i, spec in enumerate(request.controlnets)]
+        if request.task == "txt2img":
+            width, height = self._size_from(controls[0], request, "controlnets[0].image")
+            size = {"width": width, "height": height}
+        else:
+            width, height = images["image"].size
+            size = {}
+        controls = [c.resize((width, height)) if c.size != (width, height) else c for c in controls]
+
+        def each(values: list):
+            return values[0] if len(values) == 1 else values
+
+        return size | {
+            "image" if request.task == "txt2img" else "control_image": each(controls),
+            "controlnet_conditioning_scale": each([spec.scale for spec in request.controlnets]),
+            "control_guidance_start": each([spec.start for spec in request.controlnets]),
+            "control_guidance_end": each([spec.end for spec in request.controlnets]),
+        }
+
+    def _task_pipeline(self, loaded, request: InferenceRequest, nets: list | None = None):
         base = loaded.pipeline
         name = loaded.ref.id if loaded.ref.id != EMBEDDED_ID else "the embedded model"
         unet = getattr(base, "unet", None)
@@ -249,7 +284,11 @@ class Engine:
         layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
         if request.clip_skip and (layers is None or request.clip_skip >= layers):
             raise UserInputError("clip_skip", f"at most {(layers or 1) - 1} for {name}, got {request.clip_skip}")
-        overrides = {"scheduler": scheduler}
+        overrides: dict = {"scheduler": scheduler}
+        if nets:
+            from diffusers.models import MultiControlNetModel
+
+            overrides["controlnet"] = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
         ships_checker = getattr(base, "safety_checker", None) is not None
         use_checker = self.settings.safety_checker if request.safety_checker is None else request.safety_checker
         if request.safety_checker and not ships_checker:

@@ -156,30 +156,37 @@ def _fetch(url: str, field: str, settings: Settings, disk: DiskCache, emit: Call
 
 
 def _from_hub(spec: LoraSpec | EmbeddingSpec, field: str, settings: Settings) -> Path:
+    patterns = [spec.weight_name] if spec.weight_name else ["*.safetensors"]
+    return hub_snapshot(spec.id, patterns, field, settings, lambda folder: _only_safetensors(folder, spec.weight_name, field))
+
+
+def hub_snapshot(repo_id: str, patterns: list[str], field: str, settings: Settings, found: Callable[[Path], Path]) -> Path:
+    """``found(snapshot)`` for the hub repo's files matching ``patterns``: from RunPod's cached
+    models or our hub cache when there (``found`` raises ModelSourceError when something it
+    needs is missing), else downloaded into our hub cache."""
     from huggingface_hub import errors as hub_errors
     from huggingface_hub import snapshot_download
 
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
-    patterns = [spec.weight_name] if spec.weight_name else ["*.safetensors"]
     for cache in (settings.runpod_hf_cache, settings.hub_cache):
         if cache.is_dir():
             try:
-                snapshot = snapshot_download(spec.id, cache_dir=cache, local_files_only=True, token=token,
+                snapshot = snapshot_download(repo_id, cache_dir=cache, local_files_only=True, token=token,
                                              allow_patterns=patterns)
-                return _only_safetensors(Path(snapshot), spec.weight_name, field)
+                return found(Path(snapshot))
             except (hub_errors.LocalEntryNotFoundError, FileNotFoundError, ModelSourceError):
                 pass
     if settings.hf_hub_offline:
-        raise ModelSourceError(field, f"{spec.id} is not cached on this worker and HF_HUB_OFFLINE is set")
+        raise ModelSourceError(field, f"{repo_id} is not cached on this worker and HF_HUB_OFFLINE is set")
     try:
-        snapshot = snapshot_download(spec.id, cache_dir=settings.hub_cache, token=token, allow_patterns=patterns)
+        snapshot = snapshot_download(repo_id, cache_dir=settings.hub_cache, token=token, allow_patterns=patterns)
     except hub_errors.GatedRepoError:
-        raise ModelSourceError(field, f"{spec.id} is gated: HF_TOKEN must belong to an account with access")
+        raise ModelSourceError(field, f"{repo_id} is gated: HF_TOKEN must belong to an account with access")
     except hub_errors.RepositoryNotFoundError:
-        raise ModelSourceError(field, f"{spec.id} not found on the hub (if private, set HF_TOKEN)")
+        raise ModelSourceError(field, f"{repo_id} not found on the hub (if private, set HF_TOKEN)")
     except (hub_errors.HfHubHTTPError, OSError, ValueError) as exc:
-        raise ModelSourceError(field, f"could not download {spec.id} ({type(exc).__name__})") from None
-    return _only_safetensors(Path(snapshot), spec.weight_name, field)
+        raise ModelSourceError(field, f"could not download {repo_id} ({type(exc).__name__})") from None
+    return found(Path(snapshot))
 
 
 def _only_safetensors(folder: Path, weight_name: str | None, field: str) -> Path:

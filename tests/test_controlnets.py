@@ -1,0 +1,123 @@
+"""ControlNets per request (worker/controlnets.py), on tiny random-weight ControlNets made from
+the tiny models' UNets (tests/controlnets.py)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from schemas import InferenceRequest, describe_validation_error
+from tests.controlnets import build_controlnet
+from tests.helpers import decode, hub_cache, png_b64
+from worker.errors import ModelSourceError, UserInputError
+
+BASE = {"prompt": "a door", "num_inference_steps": 2, "seed": 3}
+RED, BLUE = png_b64((200, 30, 30)), png_b64((30, 30, 200))
+
+
+@pytest.fixture(scope="module")
+def nets(tiny_dir, sdxl_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("controlnets")
+    return {"sd": build_controlnet(tiny_dir, root / "sd"), "sdxl": build_controlnet(sdxl_dir, root / "sdxl")}
+
+
+def draw(run, **fields):
+    result, _ = run(**(BASE | fields))
+    return result
+
+
+def test_a_controlnet_steers_by_its_image_and_scale(run, nets):
+    plain = draw(run).images[0].base64
+    control = {"id": str(nets["sd"]), "image": RED}
+    first = draw(run, controlnets=[control])
+    assert first.images[0].base64 != plain
+    assert "controlnets" in first.timings  # loaded now
+    again = draw(run, controlnets=[control])
+    assert again.images[0].base64 == first.images[0].base64 and "controlnets" not in again.timings  # warm
+    assert draw(run, controlnets=[control | {"image": BLUE}]).images[0].base64 != first.images[0].base64
+    assert draw(run, controlnets=[control | {"scale": 0}]).images[0].base64 == plain  # steers nothing: bit for bit
+    assert draw(run, controlnets=[control | {"start": 0.5}]).images[0].base64 not in (plain, first.images[0].base64)
+    assert draw(run).images[0].base64 == plain  # the next request without one is plain again
+
+
+def test_controlnets_combine_and_run_img2img_and_inpaint(run, nets):
+    one = {"id": str(nets["sd"]), "image": RED}
+    single = draw(run, controlnets=[one]).images[0].base64
+    both = draw(run, controlnets=[one, {"id": str(nets["sd"]), "image": BLUE, "scale": 0.5}]).images[0].base64
+    assert both != single
+    for task in ({"image": RED}, {"image": RED, "mask_image": png_b64((255, 255, 255))}):
+        assert draw(run, **task, controlnets=[one]).images[0].base64 != draw(run, **task).images[0].base64
+
+
+def test_txt2img_takes_its_size_from_the_control_image(run, nets):
+    wide = png_b64(size=(100, 64))
+    image = draw(run, controlnets=[{"id": str(nets["sd"]), "image": wide}]).images[0]
+    assert (image.width, image.height) == (96, 64) == decode(image.base64).size
+    image = draw(run, width=64, height=72, controlnets=[{"id": str(nets["sd"]), "image": wide}]).images[0]
+    assert (image.width, image.height) == (64, 72)
+
+
+def test_sdxl_controlnet_and_one_that_does_not_fit(run, nets, sdxl_dir):
+    xl = {"model": {"id": str(sdxl_dir)}}
+    steered = draw(run, **xl, controlnets=[{"id": str(nets["sdxl"]), "image": RED}]).images[0].base64
+    assert steered != draw(run, **xl).images[0].base64
+    with pytest.raises(UserInputError, match=r"^controlnets\[0\]: .* does not fit this model .*cross_attention_dim"):
+        draw(run, **xl, controlnets=[{"id": str(nets["sd"]), "image": RED}])
+    assert draw(run, **xl).images[0].base64 != steered  # the worker carries on, plain
+
+
+def on_new_worker(settings, **fields):
+    from worker.engine import Engine
+
+    request = InferenceRequest.model_validate(BASE | fields)
+    return Engine(settings).generate(request, lambda _: None, lambda: False)
+
+
+def test_hub_controlnets_are_safetensors_directories(settings, nets, tmp_path):
+    hub = hub_cache(tmp_path / "hub", "acme/control-edges", nets["sd"], {"main": "5" * 40})
+    worker = settings.model_copy(update={"hf_hub_cache": hub})
+    from_hub = on_new_worker(worker, controlnets=[{"id": "acme/control-edges", "image": RED}])
+    local = on_new_worker(settings, controlnets=[{"id": str(nets["sd"]), "image": RED}])
+    assert from_hub.images[0].base64 == local.images[0].base64
+
+    with pytest.raises(ModelSourceError, match=r"^controlnets\[0\]\.id: acme/other is not cached on this worker"):
+        on_new_worker(worker, controlnets=[{"id": "acme/other", "image": RED}])
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((nets["sd"] / "config.json").read_text())
+    (pickled / "diffusion_pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(ModelSourceError, match=r"^controlnets\[0\]\.id: .* has no diffusion_pytorch_model"
+                                               r"\.safetensors \(ControlNets are loaded from safetensors only\)"):
+        on_new_worker(settings, controlnets=[{"id": str(pickled), "image": RED}])
+
+
+@pytest.mark.parametrize("control, expected", [
+    ({"id": "acme/c", "image": RED, "start": 0.6, "end": 0.4}, "controlnets[0].start: must be below end (0.4), got 0.6"),
+    ({"id": "../c", "image": RED}, "controlnets[0].id: must be a hub repo id like 'org/name' or an absolute path"),
+    ({"id": "acme/c"}, "controlnets[0].image: "),
+    ({"id": "acme/c", "image": "not an image!"}, "controlnets[0].image: must be base64"),
+    ({"id": "acme/c", "image": RED, "scale": 6}, "controlnets[0].scale: "),
+])
+def test_bad_controlnet_fields_name_themselves(control, expected):
+    with pytest.raises(ValidationError) as info:
+        InferenceRequest.model_validate(BASE | {"controlnets": [control]})
+    assert describe_validation_error(info.value).startswith(expected)
+
+
+@pytest.mark.gpu
+def test_controlnets_and_long_weighted_prompts_on_cuda_in_fp16(settings, nets):
+    """Device and dtype follow the model: a ControlNet and the prompt windows on the GPU, in fp16."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    from worker.engine import Engine
+
+    engine = Engine(settings.model_copy(update={"device": "cuda"}))
+    request = InferenceRequest.model_validate(BASE | {
+        "prompt": "(lighthouse:1.3) " * 12 + "BREAK red", "controlnets": [{"id": str(nets["sd"]), "image": RED}]})
+    result = engine.generate(request, lambda _: None, lambda: False)
+    assert (result.model.device, result.model.precision) == ("cuda", "fp16")
+    [net] = engine.controlnets._loaded.values()
+    assert (net.device.type, net.dtype) == ("cuda", torch.float16)
+    assert decode(result.images[0].base64).size == (64, 64)
