@@ -3,8 +3,8 @@
 from .compat import RequestError
 from .errors import describe_validation_error
 from .request import (
-    ControlNetSpec, ConvertRequest, ConvertSpec, EmbeddingSpec, InferenceRequest, Limits, LoraSpec, ModelSpec,
-    OutputSpec, S3Config, TrainRequest, TrainSpec, parse_request,
+    ControlNetSpec, ConvertRequest, ConvertSpec, EmbeddingSpec, HiresSpec, InferenceRequest, Limits, LoraSpec,
+    ModelSpec, OutputSpec, S3Config, TrainRequest, TrainSpec, parse_request,
 )
 from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result, TrainOut
 from .schedulers import SCHEDULERS, canonical_scheduler
@@ -19,6 +19,7 @@ __all__ = [
     "Limits",
     "LoraSpec",
     "ControlNetSpec",
+    "HiresSpec",
     "EmbeddingSpec",
     "S3Config",
     "TrainRequest",

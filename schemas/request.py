@@ -198,6 +198,27 @@ class ControlNetSpec(_Strict):
         return self
 
 
+class HiresSpec(_Strict):
+    """AUTOMATIC1111's hires fix: generate, upscale, then denoise again at the larger size."""
+
+    scale: float = Field(2.0, gt=1, le=4, description="Final size over the first pass's size.")
+    strength: float = Field(0.7, gt=0, le=1, description="How much the second pass changes the upscaled image.")
+    steps: int | None = Field(
+        None, ge=1, le=1000, description="Second-pass steps before strength (default: num_inference_steps)."
+    )
+    upscaler: Literal["latent", "lanczos"] = Field(
+        "latent", description="latent: resize the latents (bilinear); lanczos: decode, resize the image, encode."
+    )
+
+    def final(self, width: int, height: int) -> tuple[int, int]:
+        """The second pass's size: the first's times ``scale``, rounded down to a multiple of 8."""
+        return int(width * self.scale) // 8 * 8, int(height * self.scale) // 8 * 8
+
+    def size(self, width: int, height: int) -> int:
+        final = self.final(width, height)
+        return final[0] * final[1]
+
+
 class InferenceRequest(_Strict):
     """txt2img, img2img or inpaint. `task` may be left out: `mask_image` means inpaint,
     `image` means img2img, neither means txt2img."""
@@ -246,6 +267,7 @@ class InferenceRequest(_Strict):
     controlnets: list[ControlNetSpec] = Field(
         default_factory=list, max_length=4, description="ControlNets steering this request, each with its image."
     )
+    hires: HiresSpec | None = Field(None, description="txt2img: a second, larger pass (AUTOMATIC1111's hires fix).")
     train: dict[str, Any] | None = Field(None, description="Only with task 'train' (TrainRequest).")
     convert: dict[str, Any] | None = Field(None, description="Only with task 'convert' (ConvertRequest).")
     # Set when the job came as a docker-diffusers-api payload: answer in its shape too.
@@ -295,6 +317,15 @@ class InferenceRequest(_Strict):
             for name in ("image", "mask_image", "strength"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name}: not used by task 'txt2img' (send task 'img2img' or 'inpaint')")
+            if self.hires is not None:
+                steps = self.hires.steps or self.num_inference_steps
+                if int(steps * self.hires.strength) < 1:
+                    raise ValueError(f"hires.strength: {self.hires.strength} of {steps} steps runs no step")
+                if self.width and self.height and self.hires.size(self.width, self.height) > limits.max_pixels:
+                    raise ValueError(f"hires.scale: {self.width}x{self.height} times {self.hires.scale} is over "
+                                     f"this endpoint's {limits.max_pixels} pixels")
+        elif self.hires is not None:
+            raise ValueError(f"hires: only with task 'txt2img', not {self.task!r}")
         else:
             if self.image is None:
                 raise ValueError(f"image: required for task {self.task!r}")
@@ -314,6 +345,8 @@ class InferenceRequest(_Strict):
             raise ValueError(
                 f"num_inference_steps: at most {limits.max_steps} on this endpoint, got {self.num_inference_steps}"
             )
+        if self.hires and self.hires.steps and self.hires.steps > limits.max_steps:
+            raise ValueError(f"hires.steps: at most {limits.max_steps} on this endpoint, got {self.hires.steps}")
         if self.num_images > limits.max_images:
             raise ValueError(f"num_images: at most {limits.max_images} on this endpoint, got {self.num_images}")
         if self.width and self.height and self.width * self.height > limits.max_pixels:

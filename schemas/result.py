@@ -68,7 +68,7 @@ class Result(_Out):
 
 class Progress(_Out):
     type: Literal["progress"] = "progress"
-    stage: Literal["load", "download", "inference", "class_images", "train", "encode", "save", "pack", "upload"]
+    stage: Literal["load", "download", "inference", "hires", "class_images", "train", "encode", "save", "pack", "upload"]
     step: int
     total: int
     loss: float | None = Field(None, description="stage train: this step's loss.")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import re
 import secrets
@@ -20,7 +21,9 @@ import torch
 import transformers
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
-from schemas import ConvertRequest, ImageOut, InferenceRequest, ModelInfo, ModelSpec, Progress, Result, TrainRequest
+from schemas import (
+    ConvertRequest, HiresSpec, ImageOut, InferenceRequest, ModelInfo, ModelSpec, Progress, Result, TrainRequest,
+)
 
 from . import embeddings, loras, prompts
 from .controlnets import ControlNets
@@ -87,6 +90,14 @@ class Engine:
             images.update(self._control_inputs(request, images))
             if request.task != "txt2img" or request.controlnets:
                 timings["inputs"] = ms_since(start)
+            if request.hires:  # the first pass's size is needed to know the second's
+                pipeline = loaded.pipeline
+                default = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+                images.setdefault("width", default)
+                images.setdefault("height", default)
+                if request.hires.size(images["width"], images["height"]) > self.settings.max_pixels:
+                    raise UserInputError("hires.scale", f"{images['width']}x{images['height']} times "
+                                         f"{request.hires.scale} is over this endpoint's {self.settings.max_pixels} pixels")
 
             # 3. The pipeline for this task, sharing the loaded components, with its own scheduler
             #    (and this request's ControlNets, kept warm).
@@ -104,11 +115,15 @@ class Engine:
 
             # 6. Denoise with this request's embeddings, reporting every step and stopping if
             #    RunPod cancelled the job.
-            def on_step(pipeline, step: int, timestep, tensors: dict) -> dict:
-                if cancelled():
-                    raise JobCancelled(f"at step {step} of {pipeline.num_timesteps}")
-                emit(Progress(stage="inference", step=step + 1, total=pipeline.num_timesteps))
-                return tensors
+            def reporting(stage: str) -> Callable:
+                def on_step(pipeline, step: int, timestep, tensors: dict) -> dict:
+                    if cancelled():
+                        where = "at step" if stage == "inference" else f"at {stage} step"
+                        raise JobCancelled(f"{where} {step} of {pipeline.num_timesteps}")
+                    emit(Progress(stage=stage, step=step + 1, total=pipeline.num_timesteps))
+                    return tensors
+
+                return on_step
 
             prompt, negative = request.prompt, request.negative_prompt
             if request.embeddings:
@@ -121,23 +136,27 @@ class Engine:
                     "prompt": prompt, "negative_prompt": negative,
                     **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
                 }
-                output = pipe(
-                    **texts,
-                    num_inference_steps=request.num_inference_steps,
-                    guidance_scale=request.guidance_scale,
-                    num_images_per_prompt=request.num_images,
-                    generator=generators,
-                    callback_on_step_end=on_step,
-                    **images,
-                )
+                common = dict(texts, guidance_scale=request.guidance_scale, num_images_per_prompt=request.num_images,
+                              generator=generators)
+                first = self._first_pass(pipe, request.hires)
+                output = first(**common, num_inference_steps=request.num_inference_steps,
+                               callback_on_step_end=reporting("inference"), **images)
                 timings["inference"] = ms_since(start)
+                if request.hires:
+                    start = time.perf_counter()
+                    output = self._hires(pipe, request.hires, output.images, images, **common,
+                                         num_inference_steps=request.hires.steps or request.num_inference_steps,
+                                         callback_on_step_end=reporting("hires"))
+                    timings["hires"] = ms_since(start)
 
         # 7. Encode, outside the lock: the GPU is free for the next job. Then upload, or inline.
         start = time.perf_counter()
         fmt = request.output.format
+        first_size = (images["width"], images["height"]) if request.hires else None
         encoded = [
             encode_image(image, fmt, request.output.quality,
-                         request.output.metadata and _parameters(request, seed, image.size, ref.id, pipe.scheduler))
+                         request.output.metadata and _parameters(request, seed, first_size or image.size, ref.id,
+                                                                 pipe.scheduler))
             for image, seed in zip(output.images, seeds)
         ]
         timings["encode"] = ms_since(start)
@@ -227,6 +246,42 @@ class Engine:
             args.update(mask_image=mask.resize((width, height)), width=width, height=height)
         return args
 
+    @staticmethod
+    def _first_pass(pipe, hires: HiresSpec | None):
+        """The pipeline of the first pass: ``pipe``, or for the hires fix one that hands over its
+        latents (``latent``) or its images unjudged (``lanczos``: the safety checker, if any,
+        judges the final images only)."""
+        if hires is None:
+            return pipe
+        if hires.upscaler == "latent":
+            return functools.partial(pipe, output_type="latent")
+        if getattr(pipe, "safety_checker", None) is not None:
+            return type(pipe).from_pipe(pipe, safety_checker=None, requires_safety_checker=False)
+        return pipe
+
+    @staticmethod
+    def _hires(pipe, hires: HiresSpec, first, images: dict, **common):
+        """AUTOMATIC1111's hires fix, second pass: the first pass's output upscaled, then img2img
+        on it at ``hires.strength`` with the same prompts, generators and ControlNets."""
+        from PIL import Image
+
+        width, height = hires.final(images["width"], images["height"])
+        if hires.upscaler == "latent":
+            factor = pipe.vae_scale_factor
+            upscaled = torch.nn.functional.interpolate(first, size=(height // factor, width // factor), mode="bilinear")
+        else:
+            upscaled = [image.resize((width, height), Image.LANCZOS) for image in first]
+        controls = {k: v for k, v in images.items() if k.startswith("control")}
+        if "controlnet_conditioning_scale" in images:  # txt2img took the control images as `image`
+            control = images["image"]
+            if isinstance(control, list):
+                controls["control_image"] = [c.resize((width, height)) for c in control]
+            else:
+                controls["control_image"] = control.resize((width, height))
+        second = AutoPipelineForImage2Image.from_pipe(pipe)
+        second.set_progress_bar_config(disable=True)
+        return second(image=upscaled, strength=hires.strength, **controls, **common)
+
     def _size_from(self, image, request: InferenceRequest, field: str) -> tuple[int, int]:
         """Output size: as asked, else the input's, rounded down to the VAE's multiple of 8."""
         width = request.width or image.width // 8 * 8
@@ -315,6 +370,10 @@ def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], mod
     }
     if request.strength is not None:
         pairs["Denoising strength"] = request.strength
+    if request.hires:  # A1111's Size is then the first pass's
+        pairs.update({"Denoising strength": request.hires.strength, "Hires upscale": request.hires.scale,
+                      "Hires steps": request.hires.steps or request.num_inference_steps,
+                      "Hires upscaler": "Latent" if request.hires.upscaler == "latent" else "Lanczos"})
     if request.clip_skip:
         pairs["Clip skip"] = request.clip_skip + 1  # A1111 counts the last layer as 1
     if request.loras:
