@@ -138,6 +138,7 @@ def test_each_training_option_changes_what_is_learned(runner, s3, knob):
     ({"lr_scheduler": "exponential"}, "train.lr_scheduler: input should be 'constant'"),
     ({"instance_images": ["bm90IGFuIGltYWdl"]}, "train.instance_images[0]: is not a readable image"),
     ({"dest_url": "s3://no-such-bucket/x.safetensors"}, "train.dest_url: bucket 'no-such-bucket' does not exist"),
+    ({"instance_prompt": "sks toy " * 13}, "train.instance_prompt: is 78 tokens; training reads at most 75"),
 ])
 def test_bad_training_requests_name_the_field(runner, change, expected):
     items = run_job(runner, train_input(**change))

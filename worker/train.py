@@ -70,6 +70,7 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     pipe = load_pipeline(model_dir, "fp32", variant, device)
     emit(Progress(stage="load", step=1, total=1))
     timings["load"] = ms_since(start)
+    _check_prompt_lengths(pipe, spec)
     autocast_dtype = _autocast_dtype(device)
     generator = torch.Generator("cpu").manual_seed(spec.seed)
 
@@ -234,6 +235,18 @@ def _sample(stats: tuple[torch.Tensor, torch.Tensor], batch: int, generator: tor
     index = torch.randint(0, mean.shape[0], (batch,), generator=generator)
     noise = torch.randn(mean[index].shape, generator=generator).to(mean.device)
     return (mean[index] + std[index] * noise) * pipe.vae.config.scaling_factor
+
+
+def _check_prompt_lengths(pipe, spec: TrainSpec) -> None:
+    """Training conditions on one text-encoder pass: a longer prompt would be cut, silently."""
+    tokenizer = pipe.tokenizer
+    room = tokenizer.model_max_length - 2
+    for name in ("instance_prompt", "class_prompt"):
+        text = getattr(spec, name)
+        count = len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0
+        if count > room:
+            raise UserInputError(f"train.{name}", f"is {count} tokens; training reads at most {room} (one pass "
+                                 "of the text encoder), so shorten it")
 
 
 def _encode(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
