@@ -163,6 +163,11 @@ class LoraSpec(_FileSource):
     scale: float = Field(1.0, ge=-10, le=10, description="How strongly it applies; 0 turns it off.")
 
 
+class VaeSpec(_FileSource):
+    """A VAE replacing the model's for one request: a diffusers VAE directory (hub id or local
+    path), or one .safetensors file (URL, hub id + weight_name, local path) in either layout."""
+
+
 class ControlNetSpec(_Strict):
     """A ControlNet steering one request with an image (edges, depth, pose ...), preprocessed."""
 
@@ -268,6 +273,9 @@ class InferenceRequest(_Strict):
         default_factory=list, max_length=4, description="ControlNets steering this request, each with its image."
     )
     hires: HiresSpec | None = Field(None, description="txt2img: a second, larger pass (AUTOMATIC1111's hires fix).")
+    vae: VaeSpec | None = Field(
+        None, description="A VAE replacing the model's for this request (AUTOMATIC1111's SD VAE)."
+    )
     train: dict[str, Any] | None = Field(None, description="Only with task 'train' (TrainRequest).")
     convert: dict[str, Any] | None = Field(None, description="Only with task 'convert' (ConvertRequest).")
     # Set when the job came as a docker-diffusers-api payload: answer in its shape too.

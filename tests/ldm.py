@@ -74,15 +74,16 @@ def _rename(key: str, pairs: list[tuple[str, str]]) -> str:
     return key
 
 
-def _load(model_dir: Path, part: str) -> tuple[dict, dict]:
+def _load(folder: Path) -> tuple[dict, dict]:
+    """A diffusers or transformers component's weights and config."""
     from safetensors.torch import load_file
 
-    name = "model.safetensors" if part.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
-    return load_file(model_dir / part / name), json.loads((model_dir / part / "config.json").read_text())
+    name = "model.safetensors" if (folder / "model.safetensors").is_file() else "diffusion_pytorch_model.safetensors"
+    return load_file(folder / name), json.loads((folder / "config.json").read_text())
 
 
 def _unet(model_dir: Path) -> dict:
-    weights, config = _load(model_dir, "unet")
+    weights, config = _load(model_dir / "unet")
     pairs, out = _unet_map(config), {}
     for key, value in weights.items():
         renamed = _rename(key, pairs)
@@ -93,8 +94,10 @@ def _unet(model_dir: Path) -> dict:
     return out
 
 
-def _vae(model_dir: Path) -> dict:
-    weights, config = _load(model_dir, "vae")
+def vae_to_original(vae_dir: Path) -> dict:
+    """A diffusers VAE's weights keyed as in an original checkpoint, without the
+    ``first_stage_model.`` prefix (as standalone VAE files are)."""
+    weights, config = _load(vae_dir)
     pairs, out = _vae_map(config), {}
     for key, value in weights.items():
         renamed = _rename(key, pairs).replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
@@ -103,13 +106,13 @@ def _vae(model_dir: Path) -> dict:
             renamed = prefix + "attn_1." + _rename(leaf, _VAE_ATTN)
             if value.ndim == 2:  # the original attention uses 1x1 convolutions
                 value = value[:, :, None, None]
-        out["first_stage_model." + renamed] = value
+        out[renamed] = value
     return out
 
 
 def _clip(model_dir: Path, part: str, prefix: str) -> dict:
     """A transformers CLIP text encoder, as SD 1.x and SDXL's first embedder keep it."""
-    weights, _ = _load(model_dir, part)  # transformers 5 saves CLIPTextModel without "text_model."
+    weights, _ = _load(model_dir / part)  # transformers 5 saves CLIPTextModel without "text_model."
     return {prefix + ("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in weights.items()}
 
 
@@ -117,7 +120,7 @@ def _open_clip(model_dir: Path, part: str, prefix: str) -> dict:
     """SDXL's second text encoder in OpenCLIP's layout: fused q/k/v, ``text_projection`` as a matrix."""
     import torch
 
-    weights, _ = _load(model_dir, part)
+    weights, _ = _load(model_dir / part)
     weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
     out = {
         "token_embedding.weight": weights.pop("embeddings.token_embedding.weight"),
@@ -145,7 +148,7 @@ def _open_clip(model_dir: Path, part: str, prefix: str) -> dict:
 
 def to_original(model_dir: Path) -> dict:
     """The pipeline's weights keyed as an original SD 1.x or SDXL checkpoint."""
-    out = _unet(model_dir) | _vae(model_dir)
+    out = _unet(model_dir) | {"first_stage_model." + k: v for k, v in vae_to_original(model_dir / "vae").items()}
     if (model_dir / "text_encoder_2").is_dir():  # SDXL
         out |= _clip(model_dir, "text_encoder", "conditioner.embedders.0.transformer.")
         out |= _open_clip(model_dir, "text_encoder_2", "conditioner.embedders.1.model.")

@@ -68,9 +68,9 @@ class ControlNets:
 
     def _locate(self, spec: ControlNetSpec, field: str) -> Path:
         if spec.id.startswith("/"):
-            return _checked(Path(spec.id), field, spec.id)
+            return checked_folder(Path(spec.id), field, spec.id, "ControlNet")
         return hub_snapshot(spec.id, ["config.json", WEIGHTS], field, self.settings,
-                            lambda folder: _checked(folder, field, spec.id))
+                            lambda folder: checked_folder(folder, field, spec.id, "ControlNet"))
 
     def _load(self, folder: Path, unet: Any, field: str) -> Any:
         from diffusers import ControlNetModel
@@ -85,10 +85,10 @@ class ControlNets:
         return net.to(unet.device).eval()
 
 
-def _checked(folder: Path, field: str, name: str) -> Path:
-    """``folder`` if it holds a diffusers ControlNet in safetensors."""
+def checked_folder(folder: Path, field: str, name: str, what: str) -> Path:
+    """``folder`` if it holds a diffusers ``what`` (ControlNet, VAE) in safetensors."""
     if not (folder / "config.json").is_file():
-        raise ModelSourceError(field, f"{name} is not a diffusers ControlNet (config.json missing)")
+        raise ModelSourceError(field, f"{name} is not a diffusers {what} (config.json missing)")
     if not (folder / WEIGHTS).is_file():
-        raise ModelSourceError(field, f"{name} has no {WEIGHTS} (ControlNets are loaded from safetensors only)")
+        raise ModelSourceError(field, f"{name} has no {WEIGHTS} ({what}s are loaded from safetensors only)")
     return folder

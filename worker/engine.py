@@ -36,6 +36,7 @@ from .schedulers import make_scheduler
 from .settings import Settings
 from .storage import parse_location
 from .timing import ms_since
+from .vaes import Vaes
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class Engine:
             torch.backends.cudnn.allow_tf32 = True
         self.models = ModelStore(settings, self.device)
         self.controlnets = ControlNets(settings)
+        self.vaes = Vaes(settings, self.models.disk)
         self._lock = threading.Lock()  # one job on the GPU at a time
 
     def warm_up(self) -> None:
@@ -100,9 +102,10 @@ class Engine:
                                          f"{request.hires.scale} is over this endpoint's {self.settings.max_pixels} pixels")
 
             # 3. The pipeline for this task, sharing the loaded components, with its own scheduler
-            #    (and this request's ControlNets, kept warm).
+            #    (and this request's ControlNets and VAE, kept warm).
             nets = self.controlnets.get(request.controlnets, loaded.pipeline.unet, timings) if request.controlnets else []
-            pipe = self._task_pipeline(loaded, request, nets)
+            vae = self.vaes.get(request.vae, loaded.pipeline.vae, emit, timings) if request.vae else None
+            pipe = self._task_pipeline(loaded, request, nets, vae)
 
             # 4. One generator per image, so each image's seed reproduces it alone.
             first = request.seed if request.seed is not None else secrets.randbits(63)
@@ -228,6 +231,7 @@ class Engine:
                 timings["download"] = ms_since(start)
             self.models.clear_device()
             self.controlnets.clear()
+            self.vaes.clear()
             out = train.train(spec, path, ref.variant, location, device=self.device, staging=staging,
                               settings=self.settings, emit=emit, cancelled=cancelled, timings=timings)
         info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision="fp32", device=self.device)
@@ -320,7 +324,7 @@ class Engine:
             "control_guidance_end": each([spec.end for spec in request.controlnets]),
         }
 
-    def _task_pipeline(self, loaded, request: InferenceRequest, nets: list | None = None):
+    def _task_pipeline(self, loaded, request: InferenceRequest, nets: list | None = None, vae=None):
         base = loaded.pipeline
         name = loaded.ref.id if loaded.ref.id != EMBEDDED_ID else "the embedded model"
         unet = getattr(base, "unet", None)
@@ -344,6 +348,8 @@ class Engine:
             from diffusers.models import MultiControlNetModel
 
             overrides["controlnet"] = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+        if vae is not None:
+            overrides["vae"] = vae
         ships_checker = getattr(base, "safety_checker", None) is not None
         use_checker = self.settings.safety_checker if request.safety_checker is None else request.safety_checker
         if request.safety_checker and not ships_checker:

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     max_loaded_controlnets: int = Field(
         2, ge=0, le=16, description="ControlNets kept on the device across jobs, least recently used out first."
     )
+    max_loaded_vaes: int = Field(
+        2, ge=1, le=16, description="Request-chosen VAEs kept on the device across jobs, least recently used out first."
+    )
     preload_model: bool = Field(True, description="Load the default model at start-up, before the first job.")
     streaming: bool = Field(True, description="false: plain handler returning the result dict (CONTRACT §1).")
     safety_checker: bool = Field(True, description="Run a model's safety checker when it ships one.")

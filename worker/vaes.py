@@ -1,0 +1,106 @@
+"""Another VAE for one request (``vae``), kept warm for the next.
+
+What AUTOMATIC1111 calls "SD VAE": many fine-tunes ship a VAE that washes colours out, and
+SDXL's own overflows in fp16, so callers swap in another (``stabilityai/sd-vae-ft-mse``,
+``madebyollin/sdxl-vae-fp16-fix``). It replaces the model's VAE in this request's pipeline
+only: the warm model is untouched, and the next request without ``vae`` runs the model's own.
+
+Sources: a diffusers VAE directory (``config.json`` + ``diffusion_pytorch_model.safetensors``)
+from the hub or a local path, or one ``.safetensors`` file (by URL, hub id + ``weight_name``,
+or local path) in the original layout (``vae-ft-mse-840000-ema-pruned.safetensors``) or
+diffusers', read with the model's own VAE config. Never a pickle.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+from schemas import Progress, VaeSpec
+
+from .cache import DiskCache
+from .controlnets import WEIGHTS, checked_folder
+from .errors import ModelSourceError, UserInputError
+from .loras import hub_snapshot, locate_file, quiet_libraries
+from .settings import Settings
+from .timing import ms_since
+
+log = logging.getLogger(__name__)
+
+_DIFFUSERS_KEY = "encoder.down_blocks.0.resnets.0.conv1.weight"
+_LDM_PREFIXES = ("first_stage_model.", "vae.")
+
+
+class Vaes:
+    """Loaded VAEs: (source, dtype, device) -> model, least recently used first."""
+
+    def __init__(self, settings: Settings, disk: DiskCache):
+        self.settings = settings
+        self.disk = disk
+        self._loaded: OrderedDict[tuple[str, Any, str], Any] = OrderedDict()
+
+    def get(self, spec: VaeSpec, own: Any, emit: Callable[[Progress], None], timings: dict[str, float]) -> Any:
+        """The VAE ``spec`` names, like the model's ``own`` VAE in device and dtype, checked to fit."""
+        start = time.perf_counter()
+        path = self._locate(spec, emit)
+        key = (str(path), own.dtype, str(own.device))
+        if key in self._loaded:
+            self._loaded.move_to_end(key)
+        else:
+            self._loaded[key] = _load(path, own, "vae")
+            timings["vae"] = ms_since(start)
+            while len(self._loaded) > max(self.settings.max_loaded_vaes, 1):
+                self._loaded.popitem(last=False)
+        vae = self._loaded[key]
+        for name in ("latent_channels", "scaling_factor"):
+            if vae.config.get(name) != own.config.get(name):
+                raise UserInputError("vae", f"does not fit this model (a VAE for another architecture: its {name} "
+                                            f"is {vae.config.get(name)}, the model's {own.config.get(name)})")
+        return vae
+
+    def clear(self) -> None:
+        """Free the device (for training)."""
+        self._loaded.clear()
+
+    def _locate(self, spec: VaeSpec, emit: Callable[[Progress], None]) -> Path:
+        """A diffusers VAE directory, or a single .safetensors file."""
+        if spec.url or spec.weight_name or (spec.id.startswith("/") and Path(spec.id).is_file()):
+            return locate_file(spec, "vae", self.settings, self.disk, emit, kind="vaes")
+        if spec.id.startswith("/"):
+            return checked_folder(Path(spec.id), "vae.id", spec.id, "VAE")
+        return hub_snapshot(spec.id, ["config.json", WEIGHTS], "vae.id", self.settings,
+                            lambda folder: checked_folder(folder, "vae.id", spec.id, "VAE"))
+
+
+def _load(path: Path, own: Any, field: str) -> Any:
+    from diffusers import AutoencoderKL
+
+    try:
+        with quiet_libraries():
+            if path.is_dir():
+                vae = AutoencoderKL.from_pretrained(path, torch_dtype=own.dtype, use_safetensors=True)
+            else:
+                vae = AutoencoderKL.from_config(own.config)
+                vae.load_state_dict(_diffusers_layout(path, own.config), strict=True)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ModelSourceError(field, f"could not load the VAE ({type(exc).__name__}: {detail})") from None
+    log.info("loaded VAE %s", path.name)
+    return vae.to(own.device, own.dtype).eval()
+
+
+def _diffusers_layout(path: Path, config: Any) -> dict:
+    """A single file's weights keyed as diffusers' AutoencoderKL, whichever layout it is in."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from safetensors.torch import load_file
+
+    weights = load_file(path)
+    if _DIFFUSERS_KEY in weights:
+        return weights
+    for prefix in _LDM_PREFIXES:  # a whole checkpoint's VAE, or a VAE file with its keys prefixed
+        if any(k.startswith(prefix) for k in weights):
+            weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    return convert_ldm_vae_checkpoint(weights, dict(config))
