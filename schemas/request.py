@@ -168,26 +168,16 @@ class VaeSpec(_FileSource):
     path), or one .safetensors file (URL, hub id + weight_name, local path) in either layout."""
 
 
-class ControlNetSpec(_Strict):
-    """A ControlNet steering one request with an image (edges, depth, pose ...), preprocessed."""
+class ControlNetSpec(_FileSource):
+    """A ControlNet steering one request with an image (edges, depth, pose ...), preprocessed:
+    a diffusers ControlNet directory (hub id or local path), or one .safetensors file (URL,
+    hub id + weight_name, local path) in the original layout or diffusers'."""
 
-    id: str = Field(
-        ..., max_length=4096,
-        description="Hub repo id (`org/name`) or absolute path of a diffusers ControlNet directory "
-        "(config.json + diffusion_pytorch_model.safetensors).",
-    )
     image: str = Field(..., description="The control image, preprocessed (an edge map, a depth map ...): "
                        "base64, `data:` URI or http(s) URL.")
     scale: float = Field(1.0, ge=0, le=5, description="How strongly it steers (controlnet_conditioning_scale).")
     start: float = Field(0.0, ge=0, le=1, description="Fraction of the steps after which it starts steering.")
     end: float = Field(1.0, ge=0, le=1, description="Fraction of the steps after which it stops.")
-
-    @field_validator("id")
-    @classmethod
-    def _id_form(cls, value: str) -> str:
-        if not (value.startswith("/") or _REPO_ID.match(value)) or ".." in value.split("/"):
-            raise ValueError(f"must be a hub repo id like 'org/name' or an absolute path, got {value!r}")
-        return value
 
     @field_validator("image")
     @classmethod

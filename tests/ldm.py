@@ -29,7 +29,7 @@ def _unet_map(config: dict) -> list[tuple[str, str]]:
                 pairs.append((f"input_blocks.{i * (layers + 1) + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
         if i < blocks - 1:
             pairs.append((f"input_blocks.{(i + 1) * (layers + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
-    for i, kind in enumerate(config["up_block_types"]):
+    for i, kind in enumerate(config.get("up_block_types", ())):  # a ControlNet has no up blocks
         attention = "CrossAttn" in kind
         for j in range(layers + 1):
             pairs.append((f"output_blocks.{i * (layers + 1) + j}.0.", f"up_blocks.{i}.resnets.{j}."))
@@ -82,16 +82,20 @@ def _load(folder: Path) -> tuple[dict, dict]:
     return load_file(folder / name), json.loads((folder / "config.json").read_text())
 
 
-def _unet(model_dir: Path) -> dict:
-    weights, config = _load(model_dir / "unet")
+def unet_to_original(weights: dict, config: dict) -> dict:
+    """A UNet's (or a ControlNet's encoder half's) weights keyed as in the original layout."""
     pairs, out = _unet_map(config), {}
     for key, value in weights.items():
         renamed = _rename(key, pairs)
         if "resnets" in key:
             for original, diffusers_name in _RESNET:
                 renamed = renamed.replace(diffusers_name, original)
-        out["model.diffusion_model." + renamed] = value
+        out[renamed] = value
     return out
+
+
+def _unet(model_dir: Path) -> dict:
+    return {"model.diffusion_model." + k: v for k, v in unet_to_original(*_load(model_dir / "unet")).items()}
 
 
 def vae_to_original(vae_dir: Path) -> dict:

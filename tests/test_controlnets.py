@@ -7,8 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import InferenceRequest, describe_validation_error
-from tests.controlnets import build_controlnet
-from tests.helpers import decode, hub_cache, png_b64
+from tests.controlnets import build_controlnet, write_original
+from tests.helpers import RangeServer, decode, hub_cache, png_b64
 from worker.errors import ModelSourceError, UserInputError
 
 BASE = {"prompt": "a door", "num_inference_steps": 2, "seed": 3}
@@ -91,10 +91,32 @@ def test_hub_controlnets_are_safetensors_directories(settings, nets, tmp_path):
         on_new_worker(settings, controlnets=[{"id": str(pickled), "image": RED}])
 
 
+def test_single_file_controlnets_in_either_layout(run, tiny_dir, sdxl_dir, tmp_path):
+    """As lllyasviel's ControlNet 1.1 files: the model's UNet encoder, the standard hint encoder."""
+    from safetensors.torch import load_file, save_file
+
+    net = build_controlnet(tiny_dir, tmp_path / "standard", hint_channels=(16, 32, 96, 256))
+    expected = draw(run, controlnets=[{"id": str(net), "image": RED}]).images[0].base64
+    server = RangeServer({"/control_sd15_edges.safetensors": write_original(net, tmp_path / "o.safetensors").read_bytes()})
+    try:
+        fetched = draw(run, controlnets=[{"url": server.url + "/control_sd15_edges.safetensors", "image": RED}])
+    finally:
+        server.close()
+    assert fetched.images[0].base64 == expected
+    flat = tmp_path / "diffusers-layout.safetensors"
+    save_file(load_file(net / "diffusion_pytorch_model.safetensors"), flat)
+    assert draw(run, controlnets=[{"id": str(flat), "image": RED}]).images[0].base64 == expected
+    with pytest.raises(ModelSourceError, match=r"^controlnets\[0\]\.id: could not load the ControlNet .*do not fit "
+                                               r"a copy of this model's UNet encoder"):
+        draw(run, model={"id": str(sdxl_dir)}, controlnets=[{"id": str(flat), "image": RED}])
+
+
 @pytest.mark.parametrize("control, expected", [
     ({"id": "acme/c", "image": RED, "start": 0.6, "end": 0.4}, "controlnets[0].start: must be below end (0.4), got 0.6"),
     ({"id": "../c", "image": RED}, "controlnets[0].id: must be a hub repo id like 'org/name' or an absolute path"),
     ({"id": "acme/c"}, "controlnets[0].image: "),
+    ({"url": "ftp://x/c.safetensors", "image": RED}, "controlnets[0].url: must be an https://, http:// or s3:// URL"),
+    ({"image": RED}, "controlnets[0]: give exactly one of url or id"),
     ({"id": "acme/c", "image": "not an image!"}, "controlnets[0].image: must be base64"),
     ({"id": "acme/c", "image": RED, "scale": 6}, "controlnets[0].scale: "),
 ])

@@ -25,7 +25,7 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-KINDS = ("archives", "checkpoints", "loras", "embeddings")
+KINDS = ("archives", "checkpoints", "loras", "embeddings", "controlnets", "vaes")
 _STALE_STAGING_S = 6 * 3600  # older staging dirs are a crashed run's leftovers
 
 

@@ -68,7 +68,7 @@ class Engine:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.models = ModelStore(settings, self.device)
-        self.controlnets = ControlNets(settings)
+        self.controlnets = ControlNets(settings, self.models.disk)
         self.vaes = Vaes(settings, self.models.disk)
         self._lock = threading.Lock()  # one job on the GPU at a time
 
@@ -103,8 +103,9 @@ class Engine:
 
             # 3. The pipeline for this task, sharing the loaded components, with its own scheduler
             #    (and this request's ControlNets and VAE, kept warm).
-            nets = self.controlnets.get(request.controlnets, loaded.pipeline.unet, timings) if request.controlnets else []
-            vae = self.vaes.get(request.vae, loaded.pipeline.vae, emit, timings) if request.vae else None
+            base = loaded.pipeline
+            nets = self.controlnets.get(request.controlnets, base.unet, emit, timings) if request.controlnets else []
+            vae = self.vaes.get(request.vae, base.vae, emit, timings) if request.vae else None
             pipe = self._task_pipeline(loaded, request, nets, vae)
 
             # 4. One generator per image, so each image's seed reproduces it alone.

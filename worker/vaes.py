@@ -13,7 +13,6 @@ diffusers', read with the model's own VAE config. Never a pickle.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -22,13 +21,11 @@ from typing import Any, Callable
 from schemas import Progress, VaeSpec
 
 from .cache import DiskCache
-from .controlnets import WEIGHTS, checked_folder
-from .errors import ModelSourceError, UserInputError
-from .loras import hub_snapshot, locate_file, quiet_libraries
+from .controlnets import WEIGHTS, checked_folder, load_module
+from .errors import UserInputError
+from .loras import hub_snapshot, locate_file
 from .settings import Settings
 from .timing import ms_since
-
-log = logging.getLogger(__name__)
 
 _DIFFUSERS_KEY = "encoder.down_blocks.0.resnets.0.conv1.weight"
 _LDM_PREFIXES = ("first_stage_model.", "vae.")
@@ -78,18 +75,14 @@ class Vaes:
 def _load(path: Path, own: Any, field: str) -> Any:
     from diffusers import AutoencoderKL
 
-    try:
-        with quiet_libraries():
-            if path.is_dir():
-                vae = AutoencoderKL.from_pretrained(path, torch_dtype=own.dtype, use_safetensors=True)
-            else:
-                vae = AutoencoderKL.from_config(own.config)
-                vae.load_state_dict(_diffusers_layout(path, own.config), strict=True)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        detail = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ModelSourceError(field, f"could not load the VAE ({type(exc).__name__}: {detail})") from None
-    log.info("loaded VAE %s", path.name)
-    return vae.to(own.device, own.dtype).eval()
+    def from_file(file: Path) -> Any:
+        vae = AutoencoderKL.from_config(own.config)
+        vae.load_state_dict(_diffusers_layout(file, own.config), strict=True)
+        return vae
+
+    return load_module(path, own, field, "VAE",
+                       lambda folder: AutoencoderKL.from_pretrained(folder, torch_dtype=own.dtype, use_safetensors=True),
+                       from_file)
 
 
 def _diffusers_layout(path: Path, config: Any) -> dict:
