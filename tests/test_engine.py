@@ -256,3 +256,21 @@ def test_images_say_how_they_were_made(run, fmt):
     plain = decode(bare.images[0].base64)
     assert "parameters" not in plain.info and 0x010E not in plain.getexif()
     assert len(bare.images[0].base64) < len(result.images[0].base64)
+
+
+def test_images_over_vae_tiling_pixels_go_through_the_vae_in_tiles(engine):
+    """Tiles blend at their seams, so a tiled image differs a little; smaller ones are not tiled,
+    also right after a tiled one (the VAE is shared by every job on the model)."""
+    from schemas import InferenceRequest
+    from worker.engine import Engine
+
+    tiling = Engine(engine.settings.model_copy(update={"vae_tiling_pixels": 100 * 100}))
+
+    def image(on, **fields) -> str:
+        request = InferenceRequest.model_validate({"prompt": "a fox", "num_inference_steps": 2, "seed": 3} | fields)
+        return on.generate(request, lambda _: None, lambda: False).images[0].base64
+
+    large = image(tiling, width=128, height=128)
+    assert decode(large).size == (128, 128) and large != image(engine, width=128, height=128)
+    assert image(tiling, width=96, height=96) == image(engine, width=96, height=96)  # 9216 pixels: whole
+    assert image(tiling, image=png_b64(size=(128, 128))) != image(engine, image=png_b64(size=(128, 128)))  # encode too

@@ -107,6 +107,10 @@ class Engine:
             nets = self.controlnets.get(request.controlnets, base.unet, emit, timings) if request.controlnets else []
             vae = self.vaes.get(request.vae, base.vae, emit, timings) if request.vae else None
             pipe = self._task_pipeline(loaded, request, nets, vae)
+            # The VAE's memory: a batch decoded one image at a time, large images in tiles. (Set
+            # both ways each job: the VAE is shared with the warm model.)
+            pipe.vae.use_slicing = request.num_images > 1
+            pipe.vae.use_tiling = _vae_pixels(request, images, base) > self.settings.vae_tiling_pixels
 
             # 4. One generator per image, so each image's seed reproduces it alone.
             first = request.seed if request.seed is not None else secrets.randbits(63)
@@ -363,6 +367,19 @@ class Engine:
             raise UserInputError("task", f"{name} ({type(base).__name__}) cannot run {request.task}") from None
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def _vae_pixels(request: InferenceRequest, images: dict, pipeline) -> int:
+    """Pixels of the largest image the VAE handles in this job."""
+    if "width" in images:
+        width, height = images["width"], images["height"]
+    elif request.task != "txt2img":
+        width, height = images["image"].size
+    else:
+        width = height = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    if request.hires:
+        width, height = request.hires.final(width, height)
+    return width * height
 
 
 def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], model_id: str, scheduler) -> str:

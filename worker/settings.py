@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     max_loaded_vaes: int = Field(
         2, ge=1, le=16, description="Request-chosen VAEs kept on the device across jobs, least recently used out first."
     )
+    vae_tiling_pixels: int = Field(
+        1536 * 1536, ge=0, description="Images over this many pixels go through the VAE in tiles (less GPU memory)."
+    )
     preload_model: bool = Field(True, description="Load the default model at start-up, before the first job.")
     streaming: bool = Field(True, description="false: plain handler returning the result dict (CONTRACT §1).")
     safety_checker: bool = Field(True, description="Run a model's safety checker when it ships one.")
