@@ -61,6 +61,18 @@ def test_runsync_with_stream_yields_every_step_then_the_result(api):
     assert_valid_result(result)
 
 
+def test_a_hires_job_with_a_long_weighted_prompt_streams_both_passes(api):
+    prompt = "(a lighthouse:1.2) on a cliff at dawn, " * 4 + "BREAK oil painting"
+    output = api.runsync(VALID | {"stream": True, "scheduler": "DDIM", "prompt": prompt,
+                                  "hires": {"scale": 1.5, "strength": 0.7, "upscaler": "lanczos"}})["output"]
+    *progress, result = output
+    assert [p["step"] for p in progress if p["stage"] == "inference"] == [1, 2, 3]
+    assert [p["step"] for p in progress if p["stage"] == "hires"] == [1, 2]  # 3 steps at strength 0.7
+    assert result["type"] == "result" and result["timings"]["hires"] > 0
+    assert [(i["width"], i["height"]) for i in result["images"]] == [(96, 96)]
+    assert decode(result["images"][0]["base64"]).size == (96, 96)
+
+
 def test_same_request_same_image_across_calls(api):
     first = api.runsync(VALID)["output"][-1]["images"][0]["base64"]
     second = api.runsync(VALID)["output"][-1]["images"][0]["base64"]
