@@ -143,3 +143,16 @@ def test_controlnets_and_long_weighted_prompts_on_cuda_in_fp16(settings, nets):
     [net] = engine.controlnets._loaded.values()
     assert (net.device.type, net.dtype) == ("cuda", torch.float16)
     assert decode(result.images[0].base64).size == (64, 64)
+
+
+def test_max_loaded_controlnets_zero_keeps_none_after_the_request(settings, nets):
+    from worker.engine import Engine
+
+    engine = Engine(settings.model_copy(update={"max_loaded_controlnets": 0}))
+
+    def job(**fields):
+        return engine.generate(InferenceRequest.model_validate(BASE | fields), lambda _: None, lambda: False)
+
+    job(controlnets=[{"id": str(nets["sd"]), "image": RED}])
+    job()  # frees it
+    assert "controlnets" in job(controlnets=[{"id": str(nets["sd"]), "image": RED}]).timings  # loaded again

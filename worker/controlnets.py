@@ -23,7 +23,7 @@ from typing import Any, Callable
 from schemas import ControlNetSpec, Progress
 
 from .cache import DiskCache
-from .errors import ModelSourceError, UserInputError
+from .errors import ModelSourceError, UserInputError, redact
 from .loras import hub_snapshot, locate_file, quiet_libraries
 from .settings import Settings
 from .timing import ms_since
@@ -45,7 +45,8 @@ class ControlNets:
 
     def get(self, specs: list[ControlNetSpec], unet: Any, emit: Callable[[Progress], None],
             timings: dict[str, float]) -> list[Any]:
-        """The ControlNets ``specs`` name, on ``unet``'s device and dtype, each checked to fit it."""
+        """The ControlNets ``specs`` name, on ``unet``'s device and dtype, each checked to fit it;
+        beyond MAX_LOADED_CONTROLNETS, the least recently used leave the device."""
         start, fresh = time.perf_counter(), False
         nets = []
         for i, spec in enumerate(specs):
@@ -62,8 +63,8 @@ class ControlNets:
             net = self._loaded[key]
             wrong = [k for k in _MUST_MATCH if net.config.get(k) != unet.config.get(k)]
             if wrong:
-                raise UserInputError(field, f"{spec.id} does not fit this model (a ControlNet for another "
-                                            f"architecture: its {', '.join(wrong)} differ)")
+                raise UserInputError(field, f"{redact(spec.url) if spec.url else spec.id} does not fit this model "
+                                            f"(a ControlNet for another architecture: its {', '.join(wrong)} differ)")
             nets.append(net)
         while len(self._loaded) > max(self.settings.max_loaded_controlnets, len(specs)):
             self._loaded.popitem(last=False)

@@ -104,7 +104,7 @@ class Engine:
             # 3. The pipeline for this task, sharing the loaded components, with its own scheduler
             #    (and this request's ControlNets and VAE, kept warm).
             base = loaded.pipeline
-            nets = self.controlnets.get(request.controlnets, base.unet, emit, timings) if request.controlnets else []
+            nets = self.controlnets.get(request.controlnets, base.unet, emit, timings)
             vae = self.vaes.get(request.vae, base.vae, emit, timings) if request.vae else None
             pipe = self._task_pipeline(loaded, request, nets, vae)
             # The VAE's memory: a batch decoded one image at a time, large images in tiles. (Set
