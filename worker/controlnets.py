@@ -89,9 +89,10 @@ class ControlNets:
 def _load(path: Path, unet: Any, field: str) -> Any:
     from diffusers import ControlNetModel
 
-    return load_module(path, unet, field, "ControlNet",
-                       lambda folder: ControlNetModel.from_pretrained(folder, torch_dtype=unet.dtype, use_safetensors=True),
-                       lambda file: _from_single_file(file, unet))
+    def from_dir(folder: Path) -> Any:
+        return ControlNetModel.from_pretrained(folder, torch_dtype=unet.dtype, use_safetensors=True)
+
+    return load_module(path, unet, field, "ControlNet", from_dir, lambda file: _from_single_file(file, unet))
 
 
 def load_module(path: Path, like: Any, field: str, what: str, from_dir: Callable[[Path], Any],

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dest", help="s3://bucket/key, s3:///bucket/key, s3:// or s3:///bucket/")
     parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
     parser.add_argument("--compression", choices=("zstd", "none"), default="zstd")
-    parser.add_argument("--config", help="for a checkpoint: the diffusers model whose configs describe it (default: told from its layout)")
+    parser.add_argument("--config", help="for a checkpoint: the diffusers model whose configs describe it "
+                        "(default: told from its layout)")
     parser.add_argument("--revision", help="hub revision of the source (or of --config)")
     args = parser.parse_args(argv)
 

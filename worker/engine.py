@@ -87,23 +87,22 @@ class Engine:
             loaded, source = self.models.get(ref, emit, timings)
 
             # 2. Input images (control images too), sized to what will be generated.
+            base = loaded.pipeline
             start = time.perf_counter()
             images = self._inputs(request)
             images.update(self._control_inputs(request, images))
             if request.task != "txt2img" or request.controlnets:
                 timings["inputs"] = ms_since(start)
             if request.hires:  # the first pass's size is needed to know the second's
-                pipeline = loaded.pipeline
-                default = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-                images.setdefault("width", default)
-                images.setdefault("height", default)
+                images.setdefault("width", _default_size(base))
+                images.setdefault("height", _default_size(base))
                 if request.hires.size(images["width"], images["height"]) > self.settings.max_pixels:
                     raise UserInputError("hires.scale", f"{images['width']}x{images['height']} times "
-                                         f"{request.hires.scale} is over this endpoint's {self.settings.max_pixels} pixels")
+                                         f"{request.hires.scale} is over this endpoint's "
+                                         f"{self.settings.max_pixels} pixels")
 
             # 3. The pipeline for this task, sharing the loaded components, with its own scheduler
             #    (and this request's ControlNets and VAE, kept warm).
-            base = loaded.pipeline
             nets = self.controlnets.get(request.controlnets, base.unet, emit, timings)
             vae = self.vaes.get(request.vae, base.vae, emit, timings) if request.vae else None
             pipe = self._task_pipeline(loaded, request, nets, vae)
@@ -146,8 +145,8 @@ class Engine:
                 }
                 common = dict(texts, guidance_scale=request.guidance_scale, num_images_per_prompt=request.num_images,
                               generator=generators)
-                first = self._first_pass(pipe, request.hires)
-                output = first(**common, num_inference_steps=request.num_inference_steps,
+                first_pass = self._first_pass(pipe, request.hires)
+                output = first_pass(**common, num_inference_steps=request.num_inference_steps,
                                callback_on_step_end=reporting("inference"), **images)
                 timings["inference"] = ms_since(start)
                 if request.hires:
@@ -369,6 +368,11 @@ class Engine:
         return pipe
 
 
+def _default_size(pipeline) -> int:
+    """The side of the model's own images (512 for SD 1.5, 1024 for SDXL)."""
+    return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+
+
 def _vae_pixels(request: InferenceRequest, images: dict, pipeline) -> int:
     """Pixels of the largest image the VAE handles in this job."""
     if "width" in images:
@@ -376,7 +380,7 @@ def _vae_pixels(request: InferenceRequest, images: dict, pipeline) -> int:
     elif request.task != "txt2img":
         width, height = images["image"].size
     else:
-        width = height = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+        width = height = _default_size(pipeline)
     if request.hires:
         width, height = request.hires.final(width, height)
     return width * height

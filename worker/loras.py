@@ -157,10 +157,12 @@ def _fetch(url: str, field: str, settings: Settings, disk: DiskCache, emit: Call
 
 def _from_hub(spec: LoraSpec | EmbeddingSpec, field: str, settings: Settings) -> Path:
     patterns = [spec.weight_name] if spec.weight_name else ["*.safetensors"]
-    return hub_snapshot(spec.id, patterns, field, settings, lambda folder: _only_safetensors(folder, spec.weight_name, field))
+    return hub_snapshot(spec.id, patterns, field, settings,
+                        lambda folder: _only_safetensors(folder, spec.weight_name, field))
 
 
-def hub_snapshot(repo_id: str, patterns: list[str], field: str, settings: Settings, found: Callable[[Path], Path]) -> Path:
+def hub_snapshot(repo_id: str, patterns: list[str], field: str, settings: Settings,
+                 found: Callable[[Path], Path]) -> Path:
     """``found(snapshot)`` for the hub repo's files matching ``patterns``: from RunPod's cached
     models or our hub cache when there (``found`` raises ModelSourceError when something it
     needs is missing), else downloaded into our hub cache."""

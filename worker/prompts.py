@@ -139,11 +139,13 @@ def _sd(pipe: Any, windows: list[Window], count: int, clip_skip: int | None) -> 
     return hidden.reshape(1, -1, hidden.shape[-1]).to(encoder.dtype)
 
 
-def _sdxl(pipe: Any, windows: list[list[Window]], count: int, clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sdxl(pipe: Any, windows: list[list[Window]], count: int,
+          clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL: both encoders' penultimate (or earlier) hidden states side by side, and the pooled
     projection of the second encoder's first window."""
     states, pooled = [], None
-    for tokenizer, encoder, own in zip((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), windows):
+    pairs = ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+    for (tokenizer, encoder), own in zip(pairs, windows):
         if encoder is None:  # a model with only the second encoder
             continue
         ids, weights = _tensors(tokenizer, own, count)
