@@ -16,9 +16,9 @@ always the result last::
 
 Other jobs: ``task: "train"`` (DreamBooth / LoRA fine-tuning, published to S3; the result
 carries ``train``), ``task: "convert"`` (a model published as a safetensors archive; the
-result carries ``convert``). ``loras``, ``embeddings``, ``controlnets``, ``vae``, ``hires``
-and ``output.upload_url`` (or the job's ``s3Config``) change how an inference runs and how its
-images come back.
+result carries ``convert``). ``loras``, ``embeddings``, ``controlnets``, ``ip_adapter``,
+``vae``, ``hires`` and ``output.upload_url`` (or the job's ``s3Config``) change how an
+inference runs and how its images come back.
 
 A bad request answers ``{"error": "width: must be a multiple of 8, got 513"}`` and the worker
 serves the next job.
@@ -27,8 +27,9 @@ Who does what: ``worker.settings`` reads the environment; ``worker.jobs`` turns 
 engine calls and exceptions into answers; ``worker.engine`` runs a job on a warm pipeline
 owned by ``worker.models``, which finds the weights (hub caches; archives by URL through
 ``storage``, ``archives`` and ``cache``; single files through ``checkpoints``); ``loras``
-puts a request's LoRAs on and takes them off, ``controlnets`` and ``vaes`` keep those warm,
-``prompts`` reads long and weighted prompts; ``outputs`` uploads images; ``train`` fine-tunes
+puts a request's LoRAs on and takes them off, as ``ip_adapters`` does IP-Adapters;
+``controlnets`` and ``vaes`` keep those warm; ``prompts`` reads long and weighted prompts;
+``outputs`` uploads images; ``train`` fine-tunes
 and ``publish`` packs and uploads models; ``schemas`` validates requests and shapes results,
 torch-free.
 

@@ -3,8 +3,8 @@
 from .compat import RequestError
 from .errors import describe_validation_error
 from .request import (
-    ControlNetSpec, ConvertRequest, ConvertSpec, EmbeddingSpec, HiresSpec, InferenceRequest, Limits, LoraSpec,
-    ModelSpec, OutputSpec, S3Config, TrainRequest, TrainSpec, VaeSpec, parse_request,
+    ControlNetSpec, ConvertRequest, ConvertSpec, EmbeddingSpec, HiresSpec, InferenceRequest, IpAdapterSpec, Limits,
+    LoraSpec, ModelSpec, OutputSpec, S3Config, TrainRequest, TrainSpec, VaeSpec, parse_request,
 )
 from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result, TrainOut
 from .schedulers import SCHEDULERS, canonical_scheduler
@@ -20,6 +20,7 @@ __all__ = [
     "LoraSpec",
     "ControlNetSpec",
     "HiresSpec",
+    "IpAdapterSpec",
     "VaeSpec",
     "EmbeddingSpec",
     "S3Config",

@@ -37,6 +37,15 @@ def _s3_only(value: str) -> str:
 S3Url = Annotated[str, AfterValidator(_s3_only)]
 
 
+def _image_source(value: str) -> str:
+    if not _IMAGE_SOURCE.match(value[:256]):
+        raise ValueError("must be base64, a data: URI or an http(s):// URL")
+    return value
+
+
+ImageSource = Annotated[str, AfterValidator(_image_source)]  # an input image: base64, data: URI or URL
+
+
 class Limits(BaseModel):
     """Caps the operator sets (see worker.settings); requests above them are refused."""
 
@@ -173,24 +182,50 @@ class ControlNetSpec(_FileSource):
     a diffusers ControlNet directory (hub id or local path), or one .safetensors file (URL,
     hub id + weight_name, local path) in the original layout or diffusers'."""
 
-    image: str = Field(..., description="The control image, preprocessed (an edge map, a depth map ...): "
-                       "base64, `data:` URI or http(s) URL.")
+    image: ImageSource = Field(..., description="The control image, preprocessed (an edge map, a depth map ...): "
+                               "base64, `data:` URI or http(s) URL.")
     scale: float = Field(1.0, ge=0, le=5, description="How strongly it steers (controlnet_conditioning_scale).")
     start: float = Field(0.0, ge=0, le=1, description="Fraction of the steps after which it starts steering.")
     end: float = Field(1.0, ge=0, le=1, description="Fraction of the steps after which it stops.")
-
-    @field_validator("image")
-    @classmethod
-    def _image_form(cls, value: str) -> str:
-        if not _IMAGE_SOURCE.match(value[:256]):
-            raise ValueError("must be base64, a data: URI or an http(s):// URL")
-        return value
 
     @model_validator(mode="after")
     def _in_order(self) -> ControlNetSpec:
         if self.start >= self.end:
             raise ValueError(f"start: must be below end ({self.end}), got {self.start}")
         return self
+
+
+class IpAdapterSpec(_Strict):
+    """An IP-Adapter for one request: a reference image that steers like part of the prompt."""
+
+    id: str = Field(
+        ..., max_length=4096,
+        description="Hub repo id (`org/name`, e.g. h94/IP-Adapter) or absolute path of a directory laid out like it.",
+    )
+    weight_name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9_.-]{1,100}(/[A-Za-z0-9_.-]{1,100}){0,3}\.safetensors$",
+        description="The adapter's file in it, e.g. `models/ip-adapter_sd15.safetensors`.",
+    )
+    image_encoder: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,100}(/[A-Za-z0-9_.-]{1,100}){0,3}$",
+        description="The CLIP image encoder's folder in it (default: `image_encoder` beside the weights).",
+    )
+    image: ImageSource = Field(..., description="The reference image: base64, `data:` URI or http(s) URL.")
+    scale: float = Field(1.0, ge=0, le=2, description="How strongly the image steers; 0 turns it off.")
+
+    @field_validator("id")
+    @classmethod
+    def _id_form(cls, value: str) -> str:
+        if not (value.startswith("/") or _REPO_ID.match(value)) or ".." in value.split("/"):
+            raise ValueError(f"must be a hub repo id like 'org/name' or an absolute path, got {value!r}")
+        return value
+
+    @field_validator("weight_name", "image_encoder")
+    @classmethod
+    def _inside(cls, value: str | None) -> str | None:
+        if value is not None and ".." in value.split("/"):
+            raise ValueError(f"must stay inside the repo, got {value!r}")
+        return value
 
 
 class HiresSpec(_Strict):
@@ -235,8 +270,8 @@ class InferenceRequest(_Strict):
         None, ge=0, lt=2**63, description="Seed of the first image; image i uses seed + i. Random when absent."
     )
     num_images: int = Field(1, ge=1, le=64, description="Images to generate, each with its own seed.")
-    image: str | None = Field(None, description="Input image: base64, `data:` URI or http(s) URL.")
-    mask_image: str | None = Field(
+    image: ImageSource | None = Field(None, description="Input image: base64, `data:` URI or http(s) URL.")
+    mask_image: ImageSource | None = Field(
         None, description="Inpainting mask (white = repaint), same forms as `image`."
     )
     scheduler: str | None = Field(
@@ -263,6 +298,7 @@ class InferenceRequest(_Strict):
         default_factory=list, max_length=4, description="ControlNets steering this request, each with its image."
     )
     hires: HiresSpec | None = Field(None, description="txt2img: a second, larger pass (AUTOMATIC1111's hires fix).")
+    ip_adapter: IpAdapterSpec | None = Field(None, description="An IP-Adapter: a reference image as part of the prompt.")
     vae: VaeSpec | None = Field(
         None, description="A VAE replacing the model's for this request (AUTOMATIC1111's SD VAE)."
     )
@@ -287,12 +323,6 @@ class InferenceRequest(_Strict):
     def _known_scheduler(cls, value: str | None) -> str | None:
         return None if value is None else canonical_scheduler(value)
 
-    @field_validator("image", "mask_image")
-    @classmethod
-    def _image_form(cls, value: str | None) -> str | None:
-        if value is not None and not _IMAGE_SOURCE.match(value[:256]):
-            raise ValueError("must be base64, a data: URI or an http(s):// URL")
-        return value
 
     @model_validator(mode="after")
     def _check_together(self, info: ValidationInfo) -> InferenceRequest:
@@ -398,7 +428,7 @@ class TrainSpec(_Strict):
         "(a whole model archive)."
     )
     instance_prompt: str = Field(..., min_length=1, max_length=1000, description="Names the subject, e.g. 'a photo of sks dog'.")
-    instance_images: list[str] = Field(
+    instance_images: list[ImageSource] = Field(
         ..., min_length=1, max_length=100, description="The subject's pictures, each like `image`."
     )
     max_train_steps: int = Field(400, ge=1, le=100_000, description="Optimizer steps.")
@@ -434,14 +464,6 @@ class TrainSpec(_Strict):
     precision: Precision = Field(
         "fp16", description="dtype of the published weights (training keeps fp32 master weights whatever this is)."
     )
-
-    @field_validator("instance_images")
-    @classmethod
-    def _image_forms(cls, values: list[str]) -> list[str]:
-        for i, value in enumerate(values):
-            if not _IMAGE_SOURCE.match(value[:256]):
-                raise ValueError(f"[{i}] must be base64, a data: URI or an http(s):// URL")
-        return values
 
     @field_validator("resolution")
     @classmethod

@@ -137,6 +137,7 @@ def test_each_training_option_changes_what_is_learned(runner, s3, knob):
     ({"resolution": 100}, "train.resolution: must be a multiple of 8, got 100"),
     ({"lr_scheduler": "exponential"}, "train.lr_scheduler: input should be 'constant'"),
     ({"instance_images": ["bm90IGFuIGltYWdl"]}, "train.instance_images[0]: is not a readable image"),
+    ({"instance_images": ["not an image!"]}, "train.instance_images[0]: must be base64, a data: URI or an http"),
     ({"dest_url": "s3://no-such-bucket/x.safetensors"}, "train.dest_url: bucket 'no-such-bucket' does not exist"),
     ({"instance_prompt": "sks toy " * 13}, "train.instance_prompt: is 78 tokens; training reads at most 75"),
 ])

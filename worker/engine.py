@@ -27,6 +27,7 @@ from schemas import (
 
 from . import embeddings, loras, prompts
 from .controlnets import ControlNets
+from .ip_adapters import IpAdapters
 from .errors import JobCancelled, UserInputError, redact
 from .images import encode_image, load_image
 from .models import EMBEDDED_ID, FETCHED_NOW, ModelStore, model_ref
@@ -70,6 +71,7 @@ class Engine:
         self.models = ModelStore(settings, self.device)
         self.controlnets = ControlNets(settings, self.models.disk)
         self.vaes = Vaes(settings, self.models.disk)
+        self.ip_adapters = IpAdapters(settings)
         self._lock = threading.Lock()  # one job on the GPU at a time
 
     def warm_up(self) -> None:
@@ -136,7 +138,8 @@ class Engine:
             if request.embeddings:
                 prompt, negative = embeddings.as_read(prompt), negative and embeddings.as_read(negative)
             with embeddings.added(pipe, request.embeddings, settings=self.settings, disk=self.models.disk,
-                                  emit=emit, timings=timings):
+                                  emit=emit, timings=timings), \
+                    self.ip_adapters.applied(pipe, request.ip_adapter, emit, timings) as reference:
                 start = time.perf_counter()
                 # Long or weighted prompts are encoded here; plain ones that fit by the pipeline.
                 texts = prompts.encoded(pipe, prompt, negative, request.clip_skip, request.prompt_weighting) or {
@@ -144,7 +147,7 @@ class Engine:
                     **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
                 }
                 common = dict(texts, guidance_scale=request.guidance_scale, num_images_per_prompt=request.num_images,
-                              generator=generators)
+                              generator=generators, **reference)
                 first_pass = self._first_pass(pipe, request.hires)
                 output = first_pass(**common, num_inference_steps=request.num_inference_steps,
                                callback_on_step_end=reporting("inference"), **images)
@@ -236,6 +239,7 @@ class Engine:
             self.models.clear_device()
             self.controlnets.clear()
             self.vaes.clear()
+            self.ip_adapters.clear()
             out = train.train(spec, path, ref.variant, location, device=self.device, staging=staging,
                               settings=self.settings, emit=emit, cancelled=cancelled, timings=timings)
         info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision="fp32", device=self.device)

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     max_loaded_vaes: int = Field(
         2, ge=1, le=16, description="Request-chosen VAEs kept on the device across jobs, least recently used out first."
     )
+    max_loaded_ip_adapters: int = Field(
+        1, ge=1, le=16, description="IP-Adapter image encoders (and weights) kept on the device across jobs."
+    )
     vae_tiling_pixels: int = Field(
         1536 * 1536, ge=0, description="Images over this many pixels go through the VAE in tiles (less GPU memory)."
     )

@@ -1,0 +1,98 @@
+"""IP-Adapters per request (worker/ip_adapters.py), on tiny random-weight adapters laid out as
+h94/IP-Adapter is (tests/ip_adapters.py)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from pydantic import ValidationError
+
+from schemas import InferenceRequest, describe_validation_error
+from tests.helpers import hub_cache, png_b64
+from tests.ip_adapters import WEIGHTS, build_ip_adapter
+from worker.errors import JobCancelled, ModelSourceError, UserInputError
+
+BASE = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 4}
+RED, BLUE = png_b64((200, 30, 30)), png_b64((30, 30, 200))
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_dir, sdxl_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ip-adapters")
+    return {"sd": build_ip_adapter(tiny_dir, root / "sd"), "sdxl": build_ip_adapter(sdxl_dir, root / "sdxl")}
+
+
+def draw(run, **fields) -> str:
+    return run(**(BASE | fields))[0].images[0].base64
+
+
+def reference(folder, image=RED, **extra) -> dict:
+    return {"id": str(folder), "weight_name": WEIGHTS, "image": image} | extra
+
+
+def test_a_reference_image_steers_for_that_request_only(run, adapters):
+    plain = draw(run)
+    red = draw(run, ip_adapter=reference(adapters["sd"]))
+    assert red != plain
+    assert draw(run, ip_adapter=reference(adapters["sd"])) == red  # reproducible
+    assert draw(run, ip_adapter=reference(adapters["sd"], BLUE)) != red  # the image is what steers
+    assert draw(run, ip_adapter=reference(adapters["sd"], scale=0)) == plain  # 0: no steering, bit for bit
+    assert draw(run) == plain  # taken off the shared UNet after the job
+
+
+def test_ip_adapters_with_hires_controlnets_and_on_sdxl(run, adapters, sdxl_dir, tiny_dir, tmp_path):
+    from tests.controlnets import build_controlnet
+
+    image = run(**BASE, hires={"scale": 1.5}, ip_adapter=reference(adapters["sd"]),
+                controlnets=[{"id": str(build_controlnet(tiny_dir, tmp_path / "net")), "image": BLUE}])[0].images[0]
+    assert (image.width, image.height) == (96, 96)
+    xl = {"model": {"id": str(sdxl_dir)}}
+    plain = draw(run, **xl)
+    assert draw(run, **xl, ip_adapter=reference(adapters["sdxl"])) != plain
+    with pytest.raises(UserInputError, match=r"^ip_adapter: does not fit this model \(an IP-Adapter for another"):
+        draw(run, **xl, ip_adapter=reference(adapters["sd"]))
+    assert draw(run, **xl) == plain  # a failed load leaves the model plain
+
+
+def test_a_cancelled_job_leaves_the_model_plain(run, adapters):
+    plain = draw(run)
+    with pytest.raises(JobCancelled):
+        run(cancelled=lambda: True, **BASE, ip_adapter=reference(adapters["sd"]))
+    assert draw(run) == plain
+
+
+def test_ip_adapters_from_the_hub_and_incomplete_ones(settings, adapters, tmp_path):
+    from worker.engine import Engine
+
+    hub = hub_cache(tmp_path / "hub", "acme/ip-adapter", adapters["sd"], {"main": "6" * 40})
+    engine = Engine(settings.model_copy(update={"hf_hub_cache": hub}))
+
+    def on(**fields) -> str:
+        request = InferenceRequest.model_validate(BASE | fields)
+        return engine.generate(request, lambda _: None, lambda: False).images[0].base64
+
+    assert on(ip_adapter=reference("acme/ip-adapter")) == on(ip_adapter=reference(adapters["sd"]))
+    with pytest.raises(ModelSourceError, match=r"^ip_adapter\.weight_name: .* has no models/other\.safetensors"):
+        on(ip_adapter=reference(adapters["sd"], weight_name="models/other.safetensors"))
+    no_encoder = tmp_path / "no-encoder"
+    shutil.copytree(adapters["sd"], no_encoder, ignore=shutil.ignore_patterns("image_encoder"))
+    with pytest.raises(ModelSourceError, match=r"^ip_adapter\.image_encoder: .* has no image encoder in "
+                                               r"models/image_encoder/"):
+        on(ip_adapter=reference(no_encoder))
+    with pytest.raises(ModelSourceError, match=r"^ip_adapter\.id: acme/none is not cached on this worker"):
+        on(ip_adapter=reference("acme/none"))
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"weight_name": "../x.safetensors"}, "ip_adapter.weight_name: "),
+    ({"weight_name": "models/ip-adapter_sd15.bin"}, "ip_adapter.weight_name: string should match pattern"),
+    ({"image_encoder": "models/../../etc"}, "ip_adapter.image_encoder: must stay inside the repo"),
+    ({"scale": 3}, "ip_adapter.scale: input should be less than or equal to 2"),
+    ({"image": "not an image!"}, "ip_adapter.image: must be base64"),
+])
+def test_bad_ip_adapter_fields_name_themselves(change, expected):
+    spec = {"id": "h94/IP-Adapter", "weight_name": "models/ip-adapter_sd15.safetensors", "image": RED} | change
+    with pytest.raises(ValidationError) as info:
+        InferenceRequest.model_validate(BASE | {"ip_adapter": spec})
+    assert describe_validation_error(info.value).startswith(expected)
