@@ -126,25 +126,6 @@ def test_bad_controlnet_fields_name_themselves(control, expected):
     assert describe_validation_error(info.value).startswith(expected)
 
 
-@pytest.mark.gpu
-def test_controlnets_and_long_weighted_prompts_on_cuda_in_fp16(settings, nets):
-    """Device and dtype follow the model: a ControlNet and the prompt windows on the GPU, in fp16."""
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device on this machine")
-    from worker.engine import Engine
-
-    engine = Engine(settings.model_copy(update={"device": "cuda"}))
-    request = InferenceRequest.model_validate(BASE | {
-        "prompt": "(lighthouse:1.3) " * 12 + "BREAK red", "controlnets": [{"id": str(nets["sd"]), "image": RED}]})
-    result = engine.generate(request, lambda _: None, lambda: False)
-    assert (result.model.device, result.model.precision) == ("cuda", "fp16")
-    [net] = engine.controlnets._loaded.values()
-    assert (net.device.type, net.dtype) == ("cuda", torch.float16)
-    assert decode(result.images[0].base64).size == (64, 64)
-
-
 def test_max_loaded_controlnets_zero_keeps_none_after_the_request(settings, nets):
     from worker.engine import Engine
 

@@ -1,0 +1,41 @@
+"""Every per-request part on CUDA in fp16 at once (``pytest -m gpu`` on a GPU machine; skipped
+elsewhere): device and dtype must follow the model's for ControlNets, IP-Adapters, request
+VAEs, prompt windows and the hires pass, which CPU runs cannot show."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas import InferenceRequest
+from tests.controlnets import build_controlnet
+from tests.helpers import decode, png_b64
+from tests.ip_adapters import WEIGHTS, build_ip_adapter
+
+
+@pytest.mark.gpu
+def test_everything_per_request_on_cuda_in_fp16(settings, tiny_dir, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    from worker.engine import Engine
+
+    engine = Engine(settings.model_copy(update={"device": "cuda"}))
+    request = InferenceRequest.model_validate({
+        "prompt": "(lighthouse:1.3) " * 12 + "BREAK red", "num_inference_steps": 4, "seed": 2,
+        "controlnets": [{"id": str(build_controlnet(tiny_dir, tmp_path / "net")), "image": png_b64()}],
+        "ip_adapter": {"id": str(build_ip_adapter(tiny_dir, tmp_path / "ip")), "weight_name": WEIGHTS,
+                       "image": png_b64((0, 0, 255))},
+        "vae": {"id": str(tiny_dir / "vae")}, "hires": {"scale": 1.5, "upscaler": "lanczos"},
+    })
+    result = engine.generate(request, lambda _: None, lambda: False)
+    assert (result.model.device, result.model.precision) == ("cuda", "fp16")
+    assert decode(result.images[0].base64).size == (96, 96)
+    [net] = engine.controlnets._loaded.values()
+    [(encoder, _)] = engine.ip_adapters._loaded.values()
+    [vae] = engine.vaes._loaded.values()
+    for module in (net, encoder, vae):
+        assert (module.device.type, module.dtype) == ("cuda", torch.float16)
+    plain = engine.generate(InferenceRequest.model_validate({"prompt": "a", "num_inference_steps": 2}),
+                            lambda _: None, lambda: False)
+    assert plain.images[0].width == 64  # and the warm model is plain again
