@@ -4,7 +4,7 @@ from .compat import RequestError
 from .errors import describe_validation_error
 from .request import (
     ControlNetSpec, ConvertRequest, ConvertSpec, EmbeddingSpec, HiresSpec, InferenceRequest, IpAdapterSpec, Limits,
-    LoraSpec, ModelSpec, OutputSpec, S3Config, TrainRequest, TrainSpec, VaeSpec, parse_request,
+    LoraSpec, ModelSpec, OutputSpec, RefinerSpec, S3Config, TrainRequest, TrainSpec, VaeSpec, parse_request,
 )
 from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result, TrainOut
 from .schedulers import SCHEDULERS, canonical_scheduler
@@ -28,6 +28,7 @@ __all__ = [
     "TrainSpec",
     "TrainOut",
     "ModelSpec",
+    "RefinerSpec",
     "OutputSpec",
     "ImageOut",
     "ModelInfo",

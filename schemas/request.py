@@ -97,6 +97,18 @@ class ModelSpec(_Strict):
         raise ValueError(f"must be a hub repo id like 'org/name' or an absolute path, got {value!r}")
 
 
+class RefinerSpec(ModelSpec):
+    """An SDXL refiner taking over the last part of the denoising: any model form ``model`` takes."""
+
+    switch: float = Field(0.8, gt=0, lt=1, description="Fraction of the steps the model runs before the refiner.")
+
+    @model_validator(mode="after")
+    def _named(self) -> RefinerSpec:
+        if self.id is None and self.url is None and self.checkpoint_url is None:
+            raise ValueError("id: name the refiner (id, url or checkpoint_url)")
+        return self
+
+
 class OutputSpec(_Strict):
     """How images come back."""
 
@@ -299,6 +311,7 @@ class InferenceRequest(_Strict):
     )
     hires: HiresSpec | None = Field(None, description="txt2img: a second, larger pass (AUTOMATIC1111's hires fix).")
     ip_adapter: IpAdapterSpec | None = Field(None, description="An IP-Adapter: a reference image as part of the prompt.")
+    refiner: RefinerSpec | None = Field(None, description="txt2img on SDXL: a refiner for the last steps.")
     vae: VaeSpec | None = Field(
         None, description="A VAE replacing the model's for this request (AUTOMATIC1111's SD VAE)."
     )
@@ -352,8 +365,10 @@ class InferenceRequest(_Strict):
                 if self.width and self.height and self.hires.size(self.width, self.height) > limits.max_pixels:
                     raise ValueError(f"hires.scale: {self.width}x{self.height} times {self.hires.scale} is over "
                                      f"this endpoint's {limits.max_pixels} pixels")
-        elif self.hires is not None:
-            raise ValueError(f"hires: only with task 'txt2img', not {self.task!r}")
+            if self.hires is not None and self.refiner is not None:
+                raise ValueError("refiner: not together with hires (run the refined image through img2img)")
+        elif self.hires is not None or self.refiner is not None:
+            raise ValueError(f"{'hires' if self.hires else 'refiner'}: only with task 'txt2img', not {self.task!r}")
         else:
             if self.image is None:
                 raise ValueError(f"image: required for task {self.task!r}")

@@ -64,11 +64,13 @@ class Result(_Out):
     train: TrainOut | None = None
     timings: dict[str, float] = Field(description="Milliseconds per phase that ran, and total_ms.")
     model: ModelInfo
+    refiner: ModelInfo | None = Field(None, description="With a refiner: where its weights came from.")
 
 
 class Progress(_Out):
     type: Literal["progress"] = "progress"
-    stage: Literal["load", "download", "inference", "hires", "class_images", "train", "encode", "save", "pack", "upload"]
+    stage: Literal["load", "download", "inference", "hires", "refiner", "class_images", "train", "encode", "save",
+                   "pack", "upload"]
     step: int
     total: int
     loss: float | None = Field(None, description="stage train: this step's loss.")

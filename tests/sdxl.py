@@ -49,3 +49,41 @@ def build_sdxl(out: Path) -> Path:
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def build_sdxl_refiner(out: Path) -> Path:
+    """A tiny SDXL refiner: the second text encoder only, and a UNet conditioned on an aesthetic
+    score instead of the target size (five numbers instead of six)."""
+    if (out / "model_index.json").is_file():
+        return out
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1),
+        cross_attention_dim=48, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=5 * 8 + 48, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        sample_size=64, in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4, layers_per_block=1, norm_num_groups=32,
+    )
+    encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=514, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513, projection_dim=48,
+        hidden_act="gelu",
+    ))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=encoder, tokenizer=None, tokenizer_2=_tokenizer(), unet=unet,
+        scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

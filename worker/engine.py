@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 from dataclasses import replace
-from typing import Callable
+from typing import Any, Callable
 
 import diffusers
 import torch
@@ -108,10 +108,7 @@ class Engine:
             nets = self.controlnets.get(request.controlnets, base.unet, emit, timings)
             vae = self.vaes.get(request.vae, base.vae, emit, timings) if request.vae else None
             pipe = self._task_pipeline(loaded, request, nets, vae)
-            # The VAE's memory: a batch decoded one image at a time, large images in tiles. (Set
-            # both ways each job: the VAE is shared with the warm model.)
-            pipe.vae.use_slicing = request.num_images > 1
-            pipe.vae.use_tiling = _vae_pixels(request, images, base) > self.settings.vae_tiling_pixels
+            self._vae_memory(pipe.vae, request.num_images, _vae_pixels(request, images, base))
 
             # 4. One generator per image, so each image's seed reproduces it alone.
             first = request.seed if request.seed is not None else secrets.randbits(63)
@@ -141,16 +138,11 @@ class Engine:
                                   emit=emit, timings=timings), \
                     self.ip_adapters.applied(pipe, request.ip_adapter, emit, timings) as reference:
                 start = time.perf_counter()
-                # Long or weighted prompts are encoded here; plain ones that fit by the pipeline.
-                texts = prompts.encoded(pipe, prompt, negative, request.clip_skip, request.prompt_weighting) or {
-                    "prompt": prompt, "negative_prompt": negative,
-                    **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
-                }
-                common = dict(texts, guidance_scale=request.guidance_scale, num_images_per_prompt=request.num_images,
-                              generator=generators, **reference)
-                first_pass = self._first_pass(pipe, request.hires)
+                common = dict(_texts(pipe, request, prompt, negative), guidance_scale=request.guidance_scale,
+                              num_images_per_prompt=request.num_images, generator=generators, **reference)
+                first_pass = self._first_pass(pipe, request)
                 output = first_pass(**common, num_inference_steps=request.num_inference_steps,
-                               callback_on_step_end=reporting("inference"), **images)
+                                    callback_on_step_end=reporting("inference"), **images)
                 timings["inference"] = ms_since(start)
                 if request.hires:
                     start = time.perf_counter()
@@ -159,7 +151,13 @@ class Engine:
                                          callback_on_step_end=reporting("hires"))
                     timings["hires"] = ms_since(start)
 
-        # 7. Encode, outside the lock: the GPU is free for the next job. Then upload, or inline.
+            # 7. The refiner, if any, takes over the last steps (the model above may leave the device).
+            refined = None
+            if request.refiner:
+                output, refined = self._refine(request, prompt, negative, output.images, generators,
+                                               reporting("refiner"), emit, timings)
+
+        # 8. Encode, outside the lock: the GPU is free for the next job. Then upload, or inline.
         start = time.perf_counter()
         fmt = request.output.format
         first_size = (images["width"], images["height"]) if request.hires else None
@@ -193,7 +191,7 @@ class Engine:
         info = ModelInfo(
             id=ref.id, source=source, revision=ref.revision, precision=ref.precision, device=self.device
         )
-        return Result(task=request.task, images=out, timings=timings, model=info)
+        return Result(task=request.task, images=out, timings=timings, model=info, refiner=refined)
 
     def convert(self, request: ConvertRequest, emit: Emit, cancelled: Callable[[], bool]) -> Result:
         """Publish a model as a safetensors archive on S3 (task "convert")."""
@@ -259,10 +257,14 @@ class Engine:
         return args
 
     @staticmethod
-    def _first_pass(pipe, hires: HiresSpec | None):
-        """The pipeline of the first pass: ``pipe``, or for the hires fix one that hands over its
-        latents (``latent``) or its images unjudged (``lanczos``: the safety checker, if any,
-        judges the final images only)."""
+    def _first_pass(pipe, request: InferenceRequest):
+        """The pipeline of the first pass: ``pipe``; for a refiner, one that stops at its switch
+        and hands over the latents; for the hires fix one that hands over its latents
+        (``latent``) or its images unjudged (``lanczos``: the safety checker, if any, judges the
+        final images only)."""
+        hires = request.hires
+        if request.refiner:
+            return functools.partial(pipe, output_type="latent", denoising_end=request.refiner.switch)
         if hires is None:
             return pipe
         if hires.upscaler == "latent":
@@ -293,6 +295,38 @@ class Engine:
         second = AutoPipelineForImage2Image.from_pipe(pipe)
         second.set_progress_bar_config(disable=True)
         return second(image=upscaled, strength=hires.strength, **controls, **common)
+
+    def _refine(self, request: InferenceRequest, prompt: str, negative: str | None, latents, generators,
+                on_step: Callable, emit: Emit, timings: dict[str, float]) -> tuple[Any, ModelInfo]:
+        """SDXL's ensemble of experts: the refiner denoises the last ``1 - switch`` of the steps
+        from the model's latents, with the same prompts and generators."""
+        spec = request.refiner
+        ref = model_ref(spec, self.settings, self.device)
+        loading: dict[str, float] = {}
+        refiner, source = self.models.get(ref, emit, loading)
+        for phase, ms in loading.items():
+            timings[f"refiner_{phase}"] = ms
+        if "text_encoder_2" not in refiner.pipeline.components:
+            raise UserInputError("refiner.id", f"{ref.id} is not an SDXL model ({type(refiner.pipeline).__name__})")
+        pipe = AutoPipelineForImage2Image.from_pipe(
+            refiner.pipeline, scheduler=make_scheduler(request.scheduler, refiner.pipeline.scheduler))
+        pipe.set_progress_bar_config(disable=True)
+        loras.apply(refiner, pipe, [], settings=self.settings, disk=self.models.disk, emit=emit, timings={})
+        pixels = latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2
+        self._vae_memory(pipe.vae, request.num_images, pixels)
+        start = time.perf_counter()
+        output = pipe(**_texts(pipe, request, prompt, negative), image=latents, num_inference_steps=request.num_inference_steps,
+                      denoising_start=spec.switch, guidance_scale=request.guidance_scale,
+                      num_images_per_prompt=request.num_images, generator=generators, callback_on_step_end=on_step)
+        timings["refiner"] = ms_since(start)
+        return output, ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=ref.precision,
+                                 device=self.device)
+
+    def _vae_memory(self, vae, images: int, pixels: int) -> None:
+        """A batch through the VAE one image at a time, large images in tiles. (Set both ways each
+        job: the VAE is shared with the warm model.)"""
+        vae.use_slicing = images > 1
+        vae.use_tiling = pixels > self.settings.vae_tiling_pixels
 
     def _size_from(self, image, request: InferenceRequest, field: str) -> tuple[int, int]:
         """Output size: as asked, else the input's, rounded down to the VAE's multiple of 8."""
@@ -347,6 +381,8 @@ class Engine:
             raise UserInputError(
                 "num_inference_steps", f"must be below {trained} for this model's scheduler, got {request.num_inference_steps}"
             )
+        if request.refiner and "text_encoder_2" not in base.components:
+            raise UserInputError("refiner", f"{name} is not an SDXL model: a refiner takes over from SDXL models")
         encoder = getattr(base, "text_encoder", None)
         layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
         if request.clip_skip and (layers is None or request.clip_skip >= layers):
@@ -370,6 +406,14 @@ class Engine:
             raise UserInputError("task", f"{name} ({type(base).__name__}) cannot run {request.task}") from None
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def _texts(pipe, request: InferenceRequest, prompt: str, negative: str | None) -> dict:
+    """The pipeline's prompt arguments: embeddings for long or weighted prompts (encoded here),
+    else the text itself, which the pipeline encodes as diffusers does."""
+    return prompts.encoded(pipe, prompt, negative, request.clip_skip, request.prompt_weighting) or {
+        "prompt": prompt, "negative_prompt": negative, **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
+    }
 
 
 def _default_size(pipeline) -> int:

@@ -1,0 +1,54 @@
+"""SDXL's refiner (``refiner``): the model denoises up to ``switch``, the refiner the rest."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from schemas import InferenceRequest, describe_validation_error
+from tests.helpers import decode
+from tests.sdxl import build_sdxl_refiner
+from worker.errors import UserInputError
+
+BASE = {"prompt": "a lighthouse", "num_inference_steps": 4, "seed": 6}
+
+
+@pytest.fixture(scope="module")
+def refiner_dir(tmp_path_factory):
+    return build_sdxl_refiner(tmp_path_factory.mktemp("refiner") / "tiny-refiner")
+
+
+def test_the_refiner_runs_the_last_steps(run, sdxl_dir, refiner_dir):
+    xl = {"model": {"id": str(sdxl_dir)}, "scheduler": "EulerDiscrete"}
+    plain, _ = run(**BASE, **xl)
+    refined, events = run(**BASE, **xl, stream=True, refiner={"id": str(refiner_dir), "switch": 0.5})
+    assert refined.images[0].base64 != plain.images[0].base64
+    assert decode(refined.images[0].base64).size == (64, 64)
+    assert [e.step for e in events if e.stage == "inference"] == [1, 2]  # the model: up to the switch
+    assert [e.step for e in events if e.stage == "refiner"] == [1, 2]  # the refiner: the rest
+    assert (refined.refiner.id, refined.refiner.source) == (str(refiner_dir), "local")
+    assert refined.timings["refiner"] > 0 and "refiner_load" in refined.timings
+    again, _ = run(**BASE, **xl, refiner={"id": str(refiner_dir), "switch": 0.5})
+    assert again.images[0].base64 == refined.images[0].base64 and again.refiner.source == "memory"
+    later, _ = run(**BASE, **xl, refiner={"id": str(refiner_dir), "switch": 0.75})
+    assert later.images[0].base64 not in (plain.images[0].base64, refined.images[0].base64)
+    assert run(**BASE, **xl)[0].images[0].base64 == plain.images[0].base64
+
+
+def test_a_refiner_needs_an_sdxl_model_on_both_sides(run, sdxl_dir, refiner_dir, tiny_dir):
+    with pytest.raises(UserInputError, match=r"^refiner\.id: .* is not an SDXL model \(StableDiffusionPipeline\)"):
+        run(**BASE, model={"id": str(sdxl_dir)}, refiner={"id": str(tiny_dir)})
+    with pytest.raises(UserInputError, match=r"^refiner: the embedded model is not an SDXL model"):
+        run(**BASE, refiner={"id": str(refiner_dir)})
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"refiner": {"switch": 0.8}}, "refiner.id: name the refiner (id, url or checkpoint_url)"),
+    ({"refiner": {"id": "acme/r", "switch": 1}}, "refiner.switch: input should be less than 1"),
+    ({"refiner": {"id": "acme/r"}, "hires": {}}, "refiner: not together with hires"),
+    ({"refiner": {"id": "acme/r"}, "image": "iVBORw0KGgo"}, "refiner: only with task 'txt2img', not 'img2img'"),
+])
+def test_bad_refiner_fields_name_themselves(fields, expected):
+    with pytest.raises(ValidationError) as info:
+        InferenceRequest.model_validate(BASE | fields)
+    assert describe_validation_error(info.value).startswith(expected)
