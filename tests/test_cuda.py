@@ -39,3 +39,28 @@ def test_everything_per_request_on_cuda_in_fp16(settings, tiny_dir, tmp_path):
     plain = engine.generate(InferenceRequest.model_validate({"prompt": "a", "num_inference_steps": 2}),
                             lambda _: None, lambda: False)
     assert plain.images[0].width == 64  # and the warm model is plain again
+
+
+@pytest.mark.gpu
+def test_an_sdxl_refiner_takes_turns_with_its_model_on_cuda(settings, sdxl_dir, tmp_path):
+    """With one model on the GPU, the refiner's load parks the model in CPU RAM, and the next
+    request gets it back from there (``memory``), not from disk."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    from tests.sdxl import build_sdxl_refiner
+    from worker.engine import Engine
+
+    engine = Engine(settings.model_copy(update={"device": "cuda", "max_loaded_models": 1, "max_parked_models": 1}))
+
+    def job(**fields):
+        request = InferenceRequest.model_validate({"prompt": "a", "num_inference_steps": 4, "seed": 1,
+                                                   "model": {"id": str(sdxl_dir)}} | fields)
+        return engine.generate(request, lambda _: None, lambda: False)
+
+    plain = job()
+    refined = job(refiner={"id": str(build_sdxl_refiner(tmp_path / "refiner")), "switch": 0.5})
+    assert refined.refiner.device == "cuda" and refined.images[0].base64 != plain.images[0].base64
+    again = job()
+    assert again.model.source == "memory" and again.images[0].base64 == plain.images[0].base64
