@@ -40,6 +40,8 @@ def test_a_refiner_needs_an_sdxl_model_on_both_sides(run, sdxl_dir, refiner_dir,
         run(**BASE, model={"id": str(sdxl_dir)}, refiner={"id": str(tiny_dir)})
     with pytest.raises(UserInputError, match=r"^refiner: the embedded model is not an SDXL model"):
         run(**BASE, refiner={"id": str(refiner_dir)})
+    with pytest.raises(UserInputError, match=r"^model: .* is an SDXL refiner: send it as refiner, beside an SDXL"):
+        run(**BASE, model={"id": str(refiner_dir)})
 
 
 @pytest.mark.parametrize("fields, expected", [

@@ -129,8 +129,8 @@ def reference_model(weights: Path, field: str) -> str:
         )
     if has("conditioner.embedders.1.model."):
         kind = "xl_inpaint" if inpaint else "xl_base"
-    elif has("conditioner.embedders.0.model."):
-        raise ModelSourceError(field, "is an SDXL refiner, which refines other models' images; it is not served alone")
+    elif has("conditioner.embedders.0.model."):  # OpenCLIP-G alone: SDXL's refiner
+        kind = "xl_refiner"
     elif has("cond_stage_model.model."):  # OpenCLIP-H: SD 2.x
         kind = "inpainting_v2" if inpaint else "v2"
     elif has("cond_stage_model.transformer."):  # CLIP-L: SD 1.x

@@ -381,6 +381,8 @@ class Engine:
             raise UserInputError(
                 "num_inference_steps", f"must be below {trained} for this model's scheduler, got {request.num_inference_steps}"
             )
+        if getattr(base, "text_encoder_2", None) is not None and getattr(base, "text_encoder", None) is None:
+            raise UserInputError("model", f"{name} is an SDXL refiner: send it as refiner, beside an SDXL model")
         if request.refiner and "text_encoder_2" not in base.components:
             raise UserInputError("refiner", f"{name} is not an SDXL model: a refiner takes over from SDXL models")
         encoder = getattr(base, "text_encoder", None)
