@@ -274,3 +274,22 @@ def test_images_over_vae_tiling_pixels_go_through_the_vae_in_tiles(engine):
     assert decode(large).size == (128, 128) and large != image(engine, width=128, height=128)
     assert image(tiling, width=96, height=96) == image(engine, width=96, height=96)  # 9216 pixels: whole
     assert image(tiling, image=png_b64(size=(128, 128))) != image(engine, image=png_b64(size=(128, 128)))  # encode too
+
+
+def test_more_images_than_max_batch_size_run_in_batches_each_image_as_alone(engine):
+    from schemas import InferenceRequest
+    from worker.engine import Engine
+
+    one_at_a_time = Engine(engine.settings.model_copy(update={"max_batch_size": 1}))
+
+    def job(on, **fields):
+        request = InferenceRequest.model_validate({"prompt": "foxes", "num_inference_steps": 3, "seed": 40,
+                                                   "scheduler": "EulerDiscrete"} | fields)
+        events = []
+        return on.generate(request, events.append, lambda: False), events
+
+    batched, events = job(one_at_a_time, num_images=3)
+    assert [i.seed for i in batched.images] == [40, 41, 42]
+    assert [e.step for e in events if e.stage == "inference"] == [1, 2, 3] * 3  # three denoising runs
+    for image in batched.images:  # a batch of one: bit for bit the image of a request for it alone
+        assert image.base64 == job(engine, seed=image.seed)[0].images[0].base64

@@ -54,3 +54,19 @@ def test_bad_refiner_fields_name_themselves(fields, expected):
     with pytest.raises(ValidationError) as info:
         InferenceRequest.model_validate(BASE | fields)
     assert describe_validation_error(info.value).startswith(expected)
+
+
+def test_each_batch_is_refined(engine, sdxl_dir, refiner_dir):
+    """In batches, the model does its part for all of them first, then the refiner refines each."""
+    from worker.engine import Engine
+
+    one_at_a_time = Engine(engine.settings.model_copy(update={"max_batch_size": 1}))
+
+    def job(**fields):
+        request = InferenceRequest.model_validate(BASE | {"model": {"id": str(sdxl_dir)}, "scheduler": "EulerDiscrete",
+                                                          "refiner": {"id": str(refiner_dir)}} | fields)
+        return one_at_a_time.generate(request, lambda _: None, lambda: False)
+
+    both = job(num_images=2)
+    assert [i.base64 for i in both.images] == [job(seed=s).images[0].base64 for s in (6, 7)]
+    assert both.refiner.source == "local"  # where it came from for the first batch

@@ -134,28 +134,41 @@ class Engine:
             prompt, negative = request.prompt, request.negative_prompt
             if request.embeddings:
                 prompt, negative = embeddings.as_read(prompt), negative and embeddings.as_read(negative)
+            # In batches of at most MAX_BATCH_SIZE images: GPU memory grows with the batch.
+            size = self.settings.max_batch_size or len(generators)
+            batches = [generators[i:i + size] for i in range(0, len(generators), size)]
+            outputs = []
             with embeddings.added(pipe, request.embeddings, settings=self.settings, disk=self.models.disk,
                                   emit=emit, timings=timings), \
                     self.ip_adapters.applied(pipe, request.ip_adapter, emit, timings) as reference:
-                start = time.perf_counter()
-                common = dict(_texts(pipe, request, prompt, negative), guidance_scale=request.guidance_scale,
-                              num_images_per_prompt=request.num_images, generator=generators, **reference)
+                texts = _texts(pipe, request, prompt, negative)
                 first_pass = self._first_pass(pipe, request)
-                output = first_pass(**common, num_inference_steps=request.num_inference_steps,
-                                    callback_on_step_end=reporting("inference"), **images)
-                timings["inference"] = ms_since(start)
-                if request.hires:
+                for batch in batches:
+                    common = dict(texts, guidance_scale=request.guidance_scale, num_images_per_prompt=len(batch),
+                                  generator=batch, **reference)
                     start = time.perf_counter()
-                    output = self._hires(pipe, request.hires, output.images, images, **common,
-                                         num_inference_steps=request.hires.steps or request.num_inference_steps,
-                                         callback_on_step_end=reporting("hires"))
-                    timings["hires"] = ms_since(start)
+                    output = first_pass(**common, num_inference_steps=request.num_inference_steps,
+                                        callback_on_step_end=reporting("inference"), **images)
+                    _add_ms(timings, "inference", start)
+                    if request.hires:
+                        start = time.perf_counter()
+                        output = self._hires(pipe, request.hires, output.images, images, **common,
+                                             num_inference_steps=request.hires.steps or request.num_inference_steps,
+                                             callback_on_step_end=reporting("hires"))
+                        _add_ms(timings, "hires", start)
+                    outputs.append(output)
 
-            # 7. The refiner, if any, takes over the last steps (the model above may leave the device).
+            # 7. The refiner, if any, takes over the last steps of every batch (the model above may
+            #    leave the device: it has done its part for all of them).
             refined = None
             if request.refiner:
-                output, refined = self._refine(request, prompt, negative, output.images, generators,
-                                               reporting("refiner"), emit, timings)
+                for i, (batch, output) in enumerate(zip(batches, outputs)):
+                    outputs[i], info = self._refine(request, prompt, negative, output.images, batch,
+                                                    reporting("refiner"), emit, timings)
+                    refined = refined or info  # where it came from for the first batch
+            generated = [image for output in outputs for image in output.images]
+            nsfw = [flag for output in outputs
+                    for flag in (getattr(output, "nsfw_content_detected", None) or [None] * len(output.images))]
 
         # 8. Encode, outside the lock: the GPU is free for the next job. Then upload, or inline.
         start = time.perf_counter()
@@ -165,13 +178,12 @@ class Engine:
             encode_image(image, fmt, request.output.quality,
                          request.output.metadata and _parameters(request, seed, first_size or image.size, ref.id,
                                                                  pipe.scheduler))
-            for image, seed in zip(output.images, seeds)
+            for image, seed in zip(generated, seeds)
         ]
         timings["encode"] = ms_since(start)
-        nsfw = getattr(output, "nsfw_content_detected", None) or [None] * len(output.images)
         out = [
             ImageOut(format=fmt, seed=seed, width=image.width, height=image.height, nsfw=flag)
-            for image, seed, flag in zip(output.images, seeds, nsfw)
+            for image, seed, flag in zip(generated, seeds, nsfw)
         ]
         if outbox is not None:
             start = time.perf_counter()
@@ -304,7 +316,7 @@ class Engine:
         ref = model_ref(spec, self.settings, self.device)
         loading: dict[str, float] = {}
         refiner, source = self.models.get(ref, emit, loading)
-        for phase, ms in loading.items():
+        for phase, ms in loading.items():  # (once: later batches find it in memory)
             timings[f"refiner_{phase}"] = ms
         if "text_encoder_2" not in refiner.pipeline.components:
             raise UserInputError("refiner.id", f"{ref.id} is not an SDXL model ({type(refiner.pipeline).__name__})")
@@ -317,8 +329,8 @@ class Engine:
         start = time.perf_counter()
         output = pipe(**_texts(pipe, request, prompt, negative), image=latents, num_inference_steps=request.num_inference_steps,
                       denoising_start=spec.switch, guidance_scale=request.guidance_scale,
-                      num_images_per_prompt=request.num_images, generator=generators, callback_on_step_end=on_step)
-        timings["refiner"] = ms_since(start)
+                      num_images_per_prompt=len(generators), generator=generators, callback_on_step_end=on_step)
+        _add_ms(timings, "refiner", start)
         return output, ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=ref.precision,
                                  device=self.device)
 
@@ -408,6 +420,11 @@ class Engine:
             raise UserInputError("task", f"{name} ({type(base).__name__}) cannot run {request.task}") from None
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def _add_ms(timings: dict[str, float], phase: str, start: float) -> None:
+    """Count the time since ``start`` to ``phase`` (a phase may run once per batch)."""
+    timings[phase] = round(timings.get(phase, 0.0) + ms_since(start), 1)
 
 
 def _texts(pipe, request: InferenceRequest, prompt: str, negative: str | None) -> dict:

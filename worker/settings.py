@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     max_loaded_ip_adapters: int = Field(
         1, ge=1, le=16, description="IP-Adapter image encoders (and weights) kept on the device across jobs."
     )
+    max_batch_size: int = Field(
+        4, ge=0, description="Images denoised together at most; more run in several batches (0: all at once)."
+    )
     vae_tiling_pixels: int = Field(
         1536 * 1536, ge=0, description="Images over this many pixels go through the VAE in tiles (less GPU memory)."
     )
