@@ -293,3 +293,17 @@ def test_more_images_than_max_batch_size_run_in_batches_each_image_as_alone(engi
     assert [e.step for e in events if e.stage == "inference"] == [1, 2, 3] * 3  # three denoising runs
     for image in batched.images:  # a batch of one: bit for bit the image of a request for it alone
         assert image.base64 == job(engine, seed=image.seed)[0].images[0].base64
+
+
+def test_metadata_names_the_vae_controlnet_and_ip_adapter(run, tiny_dir, tmp_path):
+    from tests.controlnets import build_controlnet
+    from tests.ip_adapters import WEIGHTS, build_ip_adapter
+
+    net, adapter = build_controlnet(tiny_dir, tmp_path / "net"), build_ip_adapter(tiny_dir, tmp_path / "ip")
+    result, _ = run(prompt="a fox", num_inference_steps=2, seed=1, output={"metadata": True},
+                    vae={"id": str(tiny_dir / "vae")},
+                    controlnets=[{"id": str(net), "image": png_b64(), "scale": 0.5}],
+                    ip_adapter={"id": str(adapter), "weight_name": WEIGHTS, "image": png_b64(), "scale": 0.7})
+    text = decode(result.images[0].base64).info["parameters"]
+    assert f'ControlNet 0: "Model: {net}, Weight: 0.5, Guidance Start: 0.0, Guidance End: 1.0"' in text
+    assert f"IP-Adapter: {adapter}/{WEIGHTS}:0.7" in text and f"VAE: {tiny_dir / 'vae'}" in text

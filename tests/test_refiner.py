@@ -30,6 +30,9 @@ def test_the_refiner_runs_the_last_steps(run, sdxl_dir, refiner_dir):
     assert refined.timings["refiner"] > 0 and "refiner_load" in refined.timings
     again, _ = run(**BASE, **xl, refiner={"id": str(refiner_dir), "switch": 0.5})
     assert again.images[0].base64 == refined.images[0].base64 and again.refiner.source == "memory"
+    text = decode(run(**BASE, **xl, refiner={"id": str(refiner_dir), "switch": 0.5},
+                      output={"metadata": True})[0].images[0].base64).info["parameters"]
+    assert f"Refiner: {refiner_dir}, Refiner switch at: 0.5" in text
     later, _ = run(**BASE, **xl, refiner={"id": str(refiner_dir), "switch": 0.75})
     assert later.images[0].base64 not in (plain.images[0].base64, refined.images[0].base64)
     assert run(**BASE, **xl)[0].images[0].base64 == plain.images[0].base64

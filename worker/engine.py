@@ -473,6 +473,17 @@ def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], mod
         pairs["Clip skip"] = request.clip_skip + 1  # A1111 counts the last layer as 1
     if request.loras:
         pairs["LoRAs"] = "; ".join(f"{redact(lora.url or lora.id)}:{lora.scale}" for lora in request.loras)
+    for i, net in enumerate(request.controlnets):  # quoted, as AUTOMATIC1111's ControlNet writes them
+        pairs[f"ControlNet {i}"] = (f'"Model: {redact(net.url or net.id)}, Weight: {net.scale}, '
+                                    f'Guidance Start: {net.start}, Guidance End: {net.end}"')
+    if request.ip_adapter:
+        pairs["IP-Adapter"] = f"{request.ip_adapter.id}/{request.ip_adapter.weight_name}:{request.ip_adapter.scale}"
+    if request.vae:
+        pairs["VAE"] = redact(request.vae.url or request.vae.id)
+    if request.refiner:
+        refiner = request.refiner
+        pairs["Refiner"] = redact(refiner.id or refiner.url or refiner.checkpoint_url)
+        pairs["Refiner switch at"] = refiner.switch
     lines.append(", ".join(f"{key}: {value}" for key, value in pairs.items()))
     return "\n".join(lines)
 
