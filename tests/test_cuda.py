@@ -31,9 +31,9 @@ def test_everything_per_request_on_cuda_in_fp16(settings, tiny_dir, tmp_path):
     result = engine.generate(request, lambda _: None, lambda: False)
     assert (result.model.device, result.model.precision) == ("cuda", "fp16")
     assert decode(result.images[0].base64).size == (96, 96)
-    [net] = engine.controlnets._loaded.values()
-    [(encoder, _)] = engine.ip_adapters._loaded.values()
-    [vae] = engine.vaes._loaded.values()
+    [net] = engine.controlnets.warm.values()
+    [(encoder, _)] = engine.ip_adapters.warm.values()
+    [vae] = engine.vaes.warm.values()
     for module in (net, encoder, vae):
         assert (module.device.type, module.dtype) == ("cuda", torch.float16)
     plain = engine.generate(InferenceRequest.model_validate({"prompt": "a", "num_inference_steps": 2}),

@@ -24,7 +24,7 @@ from typing import Callable
 from schemas import Progress
 
 from .cache import DiskCache, entry_key
-from .errors import ModelSourceError
+from .errors import ModelSourceError, first_line
 from .settings import Settings
 from .storage import open_download, parse_location
 
@@ -178,7 +178,7 @@ def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: 
             str(weights), config=str(config_dir), local_files_only=True, dtype=dtype
         )
     except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
-        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        detail = first_line(exc)
         raise ModelSourceError(
             field, f"could not convert the checkpoint with the configs of model.id ({type(exc).__name__}: {detail})"
         ) from None

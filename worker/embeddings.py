@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 from schemas import EmbeddingSpec, Progress
 
 from .cache import DiskCache
-from .errors import UserInputError
+from .errors import UserInputError, first_line
 from .loras import locate_file, quiet_libraries
 from .settings import Settings
 from .timing import ms_since
@@ -83,5 +83,5 @@ def _load(pipeline: Any, path: Path, token: str | None, encoders: list, field: s
             with quiet_libraries():
                 pipeline.load_textual_inversion(part, token=token, tokenizer=tokenizer, text_encoder=encoder)
         except (ValueError, KeyError, RuntimeError, TypeError) as exc:
-            detail = (str(exc).strip().splitlines() or [""])[0][:160]
+            detail = first_line(exc, 160)
             raise UserInputError(field, f"cannot be added to this model ({type(exc).__name__}: {detail})") from None

@@ -45,6 +45,11 @@ _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _URL_QUERY = re.compile(r"(https?://[^\s?#'\"]+)\?[^\s'\"]*")
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of a library's message, short enough for an answer."""
+    return (str(exc).strip().splitlines() or [""])[0][:limit]
+
+
 def redact(text: str, secrets: list[str] = ()) -> str:
     """Remove credentials from a message: URL userinfo, signed query strings, known secrets."""
     text = _URL_USERINFO.sub("***@", text)

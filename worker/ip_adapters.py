@@ -15,14 +15,14 @@ Sources: a hub repo or a local directory laid out as ``h94/IP-Adapter`` is: ``we
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 from schemas import IpAdapterSpec, Progress
 
-from .errors import ModelSourceError, UserInputError
+from .components import Warm, load_module
+from .errors import ModelSourceError, UserInputError, first_line
 from .images import load_image
 from .loras import hub_snapshot, quiet_libraries
 from .settings import Settings
@@ -30,11 +30,11 @@ from .timing import ms_since
 
 
 class IpAdapters:
-    """Loaded image encoders and adapter weights: (folder, weights, dtype, device) -> both."""
+    """Loaded image encoders with their adapter weights, by (folder, weights, dtype, device)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._loaded: OrderedDict[tuple[str, str, Any, str], tuple[Any, dict]] = OrderedDict()
+        self.warm = Warm()
 
     @contextmanager
     def applied(self, pipe: Any, spec: IpAdapterSpec | None, emit: Callable[[Progress], None],
@@ -55,9 +55,9 @@ class IpAdapters:
                 with quiet_libraries():
                     pipe.load_ip_adapter(weights, subfolder="", weight_name="")
             except (RuntimeError, KeyError, ValueError) as exc:
-                detail = (str(exc).strip().splitlines() or [""])[0][:160]
+                detail = f"{type(exc).__name__}: {first_line(exc, 160)}"
                 raise UserInputError("ip_adapter", f"does not fit this model (an IP-Adapter for another "
-                                                   f"architecture: {type(exc).__name__}: {detail})") from None
+                                                   f"architecture: {detail})") from None
             pipe.set_ip_adapter_scale(spec.scale)
             timings["ip_adapter"] = ms_since(start)
             yield {"ip_adapter_image": image}
@@ -66,20 +66,18 @@ class IpAdapters:
 
     def clear(self) -> None:
         """Free the device (for training)."""
-        self._loaded.clear()
+        self.warm.clear()
 
     def _get(self, spec: IpAdapterSpec, unet: Any) -> tuple[Any, dict]:
         weight_name = PurePosixPath(spec.weight_name)
         encoder_dir = spec.image_encoder or str(weight_name.parent / "image_encoder")
         root = self._locate(spec, encoder_dir)
         key = (str(root / encoder_dir), spec.weight_name, unet.dtype, str(unet.device))
-        if key in self._loaded:
-            self._loaded.move_to_end(key)
-        else:
-            self._loaded[key] = (_encoder(root / encoder_dir, unet), _weights(root / spec.weight_name))
-            while len(self._loaded) > self.settings.max_loaded_ip_adapters:
-                self._loaded.popitem(last=False)
-        return self._loaded[key]
+        both, loaded = self.warm.get(
+            key, lambda: (_encoder(root / encoder_dir, unet), _weights(root / spec.weight_name)))
+        if loaded:
+            self.warm.trim(self.settings.max_loaded_ip_adapters)
+        return both
 
     def _locate(self, spec: IpAdapterSpec, encoder_dir: str) -> Path:
         def complete(root: Path) -> Path:
@@ -101,13 +99,9 @@ def _encoder(folder: Path, unet: Any) -> Any:
 
     if not list(folder.glob("*.safetensors")):
         raise ModelSourceError("ip_adapter.image_encoder", f"{folder.name}/ has no .safetensors weights")
-    try:
-        with quiet_libraries():
-            encoder = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=unet.dtype, use_safetensors=True)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        detail = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ModelSourceError("ip_adapter.image_encoder", f"could not load it ({type(exc).__name__}: {detail})") from None
-    return encoder.to(unet.device).eval()
+    return load_module(folder, unet, "ip_adapter.image_encoder", "image encoder",
+                       lambda path: CLIPVisionModelWithProjection.from_pretrained(path, dtype=unet.dtype,
+                                                                                  use_safetensors=True))
 
 
 def _weights(path: Path) -> dict:

@@ -25,7 +25,7 @@ from schemas import EmbeddingSpec, LoraSpec, Progress
 
 from .cache import DiskCache, entry_key
 from .checkpoints import is_safetensors, save_download
-from .errors import ModelSourceError, UserInputError
+from .errors import ModelSourceError, UserInputError, first_line
 from .settings import Settings
 from .storage import open_download, parse_location
 from .timing import ms_since
@@ -94,7 +94,7 @@ def _load(pipeline: Any, path: Path, name: str, field: str) -> None:
         with quiet_libraries():
             pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     except (ValueError, KeyError, RuntimeError, TypeError, OSError) as exc:
-        detail = (str(exc).strip().splitlines() or [""])[0][:160]
+        detail = first_line(exc, 160)
         raise UserInputError(
             field, f"cannot be applied to this model ({type(exc).__name__}: {detail}); "
             "is it a LoRA for this model's architecture?"

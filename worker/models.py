@@ -34,7 +34,7 @@ from schemas import ModelSpec, Progress
 from . import archives
 from .cache import DiskCache, entry_key
 from .checkpoints import fetch_checkpoint, reference_model
-from .errors import ModelSourceError
+from .errors import ModelSourceError, first_line
 from .settings import Settings
 from .storage import Location, ObjectMissing, open_download, parse_location
 from .timing import ms_since
@@ -180,7 +180,7 @@ def load_pipeline(path: Path, precision: str, variant: str | None, device: str) 
     try:
         pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        detail = first_line(exc)
         with_variant = f" (variant {variant!r})" if variant else ""
         raise ModelSourceError("model.id", f"{type(exc).__name__}{with_variant}: {detail}") from None
     pipeline.to(device)

@@ -14,16 +14,14 @@ diffusers', read with the model's own VAE config. Never a pickle.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
 from schemas import Progress, VaeSpec
 
 from .cache import DiskCache
-from .controlnets import WEIGHTS, checked_folder, load_module
+from .components import Warm, load_module, locate
 from .errors import UserInputError
-from .loras import hub_snapshot, locate_file
 from .settings import Settings
 from .timing import ms_since
 
@@ -32,26 +30,21 @@ _LDM_PREFIXES = ("first_stage_model.", "vae.")
 
 
 class Vaes:
-    """Loaded VAEs: (source, dtype, device) -> model, least recently used first."""
+    """Loaded VAEs, by (source, dtype, device)."""
 
     def __init__(self, settings: Settings, disk: DiskCache):
         self.settings = settings
         self.disk = disk
-        self._loaded: OrderedDict[tuple[str, Any, str], Any] = OrderedDict()
+        self.warm = Warm()
 
     def get(self, spec: VaeSpec, own: Any, emit: Callable[[Progress], None], timings: dict[str, float]) -> Any:
         """The VAE ``spec`` names, like the model's ``own`` VAE in device and dtype, checked to fit."""
         start = time.perf_counter()
-        path = self._locate(spec, emit)
-        key = (str(path), own.dtype, str(own.device))
-        if key in self._loaded:
-            self._loaded.move_to_end(key)
-        else:
-            self._loaded[key] = _load(path, own, "vae")
+        path = locate(spec, "vae", "vaes", "VAE", self.settings, self.disk, emit)
+        vae, loaded = self.warm.get((str(path), own.dtype, str(own.device)), lambda: _load(path, own))
+        if loaded:
             timings["vae"] = ms_since(start)
-            while len(self._loaded) > max(self.settings.max_loaded_vaes, 1):
-                self._loaded.popitem(last=False)
-        vae = self._loaded[key]
+            self.warm.trim(self.settings.max_loaded_vaes)
         for name in ("latent_channels", "scaling_factor"):
             if vae.config.get(name) != own.config.get(name):
                 raise UserInputError("vae", f"does not fit this model (a VAE for another architecture: its {name} "
@@ -60,29 +53,21 @@ class Vaes:
 
     def clear(self) -> None:
         """Free the device (for training)."""
-        self._loaded.clear()
-
-    def _locate(self, spec: VaeSpec, emit: Callable[[Progress], None]) -> Path:
-        """A diffusers VAE directory, or a single .safetensors file."""
-        if spec.url or spec.weight_name or (spec.id.startswith("/") and Path(spec.id).is_file()):
-            return locate_file(spec, "vae", self.settings, self.disk, emit, kind="vaes")
-        if spec.id.startswith("/"):
-            return checked_folder(Path(spec.id), "vae.id", spec.id, "VAE")
-        return hub_snapshot(spec.id, ["config.json", WEIGHTS], "vae.id", self.settings,
-                            lambda folder: checked_folder(folder, "vae.id", spec.id, "VAE"))
+        self.warm.clear()
 
 
-def _load(path: Path, own: Any, field: str) -> Any:
+def _load(path: Path, own: Any) -> Any:
     from diffusers import AutoencoderKL
+
+    def from_dir(folder: Path) -> Any:
+        return AutoencoderKL.from_pretrained(folder, torch_dtype=own.dtype, use_safetensors=True)
 
     def from_file(file: Path) -> Any:
         vae = AutoencoderKL.from_config(own.config)
         vae.load_state_dict(_diffusers_layout(file, own.config), strict=True)
         return vae
 
-    return load_module(path, own, field, "VAE",
-                       lambda folder: AutoencoderKL.from_pretrained(folder, torch_dtype=own.dtype, use_safetensors=True),
-                       from_file)
+    return load_module(path, own, "vae", "VAE", from_dir, from_file)
 
 
 def _diffusers_layout(path: Path, config: Any) -> dict:
