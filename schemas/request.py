@@ -46,6 +46,17 @@ def _image_source(value: str) -> str:
 ImageSource = Annotated[str, AfterValidator(_image_source)]  # an input image: base64, data: URI or URL
 
 
+def _repo_or_path(value: str) -> str:
+    if not (value.startswith("/") or _REPO_ID.match(value)):
+        raise ValueError(f"must be a hub repo id like 'org/name' or an absolute path, got {value!r}")
+    if ".." in value.split("/"):
+        raise ValueError(f"must not contain '..', got {value!r}")
+    return value
+
+
+RepoOrPath = Annotated[str, AfterValidator(_repo_or_path)]  # a hub repo id, or a path on the worker
+
+
 class Limits(BaseModel):
     """Caps the operator sets (see worker.settings); requests above them are refused."""
 
@@ -136,7 +147,7 @@ class _FileSource(_Strict):
         description="https://, http://, s3://bucket/key or s3:///bucket/key of a .safetensors file; "
         "`#sha256=` verifies it.",
     )
-    id: str | None = Field(
+    id: RepoOrPath | None = Field(
         None, max_length=4096, description="Hub repo id (`org/name`) or absolute path of a file or directory."
     )
     weight_name: str | None = Field(
@@ -149,15 +160,6 @@ class _FileSource(_Strict):
     def _url_form(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("https://", "http://", "s3://")):
             raise ValueError(f"must be an https://, http:// or s3:// URL, got {value[:60]!r}")
-        return value
-
-    @field_validator("id")
-    @classmethod
-    def _id_form(cls, value: str | None) -> str | None:
-        if value is not None and not (value.startswith("/") or _REPO_ID.match(value)):
-            raise ValueError(f"must be a hub repo id like 'org/name' or an absolute path, got {value!r}")
-        if value is not None and ".." in value.split("/"):
-            raise ValueError(f"must not contain '..', got {value!r}")
         return value
 
     @model_validator(mode="after")
@@ -210,7 +212,7 @@ class ControlNetSpec(_FileSource):
 class IpAdapterSpec(_Strict):
     """An IP-Adapter for one request: a reference image that steers like part of the prompt."""
 
-    id: str = Field(
+    id: RepoOrPath = Field(
         ..., max_length=4096,
         description="Hub repo id (`org/name`, e.g. h94/IP-Adapter) or absolute path of a directory laid out like it.",
     )
@@ -224,13 +226,6 @@ class IpAdapterSpec(_Strict):
     )
     image: ImageSource = Field(..., description="The reference image: base64, `data:` URI or http(s) URL.")
     scale: float = Field(1.0, ge=0, le=2, description="How strongly the image steers; 0 turns it off.")
-
-    @field_validator("id")
-    @classmethod
-    def _id_form(cls, value: str) -> str:
-        if not (value.startswith("/") or _REPO_ID.match(value)) or ".." in value.split("/"):
-            raise ValueError(f"must be a hub repo id like 'org/name' or an absolute path, got {value!r}")
-        return value
 
     @field_validator("weight_name", "image_encoder")
     @classmethod

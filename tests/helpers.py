@@ -30,6 +30,10 @@ def png_b64(color=(200, 30, 30), size=(64, 64), mode="RGB") -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+# Two plain 64 px images that steer differently (control and reference images).
+RED, BLUE = png_b64((200, 30, 30)), png_b64((30, 30, 200))
+
+
 def decode(b64: str) -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(b64)))
     image.load()

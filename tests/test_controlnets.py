@@ -8,11 +8,10 @@ from pydantic import ValidationError
 
 from schemas import InferenceRequest, describe_validation_error
 from tests.controlnets import build_controlnet, write_original
-from tests.helpers import RangeServer, decode, hub_cache, png_b64
+from tests.helpers import BLUE, RED, RangeServer, decode, hub_cache, png_b64
 from worker.errors import ModelSourceError, UserInputError
 
 BASE = {"prompt": "a door", "num_inference_steps": 2, "seed": 3}
-RED, BLUE = png_b64((200, 30, 30)), png_b64((30, 30, 200))
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import InferenceRequest, describe_validation_error
-from tests.helpers import hub_cache, png_b64
+from tests.helpers import BLUE, RED, hub_cache
 from tests.ip_adapters import WEIGHTS, build_ip_adapter
 from worker.errors import JobCancelled, ModelSourceError, UserInputError
 
 BASE = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 4}
-RED, BLUE = png_b64((200, 30, 30)), png_b64((30, 30, 200))
 
 
 @pytest.fixture(scope="module")
