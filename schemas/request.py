@@ -247,12 +247,13 @@ class HiresSpec(_Strict):
         "latent", description="latent: resize the latents (bilinear); lanczos: decode, resize the image, encode."
     )
 
-    def final(self, width: int, height: int) -> tuple[int, int]:
-        """The second pass's size: the first's times ``scale``, rounded down to a multiple of 8."""
-        return int(width * self.scale) // 8 * 8, int(height * self.scale) // 8 * 8
+    def final(self, width: int, height: int, multiple: int = 8) -> tuple[int, int]:
+        """The second pass's size: the first's times ``scale``, rounded down to a multiple of
+        ``multiple`` (8, the VAE's factor; 16 for SD3)."""
+        return int(width * self.scale) // multiple * multiple, int(height * self.scale) // multiple * multiple
 
-    def size(self, width: int, height: int) -> int:
-        final = self.final(width, height)
+    def size(self, width: int, height: int, multiple: int = 8) -> int:
+        final = self.final(width, height, multiple)
         return final[0] * final[1]
 
 

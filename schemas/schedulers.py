@@ -30,11 +30,19 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
     "PNDM": SchedulerSpec("PNDMScheduler", {"skip_prk_steps": True}),
     "UniPCMultistep": SchedulerSpec("UniPCMultistepScheduler", {}),
     "LCM": SchedulerSpec("LCMScheduler", {}),
+    # Flow matching (SD3): these two only, and only these for such models.
+    "FlowMatchEulerDiscrete": SchedulerSpec("FlowMatchEulerDiscreteScheduler", {}),
+    "FlowMatchHeunDiscrete": SchedulerSpec("FlowMatchHeunDiscreteScheduler", {}),
 }
 
 # The diffusers class names are accepted too (docker-diffusers-api sent those); each maps to
 # the first table entry that uses the class.
 _ALIASES = {spec.cls: name for name, spec in reversed(SCHEDULERS.items())}
+
+
+def is_flow_matching(cls: str) -> bool:
+    """Whether a scheduler class samples a flow-matching model (SD3), which the others cannot."""
+    return cls.startswith("FlowMatch")
 
 
 def canonical_scheduler(name: str) -> str:

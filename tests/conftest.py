@@ -42,6 +42,13 @@ def sdxl_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory) -> Path:
+    from tests.sd3 import build_sd3
+
+    return build_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
 def engine(models_dir):
     from worker.engine import Engine
     from worker.settings import Settings

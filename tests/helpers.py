@@ -207,6 +207,21 @@ def generate(settings, model: dict, events: list | None = None):
     return Engine(settings).generate(request, (events if events is not None else []).append, lambda: False)
 
 
+def convert_and_serve(settings, model_dir: Path, key: str):
+    """Publish ``model_dir`` as s3://BUCKET/``key`` (task convert, fp32), then generate with it
+    directly and, on a fresh worker with an empty cache, from the archive: (direct, served)."""
+    from schemas import ConvertRequest
+    from worker.engine import Engine
+
+    request = ConvertRequest.model_validate({"task": "convert", "model": {"id": str(model_dir)},
+                                             "convert": {"dest_url": f"s3://{BUCKET}/{key}", "precision": "fp32"}})
+    Engine(settings).convert(request, lambda event: None, lambda: False)
+    direct = generate(settings, {"id": str(model_dir)})
+    served = generate(settings.model_copy(update={"models_dir": settings.models_dir / "fresh"}),
+                      {"url": f"s3://{BUCKET}/{key}"})
+    return direct, served
+
+
 def hub_cache(root: Path, repo_id: str, source: Path, refs: dict[str, str]) -> Path:
     """Lay out ``source`` as huggingface_hub's cache does: models--org--name/{refs,snapshots}."""
     repo = root / ("models--" + repo_id.replace("/", "--"))

@@ -49,16 +49,9 @@ def test_a_lora_on_sdxl(run, sdxl_dir, tmp_path):
 
 
 def test_sdxl_converts_to_an_archive_and_serves_from_it(settings, s3, sdxl_dir):
-    from schemas import ConvertRequest
-    from tests.helpers import generate
-    from worker.engine import Engine
+    from tests.helpers import convert_and_serve
 
-    request = ConvertRequest.model_validate({"task": "convert", "model": {"id": str(sdxl_dir)},
-                                             "convert": {"dest_url": f"s3://{BUCKET}/xl/tiny.tar.zst", "precision": "fp32"}})
-    Engine(settings).convert(request, lambda event: None, lambda: False)
-    direct = generate(settings, {"id": str(sdxl_dir)})
-    served = generate(settings.model_copy(update={"models_dir": settings.models_dir / "fresh"}),
-                      {"url": f"s3://{BUCKET}/xl/tiny.tar.zst"})
+    direct, served = convert_and_serve(settings, sdxl_dir, "xl/tiny.tar.zst")
     assert served.model.source == "url" and served.images[0].base64 == direct.images[0].base64
 
 

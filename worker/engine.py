@@ -30,7 +30,7 @@ from .controlnets import ControlNets
 from .ip_adapters import IpAdapters
 from .errors import JobCancelled, UserInputError, redact
 from .images import encode_image, load_image
-from .models import EMBEDDED_ID, FETCHED_NOW, ModelStore, model_ref
+from .models import EMBEDDED_ID, FETCHED_NOW, SD3, SDXL, SDXL_REFINER, ModelStore, family_of, model_ref
 from .outputs import Outbox
 from .publish import check_destination, export
 from .schedulers import make_scheduler
@@ -84,31 +84,33 @@ class Engine:
         """Run one inference job; with an ``outbox`` the images are uploaded, not inlined."""
         timings: dict[str, float] = {}
         with self._lock:
-            # 1. The model: from memory when warm.
+            # 1. The model: from memory when warm; and can it do what the request asks?
             ref = model_ref(request.model, self.settings, self.device)
             loaded, source = self.models.get(ref, emit, timings)
+            _check_fits(loaded, request)
 
             # 2. Input images (control images too), sized to what will be generated.
             base = loaded.pipeline
             start = time.perf_counter()
-            images = self._inputs(request)
-            images.update(self._control_inputs(request, images))
+            multiple = _multiple(base)
+            images = self._inputs(request, base)
+            images.update(self._control_inputs(request, images, multiple))
             if request.task != "txt2img" or request.controlnets:
                 timings["inputs"] = ms_since(start)
             if request.hires:  # the first pass's size is needed to know the second's
                 images.setdefault("width", _default_size(base))
                 images.setdefault("height", _default_size(base))
-                if request.hires.size(images["width"], images["height"]) > self.settings.max_pixels:
+                if request.hires.size(images["width"], images["height"], multiple) > self.settings.max_pixels:
                     raise UserInputError("hires.scale", f"{images['width']}x{images['height']} times "
                                          f"{request.hires.scale} is over this endpoint's "
                                          f"{self.settings.max_pixels} pixels")
 
             # 3. The pipeline for this task, sharing the loaded components, with its own scheduler
             #    (and this request's ControlNets and VAE, kept warm).
-            nets = self.controlnets.get(request.controlnets, base.unet, emit, timings)
+            nets = self.controlnets.get(request.controlnets, getattr(base, "unet", None), emit, timings)
             vae = self.vaes.get(request.vae, base.vae, emit, timings) if request.vae else None
             pipe = self._task_pipeline(loaded, request, nets, vae)
-            self._vae_memory(pipe.vae, request.num_images, _vae_pixels(request, images, base))
+            self._vae_memory(pipe.vae, request.num_images, _vae_pixels(request, images, base, multiple))
 
             # 4. One generator per image, so each image's seed reproduces it alone.
             first = request.seed if request.seed is not None else secrets.randbits(63)
@@ -255,14 +257,16 @@ class Engine:
         info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision="fp32", device=self.device)
         return Result(task="train", train=out, timings=timings, model=info)
 
-    def _inputs(self, request: InferenceRequest) -> dict:
+    def _inputs(self, request: InferenceRequest, base) -> dict:
         """Pipeline arguments for the images and size: {} for txt2img without a size."""
         if request.task == "txt2img":
             return {k: v for k, v in (("width", request.width), ("height", request.height)) if v}
         image = load_image(request.image, "image", self.settings)
-        width, height = self._size_from(image, request, "image")
+        width, height = self._size_from(image, request, "image", _multiple(base))
         args = {"image": image.resize((width, height)) if image.size != (width, height) else image,
                 "strength": request.strength}
+        if family_of(base) == SD3:  # its img2img would resize the image to its default size
+            args.update(width=width, height=height)
         if request.task == "inpaint":
             mask = load_image(request.mask_image, "mask_image", self.settings, mode="L")
             args.update(mask_image=mask.resize((width, height)), width=width, height=height)
@@ -291,7 +295,7 @@ class Engine:
         on it at ``hires.strength`` with the same prompts, generators and ControlNets."""
         from PIL import Image
 
-        width, height = hires.final(images["width"], images["height"])
+        width, height = hires.final(images["width"], images["height"], _multiple(pipe))
         if hires.upscaler == "latent":
             factor = pipe.vae_scale_factor
             upscaled = torch.nn.functional.interpolate(first, size=(height // factor, width // factor), mode="bilinear")
@@ -306,6 +310,8 @@ class Engine:
                 controls["control_image"] = control.resize((width, height))
         second = AutoPipelineForImage2Image.from_pipe(pipe)
         second.set_progress_bar_config(disable=True)
+        if family_of(pipe) == SD3:  # its img2img would resize the image to its default size
+            controls.update(width=width, height=height)
         return second(image=upscaled, strength=hires.strength, **controls, **common)
 
     def _refine(self, request: InferenceRequest, prompt: str, negative: str | None, latents, generators,
@@ -318,7 +324,7 @@ class Engine:
         refiner, source = self.models.get(ref, emit, loading)
         for phase, ms in loading.items():  # (once: later batches find it in memory)
             timings[f"refiner_{phase}"] = ms
-        if "text_encoder_2" not in refiner.pipeline.components:
+        if family_of(refiner.pipeline) not in (SDXL, SDXL_REFINER):
             raise UserInputError("refiner.id", f"{ref.id} is not an SDXL model ({type(refiner.pipeline).__name__})")
         pipe = AutoPipelineForImage2Image.from_pipe(
             refiner.pipeline, scheduler=make_scheduler(request.scheduler, refiner.pipeline.scheduler))
@@ -340,10 +346,10 @@ class Engine:
         vae.use_slicing = images > 1
         vae.use_tiling = pixels > self.settings.vae_tiling_pixels
 
-    def _size_from(self, image, request: InferenceRequest, field: str) -> tuple[int, int]:
-        """Output size: as asked, else the input's, rounded down to the VAE's multiple of 8."""
-        width = request.width or image.width // 8 * 8
-        height = request.height or image.height // 8 * 8
+    def _size_from(self, image, request: InferenceRequest, field: str, multiple: int) -> tuple[int, int]:
+        """Output size: as asked, else the input's, rounded down to the model's ``multiple``."""
+        width = request.width or image.width // multiple * multiple
+        height = request.height or image.height // multiple * multiple
         if width < 64 or height < 64:
             raise UserInputError(field, f"{image.width}x{image.height} is smaller than 64x64")
         if width * height > self.settings.max_pixels:
@@ -353,7 +359,7 @@ class Engine:
             )
         return width, height
 
-    def _control_inputs(self, request: InferenceRequest, images: dict) -> dict:
+    def _control_inputs(self, request: InferenceRequest, images: dict, multiple: int) -> dict:
         """Pipeline arguments for the ControlNets: their images at the output size, and how each steers.
         txt2img takes its size from the first control image when the request gives none."""
         if not request.controlnets:
@@ -361,7 +367,7 @@ class Engine:
         controls = [load_image(spec.image, f"controlnets[{i}].image", self.settings)
                     for i, spec in enumerate(request.controlnets)]
         if request.task == "txt2img":
-            width, height = self._size_from(controls[0], request, "controlnets[0].image")
+            width, height = self._size_from(controls[0], request, "controlnets[0].image", multiple)
             size = {"width": width, "height": height}
         else:
             width, height = images["image"].size
@@ -380,12 +386,7 @@ class Engine:
 
     def _task_pipeline(self, loaded, request: InferenceRequest, nets: list | None = None, vae=None):
         base = loaded.pipeline
-        name = loaded.ref.id if loaded.ref.id != EMBEDDED_ID else "the embedded model"
-        unet = getattr(base, "unet", None)
-        if unet is not None and unet.config.in_channels == 9 and request.task != "inpaint":
-            raise UserInputError(
-                "task", f"{name} is an inpainting model (9-channel UNet): send image and mask_image"
-            )
+        name = _name(loaded)
         scheduler = make_scheduler(request.scheduler, base.scheduler)
         trained = scheduler.config.get("num_train_timesteps", 1000)
         if request.num_inference_steps >= trained:
@@ -393,10 +394,6 @@ class Engine:
             raise UserInputError(
                 "num_inference_steps", f"must be below {trained} for this model's scheduler, got {request.num_inference_steps}"
             )
-        if getattr(base, "text_encoder_2", None) is not None and getattr(base, "text_encoder", None) is None:
-            raise UserInputError("model", f"{name} is an SDXL refiner: send it as refiner, beside an SDXL model")
-        if request.refiner and "text_encoder_2" not in base.components:
-            raise UserInputError("refiner", f"{name} is not an SDXL model: a refiner takes over from SDXL models")
         encoder = getattr(base, "text_encoder", None)
         layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
         if request.clip_skip and (layers is None or request.clip_skip >= layers):
@@ -422,6 +419,36 @@ class Engine:
         return pipe
 
 
+def _name(loaded) -> str:
+    return loaded.ref.id if loaded.ref.id != EMBEDDED_ID else "the embedded model"
+
+
+# What SD3 models do not take here (the parts are made for SD 1.x/2.x and SDXL's UNet and CLIP).
+_NOT_FOR_SD3 = {"controlnets": "ControlNets", "ip_adapter": "IP-Adapters", "embeddings": "textual-inversion embeddings"}
+
+
+def _check_fits(loaded, request: InferenceRequest) -> None:
+    """Refuse, naming the field, what the loaded model cannot do, before any work for it."""
+    base, name = loaded.pipeline, _name(loaded)
+    kind = family_of(base)
+    if kind == SDXL_REFINER:
+        raise UserInputError("model", f"{name} is an SDXL refiner: send it as refiner, beside an SDXL model")
+    unet = getattr(base, "unet", None)
+    if unet is not None and unet.config.in_channels == 9 and request.task != "inpaint":
+        raise UserInputError("task", f"{name} is an inpainting model (9-channel UNet): send image and mask_image")
+    multiple = _multiple(base)
+    for field in ("width", "height"):
+        value = getattr(request, field)
+        if value and value % multiple:
+            raise UserInputError(field, f"must be a multiple of {multiple} for {name}, got {value}")
+    if request.refiner and kind != SDXL:
+        raise UserInputError("refiner", f"{name} is not an SDXL model: a refiner takes over from SDXL models")
+    if kind == SD3:
+        for field, what in _NOT_FOR_SD3.items():
+            if getattr(request, field):
+                raise UserInputError(field, f"{name} is an SD3 model; {what} here are for SD 1.x, 2.x and XL models")
+
+
 def _add_ms(timings: dict[str, float], phase: str, start: float) -> None:
     """Count the time since ``start`` to ``phase`` (a phase may run once per batch)."""
     timings[phase] = round(timings.get(phase, 0.0) + ms_since(start), 1)
@@ -435,12 +462,19 @@ def _texts(pipe, request: InferenceRequest, prompt: str, negative: str | None) -
     }
 
 
+def _multiple(pipeline) -> int:
+    """What image sides must be a multiple of: the VAE's factor (8), times SD3's patch size (2)."""
+    transformer = getattr(pipeline, "transformer", None)
+    return pipeline.vae_scale_factor * (transformer.config.patch_size if transformer is not None else 1)
+
+
 def _default_size(pipeline) -> int:
-    """The side of the model's own images (512 for SD 1.5, 1024 for SDXL)."""
-    return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    """The side of the model's own images (512 for SD 1.5, 1024 for SDXL and SD3)."""
+    denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
+    return denoiser.config.sample_size * pipeline.vae_scale_factor
 
 
-def _vae_pixels(request: InferenceRequest, images: dict, pipeline) -> int:
+def _vae_pixels(request: InferenceRequest, images: dict, pipeline, multiple: int) -> int:
     """Pixels of the largest image the VAE handles in this job."""
     if "width" in images:
         width, height = images["width"], images["height"]
@@ -449,7 +483,7 @@ def _vae_pixels(request: InferenceRequest, images: dict, pipeline) -> int:
     else:
         width = height = _default_size(pipeline)
     if request.hires:
-        width, height = request.hires.final(width, height)
+        width, height = request.hires.final(width, height, multiple)
     return width * height
 
 

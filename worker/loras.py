@@ -99,6 +99,10 @@ def _load(pipeline: Any, path: Path, name: str, field: str) -> None:
             field, f"cannot be applied to this model ({type(exc).__name__}: {detail}); "
             "is it a LoRA for this model's architecture?"
         ) from None
+    # diffusers loads a file whose keys name no layer of this model as nothing, with a warning.
+    if not any(name in names for names in pipeline.get_list_adapters().values()):
+        raise UserInputError(field, "matches no layer of this model: is it a LoRA for another architecture "
+                                    "(SD 1.x, SDXL, SD3)?")
 
 
 @contextmanager

@@ -172,10 +172,44 @@ def fetch_archive(
     return path, source if fetched else "cache"
 
 
+# What a pipeline's components make it; the engine checks each request against it.
+SD, SDXL, SDXL_REFINER, SD3 = "SD 1.x/2.x", "SDXL", "SDXL refiner", "SD3"
+
+
+def family(components: dict[str, str | None]) -> str | None:
+    """Which Stable Diffusion a model is, from its components' class names (name -> class,
+    as ``model_index.json`` lists them); None for anything else."""
+    if components.get("transformer") == "SD3Transformer2DModel":
+        return SD3
+    clip = [components.get(name) or "" for name in ("text_encoder", "text_encoder_2")]
+    if components.get("unet") != "UNet2DConditionModel" or not any(c.startswith("CLIPTextModel") for c in clip):
+        return None
+    if not clip[1]:
+        return SD
+    return SDXL if clip[0] else SDXL_REFINER
+
+
+def family_of(pipeline: Any) -> str | None:
+    return family({name: type(module).__name__ for name, module in pipeline.components.items() if module is not None})
+
+
+def _check_family(path: Path) -> None:
+    """Refuse a model this worker cannot run before loading gigabytes of it."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return  # from_pretrained says what is wrong with it
+    components = {k: v[1] for k, v in index.items() if isinstance(v, list) and len(v) == 2}
+    if family(components) is None:
+        raise ModelSourceError("model.id", f"it is a {index.get('_class_name', 'non-diffusers')} model; "
+                                           "this worker runs Stable Diffusion 1.x, 2.x, XL and 3 models")
+
+
 def load_pipeline(path: Path, precision: str, variant: str | None, device: str) -> Any:
     import torch
     from diffusers import DiffusionPipeline
 
+    _check_family(path)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     try:
         pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True)

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .errors import UserInputError
+
 BREAK = None  # a piece of a parsed prompt that starts a new window
 _WEIGHT = re.compile(r":\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
@@ -161,11 +163,21 @@ def encoded(pipe: Any, prompt: str, negative: str | None, clip_skip: int | None,
     """Pipeline keywords carrying both prompts' embeddings; None for plain prompts that fit,
     which the pipeline encodes itself, exactly as diffusers does.
 
-    ``weighting``: read the attention syntax; else the text is taken as it is (still whole)."""
-    sdxl = hasattr(pipe, "text_encoder_2")
-    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
+    ``weighting``: read the attention syntax; else the text is taken as it is (still whole).
+    SD3's pipeline always encodes the prompt itself (its T5 reads 256 tokens); weights there
+    are refused rather than read as characters."""
     pieces = {"prompt": prompt, "negative": negative or ""}
     pieces = {name: parse(text) if weighting else [(text, 1.0)] for name, text in pieces.items()}
+    if hasattr(pipe, "text_encoder_3"):
+        for name, own in pieces.items():
+            if any(text is BREAK or weight != 1.0 for text, weight in own):
+                field = "prompt" if name == "prompt" else "negative_prompt"
+                raise UserInputError(field, "weights like (word:1.2), [word] and BREAK are read for SD 1.x, 2.x and "
+                                            "XL models, not SD3 ones: remove them, or send prompt_weighting: false "
+                                            "to pass the text as written")
+        return None
+    sdxl = hasattr(pipe, "text_encoder_2")
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
     windows = {name: [_windows(pipe, t, own) if t is not None else [[]] for t in tokenizers]
                for name, own in pieces.items()}
     count = max(len(w) for per_tokenizer in windows.values() for w in per_tokenizer)

@@ -45,7 +45,7 @@ class Vaes:
         if loaded:
             timings["vae"] = ms_since(start)
             self.warm.trim(self.settings.max_loaded_vaes)
-        for name in ("latent_channels", "scaling_factor"):
+        for name in ("latent_channels", "scaling_factor", "shift_factor"):
             if vae.config.get(name) != own.config.get(name):
                 raise UserInputError("vae", f"does not fit this model (a VAE for another architecture: its {name} "
                                             f"is {vae.config.get(name)}, the model's {own.config.get(name)})")

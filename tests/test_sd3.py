@@ -1,0 +1,155 @@
+"""Stable Diffusion 3 through the worker, on a tiny random-weight SD3 model (MMDiT, CLIP-L,
+OpenCLIP-G and T5, flow matching): every task, sizes in its multiple of 16, its schedulers,
+LoRAs, an archive round trip, and what it refuses by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import BUCKET, decode, png_b64
+
+BASE = {"prompt": "a lighthouse at dusk", "num_inference_steps": 2, "seed": 5}
+
+
+def sd3(run, sd3_dir, **fields):
+    result, events = run(**(BASE | {"model": {"id": str(sd3_dir)}} | fields))
+    return result
+
+
+def refused(run, sd3_dir, **fields) -> str:
+    from worker.errors import UserInputError
+
+    with pytest.raises(UserInputError) as info:
+        sd3(run, sd3_dir, **fields)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("task, fields, size", [
+    ("txt2img", {}, (64, 64)),
+    ("txt2img", {"width": 96, "height": 64}, (96, 64)),
+    # The input's size, not SD3's default (its img2img pipeline resizes to 1024 px unless told).
+    ("img2img", {"image": png_b64(size=(96, 64))}, (96, 64)),
+    ("inpaint", {"image": png_b64(size=(96, 64)), "mask_image": png_b64((255, 255, 255), size=(96, 64))}, (96, 64)),
+    # Sizes taken from an image are rounded down to SD3's multiple of 16.
+    ("img2img", {"image": png_b64(size=(100, 72))}, (96, 64)),
+])
+def test_every_task_runs_on_sd3_at_the_size_asked(run, sd3_dir, task, fields, size):
+    result = sd3(run, sd3_dir, **fields)
+    assert result.task == task
+    assert decode(result.images[0].base64).size == size == (result.images[0].width, result.images[0].height)
+
+
+def test_sd3_reproduces_and_takes_the_flow_matching_schedulers(run, sd3_dir):
+    first = sd3(run, sd3_dir)
+    assert sd3(run, sd3_dir).images[0].base64 == first.images[0].base64
+    heun = sd3(run, sd3_dir, scheduler="FlowMatchHeunDiscrete")
+    assert heun.images[0].base64 != first.images[0].base64
+    assert sd3(run, sd3_dir, scheduler="FlowMatchEulerDiscreteScheduler").images[0].base64 == first.images[0].base64
+
+
+def test_schedulers_of_the_other_kind_are_refused_by_name(run, sd3_dir):
+    from worker.errors import UserInputError
+
+    message = refused(run, sd3_dir, scheduler="DPMSolverMultistep")
+    assert message.startswith("scheduler: DPMSolverMultistep") and "FlowMatchEulerDiscrete" in message
+    with pytest.raises(UserInputError, match="^scheduler: FlowMatchEulerDiscrete .*DPMSolverMultistep"):
+        run(**BASE, scheduler="FlowMatchEulerDiscrete")  # the embedded SD model
+
+
+def test_sizes_must_be_multiples_of_16(run, sd3_dir):
+    assert refused(run, sd3_dir, width=72, height=64) == f"width: must be a multiple of 16 for {sd3_dir}, got 72"
+
+
+def test_hires_fix_on_sd3_rounds_to_its_multiple(run, sd3_dir):
+    for upscaler in ("latent", "lanczos"):
+        result = sd3(run, sd3_dir, width=80, height=96, hires={"scale": 1.3, "upscaler": upscaler})
+        assert decode(result.images[0].base64).size == (96, 112)  # 104 x 124.8, rounded down to 16
+        assert "hires" in result.timings
+
+
+def test_long_prompts_go_to_t5_and_weights_are_refused_by_name(run, sd3_dir):
+    plain = sd3(run, sd3_dir)
+    long = sd3(run, sd3_dir, prompt="a lighthouse at dusk, " * 30)  # past CLIP's 77 tokens: T5 reads on
+    assert long.images[0].base64 != plain.images[0].base64
+    assert refused(run, sd3_dir, prompt="a (lighthouse:1.3)").startswith("prompt: weights like (word:1.2)")
+    assert refused(run, sd3_dir, negative_prompt="blurry BREAK dark").startswith("negative_prompt: weights")
+    literal = sd3(run, sd3_dir, prompt="a (lighthouse:1.3)", prompt_weighting=False)
+    assert literal.images[0].base64 != plain.images[0].base64
+
+
+def test_a_lora_on_sd3_for_that_request_only(run, sd3_dir, tmp_path):
+    from tests.sd3 import make_sd3_lora
+
+    lora = make_sd3_lora(sd3_dir, tmp_path / "sd3-lora.safetensors")
+    plain = sd3(run, sd3_dir)
+    styled = sd3(run, sd3_dir, loras=[{"id": str(lora)}])
+    assert styled.images[0].base64 != plain.images[0].base64
+    assert sd3(run, sd3_dir).images[0].base64 == plain.images[0].base64
+
+
+def test_loras_of_another_architecture_are_refused_and_the_model_stays_plain(run, sd3_dir, tmp_path, tiny_dir):
+    from tests.lora_files import make_lora
+    from tests.sd3 import make_sd3_lora
+    from worker.errors import UserInputError
+
+    plain = sd3(run, sd3_dir)
+    sd_lora = make_lora(tiny_dir, tmp_path / "sd.safetensors")
+    assert refused(run, sd3_dir, loras=[{"id": str(sd_lora)}]).startswith("loras[0]: matches no layer of this model")
+    assert sd3(run, sd3_dir).images[0].base64 == plain.images[0].base64
+    sd3_lora = make_sd3_lora(sd3_dir, tmp_path / "sd3.safetensors")
+    with pytest.raises(UserInputError, match=r"^loras\[0\]: matches no layer"):
+        run(**BASE, loras=[{"id": str(sd3_lora)}])  # on the embedded SD model
+
+
+@pytest.mark.parametrize("field, value", [
+    ("controlnets", [{"id": "/nowhere/controlnet", "image": png_b64()}]),
+    ("ip_adapter", {"id": "h94/IP-Adapter", "weight_name": "models/ip-adapter_sd15.safetensors", "image": png_b64()}),
+    ("embeddings", [{"id": "/nowhere/embedding.safetensors", "token": "<x>"}]),
+    ("refiner", {"id": "/nowhere/refiner"}),
+])
+def test_parts_made_for_unet_models_are_refused_by_field(run, sd3_dir, field, value):
+    message = refused(run, sd3_dir, **{field: value})
+    assert message.startswith(f"{field}: {sd3_dir} is ") and ("SD3" in message or "SDXL" in message)
+
+
+def test_a_vae_of_another_architecture_is_refused(run, sd3_dir, tiny_dir):
+    message = refused(run, sd3_dir, vae={"id": str(tiny_dir / "vae")})
+    assert message.startswith("vae: does not fit this model")
+
+
+def test_sd3_converts_to_an_archive_and_serves_from_it(settings, s3, sd3_dir):
+    from tests.helpers import convert_and_serve
+
+    direct, served = convert_and_serve(settings, sd3_dir, "sd3/tiny.tar.zst")
+    assert served.model.source == "url" and served.images[0].base64 == direct.images[0].base64
+
+
+def test_training_sd3_is_refused_by_name(settings, s3, sd3_dir):
+    from schemas import TrainRequest
+    from worker.engine import Engine
+    from worker.errors import UserInputError
+
+    request = TrainRequest.model_validate({"task": "train", "model": {"id": str(sd3_dir)}, "train": {
+        "method": "lora", "instance_prompt": "a photo of sks toy", "instance_images": [png_b64()],
+        "dest_url": f"s3://{BUCKET}/never.safetensors"}})
+    with pytest.raises(UserInputError, match="^model.id: training supports .* not StableDiffusion3Pipeline"):
+        Engine(settings).train(request, lambda event: None, lambda: False, "job")
+
+
+def test_models_this_worker_cannot_run_are_refused_before_loading(run, tmp_path):
+    from worker.errors import ModelSourceError
+
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }))  # and no weights at all: they are never read
+    with pytest.raises(ModelSourceError) as info:
+        run(**BASE, model={"id": str(flux)})
+    assert str(info.value) == (f"model.id: could not load {flux}: it is a FluxPipeline model; this worker runs "
+                               "Stable Diffusion 1.x, 2.x, XL and 3 models")
+    assert run(**BASE)[0].images  # and the worker goes on
