@@ -1,4 +1,4 @@
-"""Write a diffusers SD 1.x or SDXL pipeline as an original-layout single-file checkpoint, for tests.
+"""Write a diffusers SD 1.x, SDXL or SD3 pipeline as an original-layout single-file checkpoint, for tests.
 
 diffusers' wheel converts original -> diffusers only; this is the inverse, laid out from the
 model's own configs (so the tiny models convert as well as full-size ones), after diffusers'
@@ -117,7 +117,8 @@ def vae_to_original(vae_dir: Path) -> dict:
 def _clip(model_dir: Path, part: str, prefix: str) -> dict:
     """A transformers CLIP text encoder, as SD 1.x and SDXL's first embedder keep it."""
     weights, _ = _load(model_dir / part)  # transformers 5 saves CLIPTextModel without "text_model."
-    return {prefix + ("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in weights.items()}
+    top = ("text_model.", "text_projection.")  # (the projection: SD3's CLIPTextModelWithProjection)
+    return {prefix + ("" if k.startswith(top) else "text_model.") + k: v for k, v in weights.items()}
 
 
 def _open_clip(model_dir: Path, part: str, prefix: str) -> dict:
@@ -150,9 +151,64 @@ def _open_clip(model_dir: Path, part: str, prefix: str) -> dict:
     return {prefix + k: v for k, v in out.items()}
 
 
-def to_original(model_dir: Path) -> dict:
-    """The pipeline's weights keyed as an original SD 1.x or SDXL checkpoint."""
-    out = _unet(model_dir) | {"first_stage_model." + k: v for k, v in vae_to_original(model_dir / "vae").items()}
+def _mmdit(model_dir: Path) -> dict:
+    """SD3's transformer in Stability's MMDiT layout (the inverse of diffusers'
+    convert_sd3_transformer_checkpoint_to_diffusers): fused q/k/v, shift before scale in the
+    last block's context norm and the final norm."""
+    import torch
+
+    w, config = _load(model_dir / "transformer")
+
+    def shift_scale(value):  # diffusers keeps (scale, shift); the original (shift, scale)
+        scale, shift = value.chunk(2, dim=0)
+        return torch.cat([shift, scale], dim=0)
+
+    out = {"pos_embed": w.pop("pos_embed.pos_embed"), "x_embedder.proj.weight": w.pop("pos_embed.proj.weight"),
+           "x_embedder.proj.bias": w.pop("pos_embed.proj.bias")}
+    pairs = {"t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+             "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+             "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+             "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+             "context_embedder": "context_embedder", "final_layer.linear": "proj_out"}
+    for original, name in pairs.items():
+        for kind in ("weight", "bias"):
+            out[f"{original}.{kind}"] = w.pop(f"{name}.{kind}")
+    for kind in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = shift_scale(w.pop(f"norm_out.linear.{kind}"))
+    last = config["num_layers"] - 1
+    for i in range(config["num_layers"]):
+        block, x, context = f"transformer_blocks.{i}.", f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block."
+        for kind in ("weight", "bias"):
+            out[f"{x}attn.qkv.{kind}"] = torch.cat([w.pop(f"{block}attn.to_{p}.{kind}") for p in "qkv"])
+            out[f"{context}attn.qkv.{kind}"] = torch.cat([w.pop(f"{block}attn.add_{p}_proj.{kind}") for p in "qkv"])
+            out[f"{x}attn.proj.{kind}"] = w.pop(f"{block}attn.to_out.0.{kind}")
+            out[f"{x}adaLN_modulation.1.{kind}"] = w.pop(f"{block}norm1.linear.{kind}")
+            out[f"{x}mlp.fc1.{kind}"] = w.pop(f"{block}ff.net.0.proj.{kind}")
+            out[f"{x}mlp.fc2.{kind}"] = w.pop(f"{block}ff.net.2.{kind}")
+            norm = w.pop(f"{block}norm1_context.linear.{kind}")
+            out[f"{context}adaLN_modulation.1.{kind}"] = shift_scale(norm) if i == last else norm
+            if i != last:  # the last block's context stream ends at its attention
+                out[f"{context}attn.proj.{kind}"] = w.pop(f"{block}attn.to_add_out.{kind}")
+                out[f"{context}mlp.fc1.{kind}"] = w.pop(f"{block}ff_context.net.0.proj.{kind}")
+                out[f"{context}mlp.fc2.{kind}"] = w.pop(f"{block}ff_context.net.2.{kind}")
+    assert not w, f"left unconverted: {sorted(w)}"
+    return {"model.diffusion_model." + k: v for k, v in out.items()}
+
+
+def to_original(model_dir: Path, text_encoders: bool = True) -> dict:
+    """The pipeline's weights keyed as an original SD 1.x, SDXL or SD3 checkpoint; SD3's
+    without its text encoders when ``text_encoders`` is false (as Stability ships SD3.5)."""
+    vae = {"first_stage_model." + k: v for k, v in vae_to_original(model_dir / "vae").items()}
+    if (model_dir / "transformer").is_dir():  # SD3: its CLIPs and T5 keep transformers' keys
+        out = _mmdit(model_dir) | vae
+        if text_encoders:
+            for part, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
+                out |= _clip(model_dir, part, f"text_encoders.{name}.transformer.")
+            t5, _ = _load(model_dir / "text_encoder_3")  # its state_dict(): the tied embedding under both names
+            t5["encoder.embed_tokens.weight"] = t5["shared.weight"].clone()
+            out |= {f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5.items()}
+        return {k: v.contiguous() for k, v in out.items()}
+    out = _unet(model_dir) | vae
     if (model_dir / "text_encoder_2").is_dir():  # SDXL
         out |= _clip(model_dir, "text_encoder", "conditioner.embedders.0.transformer.")
         out |= _open_clip(model_dir, "text_encoder_2", "conditioner.embedders.1.model.")
@@ -161,9 +217,9 @@ def to_original(model_dir: Path) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def write_checkpoint(model_dir: Path, path: Path) -> Path:
+def write_checkpoint(model_dir: Path, path: Path, text_encoders: bool = True) -> Path:
     """``.safetensors`` or ``.ckpt`` (a pickled {"state_dict": ...}, as SD's trainers wrote)."""
-    weights = to_original(model_dir)
+    weights = to_original(model_dir, text_encoders)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 

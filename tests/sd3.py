@@ -35,6 +35,9 @@ def build_sd3(out: Path) -> Path:
             projection_dim=width, hidden_act=act,
         ))
 
+    clip_l = clip(32, "quick_gelu")
+    with torch.no_grad():  # as SD3's own CLIP-L: no projection (diffusers reads its checkpoints so)
+        clip_l.text_projection.weight.copy_(torch.eye(32))
     t5_tokenizer = _t5_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=T5_WIDTH, d_kv=24, d_ff=T5_WIDTH,
                                  num_layers=1, num_heads=4, relative_attention_num_buckets=8))
@@ -51,7 +54,7 @@ def build_sd3(out: Path) -> Path:
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=clip(32, "quick_gelu"), tokenizer=_tokenizer(), text_encoder_2=clip(48, "gelu"),
+        text_encoder=clip_l, tokenizer=_tokenizer(), text_encoder_2=clip(48, "gelu"),
         tokenizer_2=_tokenizer(), text_encoder_3=t5, tokenizer_3=t5_tokenizer,
     )
     pipe.save_pretrained(out, safe_serialization=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -124,6 +125,56 @@ def test_without_model_id_the_checkpoint_layout_picks_the_configs(settings, http
     assert result.images[0].base64 == generate(settings, {"id": str(model_dir)}).images[0].base64
     again = generate(worker, {"checkpoint_url": http.url + "/finetune.safetensors"})
     assert again.model.source == "cache"
+
+
+def test_sd3_checkpoint_with_its_text_encoders_converts_with_its_model_configs(settings, http, sd3_dir, tmp_path):
+    http.files["/sd3.safetensors"] = write_checkpoint(sd3_dir, tmp_path / "sd3.safetensors").read_bytes()
+    result = generate(settings, {"id": str(sd3_dir), "checkpoint_url": http.url + "/sd3.safetensors"})
+    assert result.model.source == "checkpoint"
+    assert result.images[0].base64 == generate(settings, {"id": str(sd3_dir)}).images[0].base64
+
+
+def test_sd3_checkpoint_without_text_encoders_takes_them_from_the_reference_model(settings, http, sd3_dir, tmp_path):
+    """As Stability ships SD3.5 (and many fine-tunes): MMDiT and VAE only. The reference model
+    for the layout lends its configs and its text encoders, not its transformer or VAE."""
+    import shutil
+
+    bare = write_checkpoint(sd3_dir, tmp_path / "sd3-bare.safetensors", text_encoders=False)
+    http.files["/sd3-bare.safetensors"] = bare.read_bytes()
+    lender = tmp_path / "lender"
+    shutil.copytree(sd3_dir, lender, ignore=lambda folder, names: [
+        n for n in names if n.endswith(".safetensors") and Path(folder).name in ("transformer", "vae")])
+    reference = "stabilityai/stable-diffusion-3-medium-diffusers"
+    request = {"checkpoint_url": http.url + "/sd3-bare.safetensors"}
+
+    # 1. A worker that has only the reference model's configs cached (and no hub) says what it lacks.
+    configs = hub_cache(tmp_path / "configs", reference, configs_only(sd3_dir, tmp_path), {"main": "5" * 40})
+    with pytest.raises(ModelSourceError, match=rf"^model\.checkpoint_url: its layout takes the configs of {reference}: "
+                       ".* HF_HUB_OFFLINE is set"):
+        generate(settings.model_copy(update={"hf_hub_cache": configs}), request)
+
+    # 2. With its text encoders cached too, the checkpoint gives the source model's image.
+    hub = hub_cache(tmp_path / "hub", reference, lender, {"main": "6" * 40})
+    result = generate(settings.model_copy(update={"hf_hub_cache": hub}), request)
+    assert (result.model.id, result.model.source) == ("url:sd3-bare.safetensors", "checkpoint")
+    assert result.images[0].base64 == generate(settings, {"id": str(sd3_dir)}).images[0].base64
+
+
+def test_sd35_checkpoints_take_their_own_configs(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from worker.checkpoints import missing_parts, reference_model
+
+    block = "model.diffusion_model.joint_blocks.{}.x_block.{}.weight"
+    medium = tmp_path / "medium.safetensors"  # a second attention in its first blocks
+    save_file({block.format(0, "attn.qkv"): torch.zeros(3, 2), block.format(0, "attn2.qkv"): torch.zeros(3, 2)}, medium)
+    assert reference_model(medium, "model.checkpoint_url") == "stabilityai/stable-diffusion-3.5-medium"
+    large = tmp_path / "large.safetensors"  # 38 blocks
+    save_file({block.format(i, "attn.qkv"): torch.zeros(3, 2) for i in range(38)}
+              | {"text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}, large)
+    assert reference_model(large, "model.checkpoint_url") == "stabilityai/stable-diffusion-3.5-large"
+    assert missing_parts(large) == ["text_encoder_2", "text_encoder_3"]
 
 
 def test_inpainting_and_refiner_checkpoints_take_their_configs(inpaint_dir, tmp_path):

@@ -31,6 +31,22 @@ from .storage import open_download, parse_location
 log = logging.getLogger(__name__)
 
 _SAFETENSORS_MAX_HEADER = 100 * 2**20
+_MMDIT = "model.diffusion_model.joint_blocks."
+# SD3 checkpoints may come without their text encoders (Stability ships SD3.5's apart).
+_SD3_TEXT_ENCODERS = {"text_encoder": "text_encoders.clip_l.", "text_encoder_2": "text_encoders.clip_g.",
+                      "text_encoder_3": "text_encoders.t5xxl."}
+
+
+def missing_parts(weights: Path) -> list[str]:
+    """The components a checkpoint comes without, which the model giving its configs must
+    supply whole: for SD3, the text encoders it lacks; none for the others."""
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        keys = list(f.keys())
+    if not any(k.startswith(_MMDIT) for k in keys):
+        return []
+    return [name for name, prefix in _SD3_TEXT_ENCODERS.items() if not any(k.startswith(prefix) for k in keys)]
 
 
 def fetch_checkpoint(
@@ -120,6 +136,12 @@ def reference_model(weights: Path, field: str) -> str:
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
+    if has(_MMDIT):  # SD3: 3.5 Medium has a second attention in its first blocks, 3.5 Large 38 blocks
+        if any(".x_block.attn2." in k for k in keys):
+            kind = "sd35_medium"
+        else:
+            kind = "sd35_large" if has(_MMDIT + "37.") else "sd3"
+        return DIFFUSERS_DEFAULT_PIPELINE_PATHS[kind]["pretrained_model_name_or_path"]
     if unet_input not in keys:
         if any("lora" in k.lower() for k in keys):
             raise ModelSourceError(field, "is a LoRA, not a model: pass it in loras, with the model it was made for")
@@ -164,6 +186,23 @@ def _pickle_to_safetensors(path: Path, out: Path, field: str) -> Path:
     return out
 
 
+def _parts(weights: Path, config_dir: Path, dtype, field: str) -> dict:
+    """What the checkpoint lacks, loaded from the configs' model (diffusers will not look there)."""
+    import importlib
+
+    index = json.loads((config_dir / "model_index.json").read_text())
+    parts = {}
+    for name in missing_parts(weights):
+        library, class_name = index[name]
+        try:
+            parts[name] = getattr(importlib.import_module(library), class_name).from_pretrained(
+                config_dir / name, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelSourceError(field, f"comes without its {name} and the configs' model has none to lend "
+                                          f"({type(exc).__name__})") from None
+    return parts
+
+
 def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: str) -> None:
     import diffusers
     import torch
@@ -173,9 +212,10 @@ def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: 
     if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
         raise ModelSourceError("model.id", f"{class_name} pipelines cannot load single-file checkpoints")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    parts = _parts(weights, config_dir, dtype, field)
     try:
         pipeline = pipeline_class.from_single_file(
-            str(weights), config=str(config_dir), local_files_only=True, dtype=dtype
+            str(weights), config=str(config_dir), local_files_only=True, dtype=dtype, **parts
         )
     except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
         detail = first_line(exc)

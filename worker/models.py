@@ -33,7 +33,7 @@ from schemas import ModelSpec, Progress
 
 from . import archives
 from .cache import DiskCache, entry_key
-from .checkpoints import fetch_checkpoint, reference_model
+from .checkpoints import fetch_checkpoint, missing_parts, reference_model
 from .errors import ModelSourceError, first_line
 from .settings import Settings
 from .storage import Location, ObjectMissing, open_download, parse_location
@@ -319,16 +319,17 @@ class ModelStore:
                 def configs(weights: Path) -> Path:
                     reference = reference_model(weights, field)
                     try:
-                        return self._configs(ModelRef(reference, None, None, ref.precision), emit)
+                        return self._configs(ModelRef(reference, None, None, ref.precision), emit, missing_parts(weights))
                     except ModelSourceError as exc:
                         detail = str(exc).partition(": ")[2]
                         raise ModelSourceError(field, f"its layout takes the configs of {reference}: {detail}") from None
             else:
                 config_key = f"{ref.id}@{ref.revision}"
-                config_dir = self._configs(ModelRef(ref.id, ref.revision, None, ref.precision), emit)
+                config_ref = ModelRef(ref.id, ref.revision, None, ref.precision)
+                self._configs(config_ref, emit)  # a wrong model.id fails before the download
 
                 def configs(weights: Path) -> Path:
-                    return config_dir
+                    return self._configs(config_ref, emit, missing_parts(weights))
             return fetch_checkpoint(
                 ref.checkpoint_url, field=field, trusted=ref.from_env, configs=configs, config_key=config_key,
                 precision=ref.precision, settings=self.settings, disk=self.disk, emit=emit,
@@ -345,11 +346,12 @@ class ModelStore:
             return path, "local"
         return self._from_hub(ref, emit)
 
-    def _configs(self, ref: ModelRef, emit: Callable[[Progress], None]) -> Path:
-        """A diffusers directory with ``ref``'s configs: from the hub, just the configs."""
+    def _configs(self, ref: ModelRef, emit: Callable[[Progress], None], parts: list[str] = ()) -> Path:
+        """A diffusers directory with ``ref``'s configs, and the weights of ``parts`` (what a
+        checkpoint lacks): from the hub, just those."""
         if ref.id.startswith("/") or ref.id == EMBEDDED_ID:
             return self._locate(ref, emit)[0]
-        return self._from_hub(ref, emit, configs_only=True)[0]
+        return self._from_hub(ref, emit, configs_only=True, parts=parts)[0]
 
     def locate(self, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Path, str]:
         """Where ``ref``'s weights are on disk (fetching them if needed), and where they came from."""
@@ -373,7 +375,7 @@ class ModelStore:
         return publish_missing
 
     def _from_hub(
-        self, ref: ModelRef, emit: Callable[[Progress], None], configs_only: bool = False
+        self, ref: ModelRef, emit: Callable[[Progress], None], configs_only: bool = False, parts: list[str] = ()
     ) -> tuple[Path, str]:
         """The model's snapshot in a hub cache, downloading it if need be.
 
@@ -386,15 +388,18 @@ class ModelStore:
         token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
         options = dict(revision=ref.revision, variant=ref.variant, token=token)
         if configs_only:
-            options = dict(revision=ref.revision, token=token, allow_patterns=["*.json", "*.txt", "*.model"])
+            patterns = ["*.json", "*.txt", "*.model", *(f"{part}/*" for part in parts)]
+            options = dict(revision=ref.revision, token=token, allow_patterns=patterns)
         download = snapshot_download if configs_only else DiffusionPipeline.download
         for cache in (self.settings.runpod_hf_cache, self.settings.hub_cache):
             if cache.is_dir():
                 try:
-                    path = download(ref.id, cache_dir=cache, local_files_only=True, **options)
-                    return Path(path), "cache"
+                    path = Path(download(ref.id, cache_dir=cache, local_files_only=True, **options))
                 except (hub_errors.LocalEntryNotFoundError, FileNotFoundError):
-                    pass
+                    continue
+                # A cached snapshot may hold only the configs of an earlier conversion.
+                if all(any((path / part).glob("*.safetensors")) for part in parts):
+                    return path, "cache"
         if self.settings.hf_hub_offline:
             raise ModelSourceError("model.id", f"{ref.id} is not cached on this worker and HF_HUB_OFFLINE is set")
         emit(Progress(stage="download", step=0, total=1))
