@@ -266,9 +266,9 @@ class InferenceRequest(_Strict):
     prompt: str = Field(..., max_length=20_000, description="What to draw.")
     negative_prompt: str | None = Field(None, max_length=20_000, description="What to steer away from.")
     width: int | None = Field(
-        None, ge=64, le=8192, description="Pixels, multiple of 8; default: the model's size (img2img: the image's)."
+        None, ge=64, le=8192, description="Pixels, multiple of 8 (16 for SD3); default: the model's size (img2img: the image's)."
     )
-    height: int | None = Field(None, ge=64, le=8192, description="Pixels, multiple of 8; default as `width`.")
+    height: int | None = Field(None, ge=64, le=8192, description="Pixels, multiple of 8 (16 for SD3); default as `width`.")
     num_inference_steps: int = Field(25, ge=1, le=1000, description="Denoising steps (default 25, or the endpoint's cap).")
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off.")
     strength: float | None = Field(
@@ -283,7 +283,8 @@ class InferenceRequest(_Strict):
         None, description="Inpainting mask (white = repaint), same forms as `image`."
     )
     scheduler: str | None = Field(
-        None, description="Scheduler name from the table (or its diffusers class name); default: the model's."
+        None, description="Scheduler name from the table (or its diffusers class name); SD3 takes the "
+        "FlowMatch ones only, the others the rest; default: the model's."
     )
     safety_checker: bool | None = Field(
         None, description="Run the model's safety checker (default: when the model ships one)."
@@ -292,7 +293,8 @@ class InferenceRequest(_Strict):
         None, ge=1, le=24, description="Text-encoder layers to skip from the end (1: the penultimate layer's output)."
     )
     prompt_weighting: bool = Field(
-        True, description="Read AUTOMATIC1111's attention syntax in the prompts: (words:1.3), (words), [words], BREAK."
+        True, description="Read AUTOMATIC1111's attention syntax in the prompts: (words:1.3), (words), [words], BREAK "
+        "(SD 1.x, 2.x, XL; SD3 refuses it unless this is false)."
     )
     stream: bool = Field(False, description="Yield a progress event per step while working.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Image format and delivery.")

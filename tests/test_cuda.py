@@ -64,3 +64,28 @@ def test_an_sdxl_refiner_takes_turns_with_its_model_on_cuda(settings, sdxl_dir, 
     assert refined.refiner.device == "cuda" and refined.images[0].base64 != plain.images[0].base64
     again = job()
     assert again.model.source == "memory" and again.images[0].base64 == plain.images[0].base64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_sd3_on_cuda(settings, sd3_dir, tiny_dir, precision):
+    """SD3 (MMDiT, two CLIPs and T5) in both half precisions, with an img2img at a size of its own."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    from worker.engine import Engine
+
+    engine = Engine(settings.model_copy(update={"device": "cuda"}))
+    request = InferenceRequest.model_validate({
+        "prompt": "a lighthouse " * 40, "num_inference_steps": 4, "seed": 2, "image": png_b64(size=(96, 64)),
+        "model": {"id": str(sd3_dir), "precision": precision},
+    })
+    result = engine.generate(request, lambda _: None, lambda: False)
+    assert (result.model.device, result.model.precision) == ("cuda", precision)
+    assert decode(result.images[0].base64).size == (96, 64)
+    [loaded] = engine.models._loaded.values()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    for name in ("transformer", "text_encoder_3", "vae"):
+        module = loaded.pipeline.components[name]
+        assert (module.device.type, module.dtype) == ("cuda", dtype), name
