@@ -222,6 +222,45 @@ def convert_and_serve(settings, model_dir: Path, key: str):
     return direct, served
 
 
+def train_then_use(settings, s3, model_dir: Path, method: str, name: str, **train) -> tuple[dict, list, object, object]:
+    """Train ``model_dir`` through the streaming handler (LoRA or DreamBooth, 64 px, published
+    to s3://BUCKET/``name``), then draw with and without the result on the same worker:
+    (the result answer, a LoRA's keys or [], the plain image result, the tuned one)."""
+    import asyncio
+
+    from schemas import InferenceRequest
+    from worker.jobs import JobRunner
+
+    runner = JobRunner(settings, sdk_config={})
+    dest = f"s3://{BUCKET}/{name}" + (".safetensors" if method == "lora" else ".tar.zst")
+    job = {"id": name.replace("/", "-"), "input": {"task": "train", "model": {"id": str(model_dir)}, "train": {
+        "method": method, "instance_prompt": "a photo of sks toy", "instance_images": [png_b64()],
+        "resolution": 64, "max_train_steps": 2, "learning_rate": 1e-2, "class_prompt": "a toy",
+        "num_class_images": 1, "class_inference_steps": 2, "precision": "fp32", "dest_url": dest} | train}}
+
+    async def go():
+        return [item async for item in runner.stream(job)]
+
+    result = asyncio.run(go())[-1]
+    assert result.get("type") == "result", result
+
+    def draw(**fields):
+        request = InferenceRequest.model_validate(
+            {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 9, "model": {"id": str(model_dir)}} | fields)
+        return runner.engine().generate(request, lambda event: None, lambda: False)
+
+    keys = []
+    if method == "lora":
+        from safetensors import safe_open
+
+        path = settings.models_dir / "trained-lora.safetensors"
+        path.write_bytes(s3.get_object(Bucket=BUCKET, Key=f"{name}.safetensors")["Body"].read())
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    plain = draw()
+    return result, keys, plain, draw(loras=[{"url": dest}]) if method == "lora" else draw(model={"url": dest})
+
+
 def hub_cache(root: Path, repo_id: str, source: Path, refs: dict[str, str]) -> Path:
     """Lay out ``source`` as huggingface_hub's cache does: models--org--name/{refs,snapshots}."""
     repo = root / ("models--" + repo_id.replace("/", "--"))

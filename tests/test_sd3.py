@@ -126,16 +126,39 @@ def test_sd3_converts_to_an_archive_and_serves_from_it(settings, s3, sd3_dir):
     assert served.model.source == "url" and served.images[0].base64 == direct.images[0].base64
 
 
-def test_training_sd3_is_refused_by_name(settings, s3, sd3_dir):
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_sd3_trains_and_the_result_is_usable(settings, s3, sd3_dir, method):
+    """Flow-matching training of the transformer, with prior preservation, published and then
+    used: a LoRA of transformer layers only, or a whole model as an archive."""
+    from tests.helpers import train_then_use
+
+    result, keys, plain, tuned = train_then_use(settings, s3, sd3_dir, method, f"sd3/trained-{method}",
+                                                max_train_steps=3)
+    assert result["train"]["steps"] == 3 and result["train"]["loss"] > 0
+    if method == "lora":
+        assert {key.split(".")[0] for key in keys} == {"transformer"}
+        for layer in ("to_q", "to_out.0", "add_q_proj", "to_add_out"):  # both streams, in the layout
+            assert any(f".attn.{layer}.lora_A." in key for key in keys), layer  # SD3's loader reads
+    assert tuned.images[0].base64 != plain.images[0].base64
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"train_text_encoder": True}, "train.train_text_encoder: SD3 models train their transformer only here"),
+    ({"snr_gamma": 5.0}, "train.snr_gamma: Min-SNR weighting is for diffusion models"),
+    ({"resolution": 72}, "train.resolution: must be a multiple of 16 for SD3 models, got 72"),
+])
+def test_what_sd3_training_does_not_do_is_refused_by_field(settings, s3, sd3_dir, fields, message):
     from schemas import TrainRequest
     from worker.engine import Engine
     from worker.errors import UserInputError
 
     request = TrainRequest.model_validate({"task": "train", "model": {"id": str(sd3_dir)}, "train": {
         "method": "lora", "instance_prompt": "a photo of sks toy", "instance_images": [png_b64()],
-        "dest_url": f"s3://{BUCKET}/never.safetensors"}})
-    with pytest.raises(UserInputError, match="^model.id: training supports .* not StableDiffusion3Pipeline"):
+        "dest_url": f"s3://{BUCKET}/never.safetensors"} | fields})
+    with pytest.raises(UserInputError) as info:
         Engine(settings).train(request, lambda event: None, lambda: False, "job")
+    assert str(info.value).startswith(message)
+    assert not s3.list_objects_v2(Bucket=BUCKET).get("Contents")
 
 
 def test_models_this_worker_cannot_run_are_refused_before_loading(run, tmp_path):

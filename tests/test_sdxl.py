@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import BUCKET, decode, png_b64
+from tests.helpers import decode, png_b64
 
 BASE = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 9}
 
@@ -57,42 +57,12 @@ def test_sdxl_converts_to_an_archive_and_serves_from_it(settings, s3, sdxl_dir):
 
 @pytest.mark.parametrize("method", ["lora", "dreambooth"])
 def test_sdxl_trains_and_the_result_is_usable(settings, s3, sdxl_dir, method):
-    import asyncio
+    from tests.helpers import train_then_use
 
-    from schemas import InferenceRequest
-    from worker.jobs import JobRunner
-
-    runner = JobRunner(settings, sdk_config={})
-    dest = f"s3://{BUCKET}/xl/trained-{method}" + (".safetensors" if method == "lora" else ".tar.zst")
-    job = {"id": "xl", "input": {"task": "train", "model": {"id": str(sdxl_dir)}, "train": {
-        "method": method, "instance_prompt": "a photo of sks toy", "instance_images": [png_b64()],
-        "resolution": 64, "max_train_steps": 2, "learning_rate": 1e-2, "train_text_encoder": True,
-        "class_prompt": "a toy", "num_class_images": 1, "class_inference_steps": 2, "precision": "fp32",
-        "dest_url": dest}}}
-
-    async def go():
-        return [item async for item in runner.stream(job)]
-
-    result = asyncio.run(go())[-1]
-    assert result.get("type") == "result", result
-    engine = runner.engine()
-
-    def draw(**fields):
-        request = InferenceRequest.model_validate(BASE | {"model": {"id": str(sdxl_dir)}} | fields)
-        return engine.generate(request, lambda event: None, lambda: False)
-
-    plain = draw()
+    result, keys, plain, tuned = train_then_use(settings, s3, sdxl_dir, method, f"xl/trained-{method}",
+                                                train_text_encoder=True)
     if method == "lora":
-        from safetensors import safe_open
-
-        path = settings.models_dir / "xl-lora.safetensors"
-        path.write_bytes(s3.get_object(Bucket=BUCKET, Key="xl/trained-lora.safetensors")["Body"].read())
-        with safe_open(str(path), "pt") as f:
-            prefixes = {key.split(".")[0] for key in f.keys()}
-        assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
-        tuned = draw(loras=[{"url": dest}])
-    else:
-        tuned = draw(model={"url": dest})
+        assert {key.split(".")[0] for key in keys} == {"unet", "text_encoder", "text_encoder_2"}
     assert tuned.images[0].base64 != plain.images[0].base64
 
 

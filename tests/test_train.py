@@ -169,7 +169,7 @@ def test_a_cancelled_training_stops_at_the_next_step(runner):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast", ["bf16", "fp16"])
-@pytest.mark.parametrize("architecture", ["sd", "sdxl"])
+@pytest.mark.parametrize("architecture", ["sd", "sdxl", "sd3"])
 def test_mixed_precision_training_keeps_fp32_master_weights(runner, s3, monkeypatch, autocast, architecture,
                                                              request):
     """The GPU recipe, run by the CPU's autocast: frozen weights cast to half, trainable ones
@@ -190,13 +190,14 @@ def test_mixed_precision_training_keeps_fp32_master_weights(runner, s3, monkeypa
         return params
 
     monkeypatch.setattr(worker.train, "_prepare", spy)
-    model = {"id": str(request.getfixturevalue("sdxl_dir"))} if architecture == "sdxl" else {}
+    model = {"id": str(request.getfixturevalue(f"{architecture}_dir"))} if architecture != "sd" else {}
+    text = architecture != "sd3"  # SD3 trains its transformer only
     generate(runner, model=model)  # a warm model, which training must set aside and leave untouched
     name = f"mixed-{architecture}-{autocast}"
-    lora = run_job(runner, train_input(method="lora", train_text_encoder=True, model=model,
+    lora = run_job(runner, train_input(method="lora", train_text_encoder=text, model=model,
                                        dest_url=f"s3://{BUCKET}/{name}.safetensors"))[-1]
     assert lora.get("type") == "result", lora
-    full = run_job(runner, train_input(method="dreambooth", train_text_encoder=True, num_class_images=1,
+    full = run_job(runner, train_input(method="dreambooth", train_text_encoder=text, num_class_images=1,
                                        class_prompt="a toy", class_inference_steps=2, model=model,
                                        dest_url=f"s3://{BUCKET}/{name}.tar.zst"))[-1]
     assert full.get("type") == "result", full

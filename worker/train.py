@@ -1,4 +1,5 @@
-"""DreamBooth fine-tuning (``task: "train"``), shaped like diffusers' train_dreambooth(_lora).py.
+"""DreamBooth fine-tuning (``task: "train"``) of SD 1.x / 2.x, XL and 3, shaped like diffusers'
+train_dreambooth(_lora)(_sdxl|_sd3).py.
 
 ``train()`` runs on the engine thread, which holds the GPU for the whole run:
 
@@ -13,7 +14,9 @@
    are what fix docker-diffusers-api's "Attempting to unscale FP16 gradients".
 5. Each step: noise, a random timestep, the UNet's prediction (SDXL's also conditioned on both
    text encoders, the pooled text and the image size), MSE against the noise (or the velocity
-   for v-prediction models), plus the weighted prior loss; gradients clipped at 1.0,
+   for v-prediction models); for SD3, a point on the straight path from latents to noise at a
+   logit-normal timestep and its transformer's velocity (train_dreambooth_lora_sd3.py's
+   recipe, without preconditioning); plus the weighted prior loss; gradients clipped at 1.0,
    then AdamW under the chosen learning-rate schedule (gradient accumulation and Min-SNR
    weighting if asked). A progress event per step carries the loss; a cancelled job stops at
    the next step.
@@ -55,7 +58,9 @@ _TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 _PROGRESS_INTERVAL_S = 0.1  # the contract: throttled only above about 10 events a second
 _LOSS_WINDOW = 50
 _VAE_BATCH = 4
-_TRAINABLE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+_TRAINABLE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
+# SD3's transformer: the attention of both streams (as diffusers' train_dreambooth_lora_sd3.py).
+_MMDIT_LORA_TARGETS = _UNET_LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
 def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Location, *, device: str,
@@ -65,7 +70,9 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     start = time.perf_counter()
     class_name = json.loads((model_dir / "model_index.json").read_text()).get("_class_name")
     if class_name not in _TRAINABLE:
-        raise UserInputError("model.id", f"training supports Stable Diffusion 1.x / 2.x and XL models, not {class_name}")
+        raise UserInputError("model.id", f"training supports Stable Diffusion 1.x / 2.x, XL and 3 models, not {class_name}")
+    if class_name == "StableDiffusion3Pipeline":
+        _check_sd3(spec)
     emit(Progress(stage="load", step=0, total=1))
     pipe = load_pipeline(model_dir, "fp32", variant, device)
     emit(Progress(stage="load", step=1, total=1))
@@ -159,6 +166,22 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     )
 
 
+def _check_sd3(spec: TrainSpec) -> None:
+    """What SD3 training does not do here, refused before any work."""
+    if spec.train_text_encoder:
+        raise UserInputError("train.train_text_encoder", "SD3 models train their transformer only here")
+    if spec.snr_gamma is not None:
+        raise UserInputError("train.snr_gamma", "Min-SNR weighting is for diffusion models; SD3 (flow matching) "
+                                                "samples its timesteps logit-normally instead")
+    if spec.resolution % 16:
+        raise UserInputError("train.resolution", f"must be a multiple of 16 for SD3 models, got {spec.resolution}")
+
+
+def _denoiser(pipe):
+    """What training changes: the UNet, or SD3's transformer."""
+    return getattr(pipe, "unet", None) or pipe.transformer
+
+
 def _autocast_dtype(device: str) -> torch.dtype | None:
     if device != "cuda":
         return None  # CPU: plain fp32
@@ -170,26 +193,28 @@ def _prepare(pipe, spec: TrainSpec, autocast_dtype: torch.dtype | None) -> list[
     from peft import LoraConfig, inject_adapter_in_model
 
     encoders = _text_encoders(pipe)
-    for module in (pipe.unet, pipe.vae, *encoders):
+    denoiser = _denoiser(pipe)
+    for module in (denoiser, pipe.vae, *encoders):
         module.requires_grad_(False)
     if spec.method == "lora":
         if autocast_dtype is not None:  # frozen base weights in half; the adapters stay fp32
-            for module in (pipe.unet, *encoders):
+            for module in (denoiser, *encoders):
                 module.to(dtype=autocast_dtype)
         config = dict(r=spec.rank, lora_alpha=spec.rank, init_lora_weights="gaussian")
-        pipe.unet.add_adapter(LoraConfig(target_modules=_UNET_LORA_TARGETS, **config))
+        targets = _MMDIT_LORA_TARGETS if denoiser is not getattr(pipe, "unet", None) else _UNET_LORA_TARGETS
+        denoiser.add_adapter(LoraConfig(target_modules=targets, **config))
         if spec.train_text_encoder:
             # transformers 5's own add_adapter wants peft >= 0.22; peft's injection works with 0.21.
             for encoder in encoders:
                 inject_adapter_in_model(LoraConfig(target_modules=_TEXT_LORA_TARGETS, **config), encoder)
-        modules = [pipe.unet] + (encoders if spec.train_text_encoder else [])
+        modules = [denoiser] + (encoders if spec.train_text_encoder else [])
         params = [p for m in modules for n, p in m.named_parameters() if "lora_" in n]
         for p in params:
             p.data = p.data.float()
             p.requires_grad_(True)
     else:
-        pipe.unet.requires_grad_(True)
-        params = list(pipe.unet.parameters())
+        denoiser.requires_grad_(True)
+        params = list(denoiser.parameters())
         for encoder in encoders:
             if spec.train_text_encoder:
                 encoder.requires_grad_(True)
@@ -197,17 +222,18 @@ def _prepare(pipe, spec: TrainSpec, autocast_dtype: torch.dtype | None) -> list[
             elif autocast_dtype is not None:
                 encoder.to(dtype=autocast_dtype)
         if autocast_dtype is not None:
-            pipe.unet.enable_gradient_checkpointing()  # a full UNet's activations are the memory hog
+            denoiser.enable_gradient_checkpointing()  # a full UNet's activations are the memory hog
     if autocast_dtype is not None:
         pipe.vae.to(dtype=autocast_dtype)  # done with: the latents are encoded
-    pipe.unet.train()
+    denoiser.train()
     for encoder in encoders:
         encoder.train(spec.train_text_encoder)
     return params
 
 
 def _text_encoders(pipe) -> list:
-    return [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return [m for m in (getattr(pipe, name, None) for name in names) if m is not None]
 
 
 def _latent_stats(pipe, images, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +260,12 @@ def _sample(stats: tuple[torch.Tensor, torch.Tensor], batch: int, generator: tor
     mean, std = stats
     index = torch.randint(0, mean.shape[0], (batch,), generator=generator)
     noise = torch.randn(mean[index].shape, generator=generator).to(mean.device)
-    return (mean[index] + std[index] * noise) * pipe.vae.config.scaling_factor
+    return (mean[index] + std[index] * noise - _shift(pipe)) * pipe.vae.config.scaling_factor
+
+
+def _shift(pipe) -> float:
+    """SD3's VAE shifts its latents as well as scaling them."""
+    return pipe.vae.config.get("shift_factor") or 0.0
 
 
 def _check_prompt_lengths(pipe, spec: TrainSpec) -> None:
@@ -250,7 +281,12 @@ def _check_prompt_lengths(pipe, spec: TrainSpec) -> None:
 
 
 def _encode(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The UNet's text conditioning: hidden states, and for SDXL the pooled embedding too."""
+    """The UNet's text conditioning: hidden states, and for SDXL the pooled embedding too
+    (SD3's: its pipeline's own encoding, CLIP and T5, and the pooled CLIP text)."""
+    if getattr(pipe, "text_encoder_3", None) is not None:
+        states, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=pipe.text_encoder.device,
+                                                  do_classifier_free_guidance=False)
+        return states, pooled
     if getattr(pipe, "text_encoder_2", None) is None:  # SD 1.x / 2.x: the last hidden state
         return pipe.text_encoder(_ids(pipe.tokenizer, prompts, pipe.text_encoder.device))[0], None
     # SDXL, like its pipeline: both encoders' penultimate states side by side, the second's pooled output.
@@ -275,27 +311,16 @@ def _batch(encoded: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[tor
 
 
 def _noise_scheduler(pipe):
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    return DDPMScheduler.from_config(pipe.scheduler.config)
+    flow = hasattr(pipe, "transformer")  # SD3: its own, set for every training timestep
+    return (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler).from_config(pipe.scheduler.config)
 
 
 def _loss(pipe, scheduler, latents, text, resolution: int, generator, prior_weight: float | None,
           snr_gamma: float | None) -> torch.Tensor:
-    states, pooled = text
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-    steps = steps.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, steps)
-    extra = None
-    if pooled is not None:  # SDXL: original size, crop corner, target size (square, uncropped)
-        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=latents.device)
-        extra = {"text_embeds": pooled, "time_ids": time_ids.repeat(latents.shape[0], 1)}
-    prediction = pipe.unet(noisy, steps, states, added_cond_kwargs=extra).sample
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, steps)
-    else:
-        target = noise
+    predict = _flow_matching if hasattr(pipe, "transformer") else _diffusion
+    prediction, target, steps = predict(pipe, scheduler, latents, text, resolution, generator)
     prediction, target = prediction.float(), target.float()
     if prior_weight is not None:
         prediction, pred_prior = prediction.chunk(2)
@@ -312,6 +337,43 @@ def _loss(pipe, scheduler, latents, text, resolution: int, generator, prior_weig
     if prior_weight is not None:
         loss = loss + prior_weight * F.mse_loss(pred_prior, target_prior)
     return loss
+
+
+def _flow_matching(pipe, scheduler, latents, text, resolution: int, generator):
+    """SD3's objective: a point on the straight path from the latents (sigma 0) to noise (1),
+    timesteps drawn logit-normally, the transformer predicting the velocity noise - latents."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    states, pooled = text
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    u = compute_density_for_timestep_sampling("logit_normal", latents.shape[0], logit_mean=0.0, logit_std=1.0,
+                                              generator=generator)
+    index = (u * scheduler.config.num_train_timesteps).long()
+    steps = scheduler.timesteps[index].to(latents.device)
+    sigmas = scheduler.sigmas[index].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
+    noisy = (1 - sigmas) * latents + sigmas * noise
+    prediction = pipe.transformer(hidden_states=noisy, timestep=steps, encoder_hidden_states=states,
+                                  pooled_projections=pooled, return_dict=False)[0]
+    return prediction, noise - latents, steps
+
+
+def _diffusion(pipe, scheduler, latents, text, resolution: int, generator):
+    """SD 1.x / 2.x / XL's objective: the noise (or the velocity) at a uniform random timestep."""
+    states, pooled = text
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    steps = steps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, steps)
+    extra = None
+    if pooled is not None:  # SDXL: original size, crop corner, target size (square, uncropped)
+        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=latents.device)
+        extra = {"text_embeds": pooled, "time_ids": time_ids.repeat(latents.shape[0], 1)}
+    prediction = pipe.unet(noisy, steps, states, added_cond_kwargs=extra).sample
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, steps)
+    else:
+        target = noise
+    return prediction, target, steps
 
 
 def _class_images(pipe, spec: TrainSpec, device: str, autocast_dtype, emit, cancelled) -> list:
@@ -333,7 +395,8 @@ def _class_images(pipe, spec: TrainSpec, device: str, autocast_dtype, emit, canc
                     output_type="latent",
                 ).images
             # Decoded in fp32, outside autocast: SDXL's VAE overflows in fp16.
-            decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+            latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + _shift(pipe)
+            decoded = pipe.vae.decode(latents).sample
         images += drawer.image_processor.postprocess(decoded.float(), output_type="pil")
     emit(Progress(stage="class_images", step=spec.num_class_images, total=spec.num_class_images))
     return images
@@ -352,14 +415,20 @@ def _publish_lora(pipe, spec, location, staging, settings, emit, timings) -> tup
     dtype = _dtype(spec.precision)
 
     def layers(module) -> dict:
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        state = get_peft_model_state_dict(module)
+        if module is getattr(pipe, "unet", None) or module in _text_encoders(pipe):
+            # diffusers' layout for these, as its training examples save them; SD3's loader
+            # reads peft's own (and would skip attention layers in the other).
+            state = convert_state_dict_to_diffusers(state)
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
     extra = {}
     if spec.train_text_encoder:
         names = ("text_encoder_lora_layers", "text_encoder_2_lora_layers")
         extra = {name: layers(encoder) for name, encoder in zip(names, _text_encoders(pipe))}
-    type(pipe).save_lora_weights(staging, unet_lora_layers=layers(pipe.unet), weight_name="lora.safetensors", **extra)
+    denoiser = _denoiser(pipe)
+    name = "unet_lora_layers" if denoiser is getattr(pipe, "unet", None) else "transformer_lora_layers"
+    type(pipe).save_lora_weights(staging, weight_name="lora.safetensors", **{name: layers(denoiser)}, **extra)
     path = staging / "lora.safetensors"
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -376,8 +445,8 @@ def _publish_lora(pipe, spec, location, staging, settings, emit, timings) -> tup
 def _publish_model(pipe, spec, location, staging, settings, emit, timings) -> tuple[str, int]:
     start = time.perf_counter()
     emit(Progress(stage="save", step=0, total=1))
-    pipe.unet.disable_gradient_checkpointing()
-    for module in (pipe.unet, *_text_encoders(pipe)):
+    _denoiser(pipe).disable_gradient_checkpointing()
+    for module in (_denoiser(pipe), *_text_encoders(pipe)):
         module.eval()
     pipe.to("cpu", _dtype(spec.precision))
     pipe.save_pretrained(staging / "model", safe_serialization=True)
