@@ -26,6 +26,9 @@ PIPELINE_TASKS = {
     "StableDiffusionInpaintPipelineLegacy": "inpaint",
     "StableDiffusionXLInpaintPipeline": "inpaint",
     "AutoPipelineForInpainting": "inpaint",
+    "StableDiffusion3Pipeline": "txt2img",
+    "StableDiffusion3Img2ImgPipeline": "img2img",
+    "StableDiffusion3InpaintPipeline": "inpaint",
 }
 MODEL_INPUTS = {  # theirs -> ours
     "prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image", "mask_image": "mask_image",
