@@ -49,3 +49,21 @@ def write_original(net_dir: Path, path: Path) -> Path:
     out |= unet_to_original(encoder, config)
     save_file({"control_model." + k: v.contiguous() for k, v in out.items()}, path)
     return path
+
+
+def build_sd3_controlnet(model_dir: Path, out: Path, *, seed: int = 0) -> Path:
+    """A tiny SD3 ControlNet: one block of the model's transformer copied (Stability's and
+    InstantX's copy a few), with a random instead of a zero input projection."""
+    import torch
+    from diffusers import SD3ControlNetModel, SD3Transformer2DModel
+
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    net = SD3ControlNetModel.from_transformer(transformer, num_layers=1, num_extra_conditioning_channels=0)
+    with torch.no_grad():
+        for module in (net.pos_embed_input.proj, *net.controlnet_blocks):
+            module.weight.normal_(0, 0.3)
+    net.save_pretrained(out, safe_serialization=True)
+    return out

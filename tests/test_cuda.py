@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from schemas import InferenceRequest
-from tests.controlnets import build_controlnet
+from tests.controlnets import build_controlnet, build_sd3_controlnet
 from tests.helpers import decode, png_b64
 from tests.ip_adapters import WEIGHTS, build_ip_adapter
 
@@ -68,8 +68,9 @@ def test_an_sdxl_refiner_takes_turns_with_its_model_on_cuda(settings, sdxl_dir, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_sd3_on_cuda(settings, sd3_dir, tiny_dir, precision):
-    """SD3 (MMDiT, two CLIPs and T5) in both half precisions, with an img2img at a size of its own."""
+def test_sd3_on_cuda(settings, sd3_dir, tmp_path, precision):
+    """SD3 (MMDiT, two CLIPs and T5) in both half precisions: an img2img at a size of its own,
+    a txt2img steered by an SD3 ControlNet."""
     import torch
 
     if not torch.cuda.is_available():
@@ -89,3 +90,10 @@ def test_sd3_on_cuda(settings, sd3_dir, tiny_dir, precision):
     for name in ("transformer", "text_encoder_3", "vae"):
         module = loaded.pipeline.components[name]
         assert (module.device.type, module.dtype) == ("cuda", dtype), name
+    steered = engine.generate(InferenceRequest.model_validate({
+        "prompt": "a lighthouse", "num_inference_steps": 4, "model": {"id": str(sd3_dir), "precision": precision},
+        "controlnets": [{"id": str(build_sd3_controlnet(sd3_dir, tmp_path / "net")), "image": png_b64()}],
+    }), lambda _: None, lambda: False)
+    assert decode(steered.images[0].base64).size == (64, 64)
+    [net] = engine.controlnets.warm.values()
+    assert (net.device.type, net.dtype) == ("cuda", dtype)

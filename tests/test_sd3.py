@@ -104,7 +104,6 @@ def test_loras_of_another_architecture_are_refused_and_the_model_stays_plain(run
 
 
 @pytest.mark.parametrize("field, value", [
-    ("controlnets", [{"id": "/nowhere/controlnet", "image": png_b64()}]),
     ("ip_adapter", {"id": "h94/IP-Adapter", "weight_name": "models/ip-adapter_sd15.safetensors", "image": png_b64()}),
     ("embeddings", [{"id": "/nowhere/embedding.safetensors", "token": "<x>"}]),
     ("refiner", {"id": "/nowhere/refiner"}),
@@ -112,6 +111,54 @@ def test_loras_of_another_architecture_are_refused_and_the_model_stays_plain(run
 def test_parts_made_for_unet_models_are_refused_by_field(run, sd3_dir, field, value):
     message = refused(run, sd3_dir, **{field: value})
     assert message.startswith(f"{field}: {sd3_dir} is ") and ("SD3" in message or "SDXL" in message)
+
+
+@pytest.fixture(scope="module")
+def sd3_nets(sd3_dir, tmp_path_factory):
+    from tests.controlnets import build_sd3_controlnet
+
+    root = tmp_path_factory.mktemp("sd3-controlnets")
+    return [str(build_sd3_controlnet(sd3_dir, root / f"net{i}", seed=i)) for i in range(2)]
+
+
+def test_sd3_controlnets_steer_txt2img(run, sd3_dir, sd3_nets):
+    red, blue = png_b64((220, 20, 20), size=(96, 64)), png_b64((20, 20, 220), size=(96, 64))
+    plain = sd3(run, sd3_dir, width=96, height=64)
+    steered = sd3(run, sd3_dir, controlnets=[{"id": sd3_nets[0], "image": red}])
+    assert decode(steered.images[0].base64).size == (96, 64)  # the control image's size
+    assert steered.images[0].base64 != plain.images[0].base64
+    assert sd3(run, sd3_dir, controlnets=[{"id": sd3_nets[0], "image": blue}]).images[0].base64 != \
+        steered.images[0].base64
+    off = sd3(run, sd3_dir, controlnets=[{"id": sd3_nets[0], "image": red, "scale": 0}])
+    assert off.images[0].base64 == plain.images[0].base64
+    both = sd3(run, sd3_dir, controlnets=[{"id": sd3_nets[0], "image": red}, {"id": sd3_nets[1], "image": blue}])
+    assert both.images[0].base64 not in (plain.images[0].base64, steered.images[0].base64)
+    assert sd3(run, sd3_dir, width=96, height=64).images[0].base64 == plain.images[0].base64
+
+
+def test_controlnets_of_the_other_kind_and_what_sd3_ones_do_not_do_are_refused(run, sd3_dir, sd3_nets, tiny_dir,
+                                                                                 tmp_path):
+    from tests.controlnets import build_controlnet
+    from worker.errors import UserInputError
+
+    sd_net = str(build_controlnet(tiny_dir, tmp_path / "sd-net"))
+    assert refused(run, sd3_dir, controlnets=[{"id": sd_net, "image": png_b64()}]) == (
+        f"controlnets[0]: {sd_net} is a ControlNet for SD 1.x, 2.x or XL models (ControlNetModel), not for this one")
+    with pytest.raises(UserInputError, match=r"^controlnets\[0\]: .* is a ControlNet for SD3 models"):
+        run(**BASE, controlnets=[{"id": sd3_nets[0], "image": png_b64()}])  # on the embedded SD model
+    net = {"id": sd3_nets[0], "image": png_b64()}
+    assert refused(run, sd3_dir, controlnets=[net], image=png_b64()).startswith(
+        "controlnets: ") and "txt2img only" in refused(run, sd3_dir, controlnets=[net], image=png_b64())
+    assert refused(run, sd3_dir, controlnets=[net], hires={"scale": 2}).startswith("hires: ")
+
+
+def test_sd3_controlnets_are_not_read_from_single_files(run, sd3_dir, sd3_nets):
+    from worker.errors import ModelSourceError
+
+    file = f"{sd3_nets[0]}/diffusion_pytorch_model.safetensors"
+    with pytest.raises(ModelSourceError, match=r"^controlnets\[0\]\.id: could not load the ControlNet "
+                                               r"\(ValueError: SD3 ControlNets load from their diffusers directory"):
+        sd3(run, sd3_dir, controlnets=[{"id": file, "image": png_b64()}])
 
 
 def test_a_vae_of_another_architecture_is_refused(run, sd3_dir, tiny_dir):

@@ -6,7 +6,8 @@ map, a depth map, a pose skeleton ...). Each is a diffusers ControlNet directory
 one ``.safetensors`` file (by URL, hub id + ``weight_name``, or local path) in the original
 layout (``control_model.*``, lllyasviel's ControlNet 1.1 files) or diffusers'. A single file
 carries no config: it is read as a copy of the model's own UNet encoder, which is what the
-standard ControlNets are. Never a pickle. Loaded ones stay on the device in the dtype of the
+standard ControlNets are. SD3's ControlNets (``SD3ControlNetModel``: Stability's and InstantX's
+for SD3 / SD3.5) come as diffusers directories only. Never a pickle. Loaded ones stay on the device in the dtype of the
 model they ran with, up to MAX_LOADED_CONTROLNETS, least recently used out first; a request
 without ``controlnets`` runs the plain pipeline.
 """
@@ -26,8 +27,15 @@ from .errors import UserInputError, redact
 from .settings import Settings
 from .timing import ms_since
 
-# What a ControlNet must share with the UNet it steers: its residuals are added block by block.
-_MUST_MATCH = ("block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type")
+# Which ControlNet class steers which denoiser, and what they must share: a UNet ControlNet's
+# residuals are added block by block, an SD3 one's to the transformer's hidden states.
+_FITS = {
+    "UNet2DConditionModel": ("ControlNetModel", (
+        "block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type")),
+    "SD3Transformer2DModel": ("SD3ControlNetModel", (
+        "in_channels", "patch_size", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+        "caption_projection_dim", "pooled_projection_dim")),
+}
 
 
 class ControlNets:
@@ -38,21 +46,27 @@ class ControlNets:
         self.disk = disk
         self.warm = Warm()
 
-    def get(self, specs: list[ControlNetSpec], unet: Any, emit: Callable[[Progress], None],
+    def get(self, specs: list[ControlNetSpec], denoiser: Any, emit: Callable[[Progress], None],
             timings: dict[str, float]) -> list[Any]:
-        """The ControlNets ``specs`` name, on ``unet``'s device and dtype, each checked to fit it;
-        beyond MAX_LOADED_CONTROLNETS, the least recently used leave the device."""
+        """The ControlNets ``specs`` name, on the device and dtype of ``denoiser`` (the model's
+        UNet or SD3 transformer), each checked to fit it; beyond MAX_LOADED_CONTROLNETS, the
+        least recently used leave the device."""
         start, fresh = time.perf_counter(), False
         nets = []
         for i, spec in enumerate(specs):
             field = f"controlnets[{i}]"
             path = locate(spec, field, "controlnets", "ControlNet", self.settings, self.disk, emit)
             # A single file takes its shape from the UNet: it is another model for another UNet.
-            shape = "" if path.is_dir() else json.dumps(dict(unet.config), sort_keys=True, default=str)
-            net, loaded = self.warm.get((str(path), shape, unet.dtype, str(unet.device)),
-                                        lambda: _load(path, unet, f"{field}.url" if spec.url else f"{field}.id"))
+            shape = "" if path.is_dir() else json.dumps(dict(denoiser.config), sort_keys=True, default=str)
+            net, loaded = self.warm.get((str(path), shape, denoiser.dtype, str(denoiser.device)),
+                                        lambda: _load(path, denoiser, f"{field}.url" if spec.url else f"{field}.id"))
             fresh = fresh or loaded
-            wrong = [k for k in _MUST_MATCH if net.config.get(k) != unet.config.get(k)]
+            kind, must_match = _FITS[type(denoiser).__name__]
+            if type(net).__name__ != kind:
+                other = "SD3" if kind == "ControlNetModel" else "SD 1.x, 2.x or XL"
+                raise UserInputError(field, f"{redact(spec.url) if spec.url else spec.id} is a ControlNet for "
+                                            f"{other} models ({type(net).__name__}), not for this one")
+            wrong = [k for k in must_match if net.config.get(k) != denoiser.config.get(k)]
             if wrong:
                 raise UserInputError(field, f"{redact(spec.url) if spec.url else spec.id} does not fit this model "
                                             f"(a ControlNet for another architecture: its {', '.join(wrong)} differ)")
@@ -67,13 +81,22 @@ class ControlNets:
         self.warm.clear()
 
 
-def _load(path: Path, unet: Any, field: str) -> Any:
-    from diffusers import ControlNetModel
+def _load(path: Path, denoiser: Any, field: str) -> Any:
+    import diffusers
 
     def from_dir(folder: Path) -> Any:
-        return ControlNetModel.from_pretrained(folder, torch_dtype=unet.dtype, use_safetensors=True)
+        kind = json.loads((folder / "config.json").read_text()).get("_class_name", "ControlNetModel")
+        if kind not in (cls for cls, _ in _FITS.values()):
+            raise ValueError(f"its config names {kind}, not a ControlNet class this worker loads")
+        return getattr(diffusers, kind).from_pretrained(folder, torch_dtype=denoiser.dtype, use_safetensors=True)
 
-    return load_module(path, unet, field, "ControlNet", from_dir, lambda file: _from_single_file(file, unet))
+    def from_file(file: Path) -> Any:
+        if type(denoiser).__name__ != "UNet2DConditionModel":
+            raise ValueError("SD3 ControlNets load from their diffusers directory (config.json and "
+                             "diffusion_pytorch_model.safetensors), not from one file")
+        return _from_single_file(file, denoiser)
+
+    return load_module(path, denoiser, field, "ControlNet", from_dir, from_file)
 
 
 def _from_single_file(path: Path, unet: Any) -> Any:

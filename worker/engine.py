@@ -94,7 +94,7 @@ class Engine:
             start = time.perf_counter()
             multiple = _multiple(base)
             images = self._inputs(request, base)
-            images.update(self._control_inputs(request, images, multiple))
+            images.update(self._control_inputs(request, images, base))
             if request.task != "txt2img" or request.controlnets:
                 timings["inputs"] = ms_since(start)
             if request.hires:  # the first pass's size is needed to know the second's
@@ -107,7 +107,7 @@ class Engine:
 
             # 3. The pipeline for this task, sharing the loaded components, with its own scheduler
             #    (and this request's ControlNets and VAE, kept warm).
-            nets = self.controlnets.get(request.controlnets, getattr(base, "unet", None), emit, timings)
+            nets = self.controlnets.get(request.controlnets, _denoiser(base), emit, timings)
             vae = self.vaes.get(request.vae, base.vae, emit, timings) if request.vae else None
             pipe = self._task_pipeline(loaded, request, nets, vae)
             self._vae_memory(pipe.vae, request.num_images, _vae_pixels(request, images, base, multiple))
@@ -359,7 +359,7 @@ class Engine:
             )
         return width, height
 
-    def _control_inputs(self, request: InferenceRequest, images: dict, multiple: int) -> dict:
+    def _control_inputs(self, request: InferenceRequest, images: dict, base) -> dict:
         """Pipeline arguments for the ControlNets: their images at the output size, and how each steers.
         txt2img takes its size from the first control image when the request gives none."""
         if not request.controlnets:
@@ -367,7 +367,7 @@ class Engine:
         controls = [load_image(spec.image, f"controlnets[{i}].image", self.settings)
                     for i, spec in enumerate(request.controlnets)]
         if request.task == "txt2img":
-            width, height = self._size_from(controls[0], request, "controlnets[0].image", multiple)
+            width, height = self._size_from(controls[0], request, "controlnets[0].image", _multiple(base))
             size = {"width": width, "height": height}
         else:
             width, height = images["image"].size
@@ -377,8 +377,11 @@ class Engine:
         def each(values: list):
             return values[0] if len(values) == 1 else values
 
+        # SD and SDXL's txt2img ControlNet pipelines take the control images as ``image``; their
+        # img2img / inpaint ones, and SD3's, as ``control_image``.
+        as_image = request.task == "txt2img" and family_of(base) != SD3
         return size | {
-            "image" if request.task == "txt2img" else "control_image": each(controls),
+            "image" if as_image else "control_image": each(controls),
             "controlnet_conditioning_scale": each([spec.scale for spec in request.controlnets]),
             "control_guidance_start": each([spec.start for spec in request.controlnets]),
             "control_guidance_end": each([spec.end for spec in request.controlnets]),
@@ -400,9 +403,10 @@ class Engine:
             raise UserInputError("clip_skip", f"at most {(layers or 1) - 1} for {name}, got {request.clip_skip}")
         overrides: dict = {"scheduler": scheduler}
         if nets:
-            from diffusers.models import MultiControlNetModel
+            from diffusers.models import MultiControlNetModel, SD3MultiControlNetModel
 
-            overrides["controlnet"] = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+            several = SD3MultiControlNetModel if family_of(base) == SD3 else MultiControlNetModel
+            overrides["controlnet"] = nets[0] if len(nets) == 1 else several(nets)
         if vae is not None:
             overrides["vae"] = vae
         ships_checker = getattr(base, "safety_checker", None) is not None
@@ -424,7 +428,7 @@ def _name(loaded) -> str:
 
 
 # What SD3 models do not take here (the parts are made for SD 1.x/2.x and SDXL's UNet and CLIP).
-_NOT_FOR_SD3 = {"controlnets": "ControlNets", "ip_adapter": "IP-Adapters", "embeddings": "textual-inversion embeddings"}
+_NOT_FOR_SD3 = {"ip_adapter": "IP-Adapters", "embeddings": "textual-inversion embeddings"}
 
 
 def _check_fits(loaded, request: InferenceRequest) -> None:
@@ -447,6 +451,12 @@ def _check_fits(loaded, request: InferenceRequest) -> None:
         for field, what in _NOT_FOR_SD3.items():
             if getattr(request, field):
                 raise UserInputError(field, f"{name} is an SD3 model; {what} here are for SD 1.x, 2.x and XL models")
+        # diffusers has SD3 ControlNet pipelines for txt2img only (its inpainting one takes
+        # inpainting ControlNets alone), and none for a hires pass.
+        if request.controlnets and request.task != "txt2img":
+            raise UserInputError("controlnets", f"{name} is an SD3 model; its ControlNets steer txt2img only")
+        if request.controlnets and request.hires:
+            raise UserInputError("hires", f"{name} is an SD3 model; its ControlNets have no hires pass")
 
 
 def _add_ms(timings: dict[str, float], phase: str, start: float) -> None:
@@ -468,10 +478,14 @@ def _multiple(pipeline) -> int:
     return pipeline.vae_scale_factor * (transformer.config.patch_size if transformer is not None else 1)
 
 
+def _denoiser(pipeline):
+    """The UNet, or SD3's transformer."""
+    return getattr(pipeline, "unet", None) or pipeline.transformer
+
+
 def _default_size(pipeline) -> int:
     """The side of the model's own images (512 for SD 1.5, 1024 for SDXL and SD3)."""
-    denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
-    return denoiser.config.sample_size * pipeline.vae_scale_factor
+    return _denoiser(pipeline).config.sample_size * pipeline.vae_scale_factor
 
 
 def _vae_pixels(request: InferenceRequest, images: dict, pipeline, multiple: int) -> int:
