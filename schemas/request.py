@@ -97,6 +97,10 @@ class ModelSpec(_Strict):
         description="Single-file checkpoint (.safetensors, or .ckpt read as weights only), same URL forms as "
         "`url`; `id` names the diffusers model whose configs describe its architecture.",
     )
+    t5: bool | None = Field(
+        None, description="SD3: false loads the model without its T5-XXL text encoder (4.7 B parameters "
+        "less; CLIP then reads the first 77 tokens of the prompt alone). Default: MODEL_T5 (true).",
+    )
 
     @field_validator("id")
     @classmethod

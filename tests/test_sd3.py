@@ -5,8 +5,11 @@ LoRAs, an archive round trip, and what it refuses by name."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+
+from schemas import InferenceRequest
 
 from tests.helpers import BUCKET, decode, png_b64
 
@@ -159,6 +162,37 @@ def test_sd3_controlnets_are_not_read_from_single_files(run, sd3_dir, sd3_nets):
     with pytest.raises(ModelSourceError, match=r"^controlnets\[0\]\.id: could not load the ControlNet "
                                                r"\(ValueError: SD3 ControlNets load from their diffusers directory"):
         sd3(run, sd3_dir, controlnets=[{"id": file, "image": png_b64()}])
+
+
+def test_sd3_without_its_t5(run, engine, sd3_dir, tmp_path):
+    """model.t5 false: the pipeline runs on its CLIPs alone, beside the full model if both are
+    asked for, and needs no T5 weights on disk."""
+    import shutil
+
+    full = sd3(run, sd3_dir)
+    lean = sd3(run, sd3_dir, model={"id": str(sd3_dir), "t5": False})
+    assert lean.images[0].base64 != full.images[0].base64  # T5's part of the conditioning is gone
+    pipelines = {ref.t5: loaded.pipeline for ref, loaded in engine.models._loaded.items() if ref.id == str(sd3_dir)}
+    assert pipelines[False].text_encoder_3 is None and pipelines[True].text_encoder_3 is not None
+    assert sd3(run, sd3_dir, model={"id": str(sd3_dir), "t5": False}).model.source == "memory"
+
+    no_t5 = tmp_path / "sd3-without-t5"  # as a hub download with t5 false leaves it
+    shutil.copytree(sd3_dir, no_t5, ignore=lambda folder, names: [
+        n for n in names if Path(folder).name == "text_encoder_3" and n.endswith(".safetensors")])
+    assert sd3(run, sd3_dir, model={"id": str(no_t5), "t5": False}).images[0].base64 == lean.images[0].base64
+
+
+def test_t5_false_on_a_model_without_t5(run, models_dir):
+    from worker.engine import Engine
+    from worker.errors import ModelSourceError
+    from worker.settings import Settings
+
+    with pytest.raises(ModelSourceError, match=r"^model\.t5: embedded:tiny-sd has no T5 encoder to leave out"):
+        run(**BASE, model={"t5": False})
+    # The operator's MODEL_T5=false is for the SD3 models among others: the rest load as ever.
+    engine = Engine(Settings(models_dir=models_dir, hf_hub_offline=True, model_t5=False))
+    request = InferenceRequest.model_validate(BASE)
+    assert engine.generate(request, lambda event: None, lambda: False).images
 
 
 def test_a_vae_of_another_architecture_is_refused(run, sd3_dir, tiny_dir):

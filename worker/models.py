@@ -55,8 +55,11 @@ class ModelRef:
     precision: str
     url: str | None = None  # an archive to fetch; ``id`` then names it
     checkpoint_url: str | None = None  # a single file to convert; ``id`` gives the configs, unless url:NAME
+    t5: bool = True  # SD3's T5-XXL text encoder loaded (false: left on disk, or never fetched)
     # The operator's MODEL_URL may point at private addresses; a request's may not.
     from_env: bool = field(default=False, compare=False)
+    # A request's t5: false on a model without T5 is a mistake to answer; MODEL_T5's is not.
+    t5_asked: bool = field(default=False, compare=False)
 
 
 @dataclass
@@ -74,6 +77,11 @@ def model_ref(spec: ModelSpec, settings: Settings, device: str) -> ModelRef:
     precision is a choice about running, so MODEL_PRECISION applies to every model.
     """
     precision = spec.precision or settings.model_precision or ("fp16" if device == "cuda" else "fp32")
+    t5 = settings.model_t5 if spec.t5 is None else spec.t5
+    return replace(_model_ref(spec, settings, precision), t5=t5, t5_asked=spec.t5 is not None)
+
+
+def _model_ref(spec: ModelSpec, settings: Settings, precision: str) -> ModelRef:
     if spec.checkpoint_url or (spec.id is None and spec.url is None and settings.checkpoint_url):
         from_env = not spec.checkpoint_url
         checkpoint = spec.checkpoint_url or settings.checkpoint_url
@@ -193,26 +201,34 @@ def family_of(pipeline: Any) -> str | None:
     return family({name: type(module).__name__ for name, module in pipeline.components.items() if module is not None})
 
 
-def _check_family(path: Path) -> None:
-    """Refuse a model this worker cannot run before loading gigabytes of it."""
+def _check_family(path: Path) -> str | None:
+    """Refuse a model this worker cannot run before loading gigabytes of it; else its family."""
     try:
         index = json.loads((path / "model_index.json").read_text())
     except (OSError, ValueError):
-        return  # from_pretrained says what is wrong with it
+        return None  # from_pretrained says what is wrong with it
     components = {k: v[1] for k, v in index.items() if isinstance(v, list) and len(v) == 2}
-    if family(components) is None:
+    kind = family(components)
+    if kind is None:
         raise ModelSourceError("model.id", f"it is a {index.get('_class_name', 'non-diffusers')} model; "
                                            "this worker runs Stable Diffusion 1.x, 2.x, XL and 3 models")
+    return kind
 
 
-def load_pipeline(path: Path, precision: str, variant: str | None, device: str) -> Any:
+# What leaves SD3's T5 out, for DiffusionPipeline.from_pretrained and .download alike.
+WITHOUT_T5 = {"text_encoder_3": None, "tokenizer_3": None}
+
+
+def load_pipeline(path: Path, precision: str, variant: str | None, device: str, t5: bool = True) -> Any:
+    """``t5``: false leaves an SD3 model's T5 out (other models have none)."""
     import torch
     from diffusers import DiffusionPipeline
 
-    _check_family(path)
+    without_t5 = _check_family(path) == SD3 and not t5
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     try:
-        pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True)
+        pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True,
+                                                     **(WITHOUT_T5 if without_t5 else {}))
     except (OSError, ValueError, TypeError, KeyError) as exc:
         detail = first_line(exc)
         with_variant = f" (variant {variant!r})" if variant else ""
@@ -386,7 +402,7 @@ class ModelStore:
         from huggingface_hub import snapshot_download
 
         token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
-        options = dict(revision=ref.revision, variant=ref.variant, token=token)
+        options = dict(revision=ref.revision, variant=ref.variant, token=token, **({} if ref.t5 else WITHOUT_T5))
         if configs_only:
             patterns = ["*.json", "*.txt", "*.model", *(f"{part}/*" for part in parts)]
             options = dict(revision=ref.revision, token=token, allow_patterns=patterns)
@@ -419,7 +435,9 @@ class ModelStore:
     # --- Loading ---
 
     def _load(self, path: Path, ref: ModelRef) -> Any:
+        if ref.t5_asked and not ref.t5 and _check_family(path) != SD3:
+            raise ModelSourceError("model.t5", f"{ref.id} has no T5 encoder to leave out (only SD3 models do)")
         try:
-            return load_pipeline(path, ref.precision, ref.variant, self.device)
+            return load_pipeline(path, ref.precision, ref.variant, self.device, ref.t5)
         except ModelSourceError as exc:
-            raise ModelSourceError("model.id", f"could not load {ref.id}: {str(exc).partition(': ')[2]}") from None
+            raise ModelSourceError(exc.field, f"could not load {ref.id}: {str(exc).partition(': ')[2]}") from None

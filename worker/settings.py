@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     model_revision: str | None = None
     model_variant: str | None = None
     model_precision: Literal["fp32", "fp16", "bf16"] | None = None
+    model_t5: bool = Field(True, description="SD3 models load their T5-XXL text encoder (a request's model.t5 wins).")
     model_url: str | None = Field(None, description="Archive of the default model (forms as model.url); trusted.")
     checkpoint_url: str | None = Field(None, description="Single-file checkpoint of the default model; trusted.")
 
