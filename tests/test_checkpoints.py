@@ -159,6 +159,13 @@ def test_sd3_checkpoint_without_text_encoders_takes_them_from_the_reference_mode
     assert (result.model.id, result.model.source) == ("url:sd3-bare.safetensors", "checkpoint")
     assert result.images[0].base64 == generate(settings, {"id": str(sd3_dir)}).images[0].base64
 
+    # 3. Without T5 (model.t5 false), T5 is neither needed nor fetched: a lender without it will do.
+    shutil.rmtree(lender / "text_encoder_3")
+    lean_hub = hub_cache(tmp_path / "lean-hub", reference, lender, {"main": "8" * 40})
+    lean = generate(settings.model_copy(update={"hf_hub_cache": lean_hub}), request | {"t5": False})
+    assert lean.model.source == "checkpoint"
+    assert lean.images[0].base64 == generate(settings, {"id": str(sd3_dir), "t5": False}).images[0].base64
+
 
 def test_sd35_checkpoints_take_their_own_configs(tmp_path):
     import torch

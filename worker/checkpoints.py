@@ -37,16 +37,17 @@ _SD3_TEXT_ENCODERS = {"text_encoder": "text_encoders.clip_l.", "text_encoder_2":
                       "text_encoder_3": "text_encoders.t5xxl."}
 
 
-def missing_parts(weights: Path) -> list[str]:
+def missing_parts(weights: Path, t5: bool = True) -> list[str]:
     """The components a checkpoint comes without, which the model giving its configs must
-    supply whole: for SD3, the text encoders it lacks; none for the others."""
+    supply whole: for SD3, the text encoders it lacks (T5 only if ``t5``); none for the others."""
     from safetensors import safe_open
 
     with safe_open(weights, "pt") as f:
         keys = list(f.keys())
     if not any(k.startswith(_MMDIT) for k in keys):
         return []
-    return [name for name, prefix in _SD3_TEXT_ENCODERS.items() if not any(k.startswith(prefix) for k in keys)]
+    wanted = {k: v for k, v in _SD3_TEXT_ENCODERS.items() if t5 or k != "text_encoder_3"}
+    return [name for name, prefix in wanted.items() if not any(k.startswith(prefix) for k in keys)]
 
 
 def fetch_checkpoint(
@@ -60,13 +61,16 @@ def fetch_checkpoint(
     settings: Settings,
     disk: DiskCache,
     emit: Callable[[Progress], None],
+    t5: bool = True,
 ) -> tuple[Path, str]:
     """The installed diffusers directory converted from the checkpoint at ``url``.
 
     ``configs``: the diffusers directory whose configs describe the architecture, given the
-    fetched weights (as safetensors)."""
+    fetched weights (as safetensors). ``t5`` false: an SD3 checkpoint is converted without its
+    T5 (one that lacks it does not have it fetched), and installed apart from the full one."""
     location = parse_location(url, field, settings, None, "")
-    key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}|{config_key}|{precision}")
+    without = "" if t5 else "|no-t5"
+    key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}|{config_key}|{precision}{without}")
 
     def build(staging: Path) -> Path:
         download = open_download(location, field, settings, allow_private=trusted or settings.allow_private_urls)
@@ -85,7 +89,7 @@ def fetch_checkpoint(
         #    precision it will run in.
         config_dir = configs(weights)
         emit(Progress(stage="load", step=0, total=1))
-        _convert(weights, config_dir, staging / "model", precision, field)
+        _convert(weights, config_dir, staging / "model", precision, field, t5)
         return staging / "model"
 
     path, converted = disk.obtain("checkpoints", key, build)
@@ -186,13 +190,14 @@ def _pickle_to_safetensors(path: Path, out: Path, field: str) -> Path:
     return out
 
 
-def _parts(weights: Path, config_dir: Path, dtype, field: str) -> dict:
-    """What the checkpoint lacks, loaded from the configs' model (diffusers will not look there)."""
+def _parts(weights: Path, config_dir: Path, dtype, field: str, t5: bool) -> dict:
+    """What the checkpoint lacks, loaded from the configs' model (diffusers will not look
+    there); without ``t5``, an SD3 model's T5 left out."""
     import importlib
 
     index = json.loads((config_dir / "model_index.json").read_text())
-    parts = {}
-    for name in missing_parts(weights):
+    parts = {} if t5 or "text_encoder_3" not in index else {"text_encoder_3": None, "tokenizer_3": None}
+    for name in missing_parts(weights, t5):
         library, class_name = index[name]
         try:
             parts[name] = getattr(importlib.import_module(library), class_name).from_pretrained(
@@ -203,7 +208,7 @@ def _parts(weights: Path, config_dir: Path, dtype, field: str) -> dict:
     return parts
 
 
-def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: str) -> None:
+def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: str, t5: bool = True) -> None:
     import diffusers
     import torch
 
@@ -212,7 +217,7 @@ def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: 
     if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
         raise ModelSourceError("model.id", f"{class_name} pipelines cannot load single-file checkpoints")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    parts = _parts(weights, config_dir, dtype, field)
+    parts = _parts(weights, config_dir, dtype, field, t5)
     try:
         pipeline = pipeline_class.from_single_file(
             str(weights), config=str(config_dir), local_files_only=True, dtype=dtype, **parts

@@ -335,7 +335,8 @@ class ModelStore:
                 def configs(weights: Path) -> Path:
                     reference = reference_model(weights, field)
                     try:
-                        return self._configs(ModelRef(reference, None, None, ref.precision), emit, missing_parts(weights))
+                        return self._configs(ModelRef(reference, None, None, ref.precision), emit,
+                                             missing_parts(weights, ref.t5))
                     except ModelSourceError as exc:
                         detail = str(exc).partition(": ")[2]
                         raise ModelSourceError(field, f"its layout takes the configs of {reference}: {detail}") from None
@@ -345,10 +346,10 @@ class ModelStore:
                 self._configs(config_ref, emit)  # a wrong model.id fails before the download
 
                 def configs(weights: Path) -> Path:
-                    return self._configs(config_ref, emit, missing_parts(weights))
+                    return self._configs(config_ref, emit, missing_parts(weights, ref.t5))
             return fetch_checkpoint(
                 ref.checkpoint_url, field=field, trusted=ref.from_env, configs=configs, config_key=config_key,
-                precision=ref.precision, settings=self.settings, disk=self.disk, emit=emit,
+                precision=ref.precision, settings=self.settings, disk=self.disk, emit=emit, t5=ref.t5,
             )
         if ref.id == EMBEDDED_ID:
             from builder import tiny_model
