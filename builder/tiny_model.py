@@ -40,6 +40,18 @@ def _tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
+def tiny_vae(**config):
+    """A tiny VAE. Four blocks, like SD's: it downsamples 8x, and is 10x faster than two.
+    ``config``: what differs (SD3's has 16 latent channels, for instance)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**dict(
+        sample_size=64, in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4, layers_per_block=1, norm_num_groups=32,
+    ) | config)
+
+
 def build(out_dir: str | os.PathLike, *, inpaint: bool = False, sd_layout: bool = False) -> Path:
     """Write the tiny pipeline to ``out_dir`` (diffusers layout, safetensors weights).
 
@@ -47,7 +59,7 @@ def build(out_dir: str | os.PathLike, *, inpaint: bool = False, sd_layout: bool 
     three; a 2-layer VAE) with tiny widths, so single-file checkpoints in the original layout
     can be made from it and converted back."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -74,18 +86,7 @@ def build(out_dir: str | os.PathLike, *, inpaint: bool = False, sd_layout: bool 
         norm_num_groups=32,
         **blocks,
     )
-    # Four blocks, like SD's VAE: it downsamples 8x, and is 10x faster than two.
-    vae = AutoencoderKL(
-        sample_size=64,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2 if sd_layout else 1,
-        norm_num_groups=32,
-    )
+    vae = tiny_vae(layers_per_block=2 if sd_layout else 1)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=514,

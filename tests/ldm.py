@@ -122,17 +122,19 @@ def _clip(model_dir: Path, part: str, prefix: str) -> dict:
 
 
 def _open_clip(model_dir: Path, part: str, prefix: str) -> dict:
-    """SDXL's second text encoder in OpenCLIP's layout: fused q/k/v, ``text_projection`` as a matrix."""
+    """SDXL's second text encoder (or SD 2.x's) in OpenCLIP's layout: fused q/k/v,
+    ``text_projection`` as a matrix (SD 2.x's encoder has none in diffusers: an identity)."""
     import torch
 
-    weights, _ = _load(model_dir / part)
+    weights, config = _load(model_dir / part)
     weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    projection = weights.pop("text_projection.weight", None)
     out = {
         "token_embedding.weight": weights.pop("embeddings.token_embedding.weight"),
         "positional_embedding": weights.pop("embeddings.position_embedding.weight"),
         "ln_final.weight": weights.pop("final_layer_norm.weight"),
         "ln_final.bias": weights.pop("final_layer_norm.bias"),
-        "text_projection": weights.pop("text_projection.weight").T.contiguous(),
+        "text_projection": (projection.T if projection is not None else torch.eye(config["hidden_size"])).contiguous(),
     }
     weights.pop("embeddings.position_ids", None)
     layers = {k.split(".")[2] for k in weights if k.startswith("encoder.layers.")}
@@ -212,6 +214,8 @@ def to_original(model_dir: Path, text_encoders: bool = True) -> dict:
     if (model_dir / "text_encoder_2").is_dir():  # SDXL
         out |= _clip(model_dir, "text_encoder", "conditioner.embedders.0.transformer.")
         out |= _open_clip(model_dir, "text_encoder_2", "conditioner.embedders.1.model.")
+    elif json.loads((model_dir / "text_encoder" / "config.json").read_text())["hidden_act"] == "gelu":  # SD 2.x
+        out |= _open_clip(model_dir, "text_encoder", "cond_stage_model.model.")
     else:
         out |= _clip(model_dir, "text_encoder", "cond_stage_model.transformer.")
     return {k: v.contiguous() for k, v in out.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder.tiny_model import _tokenizer
+from builder.tiny_model import _tokenizer, tiny_vae
 
 T5_WIDTH = 96  # the transformer's joint attention width: T5's, and the two CLIPs' (32 + 48) padded to it
 
@@ -23,7 +23,7 @@ def build_sd3(out: Path) -> Path:
     if (out / "model_index.json").is_file():
         return out
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(3)
@@ -46,11 +46,8 @@ def build_sd3(out: Path) -> Path:
         num_attention_heads=4, joint_attention_dim=T5_WIDTH, caption_projection_dim=32,
         pooled_projection_dim=32 + 48, pos_embed_max_size=32,
     )
-    vae = AutoencoderKL(  # SD3's: 16 latent channels, no quant convs, a shift as well as a scale
-        sample_size=64, in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=16, layers_per_block=1, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=1.5305, shift_factor=0.0609,
+    vae = tiny_vae(  # SD3's: 16 latent channels, no quant convs, a shift as well as a scale
+        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609,
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder.tiny_model import _tokenizer
+from builder.tiny_model import _tokenizer, tiny_vae
 
 
 def build_sdxl(out: Path) -> Path:
     if (out / "model_index.json").is_file():
         return out
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
@@ -33,11 +33,7 @@ def build_sdxl(out: Path) -> Path:
         projection_class_embeddings_input_dim=6 * 8 + 48,  # six size/crop numbers + the pooled text
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        sample_size=64, in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4, layers_per_block=1, norm_num_groups=32,
-    )
+    vae = tiny_vae()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
         timestep_spacing="leading",
@@ -57,7 +53,7 @@ def build_sdxl_refiner(out: Path) -> Path:
     if (out / "model_index.json").is_file():
         return out
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(1)
@@ -68,11 +64,7 @@ def build_sdxl_refiner(out: Path) -> Path:
         cross_attention_dim=48, addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=5 * 8 + 48, norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        sample_size=64, in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4, layers_per_block=1, norm_num_groups=32,
-    )
+    vae = tiny_vae()
     encoder = CLIPTextModelWithProjection(CLIPTextConfig(
         vocab_size=514, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513, projection_dim=48,

@@ -184,6 +184,39 @@ def test_sd35_checkpoints_take_their_own_configs(tmp_path):
     assert missing_parts(large) == ["text_encoder_2", "text_encoder_3"]
 
 
+@pytest.mark.parametrize("output_bias, prediction, sample_size", [
+    (-2.0, "v_prediction", 12),  # its output far below its input: velocity, SD 2.1's configs kept
+    (0.0, "epsilon", 64),  # not: noise, SD 2 base's (512 px)
+])
+def test_sd2_checkpoints_without_model_id_are_probed_for_what_they_predict(settings, http, tmp_path, output_bias,
+                                                                          prediction, sample_size):
+    """SD 2.x files do not say whether they predict the noise or the velocity; the wrong guess
+    draws noise. The UNet here outputs a constant, which decides AUTOMATIC1111's probe."""
+    import json
+
+    from tests.sd2 import build_sd2
+
+    model_dir = build_sd2(tmp_path / "sd2", output_bias=output_bias)
+    http.files["/sd2.safetensors"] = write_checkpoint(model_dir, tmp_path / "sd2.safetensors").read_bytes()
+    hub = hub_cache(tmp_path / "hub", "stabilityai/stable-diffusion-2-1", configs_only(model_dir, tmp_path),
+                    {"main": "2" * 40})
+    worker = settings.model_copy(update={"hf_hub_cache": hub})
+
+    def converted(models_dir) -> tuple[str, int]:
+        [index] = (models_dir / "checkpoints").glob("*/model_index.json")
+        scheduler = json.loads((index.parent / "scheduler" / "scheduler_config.json").read_text())
+        return scheduler["prediction_type"], json.loads((index.parent / "unet" / "config.json").read_text())["sample_size"]
+
+    result = generate(worker, {"checkpoint_url": http.url + "/sd2.safetensors"})
+    assert result.model.source == "checkpoint"
+    assert converted(settings.models_dir) == (prediction, sample_size)
+    assert result.images[0].width == sample_size * 8  # the model's own size follows
+    # With model.id, its configs are the caller's word: no probe.
+    named = settings.model_copy(update={"models_dir": tmp_path / "named"})
+    generate(named, {"id": str(model_dir), "checkpoint_url": http.url + "/sd2.safetensors"})
+    assert converted(named.models_dir) == ("v_prediction", 12)
+
+
 def test_inpainting_and_refiner_checkpoints_take_their_configs(inpaint_dir, tmp_path):
     import torch
     from safetensors.torch import save_file

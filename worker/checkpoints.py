@@ -62,12 +62,14 @@ def fetch_checkpoint(
     disk: DiskCache,
     emit: Callable[[Progress], None],
     t5: bool = True,
+    guessed: bool = False,
 ) -> tuple[Path, str]:
     """The installed diffusers directory converted from the checkpoint at ``url``.
 
     ``configs``: the diffusers directory whose configs describe the architecture, given the
     fetched weights (as safetensors). ``t5`` false: an SD3 checkpoint is converted without its
-    T5 (one that lacks it does not have it fetched), and installed apart from the full one."""
+    T5 (one that lacks it does not have it fetched), and installed apart from the full one.
+    ``guessed``: the configs are the reference model's for the file's layout, not the caller's."""
     location = parse_location(url, field, settings, None, "")
     without = "" if t5 else "|no-t5"
     key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}|{config_key}|{precision}{without}")
@@ -89,7 +91,7 @@ def fetch_checkpoint(
         #    precision it will run in.
         config_dir = configs(weights)
         emit(Progress(stage="load", step=0, total=1))
-        _convert(weights, config_dir, staging / "model", precision, field, t5)
+        _convert(weights, config_dir, staging / "model", precision, field, t5, guessed)
         return staging / "model"
 
     path, converted = disk.obtain("checkpoints", key, build)
@@ -208,7 +210,8 @@ def _parts(weights: Path, config_dir: Path, dtype, field: str, t5: bool) -> dict
     return parts
 
 
-def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: str, t5: bool = True) -> None:
+def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: str, t5: bool = True,
+             guessed: bool = False) -> None:
     import diffusers
     import torch
 
@@ -227,4 +230,31 @@ def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: 
         raise ModelSourceError(
             field, f"could not convert the checkpoint with the configs of model.id ({type(exc).__name__}: {detail})"
         ) from None
+    if guessed and class_name == "StableDiffusionPipeline" and pipeline.scheduler.config.prediction_type == "v_prediction":
+        _fit_sd2_parameterization(pipeline)
     pipeline.save_pretrained(out, safe_serialization=True)
+
+
+def _fit_sd2_parameterization(pipeline) -> None:
+    """SD 2.x checkpoints do not say whether they predict the noise (2.0 / 2.1 base, 512 px)
+    or the velocity (2.0 / 2.1, 768 px), and the reference configs assume the velocity; the
+    wrong one draws noise. AUTOMATIC1111's probe tells them apart: at the last timestep, on a
+    flat latent and a flat text, a velocity UNet's output lies well below its input (about
+    minus the image), a noise one's does not. A noise model gets SD 2 base's configs."""
+    import torch
+
+    unet = pipeline.unet
+    dtype = unet.dtype
+    unet.float()  # (and back: fp16 -> fp32 -> fp16 is exact)
+    try:
+        with torch.no_grad():
+            x = torch.full((1, unet.config.in_channels, 8, 8), 0.5)
+            text = torch.full((1, 2, unet.config.cross_attention_dim), 0.5)
+            drift = (unet(x, torch.tensor([999]), text).sample - x).mean().item()
+    finally:
+        unet.to(dtype)
+    if drift < -1:
+        return
+    log.info("SD 2.x checkpoint predicts the noise (probe %.2f): SD 2 base's configs, 512 px", drift)
+    pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, prediction_type="epsilon")
+    unet.register_to_config(sample_size=512 // pipeline.vae_scale_factor)

@@ -350,6 +350,7 @@ class ModelStore:
             return fetch_checkpoint(
                 ref.checkpoint_url, field=field, trusted=ref.from_env, configs=configs, config_key=config_key,
                 precision=ref.precision, settings=self.settings, disk=self.disk, emit=emit, t5=ref.t5,
+                guessed=ref.id.startswith("url:"),
             )
         if ref.id == EMBEDDED_ID:
             from builder import tiny_model
