@@ -44,6 +44,19 @@ def test_every_task_runs_on_sd3_at_the_size_asked(run, sd3_dir, task, fields, si
     assert decode(result.images[0].base64).size == size == (result.images[0].width, result.images[0].height)
 
 
+@pytest.mark.parametrize("fields", [
+    {"image": png_b64(size=(64, 64))},
+    {"image": png_b64(size=(64, 64)), "mask_image": png_b64((255, 255, 255), size=(64, 64))},
+])
+def test_several_sd3_images_from_one_input_each_reproduce_alone(run, sd3_dir, fields):
+    from tests.helpers import assert_images_close
+
+    batch = sd3(run, sd3_dir, num_images=3, **fields)
+    assert len({image.base64 for image in batch.images}) == 3
+    alone = sd3(run, sd3_dir, seed=batch.images[2].seed, **fields)
+    assert_images_close(decode(alone.images[0].base64), decode(batch.images[2].base64), "sd3-batch-seed")
+
+
 def test_sd3_reproduces_and_takes_the_flow_matching_schedulers(run, sd3_dir):
     first = sd3(run, sd3_dir)
     assert sd3(run, sd3_dir).images[0].base64 == first.images[0].base64

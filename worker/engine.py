@@ -150,7 +150,7 @@ class Engine:
                                   generator=batch, **reference)
                     start = time.perf_counter()
                     output = first_pass(**common, num_inference_steps=request.num_inference_steps,
-                                        callback_on_step_end=reporting("inference"), **images)
+                                        callback_on_step_end=reporting("inference"), **_per_image(base, images, len(batch)))
                     _add_ms(timings, "inference", start)
                     if request.hires:
                         start = time.perf_counter()
@@ -470,6 +470,14 @@ def _texts(pipe, request: InferenceRequest, prompt: str, negative: str | None) -
     return prompts.encoded(pipe, prompt, negative, request.clip_skip, request.prompt_weighting) or {
         "prompt": prompt, "negative_prompt": negative, **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
     }
+
+
+def _per_image(pipeline, images: dict, count: int) -> dict:
+    """The input images once per image of the batch, for SD3: its img2img and inpaint pipelines
+    encode image i with generator i and would index past a single image (diffusers 0.42)."""
+    if family_of(pipeline) != SD3 or count == 1:
+        return images
+    return images | {k: [images[k]] * count for k in ("image", "mask_image") if k in images}
 
 
 def _multiple(pipeline) -> int:
