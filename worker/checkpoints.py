@@ -4,8 +4,9 @@ A ``.safetensors`` or ``.ckpt`` in the original Stable Diffusion layout is fetch
 archive (parallel, resumable, verified), converted by diffusers' ``from_single_file`` with the
 configs of ``model.id`` describing its architecture, and installed in MODELS_DIR/checkpoints as
 a diffusers directory of safetensors; the next load is a plain load. Without ``model.id``, the
-checkpoint's keys tell its architecture (SD 1.x, 2.x, SDXL; inpainting or not), and the configs
-are those of the reference model diffusers names for it.
+checkpoint's keys tell its architecture (SD 1.x, 2.x, SDXL, SD3; inpainting or not), and the
+configs are those of the reference model diffusers names for it (SD 2.x's probed for what its
+UNet predicts). SD3 checkpoints without text encoders borrow them from that model.
 
 A ``.ckpt`` is a pickle: it is read only with ``torch.load(weights_only=True)``, which refuses
 anything but tensors and plain containers, and rewritten as safetensors before diffusers sees
