@@ -200,8 +200,14 @@ class ControlNetSpec(_FileSource):
     a diffusers ControlNet directory (hub id or local path), or one .safetensors file (URL,
     hub id + weight_name, local path) in the original layout or diffusers'."""
 
-    image: ImageSource = Field(..., description="The control image, preprocessed (an edge map, a depth map ...): "
-                               "base64, `data:` URI or http(s) URL.")
+    image: ImageSource = Field(..., description="The control image, preprocessed (an edge map, a depth map ...) "
+                               "unless `preprocess` says otherwise: base64, `data:` URI or http(s) URL.")
+    preprocess: Literal["canny"] | None = Field(
+        None, description="Make the control image from a plain picture first: `canny` edges (OpenCV's, what "
+        "canny ControlNets were trained on), at the output size.",
+    )
+    low_threshold: int = Field(100, ge=1, le=255, description="canny: gradients below this are not edges.")
+    high_threshold: int = Field(200, ge=1, le=255, description="canny: gradients above this are edges for sure.")
     scale: float = Field(1.0, ge=0, le=5, description="How strongly it steers (controlnet_conditioning_scale).")
     start: float = Field(0.0, ge=0, le=1, description="Fraction of the steps after which it starts steering.")
     end: float = Field(1.0, ge=0, le=1, description="Fraction of the steps after which it stops.")
@@ -210,6 +216,12 @@ class ControlNetSpec(_FileSource):
     def _in_order(self) -> ControlNetSpec:
         if self.start >= self.end:
             raise ValueError(f"start: must be below end ({self.end}), got {self.start}")
+        if self.low_threshold > self.high_threshold:
+            raise ValueError(f"low_threshold: must not be above high_threshold ({self.high_threshold}), "
+                             f"got {self.low_threshold}")
+        thresholds = {"low_threshold", "high_threshold"} & self.model_fields_set
+        if thresholds and self.preprocess != "canny":
+            raise ValueError(f"{sorted(thresholds)[0]}: only with preprocess canny")
         return self
 
 

@@ -136,3 +136,68 @@ def test_max_loaded_controlnets_zero_keeps_none_after_the_request(settings, nets
     job(controlnets=[{"id": str(nets["sd"]), "image": RED}])
     job()  # frees it
     assert "controlnets" in job(controlnets=[{"id": str(nets["sd"]), "image": RED}]).timings  # loaded again
+
+
+def picture(size=(96, 64)) -> str:
+    """A plain picture with edges in it: a red half, a blue half, a white square, and a faint
+    square (20 levels off the red) that only low thresholds take for an edge."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, (220, 30, 30))
+    draw_ = ImageDraw.Draw(image)
+    draw_.rectangle((size[0] // 2, 0, size[0], size[1]), fill=(30, 30, 220))
+    draw_.rectangle((10, 10, 30, 30), fill=(255, 255, 255))
+    draw_.rectangle((size[0] // 4, size[1] // 2, size[0] // 4 + 20, size[1] // 2 + 20), fill=(200, 30, 30))
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_canny_preprocessing_is_opencvs_at_the_output_size(run, nets):
+    """A plain picture with preprocess canny steers as its Canny edges, computed at the size the
+    ControlNet sees, would when sent already preprocessed: the same image, bit for bit."""
+    import base64
+    import io
+
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    photo = picture((192, 128))  # twice the output size: resized first, then edged
+    net = {"id": str(nets["sd"]), "image": photo, "preprocess": "canny"}
+    edged = draw(run, width=96, height=64, controlnets=[net])
+    small = Image.open(io.BytesIO(base64.b64decode(photo))).convert("RGB").resize((96, 64))
+    edges = cv2.Canny(np.asarray(small), 100, 200)
+    assert set(np.unique(edges)) == {0, 255} and 0.01 < (edges > 0).mean() < 0.3  # edges, not a blank
+    buffer = io.BytesIO()
+    Image.fromarray(edges).convert("RGB").save(buffer, format="PNG")
+    sent = draw(run, width=96, height=64, controlnets=[{"id": str(nets["sd"]), "image": base64.b64encode(buffer.getvalue()).decode()}])
+    assert edged.images[0].base64 == sent.images[0].base64
+    raw = draw(run, width=96, height=64, controlnets=[{"id": str(nets["sd"]), "image": photo}])
+    assert raw.images[0].base64 != edged.images[0].base64
+    loose = draw(run, width=96, height=64, controlnets=[net | {"low_threshold": 20, "high_threshold": 60}])
+    assert loose.images[0].base64 != edged.images[0].base64  # the faint square's edges too
+
+
+def test_canny_settings_are_checked_and_recorded(run, nets, engine):
+    from schemas import parse_request
+    from worker.errors import answer_for
+
+    for fields, message in [
+        ({"preprocess": "canny", "low_threshold": 200, "high_threshold": 100},
+         "controlnets[0].low_threshold: must not be above high_threshold (100), got 200"),
+        ({"low_threshold": 50}, "controlnets[0].low_threshold: only with preprocess canny"),
+        ({"preprocess": "depth"}, "controlnets[0].preprocess:"),
+    ]:
+        with pytest.raises(Exception) as info:
+            parse_request(BASE | {"controlnets": [{"id": str(nets["sd"]), "image": RED} | fields]},
+                          engine.settings.limits)
+        answer, _ = answer_for(info.value, [])  # as the handler answers
+        assert answer.startswith(message), answer
+    result = draw(run, output={"metadata": True}, controlnets=[{"id": str(nets["sd"]), "image": picture(),
+                                                                "preprocess": "canny"}])
+    text = decode(result.images[0].base64).text["parameters"]
+    assert 'ControlNet 0: "Module: canny, Model: ' in text

@@ -29,7 +29,7 @@ from . import embeddings, loras, prompts
 from .controlnets import ControlNets
 from .ip_adapters import IpAdapters
 from .errors import JobCancelled, UserInputError, redact
-from .images import encode_image, load_image
+from .images import canny, encode_image, load_image
 from .models import EMBEDDED_ID, FETCHED_NOW, SD3, SDXL, SDXL_REFINER, ModelStore, family_of, model_ref
 from .outputs import Outbox
 from .publish import check_destination, export
@@ -373,6 +373,9 @@ class Engine:
             width, height = images["image"].size
             size = {}
         controls = [c.resize((width, height)) if c.size != (width, height) else c for c in controls]
+        # Preprocessed at the output size, where the ControlNet sees the edges.
+        controls = [canny(c, spec.low_threshold, spec.high_threshold) if spec.preprocess == "canny" else c
+                    for c, spec in zip(controls, request.controlnets)]
 
         def each(values: list):
             return values[0] if len(values) == 1 else values
@@ -530,7 +533,8 @@ def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], mod
     if request.loras:
         pairs["LoRAs"] = "; ".join(f"{redact(lora.url or lora.id)}:{lora.scale}" for lora in request.loras)
     for i, net in enumerate(request.controlnets):  # quoted, as AUTOMATIC1111's ControlNet writes them
-        pairs[f"ControlNet {i}"] = (f'"Model: {redact(net.url or net.id)}, Weight: {net.scale}, '
+        module = f"Module: {net.preprocess}, " if net.preprocess else ""
+        pairs[f"ControlNet {i}"] = (f'"{module}Model: {redact(net.url or net.id)}, Weight: {net.scale}, '
                                     f'Guidance Start: {net.start}, Guidance End: {net.end}"')
     if request.ip_adapter:
         pairs["IP-Adapter"] = f"{request.ip_adapter.id}/{request.ip_adapter.weight_name}:{request.ip_adapter.scale}"
