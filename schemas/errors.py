@@ -6,7 +6,7 @@ import re
 
 from pydantic import ValidationError
 
-_NESTED_RULE = re.compile(r"^[a-z_]+: ")
+_NESTED_RULE = re.compile(r"^[a-z_][a-z0-9_]*: ")
 _MAX_SHOWN = 60  # characters of an offending value quoted back (base64 images are long)
 
 

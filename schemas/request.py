@@ -121,6 +121,8 @@ class RefinerSpec(ModelSpec):
     def _named(self) -> RefinerSpec:
         if self.id is None and self.url is None and self.checkpoint_url is None:
             raise ValueError("id: name the refiner (id, url or checkpoint_url)")
+        if self.t5 is not None:
+            raise ValueError("t5: a refiner is an SDXL model, with no T5 to leave out")
         return self
 
 

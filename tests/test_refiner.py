@@ -52,6 +52,7 @@ def test_a_refiner_needs_an_sdxl_model_on_both_sides(run, sdxl_dir, refiner_dir,
     ({"refiner": {"id": "acme/r", "switch": 1}}, "refiner.switch: input should be less than 1"),
     ({"refiner": {"id": "acme/r"}, "hires": {}}, "refiner: not together with hires"),
     ({"refiner": {"id": "acme/r"}, "image": "iVBORw0KGgo"}, "refiner: only with task 'txt2img', not 'img2img'"),
+    ({"refiner": {"id": "acme/r", "t5": False}}, "refiner.t5: a refiner is an SDXL model, with no T5 to leave out"),
 ])
 def test_bad_refiner_fields_name_themselves(fields, expected):
     with pytest.raises(ValidationError) as info:
