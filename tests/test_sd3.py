@@ -195,6 +195,30 @@ def test_sd3_without_its_t5(run, engine, sd3_dir, tmp_path):
     assert sd3(run, sd3_dir, model={"id": str(no_t5), "t5": False}).images[0].base64 == lean.images[0].base64
 
 
+def test_sd3_converts_without_t5_to_an_archive_of_its_own(settings, s3, sd3_dir, tmp_path):
+    """convert with model.t5 false: a lean archive (no T5 to fetch at a cold start), which a bare
+    s3:// names apart from the full model's."""
+    from schemas import ConvertRequest
+    from tests.helpers import BUCKET, generate, hub_cache
+    from worker.engine import Engine
+
+    worker = settings.model_copy(update={"hf_hub_cache": hub_cache(tmp_path / "hub", "acme/sd3", sd3_dir,
+                                                                   {"main": "3" * 40})})
+
+    def convert(**model):
+        request = ConvertRequest.model_validate({"task": "convert", "model": {"id": "acme/sd3"} | model,
+                                                 "convert": {"dest_url": "s3://", "precision": "fp32"}})
+        return Engine(worker).convert(request, lambda event: None, lambda: False).convert
+
+    full, lean = convert(), convert(t5=False)
+    assert full.url == f"s3://{BUCKET}/models--acme--sd3--fp32.tar.zst"
+    assert lean.url == f"s3://{BUCKET}/models--acme--sd3--fp32--no-t5.tar.zst"
+    t5_bytes = (sd3_dir / "text_encoder_3" / "model.safetensors").stat().st_size
+    assert full.size_bytes - lean.size_bytes > 0.8 * t5_bytes
+    served = generate(settings.model_copy(update={"models_dir": tmp_path / "fresh"}), {"url": lean.url, "t5": False})
+    assert served.images[0].base64 == generate(settings, {"id": str(sd3_dir), "t5": False}).images[0].base64
+
+
 def test_t5_false_on_a_model_without_t5(run, models_dir):
     from worker.engine import Engine
     from worker.errors import ModelSourceError

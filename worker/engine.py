@@ -30,12 +30,12 @@ from .controlnets import ControlNets
 from .ip_adapters import IpAdapters
 from .errors import JobCancelled, UserInputError, redact
 from .images import canny, encode_image, load_image
-from .models import EMBEDDED_ID, FETCHED_NOW, SD3, SDXL, SDXL_REFINER, ModelStore, family_of, model_ref
+from .models import EMBEDDED_ID, FETCHED_NOW, SD3, SDXL, SDXL_REFINER, ModelStore, check_t5, family_at, family_of, model_ref
 from .outputs import Outbox
 from .publish import check_destination, export
 from .schedulers import make_scheduler
 from .settings import Settings
-from .storage import parse_location
+from .storage import conventional_name, parse_location
 from .timing import ms_since
 from .vaes import Vaes
 
@@ -224,10 +224,16 @@ class Engine:
             path, source = self.models.locate(ref, emit)
         if source in FETCHED_NOW:
             timings["download"] = ms_since(start)
+        check_t5(ref, path)
+        lean = not ref.t5 and family_at(path) == SD3
+        if lean and hub_id:  # an SD3 model without T5 is another model: not under the full one's name
+            location = parse_location(spec.dest_url, "convert.dest_url", self.settings, hub_id, spec.precision, suffix,
+                                      default_name=conventional_name(hub_id, spec.precision, "convert.dest_url",
+                                                                     "--no-t5" + suffix))
         # 3. Load on the CPU in the target precision, save as safetensors, pack, upload.
         with self.models.disk.staging() as staging:
             _, out = export(path, ref.variant, location, spec.precision, staging=staging, settings=self.settings,
-                            field="convert.dest_url", emit=emit, timings=timings)
+                            field="convert.dest_url", emit=emit, timings=timings, t5=not lean)
         info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=spec.precision, device="cpu")
         return Result(task="convert", convert=out, timings=timings, model=info)
 

@@ -201,7 +201,7 @@ def family_of(pipeline: Any) -> str | None:
     return family({name: type(module).__name__ for name, module in pipeline.components.items() if module is not None})
 
 
-def _check_family(path: Path) -> str | None:
+def family_at(path: Path) -> str | None:
     """Refuse a model this worker cannot run before loading gigabytes of it; else its family."""
     try:
         index = json.loads((path / "model_index.json").read_text())
@@ -215,6 +215,12 @@ def _check_family(path: Path) -> str | None:
     return kind
 
 
+def check_t5(ref: ModelRef, path: Path) -> None:
+    """A request's ``t5: false`` on a model without T5 is a mistake to answer."""
+    if ref.t5_asked and not ref.t5 and family_at(path) != SD3:
+        raise ModelSourceError("model.t5", f"{ref.id} has no T5 encoder to leave out (only SD3 models do)")
+
+
 # What leaves SD3's T5 out, for DiffusionPipeline.from_pretrained and .download alike.
 WITHOUT_T5 = {"text_encoder_3": None, "tokenizer_3": None}
 
@@ -224,7 +230,7 @@ def load_pipeline(path: Path, precision: str, variant: str | None, device: str, 
     import torch
     from diffusers import DiffusionPipeline
 
-    without_t5 = _check_family(path) == SD3 and not t5
+    without_t5 = family_at(path) == SD3 and not t5
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     try:
         pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True,
@@ -437,8 +443,7 @@ class ModelStore:
     # --- Loading ---
 
     def _load(self, path: Path, ref: ModelRef) -> Any:
-        if ref.t5_asked and not ref.t5 and _check_family(path) != SD3:
-            raise ModelSourceError("model.t5", f"{ref.id} has no T5 encoder to leave out (only SD3 models do)")
+        check_t5(ref, path)
         try:
             return load_pipeline(path, ref.precision, ref.variant, self.device, ref.t5)
         except ModelSourceError as exc:

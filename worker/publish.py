@@ -129,8 +129,9 @@ def publish(model_dir: Path, location: Location, compression: str, precision: st
 
 def export(source_dir: Path, variant: str | None, location: Location, precision: str, *, staging: Path,
            settings: Settings, field: str, emit: Callable[[Progress], None],
-           timings: dict[str, float]) -> tuple[Path, ConvertOut]:
-    """Load ``source_dir`` on the CPU in ``precision``, save it as safetensors only, publish it.
+           timings: dict[str, float], t5: bool = True) -> tuple[Path, ConvertOut]:
+    """Load ``source_dir`` on the CPU in ``precision``, save it as safetensors only, publish it
+    (an SD3 model without its T5 if not ``t5``).
 
     Returns the saved directory (ready to install as the archive's cache entry) and what was
     published. The CPU does this so the GPU and the models warm on it are left alone."""
@@ -138,7 +139,7 @@ def export(source_dir: Path, variant: str | None, location: Location, precision:
 
     start = time.perf_counter()
     emit(Progress(stage="load", step=0, total=1))
-    pipeline = load_pipeline(source_dir, precision, variant, "cpu")
+    pipeline = load_pipeline(source_dir, precision, variant, "cpu", t5)
     emit(Progress(stage="load", step=1, total=1))
     timings["load"] = ms_since(start)
     start = time.perf_counter()
