@@ -30,7 +30,9 @@ from .controlnets import ControlNets
 from .ip_adapters import IpAdapters
 from .errors import JobCancelled, UserInputError, redact
 from .images import canny, encode_image, load_image
-from .models import EMBEDDED_ID, FETCHED_NOW, SD3, SDXL, SDXL_REFINER, ModelStore, check_t5, family_at, family_of, model_ref
+from .models import (
+    EMBEDDED_ID, FETCHED_NOW, SD3, SDXL, SDXL_REFINER, ModelStore, check_t5, family_at, family_of, model_ref,
+)
 from .outputs import Outbox
 from .publish import check_destination, export
 from .schedulers import make_scheduler
@@ -150,7 +152,8 @@ class Engine:
                                   generator=batch, **reference)
                     start = time.perf_counter()
                     output = first_pass(**common, num_inference_steps=request.num_inference_steps,
-                                        callback_on_step_end=reporting("inference"), **_per_image(base, images, len(batch)))
+                                        callback_on_step_end=reporting("inference"),
+                                        **_per_image(base, images, len(batch)))
                     _add_ms(timings, "inference", start)
                     if request.hires:
                         start = time.perf_counter()

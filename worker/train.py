@@ -70,7 +70,8 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     start = time.perf_counter()
     class_name = json.loads((model_dir / "model_index.json").read_text()).get("_class_name")
     if class_name not in _TRAINABLE:
-        raise UserInputError("model.id", f"training supports Stable Diffusion 1.x / 2.x, XL and 3 models, not {class_name}")
+        raise UserInputError("model.id",
+                             f"training supports Stable Diffusion 1.x / 2.x, XL and 3 models, not {class_name}")
     if class_name == "StableDiffusion3Pipeline":
         _check_sd3(spec)
     emit(Progress(stage="load", step=0, total=1))
