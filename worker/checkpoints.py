@@ -231,7 +231,7 @@ def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: 
         raise ModelSourceError(
             field, f"could not convert the checkpoint with the configs of model.id ({type(exc).__name__}: {detail})"
         ) from None
-    velocity = pipeline.scheduler.config.prediction_type == "v_prediction"
+    velocity = pipeline.scheduler.config.get("prediction_type") == "v_prediction"
     if guessed and class_name == "StableDiffusionPipeline" and velocity:
         _fit_sd2_parameterization(pipeline)
     pipeline.save_pretrained(out, safe_serialization=True)
