@@ -274,8 +274,7 @@ class Engine:
         width, height = self._size_from(image, request, "image", _multiple(base))
         args = {"image": image.resize((width, height)) if image.size != (width, height) else image,
                 "strength": request.strength}
-        if family_of(base) == SD3:  # its img2img would resize the image to its default size
-            args.update(width=width, height=height)
+        args.update(_sized(base, width, height))
         if request.task == "inpaint":
             mask = load_image(request.mask_image, "mask_image", self.settings, mode="L")
             args.update(mask_image=mask.resize((width, height)), width=width, height=height)
@@ -319,9 +318,7 @@ class Engine:
                 controls["control_image"] = control.resize((width, height))
         second = AutoPipelineForImage2Image.from_pipe(pipe)
         second.set_progress_bar_config(disable=True)
-        if family_of(pipe) == SD3:  # its img2img would resize the image to its default size
-            controls.update(width=width, height=height)
-        return second(image=upscaled, strength=hires.strength, **controls, **common)
+        return second(**_sized(pipe, width, height), image=upscaled, strength=hires.strength, **controls, **common)
 
     def _refine(self, request: InferenceRequest, prompt: str, negative: str | None, latents, generators,
                 on_step: Callable, emit: Emit, timings: dict[str, float]) -> tuple[Any, ModelInfo]:
@@ -482,6 +479,12 @@ def _texts(pipe, request: InferenceRequest, prompt: str, negative: str | None) -
     return prompts.encoded(pipe, prompt, negative, request.clip_skip, request.prompt_weighting) or {
         "prompt": prompt, "negative_prompt": negative, **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
     }
+
+
+def _sized(pipeline, width: int, height: int) -> dict:
+    """The size, for SD3's img2img pipeline, which would resize its input to the model's
+    default size without it (SD's and SDXL's take the input's and have no such arguments)."""
+    return {"width": width, "height": height} if family_of(pipeline) == SD3 else {}
 
 
 def _per_image(pipeline, images: dict, count: int) -> dict:
