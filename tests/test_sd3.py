@@ -195,6 +195,23 @@ def test_sd3_without_its_t5(run, engine, sd3_dir, tmp_path):
     assert sd3(run, sd3_dir, model={"id": str(no_t5), "t5": False}).images[0].base64 == lean.images[0].base64
 
 
+def test_a_hub_snapshot_without_t5_serves_t5_false_only(settings, sd3_dir, tmp_path):
+    """What a download with t5 false left in the hub cache is not the full model: a request for
+    that wants T5 fetched (here, offline, it says it is missing), not a failed load."""
+    import shutil
+
+    from tests.helpers import generate, hub_cache
+    from worker.errors import ModelSourceError
+
+    no_t5 = tmp_path / "sd3-without-t5"
+    shutil.copytree(sd3_dir, no_t5, ignore=lambda folder, names: ["text_encoder_3"] if folder == str(sd3_dir) else [])
+    worker = settings.model_copy(update={"hf_hub_cache": hub_cache(tmp_path / "hub", "acme/sd3", no_t5,
+                                                                   {"main": "4" * 40})})
+    assert generate(worker, {"id": "acme/sd3", "t5": False}).model.source == "cache"
+    with pytest.raises(ModelSourceError, match="^model.id: acme/sd3 is not cached on this worker and HF_HUB_OFFLINE"):
+        generate(worker, {"id": "acme/sd3"})
+
+
 def test_sd3_converts_without_t5_to_an_archive_of_its_own(settings, s3, sd3_dir, tmp_path):
     """convert with model.t5 false: a lean archive (no T5 to fetch at a cold start), which a bare
     s3:// names apart from the full model's."""

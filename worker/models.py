@@ -221,6 +221,15 @@ def check_t5(ref: ModelRef, path: Path) -> None:
         raise ModelSourceError("model.t5", f"{ref.id} has no T5 encoder to leave out (only SD3 models do)")
 
 
+def _lists_t5(path: Path) -> bool:
+    """Whether the model in ``path`` has a T5 encoder (SD3's text_encoder_3)."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool((index.get("text_encoder_3") or [None, None])[1])
+
+
 # What leaves SD3's T5 out, for DiffusionPipeline.from_pretrained and .download alike.
 WITHOUT_T5 = {"text_encoder_3": None, "tokenizer_3": None}
 
@@ -421,8 +430,10 @@ class ModelStore:
                     path = Path(download(ref.id, cache_dir=cache, local_files_only=True, **options))
                 except (hub_errors.LocalEntryNotFoundError, FileNotFoundError):
                     continue
-                # A cached snapshot may hold only the configs of an earlier conversion.
-                if all(any((path / part).glob("*.safetensors")) for part in parts):
+                # A cached snapshot may hold only the configs of an earlier conversion, or an SD3
+                # model without the T5 that this request wants.
+                wanted = parts if configs_only else (["text_encoder_3"] if ref.t5 and _lists_t5(path) else [])
+                if all(any((path / part).glob("*.safetensors")) for part in wanted):
                     return path, "cache"
         if self.settings.hf_hub_offline:
             raise ModelSourceError("model.id", f"{ref.id} is not cached on this worker and HF_HUB_OFFLINE is set")
