@@ -204,9 +204,9 @@ class ControlNetSpec(_FileSource):
 
     image: ImageSource = Field(..., description="The control image, preprocessed (an edge map, a depth map ...) "
                                "unless `preprocess` says otherwise: base64, `data:` URI or http(s) URL.")
-    preprocess: Literal["canny"] | None = Field(
-        None, description="Make the control image from a plain picture first: `canny` edges (OpenCV's, what "
-        "canny ControlNets were trained on), at the output size.",
+    preprocess: Literal["canny", "depth"] | None = Field(
+        None, description="Make the control image from a plain picture first, at the output size: `canny` "
+        "edges (OpenCV's, what canny ControlNets were trained on), or a `depth` map (the endpoint's DEPTH_MODEL).",
     )
     low_threshold: int = Field(100, ge=1, le=255, description="canny: gradients below this are not edges.")
     high_threshold: int = Field(200, ge=1, le=255, description="canny: gradients above this are edges for sure.")

@@ -190,7 +190,7 @@ def test_canny_settings_are_checked_and_recorded(run, nets, engine):
         ({"preprocess": "canny", "low_threshold": 200, "high_threshold": 100},
          "controlnets[0].low_threshold: must not be above high_threshold (100), got 200"),
         ({"low_threshold": 50}, "controlnets[0].low_threshold: only with preprocess canny"),
-        ({"preprocess": "depth"}, "controlnets[0].preprocess:"),
+        ({"preprocess": "openpose"}, "controlnets[0].preprocess:"),
     ]:
         with pytest.raises(Exception) as info:
             parse_request(BASE | {"controlnets": [{"id": str(nets["sd"]), "image": RED} | fields]},
@@ -201,3 +201,48 @@ def test_canny_settings_are_checked_and_recorded(run, nets, engine):
                                                                 "preprocess": "canny"}])
     text = decode(result.images[0].base64).text["parameters"]
     assert 'ControlNet 0: "Module: canny, Model: ' in text
+
+
+def test_depth_preprocessing_is_the_depth_models_map_at_the_output_size(settings, nets, tmp_path):
+    """A plain picture with preprocess depth steers as the depth estimator's map of it, made at
+    the size the ControlNet sees, would when sent already made: the same image, bit for bit."""
+    import base64
+    import io
+
+    from PIL import Image
+    from transformers import pipeline
+
+    from tests.depth import build_depth_model
+    from worker.engine import Engine
+
+    depth_dir = build_depth_model(tmp_path / "depth")
+    engine = Engine(settings.model_copy(update={"depth_model": str(depth_dir)}))
+
+    def job(**fields):
+        return engine.generate(InferenceRequest.model_validate(BASE | {"width": 96, "height": 64} | fields),
+                               lambda _: None, lambda: False).images[0].base64
+
+    photo = picture((192, 128))
+    made = job(controlnets=[{"id": str(nets["sd"]), "image": photo, "preprocess": "depth"}])
+    small = Image.open(io.BytesIO(base64.b64decode(photo))).convert("RGB").resize((96, 64))
+    depth = pipeline("depth-estimation", model=str(depth_dir))(small)["depth"]
+    assert depth.size == (96, 64) and len(set(depth.tobytes())) > 10  # a map, not a flat image
+    buffer = io.BytesIO()
+    depth.convert("RGB").save(buffer, format="PNG")
+    assert made == job(controlnets=[{"id": str(nets["sd"]), "image": base64.b64encode(buffer.getvalue()).decode()}])
+    assert made != job(controlnets=[{"id": str(nets["sd"]), "image": photo}])
+
+
+def test_the_depth_model_comes_from_the_hub_cache_or_says_why_not(settings, nets, tmp_path):
+    from tests.depth import build_depth_model
+    from worker.engine import Engine
+
+    control = {"id": str(nets["sd"]), "image": picture(), "preprocess": "depth"}
+    request = InferenceRequest.model_validate(BASE | {"controlnets": [control]})
+    with pytest.raises(ModelSourceError, match=r"^controlnets\[0\]\.preprocess: depth-anything/Depth-Anything-V2-"
+                                               r"Small-hf is not cached on this worker and HF_HUB_OFFLINE is set"):
+        Engine(settings).generate(request, lambda _: None, lambda: False)
+    hub = hub_cache(tmp_path / "hub", "depth-anything/Depth-Anything-V2-Small-hf",
+                    build_depth_model(tmp_path / "depth"), {"main": "d" * 40})
+    engine = Engine(settings.model_copy(update={"hf_hub_cache": hub}))
+    assert engine.generate(request, lambda _: None, lambda: False).images

@@ -29,11 +29,12 @@ from . import embeddings, loras, prompts
 from .controlnets import ControlNets
 from .ip_adapters import IpAdapters
 from .errors import JobCancelled, UserInputError, redact
-from .images import canny, encode_image, load_image
+from .images import encode_image, load_image
 from .models import (
     EMBEDDED_ID, FETCHED_NOW, SD3, SDXL, SDXL_REFINER, ModelStore, check_t5, family_at, family_of, model_ref,
 )
 from .outputs import Outbox
+from .preprocess import Depth, canny
 from .publish import check_destination, export
 from .schedulers import make_scheduler
 from .settings import Settings
@@ -74,6 +75,7 @@ class Engine:
         self.controlnets = ControlNets(settings, self.models.disk)
         self.vaes = Vaes(settings, self.models.disk)
         self.ip_adapters = IpAdapters(settings)
+        self.depth = Depth(settings, self.device)
         self._lock = threading.Lock()  # one job on the GPU at a time
 
     def warm_up(self) -> None:
@@ -261,6 +263,7 @@ class Engine:
             self.controlnets.clear()
             self.vaes.clear()
             self.ip_adapters.clear()
+            self.depth.clear()
             out = train.train(spec, path, ref.variant, location, device=self.device, staging=staging,
                               settings=self.settings, emit=emit, cancelled=cancelled, timings=timings)
         info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision="fp32", device=self.device)
@@ -379,9 +382,12 @@ class Engine:
             width, height = images["image"].size
             size = {}
         controls = [c.resize((width, height)) if c.size != (width, height) else c for c in controls]
-        # Preprocessed at the output size, where the ControlNet sees the edges.
-        controls = [canny(c, spec.low_threshold, spec.high_threshold) if spec.preprocess == "canny" else c
-                    for c, spec in zip(controls, request.controlnets)]
+        # Preprocessed at the output size, where the ControlNet sees them.
+        for i, spec in enumerate(request.controlnets):
+            if spec.preprocess == "canny":
+                controls[i] = canny(controls[i], spec.low_threshold, spec.high_threshold)
+            elif spec.preprocess == "depth":
+                controls[i] = self.depth(controls[i], f"controlnets[{i}].preprocess")
 
         def each(values: list):
             return values[0] if len(values) == 1 else values

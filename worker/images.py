@@ -53,16 +53,6 @@ def load_image(source: str, field: str, settings: Settings, mode: str = "RGB") -
     return image.convert(mode)
 
 
-def canny(image: Image.Image, low: int, high: int) -> Image.Image:
-    """OpenCV's Canny edges of ``image`` (what canny ControlNets were trained on), white on
-    black, as an RGB control image."""
-    import cv2
-    import numpy as np
-
-    edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)
-    return Image.fromarray(edges).convert("RGB")
-
-
 def encode_image(image: Image.Image, fmt: str, quality: int | None, parameters: str | None = None) -> bytes:
     """``image`` as file bytes; ``parameters`` (how it was made) goes where image tools read it:
     a PNG ``parameters`` text chunk (AUTOMATIC1111's), or the EXIF ImageDescription."""

@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     max_loaded_ip_adapters: int = Field(
         1, ge=1, le=16, description="IP-Adapter image encoders (and weights) kept on the device across jobs."
     )
+    depth_model: str = Field(
+        "depth-anything/Depth-Anything-V2-Small-hf",
+        description="Depth estimator for controlnets[i].preprocess depth: a hub id or a local directory.",
+    )
     max_batch_size: int = Field(
         4, ge=0, description="Images denoised together at most; more run in several batches (0: all at once)."
     )
