@@ -1,6 +1,7 @@
 """Every per-request part on CUDA in fp16 at once (``pytest -m gpu`` on a GPU machine; skipped
-elsewhere): device and dtype must follow the model's for ControlNets, IP-Adapters, request
-VAEs, prompt windows and the hires pass, which CPU runs cannot show."""
+elsewhere): device and dtype must follow the model's for ControlNets (and the depth
+preprocessor), IP-Adapters, request VAEs, prompt windows and the hires pass, which CPU runs
+cannot show."""
 
 from __future__ import annotations
 
@@ -20,10 +21,15 @@ def test_everything_per_request_on_cuda_in_fp16(settings, tiny_dir, tmp_path):
         pytest.skip("no CUDA device on this machine")
     from worker.engine import Engine
 
-    engine = Engine(settings.model_copy(update={"device": "cuda"}))
+    from tests.depth import build_depth_model
+
+    engine = Engine(settings.model_copy(update={"device": "cuda",
+                                                "depth_model": str(build_depth_model(tmp_path / "depth"))}))
+    net_dir = str(build_controlnet(tiny_dir, tmp_path / "net"))
     request = InferenceRequest.model_validate({
         "prompt": "(lighthouse:1.3) " * 12 + "BREAK red", "num_inference_steps": 4, "seed": 2,
-        "controlnets": [{"id": str(build_controlnet(tiny_dir, tmp_path / "net")), "image": png_b64()}],
+        "controlnets": [{"id": net_dir, "image": png_b64()},
+                        {"id": net_dir, "image": png_b64(), "preprocess": "depth"}],
         "ip_adapter": {"id": str(build_ip_adapter(tiny_dir, tmp_path / "ip")), "weight_name": WEIGHTS,
                        "image": png_b64((0, 0, 255))},
         "vae": {"id": str(tiny_dir / "vae")}, "hires": {"scale": 1.5, "upscaler": "lanczos"},
@@ -36,6 +42,8 @@ def test_everything_per_request_on_cuda_in_fp16(settings, tiny_dir, tmp_path):
     [vae] = engine.vaes.warm.values()
     for module in (net, encoder, vae):
         assert (module.device.type, module.dtype) == ("cuda", torch.float16)
+    [depth] = engine.depth.warm.values()
+    assert depth.model.device.type == "cuda"  # (in fp32: 25 M parameters)
     plain = engine.generate(InferenceRequest.model_validate({"prompt": "a", "num_inference_steps": 2}),
                             lambda _: None, lambda: False)
     assert plain.images[0].width == 64  # and the warm model is plain again
