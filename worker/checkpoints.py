@@ -193,12 +193,11 @@ def _pickle_to_safetensors(path: Path, out: Path, field: str) -> Path:
     return out
 
 
-def _parts(weights: Path, config_dir: Path, dtype, field: str, t5: bool) -> dict:
-    """What the checkpoint lacks, loaded from the configs' model (diffusers will not look
-    there); without ``t5``, an SD3 model's T5 left out."""
+def _parts(weights: Path, config_dir: Path, index: dict, dtype, field: str, t5: bool) -> dict:
+    """What the checkpoint lacks, loaded from the configs' model (``index``: its
+    model_index.json; diffusers will not look there); without ``t5``, an SD3 model's T5 left out."""
     import importlib
 
-    index = json.loads((config_dir / "model_index.json").read_text())
     parts = {} if t5 or "text_encoder_3" not in index else {"text_encoder_3": None, "tokenizer_3": None}
     for name in missing_parts(weights, t5):
         library, class_name = index[name]
@@ -216,12 +215,13 @@ def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: 
     import diffusers
     import torch
 
-    class_name = json.loads((config_dir / "model_index.json").read_text())["_class_name"]
+    index = json.loads((config_dir / "model_index.json").read_text())
+    class_name = index["_class_name"]
     pipeline_class = getattr(diffusers, class_name, None)
     if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
         raise ModelSourceError("model.id", f"{class_name} pipelines cannot load single-file checkpoints")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    parts = _parts(weights, config_dir, dtype, field, t5)
+    parts = _parts(weights, config_dir, index, dtype, field, t5)
     try:
         pipeline = pipeline_class.from_single_file(
             str(weights), config=str(config_dir), local_files_only=True, dtype=dtype, **parts

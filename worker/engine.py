@@ -31,7 +31,8 @@ from .ip_adapters import IpAdapters
 from .errors import JobCancelled, UserInputError, redact
 from .images import encode_image, load_image
 from .models import (
-    EMBEDDED_ID, FETCHED_NOW, SD3, SDXL, SDXL_REFINER, ModelStore, check_t5, family_at, family_of, model_ref,
+    EMBEDDED_ID, FETCHED_NOW, SD3, SDXL, SDXL_REFINER, ModelStore, check_t5, denoiser, family_at, family_of,
+    model_ref,
 )
 from .outputs import Outbox
 from .preprocess import Depth, canny
@@ -111,7 +112,7 @@ class Engine:
 
             # 3. The pipeline for this task, sharing the loaded components, with its own scheduler
             #    (and this request's ControlNets and VAE, kept warm).
-            nets = self.controlnets.get(request.controlnets, _denoiser(base), emit, timings)
+            nets = self.controlnets.get(request.controlnets, denoiser(base), emit, timings)
             vae = self.vaes.get(request.vae, base.vae, emit, timings) if request.vae else None
             pipe = self._task_pipeline(loaded, request, nets, vae)
             self._vae_memory(pipe.vae, request.num_images, _vae_pixels(request, images, base, multiple))
@@ -507,14 +508,9 @@ def _multiple(pipeline) -> int:
     return pipeline.vae_scale_factor * (transformer.config.patch_size if transformer is not None else 1)
 
 
-def _denoiser(pipeline):
-    """The UNet, or SD3's transformer."""
-    return getattr(pipeline, "unet", None) or pipeline.transformer
-
-
 def _default_size(pipeline) -> int:
     """The side of the model's own images (512 for SD 1.5, 1024 for SDXL and SD3)."""
-    return _denoiser(pipeline).config.sample_size * pipeline.vae_scale_factor
+    return denoiser(pipeline).config.sample_size * pipeline.vae_scale_factor
 
 
 def _vae_pixels(request: InferenceRequest, images: dict, pipeline, multiple: int) -> int:

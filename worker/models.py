@@ -201,11 +201,23 @@ def family_of(pipeline: Any) -> str | None:
     return family({name: type(module).__name__ for name, module in pipeline.components.items() if module is not None})
 
 
+def denoiser(pipeline: Any) -> Any:
+    """What denoises: the UNet, or SD3's transformer."""
+    return getattr(pipeline, "unet", None) or pipeline.transformer
+
+
+def _index(path: Path) -> dict | None:
+    """The model's ``model_index.json``; None if it has none readable."""
+    try:
+        return json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def family_at(path: Path) -> str | None:
     """Refuse a model this worker cannot run before loading gigabytes of it; else its family."""
-    try:
-        index = json.loads((path / "model_index.json").read_text())
-    except (OSError, ValueError):
+    index = _index(path)
+    if index is None:
         return None  # from_pretrained says what is wrong with it
     components = {k: v[1] for k, v in index.items() if isinstance(v, list) and len(v) == 2}
     kind = family(components)
@@ -223,11 +235,7 @@ def check_t5(ref: ModelRef, path: Path) -> None:
 
 def _lists_t5(path: Path) -> bool:
     """Whether the model in ``path`` has a T5 encoder (SD3's text_encoder_3)."""
-    try:
-        index = json.loads((path / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return bool((index.get("text_encoder_3") or [None, None])[1])
+    return bool(((_index(path) or {}).get("text_encoder_3") or [None, None])[1])
 
 
 # What leaves SD3's T5 out, for DiffusionPipeline.from_pretrained and .download alike.

@@ -45,7 +45,7 @@ from schemas import Progress, TrainOut, TrainSpec
 
 from .errors import JobCancelled, UserInputError
 from .images import load_image
-from .models import load_pipeline
+from .models import SD3, denoiser, family_of, load_pipeline
 from .publish import publish, upload
 from .settings import Settings
 from .storage import Location
@@ -178,11 +178,6 @@ def _check_sd3(spec: TrainSpec) -> None:
         raise UserInputError("train.resolution", f"must be a multiple of 16 for SD3 models, got {spec.resolution}")
 
 
-def _denoiser(pipe):
-    """What training changes: the UNet, or SD3's transformer."""
-    return getattr(pipe, "unet", None) or pipe.transformer
-
-
 def _autocast_dtype(device: str) -> torch.dtype | None:
     if device != "cuda":
         return None  # CPU: plain fp32
@@ -194,28 +189,28 @@ def _prepare(pipe, spec: TrainSpec, autocast_dtype: torch.dtype | None) -> list[
     from peft import LoraConfig, inject_adapter_in_model
 
     encoders = _text_encoders(pipe)
-    denoiser = _denoiser(pipe)
-    for module in (denoiser, pipe.vae, *encoders):
+    trained = denoiser(pipe)
+    for module in (trained, pipe.vae, *encoders):
         module.requires_grad_(False)
     if spec.method == "lora":
         if autocast_dtype is not None:  # frozen base weights in half; the adapters stay fp32
-            for module in (denoiser, *encoders):
+            for module in (trained, *encoders):
                 module.to(dtype=autocast_dtype)
         config = dict(r=spec.rank, lora_alpha=spec.rank, init_lora_weights="gaussian")
-        targets = _MMDIT_LORA_TARGETS if denoiser is not getattr(pipe, "unet", None) else _UNET_LORA_TARGETS
-        denoiser.add_adapter(LoraConfig(target_modules=targets, **config))
+        targets = _MMDIT_LORA_TARGETS if family_of(pipe) == SD3 else _UNET_LORA_TARGETS
+        trained.add_adapter(LoraConfig(target_modules=targets, **config))
         if spec.train_text_encoder:
             # transformers 5's own add_adapter wants peft >= 0.22; peft's injection works with 0.21.
             for encoder in encoders:
                 inject_adapter_in_model(LoraConfig(target_modules=_TEXT_LORA_TARGETS, **config), encoder)
-        modules = [denoiser] + (encoders if spec.train_text_encoder else [])
+        modules = [trained] + (encoders if spec.train_text_encoder else [])
         params = [p for m in modules for n, p in m.named_parameters() if "lora_" in n]
         for p in params:
             p.data = p.data.float()
             p.requires_grad_(True)
     else:
-        denoiser.requires_grad_(True)
-        params = list(denoiser.parameters())
+        trained.requires_grad_(True)
+        params = list(trained.parameters())
         for encoder in encoders:
             if spec.train_text_encoder:
                 encoder.requires_grad_(True)
@@ -223,10 +218,10 @@ def _prepare(pipe, spec: TrainSpec, autocast_dtype: torch.dtype | None) -> list[
             elif autocast_dtype is not None:
                 encoder.to(dtype=autocast_dtype)
         if autocast_dtype is not None:
-            denoiser.enable_gradient_checkpointing()  # a full UNet's activations are the memory hog
+            trained.enable_gradient_checkpointing()  # a full UNet's activations are the memory hog
     if autocast_dtype is not None:
         pipe.vae.to(dtype=autocast_dtype)  # done with: the latents are encoded
-    denoiser.train()
+    trained.train()
     for encoder in encoders:
         encoder.train(spec.train_text_encoder)
     return params
@@ -314,13 +309,13 @@ def _batch(encoded: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[tor
 def _noise_scheduler(pipe):
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    flow = hasattr(pipe, "transformer")  # SD3: its own, set for every training timestep
+    flow = family_of(pipe) == SD3  # SD3: its own, set for every training timestep
     return (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler).from_config(pipe.scheduler.config)
 
 
 def _loss(pipe, scheduler, latents, text, resolution: int, generator, prior_weight: float | None,
           snr_gamma: float | None) -> torch.Tensor:
-    predict = _flow_matching if hasattr(pipe, "transformer") else _diffusion
+    predict = _flow_matching if family_of(pipe) == SD3 else _diffusion
     prediction, target, steps = predict(pipe, scheduler, latents, text, resolution, generator)
     prediction, target = prediction.float(), target.float()
     if prior_weight is not None:
@@ -417,9 +412,9 @@ def _publish_lora(pipe, spec, location, staging, settings, emit, timings) -> tup
 
     def layers(module) -> dict:
         state = get_peft_model_state_dict(module)
-        if module is getattr(pipe, "unet", None) or module in _text_encoders(pipe):
-            # diffusers' layout for these, as its training examples save them; SD3's loader
-            # reads peft's own (and would skip attention layers in the other).
+        if family_of(pipe) != SD3:
+            # diffusers' layout for the UNet and text encoders, as its training examples save
+            # them; SD3's loader reads peft's own (and would skip attention layers in the other).
             state = convert_state_dict_to_diffusers(state)
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
@@ -427,9 +422,8 @@ def _publish_lora(pipe, spec, location, staging, settings, emit, timings) -> tup
     if spec.train_text_encoder:
         names = ("text_encoder_lora_layers", "text_encoder_2_lora_layers")
         extra = {name: layers(encoder) for name, encoder in zip(names, _text_encoders(pipe))}
-    denoiser = _denoiser(pipe)
-    name = "unet_lora_layers" if denoiser is getattr(pipe, "unet", None) else "transformer_lora_layers"
-    type(pipe).save_lora_weights(staging, weight_name="lora.safetensors", **{name: layers(denoiser)}, **extra)
+    name = "transformer_lora_layers" if family_of(pipe) == SD3 else "unet_lora_layers"
+    type(pipe).save_lora_weights(staging, weight_name="lora.safetensors", **{name: layers(denoiser(pipe))}, **extra)
     path = staging / "lora.safetensors"
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -446,8 +440,8 @@ def _publish_lora(pipe, spec, location, staging, settings, emit, timings) -> tup
 def _publish_model(pipe, spec, location, staging, settings, emit, timings) -> tuple[str, int]:
     start = time.perf_counter()
     emit(Progress(stage="save", step=0, total=1))
-    _denoiser(pipe).disable_gradient_checkpointing()
-    for module in (_denoiser(pipe), *_text_encoders(pipe)):
+    denoiser(pipe).disable_gradient_checkpointing()
+    for module in (denoiser(pipe), *_text_encoders(pipe)):
         module.eval()
     pipe.to("cpu", _dtype(spec.precision))
     pipe.save_pretrained(staging / "model", safe_serialization=True)
