@@ -204,9 +204,10 @@ class ControlNetSpec(_FileSource):
 
     image: ImageSource = Field(..., description="The control image, preprocessed (an edge map, a depth map ...) "
                                "unless `preprocess` says otherwise: base64, `data:` URI or http(s) URL.")
-    preprocess: Literal["canny", "depth"] | None = Field(
+    preprocess: Literal["canny", "depth", "openpose"] | None = Field(
         None, description="Make the control image from a plain picture first, at the output size: `canny` "
-        "edges (OpenCV's, what canny ControlNets were trained on), or a `depth` map (the endpoint's DEPTH_MODEL).",
+        "edges (OpenCV's, what canny ControlNets were trained on), a `depth` map (the endpoint's DEPTH_MODEL), or "
+        "`openpose` body skeletons (found by PERSON_MODEL and POSE_MODEL, drawn as OpenPose draws them).",
     )
     low_threshold: int = Field(100, ge=1, le=255, description="canny: gradients below this are not edges.")
     high_threshold: int = Field(200, ge=1, le=255, description="canny: gradients above this are edges for sure.")

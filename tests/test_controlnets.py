@@ -190,7 +190,7 @@ def test_canny_settings_are_checked_and_recorded(run, nets, engine):
         ({"preprocess": "canny", "low_threshold": 200, "high_threshold": 100},
          "controlnets[0].low_threshold: must not be above high_threshold (100), got 200"),
         ({"low_threshold": 50}, "controlnets[0].low_threshold: only with preprocess canny"),
-        ({"preprocess": "openpose"}, "controlnets[0].preprocess:"),
+        ({"preprocess": "openpose_full"}, "controlnets[0].preprocess:"),
     ]:
         with pytest.raises(Exception) as info:
             parse_request(BASE | {"controlnets": [{"id": str(nets["sd"]), "image": RED} | fields]},
@@ -246,3 +246,134 @@ def test_the_depth_model_comes_from_the_hub_cache_or_says_why_not(settings, nets
                     build_depth_model(tmp_path / "depth"), {"main": "d" * 40})
     engine = Engine(settings.model_copy(update={"hf_hub_cache": hub}))
     assert engine.generate(request, lambda _: None, lambda: False).images
+
+
+# A person facing the camera, in COCO's 17 keypoints (their right on the left of the picture).
+STANDING = {0: (256, 80), 1: (266, 70), 2: (246, 70), 3: (276, 76), 4: (236, 76), 5: (296, 140), 6: (216, 140),
+            7: (312, 220), 8: (200, 220), 9: (322, 300), 10: (190, 300), 11: (282, 300), 12: (230, 300),
+            13: (286, 400), 14: (226, 400), 15: (290, 490), 16: (222, 490)}
+
+
+def test_openpose_skeletons_are_drawn_as_controlnets_annotator_draws_them():
+    """OpenPose's 18 points in their colours (the neck between the shoulders), limbs dimmed to
+    60 %, on black; what the estimator is not sure of is left out, with the limbs it ends."""
+    import numpy as np
+
+    from worker.preprocess import COLORS, draw_pose
+
+    canvas = np.asarray(draw_pose((512, 512), [STANDING]))
+    assert canvas.shape == (512, 512, 3) and (canvas[5, 5] == 0).all()
+    nose, neck, right_shoulder, left_ankle = (256, 80), (256, 140), (216, 140), (290, 490)
+    for (x, y), color in [(nose, COLORS[0]), (neck, COLORS[1]), (right_shoulder, COLORS[2]), (left_ankle, COLORS[13])]:
+        assert tuple(canvas[y, x]) == color
+    # The limb from the neck to the nose (OpenPose's 13th, blue), halfway up, at 60 %.
+    assert tuple(canvas[110, 256]) == (0, 0, 153)
+    assert tuple(canvas[110, 256 + 3]) == (0, 0, 153) and (canvas[110, 256 + 6] == 0).all()  # 4 px at 512 px
+
+    unsure = {i: point for i, point in STANDING.items() if i != 6}  # no right shoulder: no neck either
+    canvas = np.asarray(draw_pose((512, 512), [unsure]))
+    assert (canvas[140, 216] == 0).all() and (canvas[110, 256] == 0).all()
+    assert tuple(canvas[80, 256]) == COLORS[0]
+
+    # Twice the size: twice as wide, in the same places; and several people at once.
+    wide = np.asarray(draw_pose((1024, 1024), [{i: (x * 2, y * 2) for i, (x, y) in STANDING.items()},
+                                               {0: (900, 100)}]))
+    assert tuple(wide[220, 512 + 7]) == (0, 0, 153) and (wide[220, 512 + 10] == 0).all()
+    assert tuple(wide[100, 900]) == COLORS[0]
+    assert not np.asarray(draw_pose((64, 64), [])).any()
+
+
+def test_openpose_preprocessing_draws_the_people_the_models_find(settings, nets, tmp_path):
+    """A plain picture with preprocess openpose steers as the skeletons of the people found in it
+    (transformers' documented RT-DETR → ViTPose pair, at the output size) would when sent
+    already drawn; a picture where nobody is found steers as a black one."""
+    import base64
+    import io
+
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, RTDetrForObjectDetection, VitPoseForPoseEstimation
+
+    from tests.pose import build_pose_models
+    from worker.engine import Engine
+    from worker.preprocess import draw_pose
+
+    detector_dir, estimator_dir = build_pose_models(tmp_path / "pose")
+    engine = Engine(settings.model_copy(update={"person_model": str(detector_dir),
+                                                "pose_model": str(estimator_dir)}))
+
+    def job(engine, image, **fields):
+        net = {"id": str(nets["sd"]), "image": image} | fields
+        request = InferenceRequest.model_validate(BASE | {"width": 96, "height": 64, "controlnets": [net]})
+        return engine.generate(request, lambda _: None, lambda: False).images[0].base64
+
+    def sent(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    photo = picture((192, 128))
+    small = Image.open(io.BytesIO(base64.b64decode(photo))).convert("RGB").resize((96, 64))
+    detector = RTDetrForObjectDetection.from_pretrained(detector_dir)
+    detector_processor = AutoImageProcessor.from_pretrained(detector_dir)
+    estimator = VitPoseForPoseEstimation.from_pretrained(estimator_dir)
+    estimator_processor = AutoImageProcessor.from_pretrained(estimator_dir)
+    with torch.inference_mode():
+        found = detector_processor.post_process_object_detection(
+            detector(**detector_processor(images=small, return_tensors="pt")), target_sizes=[(64, 96)],
+            threshold=0.3)[0]
+        boxes = found["boxes"][found["labels"] == 0].numpy()
+        boxes[:, 2:] -= boxes[:, :2]
+        poses = estimator_processor.post_process_pose_estimation(
+            estimator(**estimator_processor(small, boxes=[boxes], return_tensors="pt")), boxes=[boxes],
+            threshold=0.3)[0]
+    people = [{int(i): (float(x), float(y)) for i, (x, y) in zip(pose["labels"], pose["keypoints"])}
+              for pose in poses]
+    assert len(people) == 4 and all(len(person) == 17 for person in people)
+    skeletons = draw_pose((96, 64), people)
+    assert skeletons.getbbox() is not None  # something drawn
+    made = job(engine, photo, preprocess="openpose")
+    assert made == job(engine, sent(skeletons))
+    assert made != job(engine, photo)
+
+    nobody_dir, _ = build_pose_models(tmp_path / "nobody", people=False)
+    empty = Engine(settings.model_copy(update={"person_model": str(nobody_dir), "pose_model": str(estimator_dir)}))
+    assert job(empty, photo, preprocess="openpose") == job(empty, sent(Image.new("RGB", (96, 64))))
+
+
+def test_the_pose_models_come_from_the_hub_cache_or_say_why_not(settings, nets, tmp_path):
+    from tests.pose import build_pose_models
+    from worker.engine import Engine
+
+    detector_dir, estimator_dir = build_pose_models(tmp_path / "pose")
+    control = {"id": str(nets["sd"]), "image": picture(), "preprocess": "openpose"}
+    request = InferenceRequest.model_validate(BASE | {"controlnets": [control], "output": {"metadata": True}})
+    with pytest.raises(ModelSourceError, match=r"^controlnets\[0\]\.preprocess: PekingU/rtdetr_r50vd_coco_o365 is "
+                                               r"not cached on this worker and HF_HUB_OFFLINE is set"):
+        Engine(settings).generate(request, lambda _: None, lambda: False)
+    hub = hub_cache(tmp_path / "hub", "PekingU/rtdetr_r50vd_coco_o365", detector_dir, {"main": "e" * 40})
+    with pytest.raises(ModelSourceError, match=r"^controlnets\[0\]\.preprocess: usyd-community/vitpose-base-simple "
+                                               r"is not cached"):
+        Engine(settings.model_copy(update={"hf_hub_cache": hub})).generate(request, lambda _: None, lambda: False)
+    hub_cache(hub, "usyd-community/vitpose-base-simple", estimator_dir, {"main": "f" * 40})
+    engine = Engine(settings.model_copy(update={"hf_hub_cache": hub}))
+    result = engine.generate(request, lambda _: None, lambda: False)
+    assert 'ControlNet 0: "Module: openpose, Model: ' in decode(result.images[0].base64).text["parameters"]
+
+    # A detector without a person class, or not a detector at all, is refused by name.
+    import json
+    import shutil
+
+    cars = tmp_path / "cars"
+    shutil.copytree(detector_dir, cars)
+    config = json.loads((cars / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "car", "1": "bicycle"}, {"car": 0, "bicycle": 1}
+    (cars / "config.json").write_text(json.dumps(config))
+    for person_model, why in [(cars, "it has no class labelled person"), (estimator_dir, "ValueError: ")]:
+        wrong = Engine(settings.model_copy(update={"person_model": str(person_model),
+                                                   "pose_model": str(estimator_dir)}))
+        with pytest.raises(ModelSourceError) as info:
+            wrong.generate(request, lambda _: None, lambda: False)
+        assert str(info.value).startswith(f"controlnets[0].preprocess: the person detector PERSON_MODEL="
+                                          f"{person_model} could not be loaded ("), str(info.value)
+        assert why in str(info.value)

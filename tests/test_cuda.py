@@ -1,6 +1,6 @@
 """Every per-request part on CUDA in fp16 at once (``pytest -m gpu`` on a GPU machine; skipped
-elsewhere): device and dtype must follow the model's for ControlNets (and the depth
-preprocessor), IP-Adapters, request VAEs, prompt windows and the hires pass, which CPU runs
+elsewhere): device and dtype must follow the model's for ControlNets (and the depth and
+pose preprocessors), IP-Adapters, request VAEs, prompt windows and the hires pass, which CPU runs
 cannot show."""
 
 from __future__ import annotations
@@ -22,14 +22,19 @@ def test_everything_per_request_on_cuda_in_fp16(settings, tiny_dir, tmp_path):
     from worker.engine import Engine
 
     from tests.depth import build_depth_model
+    from tests.pose import build_pose_models
 
+    detector_dir, estimator_dir = build_pose_models(tmp_path / "pose")
     engine = Engine(settings.model_copy(update={"device": "cuda",
-                                                "depth_model": str(build_depth_model(tmp_path / "depth"))}))
+                                                "depth_model": str(build_depth_model(tmp_path / "depth")),
+                                                "person_model": str(detector_dir),
+                                                "pose_model": str(estimator_dir)}))
     net_dir = str(build_controlnet(tiny_dir, tmp_path / "net"))
     request = InferenceRequest.model_validate({
         "prompt": "(lighthouse:1.3) " * 12 + "BREAK red", "num_inference_steps": 4, "seed": 2,
         "controlnets": [{"id": net_dir, "image": png_b64()},
-                        {"id": net_dir, "image": png_b64(), "preprocess": "depth"}],
+                        {"id": net_dir, "image": png_b64(), "preprocess": "depth"},
+                        {"id": net_dir, "image": png_b64(), "preprocess": "openpose"}],
         "ip_adapter": {"id": str(build_ip_adapter(tiny_dir, tmp_path / "ip")), "weight_name": WEIGHTS,
                        "image": png_b64((0, 0, 255))},
         "vae": {"id": str(tiny_dir / "vae")}, "hires": {"scale": 1.5, "upscaler": "lanczos"},
@@ -44,6 +49,8 @@ def test_everything_per_request_on_cuda_in_fp16(settings, tiny_dir, tmp_path):
         assert (module.device.type, module.dtype) == ("cuda", torch.float16)
     [depth] = engine.depth.warm.values()
     assert depth.model.device.type == "cuda"  # (in fp32: 25 M parameters)
+    [(detector, _, estimator, _)] = engine.pose.warm.values()
+    assert detector.device.type == estimator.device.type == "cuda"  # (fp32 too: 43 M and 90 M)
     plain = engine.generate(InferenceRequest.model_validate({"prompt": "a", "num_inference_steps": 2}),
                             lambda _: None, lambda: False)
     assert plain.images[0].width == 64  # and the warm model is plain again

@@ -35,7 +35,7 @@ from .models import (
     model_ref,
 )
 from .outputs import Outbox
-from .preprocess import Depth, canny
+from .preprocess import Depth, Pose, canny
 from .publish import check_destination, export
 from .schedulers import make_scheduler
 from .settings import Settings
@@ -77,6 +77,7 @@ class Engine:
         self.vaes = Vaes(settings, self.models.disk)
         self.ip_adapters = IpAdapters(settings)
         self.depth = Depth(settings, self.device)
+        self.pose = Pose(settings, self.device)
         self._lock = threading.Lock()  # one job on the GPU at a time
 
     def warm_up(self) -> None:
@@ -265,6 +266,7 @@ class Engine:
             self.vaes.clear()
             self.ip_adapters.clear()
             self.depth.clear()
+            self.pose.clear()
             out = train.train(spec, path, ref.variant, location, device=self.device, staging=staging,
                               settings=self.settings, emit=emit, cancelled=cancelled, timings=timings)
         info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision="fp32", device=self.device)
@@ -389,6 +391,8 @@ class Engine:
                 controls[i] = canny(controls[i], spec.low_threshold, spec.high_threshold)
             elif spec.preprocess == "depth":
                 controls[i] = self.depth(controls[i], f"controlnets[{i}].preprocess")
+            elif spec.preprocess == "openpose":
+                controls[i] = self.pose(controls[i], f"controlnets[{i}].preprocess")
 
         def each(values: list):
             return values[0] if len(values) == 1 else values

@@ -97,6 +97,16 @@ class Settings(BaseSettings):
         "depth-anything/Depth-Anything-V2-Small-hf",
         description="Depth estimator for controlnets[i].preprocess depth: a hub id or a local directory.",
     )
+    person_model: str = Field(
+        "PekingU/rtdetr_r50vd_coco_o365",
+        description="Person detector for controlnets[i].preprocess openpose (an object detector with a `person` "
+        "class): a hub id or a local directory.",
+    )
+    pose_model: str = Field(
+        "usyd-community/vitpose-base-simple",
+        description="Pose estimator (ViTPose, COCO keypoints) for controlnets[i].preprocess openpose: a hub id or "
+        "a local directory.",
+    )
     max_batch_size: int = Field(
         4, ge=0, description="Images denoised together at most; more run in several batches (0: all at once)."
     )
