@@ -92,6 +92,8 @@ def from_legacy(data: dict) -> dict:
             raise RequestError(f"callInputs.{key}: not supported by this worker")
     if model:
         request["model"] = model
+    if "mask_image" in request:  # its inpainting was diffusers' own: a hard mask, the VAE's pixels everywhere
+        request.update(mask_blur=0, keep_unmasked=False)
     return request
 
 

@@ -301,6 +301,19 @@ class InferenceRequest(_Strict):
     mask_image: ImageSource | None = Field(
         None, description="Inpainting mask (white = repaint), same forms as `image`."
     )
+    mask_blur: int = Field(
+        4, ge=0, le=64, description="inpaint: pixels of blur on the mask's edge, where the repainted part fades into "
+        "the kept image (AUTOMATIC1111's mask blur; 0: a hard edge)."
+    )
+    keep_unmasked: bool = Field(
+        True, description="inpaint: the input image's own pixels outside the mask, blended through the blurred "
+        "edge (as AUTOMATIC1111 does); false: the pipeline's image everywhere, its VAE round trip included."
+    )
+    padding_mask_crop: int | None = Field(
+        None, ge=0, le=2048, description="inpaint only the masked area (AUTOMATIC1111's 'only masked'): the mask's "
+        "box plus this many pixels of context, widened to the aspect of width x height, is repainted at width x "
+        "height (default: the model's own size) and pasted back; the image keeps its size."
+    )
     scheduler: str | None = Field(
         None, description="Scheduler name from the table (or its diffusers class name); SD3 takes the "
         "FlowMatch ones only, the others the rest; default: the model's."
@@ -400,6 +413,11 @@ class InferenceRequest(_Strict):
                     f"strength: {self.strength} x num_inference_steps {self.num_inference_steps} "
                     "leaves no denoising step; raise either"
                 )
+        masking = {"mask_blur", "keep_unmasked", "padding_mask_crop"} & self.model_fields_set
+        if masking and self.task != "inpaint":
+            raise ValueError(f"{sorted(masking)[0]}: only with task 'inpaint', not {self.task!r}")
+        if self.padding_mask_crop is not None and not self.keep_unmasked:
+            raise ValueError("keep_unmasked: with padding_mask_crop the image outside the masked area is always kept")
 
         if self.num_inference_steps > limits.max_steps:
             raise ValueError(

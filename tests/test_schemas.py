@@ -155,7 +155,9 @@ def test_docker_diffusers_api_payloads_translate():
     assert (request.model.id, request.model.url, request.model.precision, request.model.revision) == (
         "acme/sd", "s3://", "fp32", "fp16")
     assert (request.num_images, request.seed, request.strength, request.safety_checker) == (2, 9, 0.5, False)
+    assert (request.mask_blur, request.keep_unmasked) == (0, False)  # its inpainting: diffusers' own
     assert not parse_request({"prompt": "p"}, Limits()).legacy
+    assert parse_request({"callInputs": {}, "modelInputs": {"prompt": "p"}}, Limits()).task == "txt2img"
 
 
 def test_readme_lists_every_environment_variable():

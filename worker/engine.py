@@ -30,6 +30,7 @@ from .controlnets import ControlNets
 from .ip_adapters import IpAdapters
 from .errors import JobCancelled, UserInputError, redact
 from .images import encode_image, load_image
+from .inpainting import Inpainting, prepare
 from .models import (
     EMBEDDED_ID, FETCHED_NOW, SD3, SDXL, SDXL_REFINER, ModelStore, check_t5, denoiser, family_at, family_of,
     model_ref,
@@ -99,8 +100,8 @@ class Engine:
             base = loaded.pipeline
             start = time.perf_counter()
             multiple = _multiple(base)
-            images = self._inputs(request, base)
-            images.update(self._control_inputs(request, images, base))
+            images, inpainting = self._inputs(request, base)
+            images.update(self._control_inputs(request, images, base, inpainting))
             if request.task != "txt2img" or request.controlnets:
                 timings["inputs"] = ms_since(start)
             if request.hires:  # the first pass's size is needed to know the second's
@@ -179,10 +180,14 @@ class Engine:
             nsfw = [flag for output in outputs
                     for flag in (getattr(output, "nsfw_content_detected", None) or [None] * len(output.images))]
 
-        # 8. Encode, outside the lock: the GPU is free for the next job. Then upload, or inline.
+        # 8. Outside the lock (the GPU is free for the next job): inpainting's answer pasted
+        #    together, the images encoded, then uploaded or inlined.
         start = time.perf_counter()
+        if inpainting and request.keep_unmasked:
+            generated = [inpainting.paste(image) for image in generated]
         fmt = request.output.format
-        first_size = (images["width"], images["height"]) if request.hires else None
+        # A1111's Size is the first pass's with the hires fix, the masked area's with only masked.
+        first_size = (images["width"], images["height"]) if request.hires or inpainting and inpainting.region else None
         encoded = [
             encode_image(image, fmt, request.output.quality,
                          request.output.metadata and _parameters(request, seed, first_size or image.size, ref.id,
@@ -272,19 +277,25 @@ class Engine:
         info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision="fp32", device=self.device)
         return Result(task="train", train=out, timings=timings, model=info)
 
-    def _inputs(self, request: InferenceRequest, base) -> dict:
-        """Pipeline arguments for the images and size: {} for txt2img without a size."""
+    def _inputs(self, request: InferenceRequest, base) -> tuple[dict, Inpainting | None]:
+        """Pipeline arguments for the images and size ({} for txt2img without a size); for
+        inpainting, also how its answer is pasted together."""
         if request.task == "txt2img":
-            return {k: v for k, v in (("width", request.width), ("height", request.height)) if v}
+            return {k: v for k, v in (("width", request.width), ("height", request.height)) if v}, None
         image = load_image(request.image, "image", self.settings)
-        width, height = self._size_from(image, request, "image", _multiple(base))
-        args = {"image": image.resize((width, height)) if image.size != (width, height) else image,
-                "strength": request.strength}
-        args.update(_sized(base, width, height))
-        if request.task == "inpaint":
-            mask = load_image(request.mask_image, "mask_image", self.settings, mode="L")
-            args.update(mask_image=mask.resize((width, height)), width=width, height=height)
-        return args
+        if request.task == "img2img":
+            width, height = self._size_from(image, request, "image", _multiple(base))
+            args = {"image": image.resize((width, height)) if image.size != (width, height) else image}
+            return args | {"strength": request.strength} | _sized(base, width, height), None
+        mask = load_image(request.mask_image, "mask_image", self.settings, mode="L")
+        if request.padding_mask_crop is None:
+            width, height = self._size_from(image, request, "image", _multiple(base))
+        else:  # the image keeps its size: this is the size its masked area is repainted at
+            width, height = request.width or _default_size(base), request.height or _default_size(base)
+        inpainting = prepare(image, mask, (width, height), request.mask_blur, request.padding_mask_crop)
+        args = {"image": inpainting.cut(inpainting.original), "mask_image": inpainting.cut(inpainting.mask),
+                "strength": request.strength, "width": width, "height": height}
+        return args, inpainting
 
     @staticmethod
     def _first_pass(pipe, request: InferenceRequest):
@@ -371,9 +382,10 @@ class Engine:
             )
         return width, height
 
-    def _control_inputs(self, request: InferenceRequest, images: dict, base) -> dict:
-        """Pipeline arguments for the ControlNets: their images at the output size, and how each steers.
-        txt2img takes its size from the first control image when the request gives none."""
+    def _control_inputs(self, request: InferenceRequest, images: dict, base, inpainting: Inpainting | None) -> dict:
+        """Pipeline arguments for the ControlNets: their images at the output size (cut as the
+        input is, for inpainting), and how each steers. txt2img takes its size from the first
+        control image when the request gives none."""
         if not request.controlnets:
             return {}
         controls = [load_image(spec.image, f"controlnets[{i}].image", self.settings)
@@ -384,6 +396,8 @@ class Engine:
         else:
             width, height = images["image"].size
             size = {}
+        if inpainting:
+            controls = [inpainting.cut(c) for c in controls]
         controls = [c.resize((width, height)) if c.size != (width, height) else c for c in controls]
         # Preprocessed at the output size, where the ControlNet sees them.
         for i, spec in enumerate(request.controlnets):
@@ -542,6 +556,10 @@ def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], mod
     }
     if request.strength is not None:
         pairs["Denoising strength"] = request.strength
+    if request.task == "inpaint":
+        pairs["Mask blur"] = request.mask_blur
+        if request.padding_mask_crop is not None:
+            pairs.update({"Inpaint area": "Only masked", "Masked area padding": request.padding_mask_crop})
     if request.hires:  # A1111's Size is then the first pass's
         pairs.update({"Denoising strength": request.hires.strength, "Hires upscale": request.hires.scale,
                       "Hires steps": request.hires.steps or request.num_inference_steps,

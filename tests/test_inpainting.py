@@ -1,0 +1,146 @@
+"""Inpainting as AUTOMATIC1111 does it (worker/inpainting.py): a blurred mask edge, the input's
+own pixels kept outside the mask, and only the masked area repainted at the working size."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+
+from tests.helpers import assert_images_close, decode, png_b64
+
+BASE = {"prompt": "a red door", "num_inference_steps": 2, "seed": 11}
+
+
+def b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def photo(size=(64, 64)) -> Image.Image:
+    """Fine detail everywhere, which a VAE round trip cannot keep."""
+    return Image.fromarray(np.random.default_rng(3).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def mask(size=(64, 64), box=(16, 16, 48, 48)) -> Image.Image:
+    image = Image.new("L", size)
+    ImageDraw.Draw(image).rectangle(box, fill=255)
+    return image
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(decode(result.images[0].base64).convert("RGB")).astype(int)
+
+
+def test_outside_the_mask_the_answer_is_the_input_itself(run):
+    picture, square = photo(), mask()
+    job = BASE | {"image": b64(picture), "mask_image": b64(square)}
+    raw = pixels(run(**job, keep_unmasked=False, mask_blur=0)[0])  # diffusers' image: the VAE's pixels everywhere
+    hard = pixels(run(**job, mask_blur=0)[0])
+    inside = np.asarray(square) == 255
+    assert (hard[~inside] == np.asarray(picture)[~inside]).all()  # the input's own pixels, exactly
+    assert (hard[inside] == raw[inside]).all()  # the repainted square, as the pipeline drew it
+    assert np.abs(raw[~inside] - np.asarray(picture)[~inside]).mean() > 10  # what keep_unmasked saves
+
+    # The default blurs the edge (4 px): a band where the two blend, and beyond it the input.
+    soft = pixels(run(**job)[0])
+    blurred = np.asarray(square.filter(ImageFilter.GaussianBlur(4))).astype(int)
+    assert (soft[blurred == 0] == np.asarray(picture)[blurred == 0]).all()
+    band = (blurred > 40) & (blurred < 215)
+    assert band.sum() > 100
+    assert (soft[band] != hard[band]).any(axis=-1).mean() > 0.5
+
+
+def test_only_the_masked_area_is_repainted_as_diffusers_does_it(run, engine, tiny_dir):
+    """padding_mask_crop: the mask's box plus the padding is repainted at width x height and
+    pasted back; the image keeps its size. The same image as diffusers' own padding_mask_crop."""
+    import torch
+    from diffusers import AutoPipelineForInpainting
+
+    picture, square = photo((160, 96)), mask((160, 96), (100, 30, 123, 53))
+    job = BASE | {"image": b64(picture), "mask_image": b64(square), "padding_mask_crop": 8, "width": 96,
+                  "height": 96, "output": {"metadata": True}}
+    result, _ = run(**job)
+    image = decode(result.images[0].base64)
+    assert image.size == (160, 96) == (result.images[0].width, result.images[0].height)
+
+    pipe = AutoPipelineForInpainting.from_pretrained(tiny_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    blurred = square.filter(ImageFilter.GaussianBlur(4))
+    expected = pipe(prompt=BASE["prompt"], image=picture, mask_image=blurred, padding_mask_crop=8, width=96,
+                    height=96, strength=0.8, num_inference_steps=2, guidance_scale=7.5,
+                    generator=[torch.Generator("cpu").manual_seed(11)]).images[0]
+    assert_images_close(expected, image.convert("RGB"), "only-masked")
+    x0, y0, x1, y1 = pipe.mask_processor.get_crop_region(blurred, 96, 96, pad=8)
+    outside = np.ones((96, 160), dtype=bool)
+    outside[y0:y1, x0:x1] = False
+    assert (np.asarray(image.convert("RGB"))[outside] == np.asarray(picture)[outside]).all()
+    # The 24 px square, its blurred edge and 8 px around, made square: a part of the image.
+    assert x1 - x0 == y1 - y0 < 96 and x0 <= 100 - 8 - 4 and x1 >= 124 + 8 + 4
+
+    text = image.text["parameters"]
+    assert "Mask blur: 4" in text and "Inpaint area: Only masked" in text and "Masked area padding: 8" in text
+    assert "Size: 96x96" in text  # A1111's Size: what the area was repainted at
+    # Without a size, the area is repainted at the model's own (64 px for the tiny model).
+    default = run(**(job | {"width": None, "height": None}))[0]
+    assert pixels(default).shape == (96, 160, 3) and (pixels(default) != pixels(result)).any()
+
+
+@pytest.mark.parametrize("model", ["sdxl_dir", "sd3_dir", "inpaint_dir"])
+def test_only_masked_on_every_kind_of_model_and_batch(run, model, request):
+    picture, square = photo((96, 80)), mask((96, 80), (40, 20, 60, 40))
+    result, _ = run(**(BASE | {"model": {"id": str(request.getfixturevalue(model))}, "image": b64(picture),
+                               "mask_image": b64(square), "padding_mask_crop": 4, "width": 64, "height": 64,
+                               "num_images": 2}))
+    first, second = (np.asarray(decode(i.base64).convert("RGB")) for i in result.images)
+    assert first.shape == second.shape == (80, 96, 3)
+    assert (first[:, :20] == np.asarray(picture)[:, :20]).all()  # far from the mask: the input
+    assert (first != second).any()  # two seeds, two repaints
+
+
+def test_the_control_image_is_cut_as_the_input_is(run, tmp_path_factory, tiny_dir):
+    """With only masked, a ControlNet sees the same area of its image as the model of the input."""
+    from tests.controlnets import build_controlnet
+
+    net = str(build_controlnet(tiny_dir, tmp_path_factory.mktemp("net") / "sd"))
+    picture, square = photo((128, 96)), mask((128, 96), (90, 10, 110, 30))
+    from diffusers.image_processor import VaeImageProcessor
+
+    x0, y0, x1, y1 = VaeImageProcessor.get_crop_region(square.filter(ImageFilter.GaussianBlur(4)), 64, 64, pad=4)
+    assert (x1 - x0) * (y1 - y0) < 128 * 96 / 4
+    control = Image.new("RGB", (128, 96), (0, 0, 0))
+    ImageDraw.Draw(control).rectangle((x0, y0, x1 - 1, y1 - 1), fill=(255, 255, 255))  # white just there
+    job = BASE | {"image": b64(picture), "mask_image": b64(square), "padding_mask_crop": 4, "width": 64,
+                  "height": 64}
+    near = pixels(run(**job, controlnets=[{"id": net, "image": b64(control)}])[0])
+    white = pixels(run(**job, controlnets=[{"id": net, "image": png_b64((255, 255, 255), (128, 96))}])[0])
+    black = pixels(run(**job, controlnets=[{"id": net, "image": png_b64((0, 0, 0), (128, 96))}])[0])
+    assert (near == white).all() and (near != black).any()  # all of the area it sees is white
+
+
+def test_masking_fields_are_checked(run, engine):
+    from schemas import parse_request
+    from worker.errors import UserInputError, answer_for
+
+    image, hole = png_b64(size=(64, 64)), b64(mask())
+    for fields, message in [
+        ({"mask_blur": 2}, "mask_blur: only with task 'inpaint', not 'txt2img'"),
+        ({"image": image, "padding_mask_crop": 8}, "padding_mask_crop: only with task 'inpaint', not 'img2img'"),
+        ({"image": image, "mask_image": hole, "keep_unmasked": False, "padding_mask_crop": 8},
+         "keep_unmasked: with padding_mask_crop the image outside the masked area is always kept"),
+        ({"image": image, "mask_image": hole, "mask_blur": 65}, "mask_blur:"),
+        ({"image": image, "mask_image": hole, "padding_mask_crop": -1}, "padding_mask_crop:"),
+    ]:
+        with pytest.raises(Exception) as info:
+            parse_request(BASE | fields, engine.settings.limits)
+        answer, _ = answer_for(info.value, [])
+        assert answer.startswith(message), answer
+    with pytest.raises(UserInputError, match="^mask_image: is black all over: no area to repaint for padding_mask_crop"):
+        run(**(BASE | {"image": image, "mask_image": png_b64((0, 0, 0)), "padding_mask_crop": 8}))
+    # Without only masked, a black mask repaints nothing: the input comes back.
+    result, _ = run(**(BASE | {"image": b64(photo()), "mask_image": png_b64((0, 0, 0))}))
+    assert (pixels(result) == np.asarray(photo())).all()

@@ -1,0 +1,60 @@
+"""Inpainting as AUTOMATIC1111 does it, with diffusers' own image helpers.
+
+- ``mask_blur``: the mask's edge is blurred, so the repainted part fades into the kept image
+  (the pipeline itself still repaints where the blurred mask is over one half).
+- ``keep_unmasked``: the input's own pixels come back outside the mask, blended through the
+  blurred edge. A pipeline's image has been through the VAE everywhere, which softens faces,
+  text and fine detail that were never meant to change.
+- ``padding_mask_crop``: only the masked area is repainted. The mask's box plus the padding,
+  widened to the aspect of the working size, is cut out, repainted at that size (more pixels
+  for a small area than the whole image would give it), and pasted back into the input, which
+  keeps its size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image, ImageFilter
+
+from .errors import UserInputError
+
+_images = VaeImageProcessor()  # (its resize and overlay helpers only)
+
+
+@dataclass
+class Inpainting:
+    original: Image.Image  # the input image, at the size the answer has
+    mask: Image.Image  # its mask at that size, blurred
+    size: tuple[int, int]  # what the pipeline works at
+    region: tuple[int, int, int, int] | None  # padding_mask_crop: the area repainted (x0, y0, x1, y1)
+
+    def cut(self, image: Image.Image) -> Image.Image:
+        """``image`` (the input, its mask, a control image) as the pipeline takes it."""
+        image = image.resize(self.original.size) if image.size != self.original.size else image
+        if self.region is None:
+            return image
+        return _images.resize(image.crop(self.region), height=self.size[1], width=self.size[0], resize_mode="fill")
+
+    def paste(self, generated: Image.Image) -> Image.Image:
+        """The answer: ``generated`` where the mask is, the input elsewhere."""
+        return _images.apply_overlay(self.mask, self.original, generated, self.region)
+
+
+def prepare(image: Image.Image, mask: Image.Image, size: tuple[int, int], blur: int,
+            padding: int | None) -> Inpainting:
+    """How to inpaint ``image`` under ``mask``: at ``size``, which for the whole image (no
+    ``padding``) is the size it is resized to, and for only the masked area the size that area is
+    repainted at."""
+    if padding is None:
+        image = image.resize(size) if image.size != size else image
+    mask = mask.resize(image.size) if mask.size != image.size else mask
+    if blur:
+        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    region = None
+    if padding is not None:
+        if mask.getbbox() is None:
+            raise UserInputError("mask_image", "is black all over: no area to repaint for padding_mask_crop")
+        region = VaeImageProcessor.get_crop_region(mask, size[0], size[1], pad=padding)
+    return Inpainting(image, mask, size, region)
