@@ -340,7 +340,13 @@ class InferenceRequest(_Strict):
         default_factory=list, max_length=4, description="ControlNets steering this request, each with its image."
     )
     hires: HiresSpec | None = Field(None, description="txt2img: a second, larger pass (AUTOMATIC1111's hires fix).")
-    ip_adapter: IpAdapterSpec | None = Field(None, description="An IP-Adapter: a reference image as part of the prompt.")
+    ip_adapter: IpAdapterSpec | None = Field(
+        None, description="An IP-Adapter: a reference image as part of the prompt (`ip_adapters` for several)."
+    )
+    ip_adapters: list[IpAdapterSpec] = Field(
+        default_factory=list, max_length=4, description="Several IP-Adapters at once, each with its image and "
+        "scale (a face and a style, say); they share the first one's image encoder."
+    )
     refiner: RefinerSpec | None = Field(None, description="txt2img on SDXL: a refiner for the last steps.")
     vae: VaeSpec | None = Field(
         None, description="A VAE replacing the model's for this request (AUTOMATIC1111's SD VAE)."
@@ -353,6 +359,12 @@ class InferenceRequest(_Strict):
     @property
     def legacy(self) -> bool:
         return self._legacy
+
+    def adapters(self) -> list[tuple[str, IpAdapterSpec]]:
+        """The IP-Adapters, each with the field it answers for."""
+        if self.ip_adapter:
+            return [("ip_adapter", self.ip_adapter)]
+        return [(f"ip_adapters[{i}]", spec) for i, spec in enumerate(self.ip_adapters)]
 
     @field_validator("width", "height")
     @classmethod
@@ -379,6 +391,8 @@ class InferenceRequest(_Strict):
             raise ValueError("convert: only with task 'convert'")
         if self.model.url and self.model.checkpoint_url and not self.model.url.startswith("s3://"):
             raise ValueError("model.url: with model.checkpoint_url, only an s3:// archive to publish it as")
+        if self.ip_adapter and self.ip_adapters:
+            raise ValueError("ip_adapters: send ip_adapter (one) or ip_adapters (several), not both")
         if self.task in ("train", "convert"):  # parse_request sends those to their own models
             raise ValueError(f"task: {self.task!r} needs its own fields (see TrainRequest, ConvertRequest)")
 
@@ -544,6 +558,12 @@ class TrainRequest(_Strict):
     @property
     def legacy(self) -> bool:
         return self._legacy
+
+    def adapters(self) -> list[tuple[str, IpAdapterSpec]]:
+        """The IP-Adapters, each with the field it answers for."""
+        if self.ip_adapter:
+            return [("ip_adapter", self.ip_adapter)]
+        return [(f"ip_adapters[{i}]", spec) for i, spec in enumerate(self.ip_adapters)]
 
     @model_validator(mode="after")
     def _within_limits(self, info: ValidationInfo) -> TrainRequest:

@@ -43,7 +43,7 @@ def test_everything_per_request_on_cuda_in_fp16(settings, tiny_dir, tmp_path):
     assert (result.model.device, result.model.precision) == ("cuda", "fp16")
     assert decode(result.images[0].base64).size == (96, 96)
     [net] = engine.controlnets.warm.values()
-    [(encoder, _)] = engine.ip_adapters.warm.values()
+    [encoder] = engine.ip_adapters.encoders.values()
     [vae] = engine.vaes.warm.values()
     for module in (net, encoder, vae):
         assert (module.device.type, module.dtype) == ("cuda", torch.float16)

@@ -95,3 +95,66 @@ def test_bad_ip_adapter_fields_name_themselves(change, expected):
     with pytest.raises(ValidationError) as info:
         InferenceRequest.model_validate(BASE | {"ip_adapter": spec})
     assert describe_validation_error(info.value).startswith(expected)
+
+
+def test_several_ip_adapters_steer_together(run, adapters, tmp_path_factory, tiny_dir):
+    """ip_adapters: each with its image and scale, sharing the first one's image encoder."""
+    from tests.helpers import decode
+
+    other = build_ip_adapter(tiny_dir, tmp_path_factory.mktemp("ip") / "other", seed=1)
+    one = draw(run, ip_adapter=reference(adapters["sd"]))
+    assert draw(run, ip_adapters=[reference(adapters["sd"])]) == one  # a list of one is the same thing
+    both = draw(run, ip_adapters=[reference(adapters["sd"]), reference(other, BLUE, scale=0.8)])
+    assert both != one
+    assert draw(run, ip_adapters=[reference(adapters["sd"]), reference(other, BLUE, scale=0.8)]) == both
+    assert draw(run, ip_adapters=[reference(adapters["sd"]), reference(other, RED, scale=0.8)]) != both
+    assert draw(run, ip_adapters=[reference(adapters["sd"]), reference(other, BLUE, scale=0)]) == one  # bit for bit
+    result, _ = run(**BASE, ip_adapters=[reference(adapters["sd"]), reference(other, BLUE, scale=0.8)],
+                    output={"metadata": True})
+    assert (f"IP-Adapter: {adapters['sd']}/{WEIGHTS}:1.0; {other}/{WEIGHTS}:0.8"
+            in decode(result.images[0].base64).text["parameters"])
+    assert draw(run) == draw(run, ip_adapter=reference(adapters["sd"], scale=0))  # plain again after them
+
+
+def test_several_ip_adapters_answer_for_the_one_at_fault(run, engine, adapters, sdxl_dir, sd3_dir):
+    from schemas import parse_request
+    from worker.errors import answer_for
+
+    xl = {"model": {"id": str(sdxl_dir)}}
+    plain = draw(run, **xl)
+    with pytest.raises(UserInputError, match=r"^ip_adapters\[1\]: does not fit this model \(an IP-Adapter for"):
+        draw(run, **xl, ip_adapters=[reference(adapters["sdxl"]), reference(adapters["sd"])])
+    assert draw(run, **xl) == plain  # left plain
+    with pytest.raises(UserInputError, match=r"^ip_adapters\[1\]\.image_encoder: the IP-Adapters of a request "
+                                             r"share the first one's image encoder \(ip_adapters\[0\]\)"):
+        draw(run, ip_adapters=[reference(adapters["sd"]), reference(adapters["sd"], image_encoder="models/x")])
+    with pytest.raises(UserInputError, match=r"^ip_adapters: .* is an SD3 model; IP-Adapters here are for SD"):
+        draw(run, model={"id": str(sd3_dir)}, ip_adapters=[reference(adapters["sd"])])
+    for fields, message in [
+        ({"ip_adapter": reference(adapters["sd"]), "ip_adapters": [reference(adapters["sd"])]},
+         "ip_adapters: send ip_adapter (one) or ip_adapters (several), not both"),
+        ({"ip_adapters": [reference(adapters["sd"])] * 5}, "ip_adapters: list should have at most 4 items"),
+        ({"ip_adapters": [reference(adapters["sd"]), reference(adapters["sd"], scale=3)]},
+         "ip_adapters[1].scale: input should be less than or equal to 2"),
+    ]:
+        with pytest.raises(Exception) as info:
+            parse_request(BASE | fields, engine.settings.limits)
+        answer, _ = answer_for(info.value, [])
+        assert answer.startswith(message), answer
+
+
+def test_an_adapter_for_another_image_encoder_is_refused_before_it_runs(run, adapters, tmp_path):
+    """An image encoder whose embeddings the adapter cannot take used to fail halfway through
+    the job with an internal error."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(adapters["sd"], mixed)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+        patch_size=8, projection_dim=16,
+    )).save_pretrained(mixed / "models" / "small_encoder", safe_serialization=True)
+    with pytest.raises(UserInputError, match=r"^ip_adapter: takes image embeddings of 24 values, and the image "
+                                             r"encoder gives 16 \(an adapter made for another image encoder\)"):
+        draw(run, ip_adapter=reference(mixed, image_encoder="models/small_encoder"))
+    assert draw(run, ip_adapter=reference(mixed)) == draw(run, ip_adapter=reference(adapters["sd"]))

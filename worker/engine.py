@@ -149,7 +149,7 @@ class Engine:
             outputs = []
             with embeddings.added(pipe, request.embeddings, settings=self.settings, disk=self.models.disk,
                                   emit=emit, timings=timings), \
-                    self.ip_adapters.applied(pipe, request.ip_adapter, emit, timings) as reference:
+                    self.ip_adapters.applied(pipe, request.adapters(), emit, timings) as reference:
                 texts = _texts(pipe, request, prompt, negative)
                 first_pass = self._first_pass(pipe, request)
                 for batch in batches:
@@ -462,7 +462,7 @@ def _name(loaded) -> str:
 
 
 # What SD3 models do not take here (the parts are made for SD 1.x/2.x and SDXL's UNet and CLIP).
-_NOT_FOR_SD3 = {"ip_adapter": "IP-Adapters", "embeddings": "textual-inversion embeddings"}
+_NOT_FOR_SD3 = {"ip_adapter": "IP-Adapters", "ip_adapters": "IP-Adapters", "embeddings": "textual-inversion embeddings"}
 
 
 def _check_fits(loaded, request: InferenceRequest) -> None:
@@ -572,8 +572,8 @@ def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], mod
         module = f"Module: {net.preprocess}, " if net.preprocess else ""
         pairs[f"ControlNet {i}"] = (f'"{module}Model: {redact(net.url or net.id)}, Weight: {net.scale}, '
                                     f'Guidance Start: {net.start}, Guidance End: {net.end}"')
-    if request.ip_adapter:
-        pairs["IP-Adapter"] = f"{request.ip_adapter.id}/{request.ip_adapter.weight_name}:{request.ip_adapter.scale}"
+    if request.adapters():
+        pairs["IP-Adapter"] = "; ".join(f"{spec.id}/{spec.weight_name}:{spec.scale}" for _, spec in request.adapters())
     if request.vae:
         pairs["VAE"] = redact(request.vae.url or request.vae.id)
     if request.refiner:

@@ -5,7 +5,8 @@ reference image is encoded, and the UNet attends to it beside the text. diffuser
 by swapping the UNet's attention processors, which the warm model shares with every job, so the
 weights go on for this job only and come off after it (also when it fails): the next job runs
 the plain model, bit for bit. The image encoder, the large part (ViT-H is 632M parameters), and
-the adapter's weights stay loaded between jobs, up to MAX_LOADED_IP_ADAPTERS.
+the adapter's weights stay loaded between jobs, up to MAX_LOADED_IP_ADAPTERS. Several adapters
+(``ip_adapters``) go on together and share the first one's image encoder, as diffusers has it.
 
 Sources: a hub repo or a local directory laid out as ``h94/IP-Adapter`` is: ``weight_name``
 (``models/ip-adapter_sd15.safetensors``) and the image encoder's folder (default: the
@@ -30,81 +31,136 @@ from .timing import ms_since
 
 
 class IpAdapters:
-    """Loaded image encoders with their adapter weights, by (folder, weights, dtype, device)."""
+    """Loaded image encoders, by (folder, dtype, device), and adapters' weights, by file."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.warm = Warm()
+        self.encoders = Warm()
+        self.weights = Warm()
 
     @contextmanager
-    def applied(self, pipe: Any, spec: IpAdapterSpec | None, emit: Callable[[Progress], None],
+    def applied(self, pipe: Any, adapters: list[tuple[str, IpAdapterSpec]], emit: Callable[[Progress], None],
                 timings: dict[str, float]) -> Iterator[dict]:
-        """Run the body with ``spec``'s IP-Adapter on ``pipe``; yields the pipeline arguments
-        that carry its image ({} without one)."""
-        if spec is None:
+        """Run the body with ``adapters`` (each with the field it answers for) on ``pipe``;
+        yields the pipeline arguments that carry their images ({} without any). Several share
+        the first one's image encoder, as diffusers loads them."""
+        if not adapters:
             yield {}
             return
+        first = adapters[0][0]
         if not hasattr(pipe, "load_ip_adapter"):
-            raise UserInputError("ip_adapter", f"{type(pipe).__name__} pipelines do not take IP-Adapters")
+            raise UserInputError(first, f"{type(pipe).__name__} pipelines do not take IP-Adapters")
+        for field, spec in adapters[1:]:
+            if spec.image_encoder:
+                raise UserInputError(f"{field}.image_encoder", f"the IP-Adapters of a request share the first "
+                                     f"one's image encoder ({first}); leave it out here")
         start = time.perf_counter()
-        image = load_image(spec.image, "ip_adapter.image", self.settings)
-        encoder, weights = self._get(spec, pipe.unet)
-        pipe.register_modules(image_encoder=encoder)  # on this job's pipeline only: diffusers then skips its load
+        images = [load_image(spec.image, f"{field}.image", self.settings) for field, spec in adapters]
+        encoder = self._encoder(adapters[0], pipe.unet)
+        weights = [self._weights(field, spec) for field, spec in adapters]
+        for (field, spec), each in zip(adapters, weights):
+            _check_embeddings(field, each, encoder)
         try:
-            try:
-                with quiet_libraries():
-                    pipe.load_ip_adapter(weights, subfolder="", weight_name="")
-            except (RuntimeError, KeyError, ValueError) as exc:
-                detail = f"{type(exc).__name__}: {first_line(exc, 160)}"
-                raise UserInputError("ip_adapter", f"does not fit this model (an IP-Adapter for another "
-                                                   f"architecture: {detail})") from None
-            pipe.set_ip_adapter_scale(spec.scale)
+            _load(pipe, encoder, adapters, weights)
+            pipe.set_ip_adapter_scale([spec.scale for _, spec in adapters])
             timings["ip_adapter"] = ms_since(start)
-            yield {"ip_adapter_image": image}
+            yield {"ip_adapter_image": images[0] if len(images) == 1 else images}
         finally:
             pipe.unload_ip_adapter()
 
     def clear(self) -> None:
         """Free the device (for training)."""
-        self.warm.clear()
+        self.encoders.clear()
+        self.weights.clear()
 
-    def _get(self, spec: IpAdapterSpec, unet: Any) -> tuple[Any, dict]:
-        weight_name = PurePosixPath(spec.weight_name)
-        encoder_dir = spec.image_encoder or str(weight_name.parent / "image_encoder")
-        root = self._locate(spec, encoder_dir)
-        key = (str(root / encoder_dir), spec.weight_name, unet.dtype, str(unet.device))
-        both, loaded = self.warm.get(
-            key, lambda: (_encoder(root / encoder_dir, unet), _weights(root / spec.weight_name)))
+    def _encoder(self, adapter: tuple[str, IpAdapterSpec], unet: Any) -> Any:
+        field, spec = adapter
+        folder = self._locate(field, spec, _encoder_dir(spec)) / _encoder_dir(spec)
+        encoder, loaded = self.encoders.get((str(folder), unet.dtype, str(unet.device)),
+                                            lambda: _load_encoder(field, folder, unet))
         if loaded:
-            self.warm.trim(self.settings.max_loaded_ip_adapters)
-        return both
+            self.encoders.trim(self.settings.max_loaded_ip_adapters)
+        return encoder
 
-    def _locate(self, spec: IpAdapterSpec, encoder_dir: str) -> Path:
+    def _weights(self, field: str, spec: IpAdapterSpec) -> dict:
+        path = self._locate(field, spec, None) / spec.weight_name
+        weights, loaded = self.weights.get(str(path), lambda: _load_weights(field, path))
+        if loaded:
+            self.weights.trim(self.settings.max_loaded_ip_adapters * 4)
+        return weights
+
+    def _locate(self, field: str, spec: IpAdapterSpec, encoder_dir: str | None) -> Path:
+        """The adapter's folder, with its weights (and ``encoder_dir``, when asked for) in it."""
         def complete(root: Path) -> Path:
             if not (root / spec.weight_name).is_file():
-                raise ModelSourceError("ip_adapter.weight_name", f"{spec.id} has no {spec.weight_name}")
-            if not (root / encoder_dir / "config.json").is_file():
-                raise ModelSourceError("ip_adapter.image_encoder",
+                raise ModelSourceError(f"{field}.weight_name", f"{spec.id} has no {spec.weight_name}")
+            if encoder_dir and not (root / encoder_dir / "config.json").is_file():
+                raise ModelSourceError(f"{field}.image_encoder",
                                        f"{spec.id} has no image encoder in {encoder_dir}/ (config.json missing)")
             return root
 
         if spec.id.startswith("/"):
             return complete(Path(spec.id))
-        patterns = [spec.weight_name, f"{encoder_dir}/config.json", f"{encoder_dir}/*.safetensors"]
-        return hub_snapshot(spec.id, patterns, "ip_adapter.id", self.settings, complete)
+        patterns = [spec.weight_name]
+        if encoder_dir:
+            patterns += [f"{encoder_dir}/config.json", f"{encoder_dir}/*.safetensors"]
+        return hub_snapshot(spec.id, patterns, f"{field}.id", self.settings, complete)
 
 
-def _encoder(folder: Path, unet: Any) -> Any:
+def _encoder_dir(spec: IpAdapterSpec) -> str:
+    return spec.image_encoder or str(PurePosixPath(spec.weight_name).parent / "image_encoder")
+
+
+def _load(pipe: Any, encoder: Any, adapters: list[tuple[str, IpAdapterSpec]], weights: list[dict]) -> None:
+    """Install the adapters on ``pipe`` with ``encoder``; one that does not fit answers for its
+    own field."""
+    def install(chosen: list[dict]) -> None:
+        pipe.register_modules(image_encoder=encoder)  # on this job's pipeline only: diffusers then skips its load
+        with quiet_libraries():
+            pipe.load_ip_adapter(chosen, subfolder=[""] * len(chosen), weight_name=[""] * len(chosen))
+
+    try:
+        return install(weights)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        field, failure = adapters[0][0], exc
+    if len(weights) > 1:  # which one?
+        for (each, _), one in zip(adapters, weights):
+            try:
+                install([one])
+            except (RuntimeError, KeyError, ValueError) as exc:
+                field, failure = each, exc
+                break
+            finally:
+                pipe.unload_ip_adapter()
+    raise UserInputError(field, f"does not fit this model (an IP-Adapter for another architecture: "
+                                f"{type(failure).__name__}: {first_line(failure, 160)})") from None
+
+
+def _check_embeddings(field: str, weights: dict, encoder: Any) -> None:
+    """The adapter takes what the image encoder gives: its image embedding (IP-Adapter) or its
+    hidden states (Plus, Full face); otherwise diffusers would fail halfway through the job."""
+    proj = weights["image_proj"]
+    for key, size, what in [("proj.weight", encoder.config.projection_dim, "image embeddings"),
+                            ("proj.0.weight", encoder.config.hidden_size, "hidden states"),
+                            ("proj_in.weight", encoder.config.hidden_size, "hidden states")]:
+        if key in proj:
+            if proj[key].shape[-1] != size:
+                raise UserInputError(field, f"takes {what} of {proj[key].shape[-1]} values, and the image "
+                                            f"encoder gives {size} (an adapter made for another image encoder)")
+            return
+
+
+def _load_encoder(field: str, folder: Path, unet: Any) -> Any:
     from transformers import CLIPVisionModelWithProjection
 
     if not list(folder.glob("*.safetensors")):
-        raise ModelSourceError("ip_adapter.image_encoder", f"{folder.name}/ has no .safetensors weights")
-    return load_module(folder, unet, "ip_adapter.image_encoder", "image encoder",
+        raise ModelSourceError(f"{field}.image_encoder", f"{folder.name}/ has no .safetensors weights")
+    return load_module(folder, unet, f"{field}.image_encoder", "image encoder",
                        lambda path: CLIPVisionModelWithProjection.from_pretrained(path, dtype=unet.dtype,
                                                                                   use_safetensors=True))
 
 
-def _weights(path: Path) -> dict:
+def _load_weights(field: str, path: Path) -> dict:
     """The adapter's weights as diffusers' load_ip_adapter takes them: {"image_proj": ..., "ip_adapter": ...}."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -112,12 +168,12 @@ def _weights(path: Path) -> dict:
     try:
         flat = load_file(path)
     except (SafetensorError, OSError) as exc:
-        raise ModelSourceError("ip_adapter.weight_name", f"is not a readable .safetensors file ({exc})") from None
+        raise ModelSourceError(f"{field}.weight_name", f"is not a readable .safetensors file ({exc})") from None
     grouped: dict[str, dict] = {"image_proj": {}, "ip_adapter": {}}
     for key, value in flat.items():
         part, _, name = key.partition(".")
         if part in grouped:
             grouped[part][name] = value
     if not grouped["image_proj"] or not grouped["ip_adapter"]:
-        raise ModelSourceError("ip_adapter.weight_name", "is not an IP-Adapter (no image_proj / ip_adapter weights)")
+        raise ModelSourceError(f"{field}.weight_name", "is not an IP-Adapter (no image_proj / ip_adapter weights)")
     return grouped

@@ -91,7 +91,8 @@ class Settings(BaseSettings):
         2, ge=1, le=16, description="Request-chosen VAEs kept on the device across jobs, least recently used out first."
     )
     max_loaded_ip_adapters: int = Field(
-        1, ge=1, le=16, description="IP-Adapter image encoders (and weights) kept on the device across jobs."
+        1, ge=1, le=16, description="IP-Adapter image encoders kept on the device across jobs (and 4x as many "
+        "adapters' weights in CPU RAM)."
     )
     depth_model: str = Field(
         "depth-anything/Depth-Anything-V2-Small-hf",
