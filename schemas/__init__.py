@@ -7,7 +7,7 @@ from .request import (
     LoraSpec, ModelSpec, OutputSpec, RefinerSpec, S3Config, TrainRequest, TrainSpec, VaeSpec, parse_request,
 )
 from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result, TrainOut
-from .schedulers import SCHEDULERS, canonical_scheduler
+from .schedulers import SCHEDULERS, a1111_name, canonical_scheduler
 
 __all__ = [
     "RequestError",
@@ -35,6 +35,7 @@ __all__ = [
     "Progress",
     "Result",
     "SCHEDULERS",
+    "a1111_name",
     "canonical_scheduler",
     "describe_validation_error",
 ]

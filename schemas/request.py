@@ -315,8 +315,14 @@ class InferenceRequest(_Strict):
         "height (default: the model's own size) and pasted back; the image keeps its size."
     )
     scheduler: str | None = Field(
-        None, description="Scheduler name from the table (or its diffusers class name); SD3 takes the "
-        "FlowMatch ones only, the others the rest; default: the model's."
+        None, description="Scheduler name from the table (or its diffusers class name, or AUTOMATIC1111's sampler "
+        "name: `DPM++ 2M Karras`, `Euler a` ...); SD3 takes the FlowMatch ones only, the others the rest; default: "
+        "the model's."
+    )
+    schedule: Literal["karras", "exponential", "beta", "sgm_uniform", "simple"] | None = Field(
+        None, description="How the steps' noise levels are spaced (AUTOMATIC1111's schedule type), for the "
+        "scheduler or the model's own: `sgm_uniform` (or `simple`) for SDXL Turbo, Lightning and Hyper-SD; "
+        "default: the scheduler's own."
     )
     safety_checker: bool | None = Field(
         None, description="Run the model's safety checker (default: when the model ships one)."
@@ -378,6 +384,11 @@ class InferenceRequest(_Strict):
     def _known_scheduler(cls, value: str | None) -> str | None:
         return None if value is None else canonical_scheduler(value)
 
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule_as_a1111_writes_it(cls, value: Any) -> Any:
+        """AUTOMATIC1111 shows "Karras", "SGM Uniform": the same names."""
+        return value.strip().lower().replace(" ", "_") if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_together(self, info: ValidationInfo) -> InferenceRequest:

@@ -23,6 +23,7 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, Aut
 
 from schemas import (
     ConvertRequest, HiresSpec, ImageOut, InferenceRequest, ModelInfo, ModelSpec, Progress, Result, TrainRequest,
+    a1111_name,
 )
 
 from . import embeddings, loras, prompts
@@ -350,7 +351,8 @@ class Engine:
         if family_of(refiner.pipeline) not in (SDXL, SDXL_REFINER):
             raise UserInputError("refiner.id", f"{ref.id} is not an SDXL model ({type(refiner.pipeline).__name__})")
         pipe = AutoPipelineForImage2Image.from_pipe(
-            refiner.pipeline, scheduler=make_scheduler(request.scheduler, refiner.pipeline.scheduler))
+            refiner.pipeline,
+            scheduler=make_scheduler(request.scheduler, refiner.pipeline.scheduler, request.schedule))
         pipe.set_progress_bar_config(disable=True)
         loras.apply(refiner, pipe, [], settings=self.settings, disk=self.models.disk, emit=emit, timings={})
         pixels = latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2
@@ -424,7 +426,7 @@ class Engine:
     def _task_pipeline(self, loaded, request: InferenceRequest, nets: list | None = None, vae=None):
         base = loaded.pipeline
         name = _name(loaded)
-        scheduler = make_scheduler(request.scheduler, base.scheduler)
+        scheduler = make_scheduler(request.scheduler, base.scheduler, request.schedule)
         trained = scheduler.config.get("num_train_timesteps", 1000)
         if request.num_inference_steps >= trained:
             # With SD's steps_offset, as many steps as training timesteps index past the end.
@@ -550,10 +552,11 @@ def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], mod
     lines = [request.prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
-    pairs = {
-        "Steps": request.num_inference_steps, "Sampler": type(scheduler).__name__.removesuffix("Scheduler"),
-        "CFG scale": request.guidance_scale, "Seed": seed, "Size": f"{size[0]}x{size[1]}", "Model": model_id,
-    }
+    sampler, schedule = a1111_name(type(scheduler).__name__, scheduler.config)
+    pairs = {"Steps": request.num_inference_steps, "Sampler": sampler}
+    if schedule:
+        pairs["Schedule type"] = schedule
+    pairs.update({"CFG scale": request.guidance_scale, "Seed": seed, "Size": f"{size[0]}x{size[1]}", "Model": model_id})
     if request.strength is not None:
         pairs["Denoising strength"] = request.strength
     if request.task == "inpaint":

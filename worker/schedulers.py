@@ -2,29 +2,49 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import diffusers
 
 from schemas import SCHEDULERS
-from schemas.schedulers import is_flow_matching
+from schemas.schedulers import SCHEDULES, is_flow_matching
 
 from .errors import UserInputError
 
 
-def make_scheduler(name: str | None, model_scheduler: Any) -> Any:
-    """A fresh scheduler for one job: ``name`` from the table, or a copy of the model's own.
+def make_scheduler(name: str | None, model_scheduler: Any, schedule: str | None = None) -> Any:
+    """A fresh scheduler for one job: ``name`` from the table, or a copy of the model's own;
+    with ``schedule``, its steps spaced that way.
 
     Schedulers keep state between steps, so every job gets its own instance and nothing one
     request chose can leak into the next. A flow-matching model (SD3) takes only flow-matching
     schedulers, and the others only the others: a mismatch would denoise into garbage.
     """
-    if name is None:
-        return type(model_scheduler).from_config(model_scheduler.config)
-    spec = SCHEDULERS[name]
-    flow = is_flow_matching(type(model_scheduler).__name__)
-    if is_flow_matching(spec.cls) != flow:
-        fitting = [n for n, s in SCHEDULERS.items() if is_flow_matching(s.cls) == flow]
-        kind = "a flow-matching model (SD3)" if flow else "a diffusion model (SD 1.x, 2.x, XL)"
-        raise UserInputError("scheduler", f"{name} cannot sample this model, {kind}: use one of {', '.join(fitting)}")
-    return getattr(diffusers, spec.cls).from_config(model_scheduler.config, **spec.config)
+    cls, overrides = type(model_scheduler), {}
+    if name is not None:
+        spec = SCHEDULERS[name]
+        flow = is_flow_matching(cls.__name__)
+        if is_flow_matching(spec.cls) != flow:
+            fitting = [n for n, s in SCHEDULERS.items() if is_flow_matching(s.cls) == flow]
+            kind = "a flow-matching model (SD3)" if flow else "a diffusion model (SD 1.x, 2.x, XL)"
+            raise UserInputError("scheduler", f"{name} cannot sample this model, {kind}: use one of {', '.join(fitting)}")
+        cls, overrides = getattr(diffusers, spec.cls), spec.config
+    if schedule is not None:
+        overrides = overrides | _spaced(cls, name, overrides, schedule)
+    return cls.from_config(model_scheduler.config, **overrides)
+
+
+def _spaced(cls: type, name: str | None, overrides: dict, schedule: str) -> dict:
+    """The config that gives ``cls`` the ``schedule`` (and no other): diffusers would take an
+    option a scheduler does not have as an unknown key and ignore it."""
+    flags = SCHEDULES[schedule]
+    if any(key in overrides for key in flags.keys() | {"use_karras_sigmas"}):
+        raise UserInputError("schedule", f"{name} comes with its own schedule: send it without schedule, or "
+                                         f"its plain sampler with schedule {schedule!r}")
+    known = inspect.signature(cls.__init__).parameters
+    if not flags.keys() <= known.keys():
+        what = name or "this model's scheduler"
+        raise UserInputError("schedule", f"{what} ({cls.__name__}) has no {schedule} schedule")
+    sigmas = {key: False for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if key in known}
+    return sigmas | flags
