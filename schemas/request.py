@@ -301,6 +301,11 @@ class InferenceRequest(_Strict):
     mask_image: ImageSource | None = Field(
         None, description="Inpainting mask (white = repaint), same forms as `image`."
     )
+    resize_mode: Literal["stretch", "crop", "fill"] = Field(
+        "stretch", description="How an input or control image of another shape than the output takes its size: "
+        "`stretch`ed (AUTOMATIC1111's Just resize), scaled and centre-`crop`ped (Crop and resize), or scaled to fit "
+        "and `fill`ed out with its edges (Resize and fill)."
+    )
     mask_blur: int = Field(
         4, ge=0, le=64, description="inpaint: pixels of blur on the mask's edge, where the repainted part fades into "
         "the kept image (AUTOMATIC1111's mask blur; 0: a hard edge)."
@@ -438,6 +443,8 @@ class InferenceRequest(_Strict):
                     f"strength: {self.strength} x num_inference_steps {self.num_inference_steps} "
                     "leaves no denoising step; raise either"
                 )
+        if "resize_mode" in self.model_fields_set and self.task == "txt2img" and not self.controlnets:
+            raise ValueError("resize_mode: no image to resize (txt2img without controlnets)")
         masking = {"mask_blur", "keep_unmasked", "padding_mask_crop"} & self.model_fields_set
         if masking and self.task != "inpaint":
             raise ValueError(f"{sorted(masking)[0]}: only with task 'inpaint', not {self.task!r}")

@@ -93,6 +93,54 @@ def test_img2img_resizes_to_the_requested_size(run):
     assert decode(result.images[0].base64).size == (64, 96)
 
 
+def _stripes(size=(128, 64)) -> Image.Image:
+    """Coloured bands across the width: which part of it a model sees shows."""
+    image = Image.new("RGB", size)
+    for x in range(size[0]):
+        for y in range(size[1]):
+            image.putpixel((x, y), ((x * 37) % 256, (x * 11 + y * 3) % 256, 255 - (x * 5) % 256))
+    return image
+
+
+def _b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_resize_mode_decides_which_part_of_an_image_of_another_shape_is_used(run, tiny_dir, tmp_path):
+    """crop: the same image as sending its centre; fill: as sending it shrunk into the frame and
+    filled out; stretch (the default): as sending it squeezed. For img2img, inpaint (image and
+    mask together) and ControlNet images."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from tests.controlnets import build_controlnet
+
+    wide = _stripes()
+    centre = wide.crop((32, 0, 96, 64))
+    job = {"prompt": "p", "seed": 5, "num_inference_steps": 2, "width": 64, "height": 64}
+
+    def draw(**fields) -> str:
+        return run(**(job | fields))[0].images[0].base64
+
+    cropped = draw(image=_b64(wide), resize_mode="crop")
+    assert cropped == draw(image=_b64(centre))
+    filled = VaeImageProcessor().resize(wide, height=64, width=64, resize_mode="fill")
+    assert draw(image=_b64(wide), resize_mode="fill") == draw(image=_b64(filled))
+    assert draw(image=_b64(wide)) == draw(image=_b64(wide.resize((64, 64)))) != cropped
+
+    hole = Image.new("L", (128, 64))
+    hole.paste(255, (40, 16, 56, 48))  # left of the centre: cropping keeps 8 px to 24 px of it
+    assert (draw(image=_b64(wide), mask_image=_b64(hole), resize_mode="crop")
+            == draw(image=_b64(centre), mask_image=_b64(hole.crop((32, 0, 96, 64)))))
+
+    net = {"id": str(build_controlnet(tiny_dir, tmp_path / "net"))}
+    assert (draw(controlnets=[net | {"image": _b64(wide)}], resize_mode="crop")
+            == draw(controlnets=[net | {"image": _b64(centre)}]))
+    with pytest.raises(Exception, match="resize_mode: no image to resize"):
+        draw(resize_mode="crop")
+
+
 def test_inpaint_on_the_embedded_4_channel_model(run):
     result, _ = run(prompt="p", seed=5, image=png_b64(), mask_image=png_b64((255, 255, 255), mode="RGB"),
                     num_inference_steps=4)

@@ -30,7 +30,7 @@ from . import embeddings, loras, prompts
 from .controlnets import ControlNets
 from .ip_adapters import IpAdapters
 from .errors import JobCancelled, UserInputError, redact
-from .images import encode_image, load_image
+from .images import encode_image, fit, load_image
 from .inpainting import Inpainting, prepare
 from .models import (
     EMBEDDED_ID, FETCHED_NOW, SD3, SDXL, SDXL_REFINER, ModelStore, check_t5, denoiser, family_at, family_of,
@@ -286,14 +286,15 @@ class Engine:
         image = load_image(request.image, "image", self.settings)
         if request.task == "img2img":
             width, height = self._size_from(image, request, "image", _multiple(base))
-            args = {"image": image.resize((width, height)) if image.size != (width, height) else image}
+            args = {"image": fit(image, (width, height), request.resize_mode)}
             return args | {"strength": request.strength} | _sized(base, width, height), None
         mask = load_image(request.mask_image, "mask_image", self.settings, mode="L")
         if request.padding_mask_crop is None:
             width, height = self._size_from(image, request, "image", _multiple(base))
         else:  # the image keeps its size: this is the size its masked area is repainted at
             width, height = request.width or _default_size(base), request.height or _default_size(base)
-        inpainting = prepare(image, mask, (width, height), request.mask_blur, request.padding_mask_crop)
+        inpainting = prepare(image, mask, (width, height), request.mask_blur, request.padding_mask_crop,
+                             request.resize_mode)
         args = {"image": inpainting.cut(inpainting.original), "mask_image": inpainting.cut(inpainting.mask),
                 "strength": request.strength, "width": width, "height": height}
         return args, inpainting
@@ -400,7 +401,7 @@ class Engine:
             size = {}
         if inpainting:
             controls = [inpainting.cut(c) for c in controls]
-        controls = [c.resize((width, height)) if c.size != (width, height) else c for c in controls]
+        controls = [fit(c, (width, height), request.resize_mode) for c in controls]
         # Preprocessed at the output size, where the ControlNet sees them.
         for i, spec in enumerate(request.controlnets):
             if spec.preprocess == "canny":

@@ -53,6 +53,20 @@ def load_image(source: str, field: str, settings: Settings, mode: str = "RGB") -
     return image.convert(mode)
 
 
+def fit(image: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
+    """``image`` at ``size``: ``stretch``ed to it, or scaled to cover it and ``crop``ped to it
+    (centred), or scaled to fit in it and ``fill``ed out with its stretched edges (diffusers'
+    resize modes, which are AUTOMATIC1111's "Just resize", "Crop and resize", "Resize and fill")."""
+    if image.size == size:
+        return image
+    if mode == "stretch":
+        return image.resize(size)
+    from diffusers.image_processor import VaeImageProcessor
+
+    fitted = VaeImageProcessor().resize(image, height=size[1], width=size[0], resize_mode=mode)
+    return fitted.convert(image.mode)
+
+
 def encode_image(image: Image.Image, fmt: str, quality: int | None, parameters: str | None = None) -> bytes:
     """``image`` as file bytes; ``parameters`` (how it was made) goes where image tools read it:
     a PNG ``parameters`` text chunk (AUTOMATIC1111's), or the EXIF ImageDescription."""

@@ -19,6 +19,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageFilter
 
 from .errors import UserInputError
+from .images import fit
 
 _images = VaeImageProcessor()  # (its resize and overlay helpers only)
 
@@ -29,10 +30,11 @@ class Inpainting:
     mask: Image.Image  # its mask at that size, blurred
     size: tuple[int, int]  # what the pipeline works at
     region: tuple[int, int, int, int] | None  # padding_mask_crop: the area repainted (x0, y0, x1, y1)
+    resize_mode: str  # how a control image of another shape takes the input's size
 
     def cut(self, image: Image.Image) -> Image.Image:
         """``image`` (the input, its mask, a control image) as the pipeline takes it."""
-        image = image.resize(self.original.size) if image.size != self.original.size else image
+        image = fit(image, self.original.size, self.resize_mode)
         if self.region is None:
             return image
         return _images.resize(image.crop(self.region), height=self.size[1], width=self.size[0], resize_mode="fill")
@@ -43,13 +45,13 @@ class Inpainting:
 
 
 def prepare(image: Image.Image, mask: Image.Image, size: tuple[int, int], blur: int,
-            padding: int | None) -> Inpainting:
+            padding: int | None, resize_mode: str) -> Inpainting:
     """How to inpaint ``image`` under ``mask``: at ``size``, which for the whole image (no
-    ``padding``) is the size it is resized to, and for only the masked area the size that area is
-    repainted at."""
+    ``padding``) is the size it takes (by ``resize_mode``, as the mask does), and for only the
+    masked area the size that area is repainted at."""
+    mask = fit(mask, image.size, resize_mode)
     if padding is None:
-        image = image.resize(size) if image.size != size else image
-    mask = mask.resize(image.size) if mask.size != image.size else mask
+        image, mask = fit(image, size, resize_mode), fit(mask, size, resize_mode)
     if blur:
         mask = mask.filter(ImageFilter.GaussianBlur(blur))
     region = None
@@ -57,4 +59,4 @@ def prepare(image: Image.Image, mask: Image.Image, size: tuple[int, int], blur: 
         if mask.getbbox() is None:
             raise UserInputError("mask_image", "is black all over: no area to repaint for padding_mask_crop")
         region = VaeImageProcessor.get_crop_region(mask, size[0], size[1], pad=padding)
-    return Inpainting(image, mask, size, region)
+    return Inpainting(image, mask, size, region, resize_mode)
