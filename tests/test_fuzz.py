@@ -75,17 +75,22 @@ def random_request(rng: random.Random, parts: dict) -> dict:
 # pipelines indexing past a single input image was found.
 @pytest.mark.parametrize("seed", [1, 2, 9])
 def test_random_requests_run_or_name_the_field_at_fault(parts, models_dir, tmp_path, seed):
-    from schemas import parse_request
     from worker.engine import Engine
-    from worker.errors import answer_for
     from worker.settings import Settings
 
     engine = Engine(Settings(models_dir=models_dir, hf_hub_offline=True, max_loaded_models=3))
     rng = random.Random(seed)
+    run_or_refuse(engine, [random_request(rng, parts) for _ in range(40)])
+
+
+def run_or_refuse(engine, requests: list[dict]) -> None:
+    """Each request runs, or is answered as the handler would with a message naming a field."""
+    from schemas import parse_request
+    from worker.errors import answer_for
+
     ran = refused = 0
-    for _ in range(40):
-        fields = random_request(rng, parts)
-        shown = json.dumps({k: "<image>" if "image" in k else v for k, v in fields.items()})[:300]
+    for fields in requests:
+        shown = json.dumps({k: "<image>" if "image" in k else v for k, v in fields.items()})[:400]
         try:
             engine.generate(parse_request(fields, engine.settings.limits), lambda event: None, lambda: False)
             ran += 1
@@ -96,3 +101,53 @@ def test_random_requests_run_or_name_the_field_at_fault(parts, models_dir, tmp_p
             assert field and " " not in field.strip("`"), f"no field named in {message!r} for {shown}"
             refused += 1
     assert ran >= 5 and refused >= 5  # both kinds of outcome were exercised
+
+
+def newer_fields(rng: random.Random, parts: dict, fields: dict) -> dict:
+    """Inpainting's masking, resize modes, samplers and schedules, preprocessors and several
+    IP-Adapters, drawn on top of a random request (by their own generator, so that the requests
+    above stay the seeds' own)."""
+    def maybe(p: float) -> bool:
+        return rng.random() < p
+
+    fields = dict(fields)
+    if maybe(0.3):
+        fields["mask_image"] = png_b64((255, 255, 255), size=rng.choice([(16, 16), (64, 64), (80, 48)]))
+        fields.setdefault("image", png_b64(size=rng.choice([(64, 64), (120, 72)])))
+    masking = "mask_image" in fields or maybe(0.05)  # (else: a refusal)
+    if masking and maybe(0.5):
+        fields["mask_blur"] = rng.choice([0, 4, 30])
+    if masking and maybe(0.4):
+        fields["padding_mask_crop"] = rng.choice([0, 8, 200])
+    if masking and maybe(0.2):
+        fields["keep_unmasked"] = rng.choice([True, False])
+    if maybe(0.2):
+        fields["resize_mode"] = rng.choice(["stretch", "crop", "fill"])
+    if maybe(0.2):
+        fields["scheduler"] = rng.choice(["DPM++ 2M SDE Karras", "Euler a", "PLMS", "LMS Karras", "UniPC", "Euler",
+                                          "FlowMatchEulerDiscrete"])
+    if maybe(0.2):
+        fields["schedule"] = rng.choice(["karras", "exponential", "beta", "sgm_uniform", "SGM Uniform"])
+    if maybe(0.15):
+        fields["controlnets"] = [{"id": rng.choice(parts["controlnets"]), "image": png_b64(size=(100, 40)),
+                                  "preprocess": rng.choice(["canny", "depth", "openpose"])}]
+    if maybe(0.1):
+        fields["ip_adapters"] = [parts["ip_adapter"] | {"image": png_b64()},
+                                 parts["ip_adapter"] | {"image": png_b64((0, 0, 255)), "scale": 0.5}]
+        fields.pop("ip_adapter", None)
+    return fields
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_random_requests_with_the_newer_fields_run_or_name_the_field_at_fault(parts, models_dir, tmp_path, seed):
+    from tests.depth import build_depth_model
+    from tests.pose import build_pose_models
+    from worker.engine import Engine
+    from worker.settings import Settings
+
+    detector, estimator = build_pose_models(tmp_path / "pose")
+    engine = Engine(Settings(models_dir=models_dir, hf_hub_offline=True, max_loaded_models=3,
+                             depth_model=str(build_depth_model(tmp_path / "depth")), person_model=str(detector),
+                             pose_model=str(estimator)))
+    rng, extra = random.Random(seed), random.Random(1000 + seed)
+    run_or_refuse(engine, [newer_fields(extra, parts, random_request(rng, parts)) for _ in range(30)])
