@@ -513,6 +513,14 @@ class TrainSpec(_Strict):
     instance_images: list[ImageSource] = Field(
         ..., min_length=1, max_length=100, description="The subject's pictures, each like `image`."
     )
+    instance_captions: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
+        None, max_length=100, description="One caption per instance image, in order: each image trains with its "
+        "caption instead of instance_prompt (put the trigger word in them; captioned LoRA training)."
+    )
+    random_flip: bool = Field(
+        False, description="Mirror each instance image left to right half the time: more variety from few images "
+        "(not for subjects whose sides differ, or text)."
+    )
     max_train_steps: int = Field(400, ge=1, le=100_000, description="Optimizer steps.")
     learning_rate: float = Field(
         1e-4, gt=0, le=1, description="AdamW learning rate (LoRA: 1e-4; dreambooth: 5e-6 or lower is usual)."
@@ -556,6 +564,9 @@ class TrainSpec(_Strict):
 
     @model_validator(mode="after")
     def _prior_preservation(self) -> TrainSpec:
+        if self.instance_captions is not None and len(self.instance_captions) != len(self.instance_images):
+            raise ValueError(f"instance_captions: {len(self.instance_captions)} captions for "
+                             f"{len(self.instance_images)} instance_images (one each, in order)")
         if self.num_class_images and not self.class_prompt:
             raise ValueError(f"class_prompt: required with num_class_images {self.num_class_images}")
         if self.class_prompt and not self.num_class_images:

@@ -114,7 +114,9 @@ def test_training_is_reproducible_with_its_seed(runner, s3):
     # Adam ignores a loss scaled by one number: Min-SNR shows with samples of different timesteps.
     {"snr_gamma": 5.0, "train_batch_size": 2},
     {"snr_gamma": 5.0, "class_prompt": "a toy", "num_class_images": 1, "class_inference_steps": 2},
-], ids=["cosine", "warmup", "accumulation", "min-snr", "min-snr-with-prior"])
+    {"instance_captions": ["a red sks toy", "a blue sks toy on a table"]},
+    {"random_flip": True},
+], ids=["cosine", "warmup", "accumulation", "min-snr", "min-snr-with-prior", "captions", "flip"])
 def test_each_training_option_changes_what_is_learned(runner, s3, knob):
     def trained(name: str, **options) -> dict:
         answer = run_job(runner, train_input(max_train_steps=3, dest_url=f"s3://{BUCKET}/knobs/{name}.safetensors",
@@ -129,6 +131,42 @@ def test_each_training_option_changes_what_is_learned(runner, s3, knob):
     assert tuned["steps"] == 3 and tuned["sha256"] != plain["sha256"]
 
 
+def test_each_image_trains_with_its_own_caption(runner, s3):
+    """Captions go with their images: swapped, they teach something else."""
+    def trained(name: str, captions: list[str]) -> str:
+        answer = run_job(runner, train_input(max_train_steps=3, dest_url=f"s3://{BUCKET}/each/{name}.safetensors",
+                                             instance_captions=captions))[-1]
+        assert answer.get("type") == "result", answer
+        return answer["train"]["sha256"]
+
+    captions = ["a red sks toy", "a blue sks toy on a table"]
+    assert trained("in-order", captions) != trained("swapped", captions[::-1])
+
+
+def test_random_flip_trains_on_mirror_images_half_the_time(tiny_dir):
+    import torch
+    from PIL import ImageOps
+
+    from tests.test_engine import _stripes
+    from worker.models import load_pipeline
+    from worker.train import _latent_stats, _sample
+
+    pipe = load_pipeline(tiny_dir, "fp32", None, "cpu")
+    picture = _stripes((64, 64))
+    both = _latent_stats(pipe, [picture], 64, mirrored=True)
+    alone = _latent_stats(pipe, [picture], 64)
+    mirror = _latent_stats(pipe, [ImageOps.mirror(picture)], 64)
+    # (encoded two at a time: batched arithmetic moves the last bits)
+    assert torch.allclose(both[0][0], alone[0][0], atol=1e-5) and torch.allclose(both[0][1], mirror[0][0], atol=1e-5)
+    assert not torch.allclose(alone[0][0], mirror[0][0], atol=1e-2)  # the picture is not symmetric
+    generator = torch.Generator().manual_seed(0)
+    without_noise = (both[0], torch.zeros_like(both[1]))
+    drawn = [_sample(without_noise, 1, generator, pipe, mirrored=True) for _ in range(40)]
+    as_is = both[0][0] * pipe.vae.config.scaling_factor
+    originals = sum(torch.allclose(latents[0], as_is) for latents, _ in drawn)
+    assert 10 < originals < 30 and all(chosen == [0] for _, chosen in drawn)  # image 0, mirrored or not
+
+
 @pytest.mark.parametrize("change, expected", [
     ({"instance_images": []}, "train.instance_images: list should have at least 1 item"),
     ({"num_class_images": 3}, "train.class_prompt: required with num_class_images 3"),
@@ -140,6 +178,9 @@ def test_each_training_option_changes_what_is_learned(runner, s3, knob):
     ({"instance_images": ["not an image!"]}, "train.instance_images[0]: must be base64, a data: URI or an http"),
     ({"dest_url": "s3://no-such-bucket/x.safetensors"}, "train.dest_url: bucket 'no-such-bucket' does not exist"),
     ({"instance_prompt": "sks toy " * 13}, "train.instance_prompt: is 78 tokens; training reads at most 75"),
+    ({"instance_captions": ["a red sks toy"]}, "train.instance_captions: 1 captions for 2 instance_images"),
+    ({"instance_captions": ["a red sks toy", ""]}, "train.instance_captions[1]: string should have at least 1"),
+    ({"instance_captions": ["a", "sks toy " * 13]}, "train.instance_captions[1]: is 78 tokens; training reads"),
 ])
 def test_bad_training_requests_name_the_field(runner, change, expected):
     items = run_job(runner, train_input(**change))

@@ -6,7 +6,9 @@ train_dreambooth(_lora)(_sdxl|_sd3).py.
 1. The base model is loaded fresh from its files in fp32: training never touches the warm
    pipelines that inference jobs share.
 2. Instance images are decoded, resized and center-cropped, and encoded once by the VAE (each
-   step samples from the stored distribution, as encoding every step would).
+   step samples from the stored distribution, as encoding every step would); with
+   ``random_flip`` their mirror images too. Each image trains with its caption, if it has one,
+   else with ``instance_prompt``.
 3. Prior preservation: the base model draws ``num_class_images`` of ``class_prompt`` first.
 4. Trainable weights stay in fp32 (the master copy) whatever the model runs in; on CUDA the
    forward pass runs under autocast, bf16 where the GPU has it, else fp16 with a gradient
@@ -86,7 +88,7 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     start = time.perf_counter()
     instance = _latent_stats(pipe, (  # one full-size image in memory at a time
         load_image(source, f"train.instance_images[{i}]", settings) for i, source in enumerate(spec.instance_images)
-    ), spec.resolution)
+    ), spec.resolution, mirrored=spec.random_flip)
     timings["inputs"] = ms_since(start)
     prior = None
     if spec.num_class_images:
@@ -103,7 +105,8 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     embeddings = {}
     if frozen_text:  # one encoding per prompt for the whole run
         with torch.no_grad():
-            embeddings = {p: _encode(pipe, [p]) for p in {spec.instance_prompt, spec.class_prompt} if p}
+            texts = {spec.instance_prompt, spec.class_prompt, *(spec.instance_captions or [])}
+            embeddings = {text: _encode(pipe, [text]) for text in texts if text}
 
     # 5. The loop.
     start = time.perf_counter()
@@ -119,10 +122,10 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
             raise JobCancelled(f"at training step {step - 1} of {spec.max_train_steps}")
         step_loss = 0.0
         for _ in range(spec.gradient_accumulation_steps):  # gradients add up over the micro-batches
-            latents = _sample(instance, spec.train_batch_size, generator, pipe)
-            prompts = [spec.instance_prompt] * spec.train_batch_size
+            latents, chosen = _sample(instance, spec.train_batch_size, generator, pipe, mirrored=spec.random_flip)
+            prompts = [spec.instance_captions[i] if spec.instance_captions else spec.instance_prompt for i in chosen]
             if prior is not None:
-                latents = torch.cat([latents, _sample(prior, spec.train_batch_size, generator, pipe)])
+                latents = torch.cat([latents, _sample(prior, spec.train_batch_size, generator, pipe)[0]])
                 prompts += [spec.class_prompt] * spec.train_batch_size
             with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
@@ -232,16 +235,22 @@ def _text_encoders(pipe) -> list:
     return [m for m in (getattr(pipe, name, None) for name in names) if m is not None]
 
 
-def _latent_stats(pipe, images, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE's latent mean and std of each image, resized and center-cropped to ``resolution``."""
+def _latent_stats(pipe, images, resolution: int, mirrored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latent mean and std of each image, resized and center-cropped to ``resolution``;
+    ``mirrored``: then those of each image mirrored left to right, in the same order."""
     import numpy as np
     from PIL import ImageOps
 
-    pixels = []
+    def tensor(image) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+    pixels, flipped = [], []
     for image in images:
         image = ImageOps.fit(image.convert("RGB"), (resolution, resolution))
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        pixels.append(torch.from_numpy(array).permute(2, 0, 1))
+        pixels.append(tensor(image))
+        if mirrored:
+            flipped.append(tensor(ImageOps.mirror(image)))
+    pixels += flipped
     means, stds = [], []
     for start in range(0, len(pixels), _VAE_BATCH):  # a few at a time: the encoder's activations are large
         batch = torch.stack(pixels[start:start + _VAE_BATCH]).to(pipe.vae.device, dtype=pipe.vae.dtype)
@@ -252,11 +261,16 @@ def _latent_stats(pipe, images, resolution: int) -> tuple[torch.Tensor, torch.Te
     return torch.cat(means), torch.cat(stds)
 
 
-def _sample(stats: tuple[torch.Tensor, torch.Tensor], batch: int, generator: torch.Generator, pipe) -> torch.Tensor:
+def _sample(stats: tuple[torch.Tensor, torch.Tensor], batch: int, generator: torch.Generator, pipe,
+            mirrored: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """A batch of latents drawn from the images' distributions, and which image each is;
+    ``mirrored`` (stats of the images, then of their mirror images): each mirrored half the time."""
     mean, std = stats
-    index = torch.randint(0, mean.shape[0], (batch,), generator=generator)
-    noise = torch.randn(mean[index].shape, generator=generator).to(mean.device)
-    return (mean[index] + std[index] * noise - _shift(pipe)) * pipe.vae.config.scaling_factor
+    count = mean.shape[0] // 2 if mirrored else mean.shape[0]
+    index = torch.randint(0, count, (batch,), generator=generator)
+    drawn = index + count * torch.randint(0, 2, (batch,), generator=generator) if mirrored else index
+    noise = torch.randn(mean[drawn].shape, generator=generator).to(mean.device)
+    return (mean[drawn] + std[drawn] * noise - _shift(pipe)) * pipe.vae.config.scaling_factor, index.tolist()
 
 
 def _shift(pipe) -> float:
@@ -268,8 +282,9 @@ def _check_prompt_lengths(pipe, spec: TrainSpec) -> None:
     """Training conditions on one text-encoder pass: a longer prompt would be cut, silently."""
     tokenizer = pipe.tokenizer
     room = tokenizer.model_max_length - 2
-    for name in ("instance_prompt", "class_prompt"):
-        text = getattr(spec, name)
+    texts = [("instance_prompt", spec.instance_prompt), ("class_prompt", spec.class_prompt)]
+    texts += [(f"instance_captions[{i}]", caption) for i, caption in enumerate(spec.instance_captions or [])]
+    for name, text in texts:
         count = len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0
         if count > room:
             raise UserInputError(f"train.{name}", f"is {count} tokens; training reads at most {room} (one pass "
