@@ -4,7 +4,8 @@ from .compat import RequestError
 from .errors import describe_validation_error
 from .request import (
     ControlNetSpec, ConvertRequest, ConvertSpec, EmbeddingSpec, HiresSpec, InferenceRequest, IpAdapterSpec, Limits,
-    LoraSpec, ModelSpec, OutputSpec, RefinerSpec, S3Config, TrainRequest, TrainSpec, VaeSpec, parse_request,
+    LoraSpec, ModelSpec, OutpaintSpec, OutputSpec, RefinerSpec, S3Config, TrainRequest, TrainSpec, VaeSpec,
+    parse_request,
 )
 from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result, TrainOut
 from .schedulers import SCHEDULERS, a1111_name, canonical_scheduler
@@ -20,6 +21,7 @@ __all__ = [
     "LoraSpec",
     "ControlNetSpec",
     "HiresSpec",
+    "OutpaintSpec",
     "IpAdapterSpec",
     "VaeSpec",
     "EmbeddingSpec",

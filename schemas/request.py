@@ -254,6 +254,25 @@ class IpAdapterSpec(_Strict):
         return value
 
 
+class OutpaintSpec(_Strict):
+    """Outpainting: the image's canvas grown by these margins, which are painted to match it."""
+
+    left: int = Field(0, ge=0, le=2048, description="Pixels added on the left.")
+    right: int = Field(0, ge=0, le=2048, description="Pixels added on the right.")
+    top: int = Field(0, ge=0, le=2048, description="Pixels added at the top.")
+    bottom: int = Field(0, ge=0, le=2048, description="Pixels added at the bottom.")
+    fill: Literal["edge", "reflect"] = Field(
+        "edge", description="What the margins start from before they are painted: the image's edge pixels "
+        "stretched out, or the image mirrored at its edges."
+    )
+
+    @model_validator(mode="after")
+    def _grows(self) -> OutpaintSpec:
+        if not (self.left or self.right or self.top or self.bottom):
+            raise ValueError("left: at least one of left, right, top, bottom must add pixels")
+        return self
+
+
 class HiresSpec(_Strict):
     """AUTOMATIC1111's hires fix: generate, upscale, then denoise again at the larger size."""
 
@@ -305,6 +324,10 @@ class InferenceRequest(_Strict):
         "stretch", description="How an input or control image of another shape than the output takes its size: "
         "`stretch`ed (AUTOMATIC1111's Just resize), scaled and centre-`crop`ped (Crop and resize), or scaled to fit "
         "and `fill`ed out with its edges (Resize and fill)."
+    )
+    outpaint: OutpaintSpec | None = Field(
+        None, description="inpaint past the image's edges: its canvas grown by these margins, which are masked and "
+        "painted (no mask_image)."
     )
     mask_blur: int = Field(
         4, ge=0, le=64, description="inpaint: pixels of blur on the mask's edge, where the repainted part fades into "
@@ -413,9 +436,9 @@ class InferenceRequest(_Strict):
             raise ValueError(f"task: {self.task!r} needs its own fields (see TrainRequest, ConvertRequest)")
 
         if self.task is None:
-            self.task = "inpaint" if self.mask_image else "img2img" if self.image else "txt2img"
+            self.task = "inpaint" if self.mask_image or self.outpaint else "img2img" if self.image else "txt2img"
         if self.task == "txt2img":
-            for name in ("image", "mask_image", "strength"):
+            for name in ("image", "mask_image", "strength", "outpaint"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name}: not used by task 'txt2img' (send task 'img2img' or 'inpaint')")
             if self.hires is not None:
@@ -432,8 +455,12 @@ class InferenceRequest(_Strict):
         else:
             if self.image is None:
                 raise ValueError(f"image: required for task {self.task!r}")
-            if self.task == "inpaint" and self.mask_image is None:
-                raise ValueError("mask_image: required for task 'inpaint'")
+            if self.outpaint and self.task != "inpaint":
+                raise ValueError(f"outpaint: only with task 'inpaint', not {self.task!r}")
+            if self.outpaint and self.mask_image is not None:
+                raise ValueError("mask_image: not with outpaint, which masks the margins it adds")
+            if self.task == "inpaint" and self.mask_image is None and not self.outpaint:
+                raise ValueError("mask_image: required for task 'inpaint' (or outpaint)")
             if self.task == "img2img" and self.mask_image is not None:
                 raise ValueError("mask_image: not used by task 'img2img' (send task 'inpaint')")
             if self.strength is None:

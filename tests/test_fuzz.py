@@ -104,9 +104,9 @@ def run_or_refuse(engine, requests: list[dict]) -> None:
 
 
 def newer_fields(rng: random.Random, parts: dict, fields: dict) -> dict:
-    """Inpainting's masking, resize modes, samplers and schedules, preprocessors and several
-    IP-Adapters, drawn on top of a random request (by their own generator, so that the requests
-    above stay the seeds' own)."""
+    """Inpainting's masking, resize modes, samplers and schedules, preprocessors, several
+    IP-Adapters and outpainting, drawn on top of a random request (by their own generator, so
+    that the requests above stay the seeds' own)."""
     def maybe(p: float) -> bool:
         return rng.random() < p
 
@@ -135,6 +135,11 @@ def newer_fields(rng: random.Random, parts: dict, fields: dict) -> dict:
         fields["ip_adapters"] = [parts["ip_adapter"] | {"image": png_b64()},
                                  parts["ip_adapter"] | {"image": png_b64((0, 0, 255)), "scale": 0.5}]
         fields.pop("ip_adapter", None)
+    if maybe(0.15):
+        fields["outpaint"] = {rng.choice(["left", "right", "top", "bottom"]): rng.choice([8, 36, 64]),
+                              "fill": rng.choice(["edge", "reflect"])}
+        fields.setdefault("image", png_b64(size=(64, 64)))
+        fields.pop("mask_image", None)  # (refused with outpaint: a test of its own says so)
     return fields
 
 
@@ -150,4 +155,4 @@ def test_random_requests_with_the_newer_fields_run_or_name_the_field_at_fault(pa
                              depth_model=str(build_depth_model(tmp_path / "depth")), person_model=str(detector),
                              pose_model=str(estimator)))
     rng, extra = random.Random(seed), random.Random(1000 + seed)
-    run_or_refuse(engine, [newer_fields(extra, parts, random_request(rng, parts)) for _ in range(30)])
+    run_or_refuse(engine, [newer_fields(extra, parts, random_request(rng, parts)) for _ in range(40)])

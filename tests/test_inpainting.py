@@ -144,3 +144,56 @@ def test_masking_fields_are_checked(run, engine):
     # Without only masked, a black mask repaints nothing: the input comes back.
     result, _ = run(**(BASE | {"image": b64(photo()), "mask_image": png_b64((0, 0, 0))}))
     assert (pixels(result) == np.asarray(photo())).all()
+
+
+def test_outpainting_paints_margins_that_continue_the_image(run, engine, inpaint_dir):
+    """outpaint: the same as inpainting the grown canvas under the margins' mask; the image itself
+    comes back as it was, away from the blended seam."""
+    picture = photo((64, 64))
+    result, _ = run(**(BASE | {"image": b64(picture), "outpaint": {"right": 32, "top": 8},
+                               "output": {"metadata": True}}))
+    assert result.task == "inpaint"
+    image = decode(result.images[0].base64)
+    assert image.size == (96, 72) and (result.images[0].width, result.images[0].height) == (96, 72)
+    out = np.asarray(image.convert("RGB")).astype(int)
+    assert (out[8 + 16:, :64 - 16] == np.asarray(picture)[16:, :48]).all()  # the image, beyond the blur's reach
+
+    canvas = np.pad(np.asarray(picture), ((8, 0), (0, 32), (0, 0)), mode="edge")
+    margins = mask((96, 72), (64, 0, 95, 71))
+    margins.paste(255, (0, 0, 96, 8))
+    by_hand, _ = run(**(BASE | {"image": b64(Image.fromarray(canvas)), "mask_image": b64(margins)}))
+    assert pixels(by_hand).tolist() == out.tolist()
+    assert (out[40:, 80:] != canvas[40:, 80:]).any()  # the margin was painted, not left stretched
+    assert 'Outpaint: "left 0, right 32, top 8, bottom 0, fill edge"' in image.text["parameters"]
+
+    mirrored, _ = run(**(BASE | {"image": b64(picture), "outpaint": {"right": 32, "top": 8, "fill": "reflect"}}))
+    assert pixels(mirrored).tolist() != out.tolist()
+    # On an inpainting model, and only the margin's area at the model's size.
+    for fields in ({"model": {"id": str(inpaint_dir)}}, {"padding_mask_crop": 8}):
+        grown, _ = run(**(BASE | {"image": b64(picture), "outpaint": {"left": 40}} | fields))
+        assert decode(grown.images[0].base64).size == (104, 64)
+
+
+def test_outpainting_fields_are_checked(run, engine):
+    from schemas import parse_request
+    from worker.errors import answer_for
+
+    image = b64(photo())
+    for fields, message in [
+        ({"image": image, "outpaint": {}}, "outpaint.left: at least one of left, right, top, bottom must add pixels"),
+        ({"image": image, "outpaint": {"right": 8}, "mask_image": image},
+         "mask_image: not with outpaint, which masks the margins it adds"),
+        ({"image": image, "task": "img2img", "outpaint": {"right": 8}}, "outpaint: only with task 'inpaint'"),
+        ({"outpaint": {"right": 8}}, "image: required for task 'inpaint'"),
+        ({"task": "txt2img", "outpaint": {"right": 8}}, "outpaint: not used by task 'txt2img'"),
+        ({"image": image, "outpaint": {"right": 4096}}, "outpaint.right: input should be less than or equal to 2048"),
+        ({"image": image, "outpaint": {"right": 8, "fill": "noise"}}, "outpaint.fill: input should be 'edge' or"),
+    ]:
+        with pytest.raises(Exception) as info:
+            parse_request(BASE | fields, engine.settings.limits)
+        answer, _ = answer_for(info.value, [])
+        assert answer.startswith(message), answer
+    from worker.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=r"^outpaint: 2112x2112 is over this endpoint's 4194304 pixels"):
+        run(**(BASE | {"image": image, "outpaint": {"left": 2048, "top": 2048}}))

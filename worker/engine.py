@@ -31,7 +31,7 @@ from .controlnets import ControlNets
 from .ip_adapters import IpAdapters
 from .errors import JobCancelled, UserInputError, redact
 from .images import encode_image, fit, load_image
-from .inpainting import Inpainting, prepare
+from .inpainting import Inpainting, grow, prepare
 from .models import (
     EMBEDDED_ID, FETCHED_NOW, SD3, SDXL, SDXL_REFINER, ModelStore, check_t5, denoiser, family_at, family_of,
     model_ref,
@@ -288,9 +288,12 @@ class Engine:
             width, height = self._size_from(image, request, "image", _multiple(base))
             args = {"image": fit(image, (width, height), request.resize_mode)}
             return args | {"strength": request.strength} | _sized(base, width, height), None
-        mask = load_image(request.mask_image, "mask_image", self.settings, mode="L")
+        if request.outpaint:
+            (image, mask), field = grow(image, request.outpaint), "outpaint"
+        else:
+            mask, field = load_image(request.mask_image, "mask_image", self.settings, mode="L"), "image"
         if request.padding_mask_crop is None:
-            width, height = self._size_from(image, request, "image", _multiple(base))
+            width, height = self._size_from(image, request, field, _multiple(base))
         else:  # the image keeps its size: this is the size its masked area is repainted at
             width, height = request.width or _default_size(base), request.height or _default_size(base)
         inpainting = prepare(image, mask, (width, height), request.mask_blur, request.padding_mask_crop,
@@ -564,6 +567,10 @@ def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], mod
         pairs["Mask blur"] = request.mask_blur
         if request.padding_mask_crop is not None:
             pairs.update({"Inpaint area": "Only masked", "Masked area padding": request.padding_mask_crop})
+        if request.outpaint:
+            grown = request.outpaint
+            pairs["Outpaint"] = (f'"left {grown.left}, right {grown.right}, top {grown.top}, bottom {grown.bottom}, '
+                                 f'fill {grown.fill}"')
     if request.hires:  # A1111's Size is then the first pass's
         pairs.update({"Denoising strength": request.hires.strength, "Hires upscale": request.hires.scale,
                       "Hires steps": request.hires.steps or request.num_inference_steps,

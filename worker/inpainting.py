@@ -1,4 +1,4 @@
-"""Inpainting as AUTOMATIC1111 does it, with diffusers' own image helpers.
+"""Inpainting as AUTOMATIC1111 does it, with diffusers' own image helpers; and outpainting.
 
 - ``mask_blur``: the mask's edge is blurred, so the repainted part fades into the kept image
   (the pipeline itself still repaints where the blurred mask is over one half).
@@ -9,14 +9,20 @@
   widened to the aspect of the working size, is cut out, repainted at that size (more pixels
   for a small area than the whole image would give it), and pasted back into the input, which
   keeps its size.
+- ``outpaint``: inpainting on the image's canvas grown by margins, which are the mask. They
+  start from the image's edge pixels stretched out (or its mirror image), which is what a
+  4-channel model denoises from below strength 1; the blurred mask edge blends the seam.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageFilter
+
+from schemas import OutpaintSpec
 
 from .errors import UserInputError
 from .images import fit
@@ -60,3 +66,13 @@ def prepare(image: Image.Image, mask: Image.Image, size: tuple[int, int], blur: 
             raise UserInputError("mask_image", "is black all over: no area to repaint for padding_mask_crop")
         region = VaeImageProcessor.get_crop_region(mask, size[0], size[1], pad=padding)
     return Inpainting(image, mask, size, region, resize_mode)
+
+
+def grow(image: Image.Image, spec: OutpaintSpec) -> tuple[Image.Image, Image.Image]:
+    """``image`` on a canvas grown by ``spec``'s margins, and the mask of the margins."""
+    pixels = np.pad(np.asarray(image.convert("RGB")), ((spec.top, spec.bottom), (spec.left, spec.right), (0, 0)),
+                    mode="edge" if spec.fill == "edge" else "symmetric")
+    canvas = Image.fromarray(pixels)
+    mask = Image.new("L", canvas.size, 255)
+    mask.paste(0, (spec.left, spec.top, spec.left + image.width, spec.top + image.height))
+    return canvas, mask
