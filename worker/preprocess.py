@@ -72,9 +72,13 @@ class Pose:
 
     def __call__(self, image: Image.Image, field: str) -> Image.Image:
         """The skeletons of the people in ``image``, drawn on black at its size."""
+        return draw_pose(image.size, self.find(image, field))
+
+    def find(self, image: Image.Image, field: str) -> list[dict[int, tuple[float, float]]]:
+        """The people in ``image``: each one's COCO keypoints (index → x, y in pixels)."""
         key = (self.settings.person_model, self.settings.pose_model)
         models, _ = self.warm.get(key, lambda: self._load(field))
-        return draw_pose(image.size, self.people(image.convert("RGB"), *models))
+        return self.people(image.convert("RGB"), *models)
 
     def clear(self) -> None:
         """Free the device (for training)."""
