@@ -20,6 +20,11 @@ result carries ``convert``). ``loras``, ``embeddings``, ``controlnets``, ``ip_ad
 ``vae``, ``hires`` and ``output.upload_url`` (or the job's ``s3Config``) change how an
 inference runs and how its images come back.
 
+docker-diffusers-api payloads (``{"callInputs": ..., "modelInputs": ...}``) and AUTOMATIC1111
+API payloads (``{"prompt": ..., "steps": 25, "cfg_scale": 7, ...}``, as RunPod's worker-a1111
+takes them) are translated and answered in those projects' shapes (schemas/compat.py,
+schemas/a1111.py).
+
 A bad request answers ``{"error": "width: must be a multiple of 8, got 513"}`` and the worker
 serves the next job.
 

@@ -389,10 +389,16 @@ class InferenceRequest(_Strict):
     convert: dict[str, Any] | None = Field(None, description="Only with task 'convert' (ConvertRequest).")
     # Set when the job came as a docker-diffusers-api payload: answer in its shape too.
     _legacy: bool = PrivateAttr(False)
+    # Set when it came as an AUTOMATIC1111 payload: that payload, without its images, to answer with.
+    _a1111: dict | None = PrivateAttr(None)
 
     @property
     def legacy(self) -> bool:
         return self._legacy
+
+    @property
+    def a1111(self) -> dict | None:
+        return self._a1111
 
     def adapters(self) -> list[tuple[str, IpAdapterSpec]]:
         """The IP-Adapters, each with the field it answers for."""
@@ -637,9 +643,19 @@ class TrainRequest(_Strict):
 
 
 def parse_request(data: Any, limits: Limits) -> InferenceRequest | ConvertRequest | TrainRequest:
-    """The request model for a job's input: by its ``task``; docker-diffusers-api payloads
-    are translated first (``legacy`` is then set, and the answer takes that shape too)."""
+    """The request model for a job's input: by its ``task``; docker-diffusers-api and
+    AUTOMATIC1111 payloads are translated first (``legacy`` or ``a1111`` is then set, and the
+    answer takes that shape too)."""
+    from .a1111 import describe_a1111_error, echo, from_a1111, is_a1111
     from .compat import RequestError, describe_legacy_error, from_legacy, is_legacy
+
+    if is_a1111(data):
+        try:
+            request = InferenceRequest.model_validate(from_a1111(data), context={"limits": limits})
+        except ValidationError as exc:
+            raise RequestError(describe_a1111_error(exc)) from None
+        request._a1111 = echo(data)
+        return request
 
     if is_legacy(data):
         translated = from_legacy(data)

@@ -151,6 +151,20 @@ def test_plain_handler_answers_docker_diffusers_api_clients_in_their_shape(plain
     assert answer["output"]["image_base64"] and "$timings" in answer["output"]
 
 
+def test_plain_handler_answers_automatic1111_clients_as_worker_a1111_does(plain_api):
+    """A worker-a1111 client reads output["images"][0] as base64 and output["info"] as JSON."""
+    import base64
+
+    answer = plain_api.runsync({"prompt": "p", "steps": 2, "cfg_scale": 7, "sampler_name": "Euler a", "seed": 4,
+                                "width": 64, "height": 64})
+    assert answer["status"] == "COMPLETED"
+    output = answer["output"]
+    assert base64.b64decode(output["images"][0])[:4] == b"\x89PNG"
+    assert json.loads(output["info"])["all_seeds"] == [4] and output["parameters"]["sampler_name"] == "Euler a"
+    failed = plain_api.runsync({"prompt": "p", "steps": 2, "restore_faces": True})
+    assert failed["status"] == "FAILED" and failed["error"].startswith("restore_faces: not supported")
+
+
 def test_plain_handler_fails_bad_jobs(plain_api):
     answer = plain_api.runsync({"prompt": "p", "width": 100})
     assert answer["status"] == "FAILED"

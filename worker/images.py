@@ -53,6 +53,17 @@ def load_image(source: str, field: str, settings: Settings, mode: str = "RGB") -
     return image.convert(mode)
 
 
+def infotext(data: str | None) -> str:
+    """The "parameters" text (AUTOMATIC1111's infotext) of a base64 PNG, or ''."""
+    if not data:
+        return ""
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+            return image.info.get("parameters", "")
+    except (UnidentifiedImageError, OSError, ValueError):
+        return ""
+
+
 def fit(image: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
     """``image`` at ``size``: ``stretch``ed to it, or scaled to cover it and ``crop``ped to it
     (centred), or scaled to fit in it and ``fill``ed out with its stretched edges (diffusers'

@@ -24,8 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 from schemas import ConvertRequest, InferenceRequest, Progress, Result, TrainRequest, parse_request
+from schemas.a1111 import a1111_answer
 
 from .errors import answer_for
+from .images import infotext
 from .settings import Settings
 from .timing import ms_since
 
@@ -152,7 +154,7 @@ class JobRunner:
                 "job %s: %s on %s (%s), %d image(s), %s",
                 job.get("id"), result.task, result.model.id, result.model.source, len(result.images), result.timings,
             )
-            yield self._answer(result, legacy=getattr(request, "legacy", False))
+            yield self._answer(result, legacy=getattr(request, "legacy", False), a1111=getattr(request, "a1111", None))
         except Exception as exc:
             yield self._answer(exc, secrets=_job_secrets(job))
         finally:
@@ -186,9 +188,13 @@ class JobRunner:
         result.timings = {k: v for k, v in phases.items() if v >= 1} | result.timings
         return result
 
-    def _answer(self, outcome: Result | BaseException, legacy: bool = False, secrets: list[str] = ()) -> dict:
+    def _answer(self, outcome: Result | BaseException, legacy: bool = False, secrets: list[str] = (),
+                a1111: dict | None = None) -> dict:
         if isinstance(outcome, Result):
             answer = outcome.dump()
+            if a1111 is not None:  # AUTOMATIC1111's shape: images as base64 strings, its info
+                texts = [infotext(image.get("base64")) for image in answer.get("images", [])]
+                return a1111_answer(answer, a1111, texts)
             if legacy:  # docker-diffusers-api's fields, beside ours (CONTRACT §2)
                 images = [image["base64"] for image in answer["images"] if "base64" in image]
                 if len(images) == 1:
