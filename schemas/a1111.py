@@ -117,7 +117,7 @@ def _images(data: dict, request: dict) -> None:
         if data.get("inpaint_full_res"):
             request["padding_mask_crop"] = data.get("inpaint_full_res_padding", 32)
     if "resize_mode" in data and images is not None:
-        if data["resize_mode"] not in _RESIZE_MODES:
+        if not isinstance(data["resize_mode"], int) or data["resize_mode"] not in _RESIZE_MODES:
             raise RequestError(f"resize_mode: 0, 1 or 2 (just resize, crop and resize, resize and fill), got "
                                f"{data['resize_mode']!r}")
         request["resize_mode"] = _RESIZE_MODES[data["resize_mode"]]
@@ -164,7 +164,10 @@ def _controlnets(scripts: dict, request: dict) -> None:
     for name in scripts:
         if name.lower() != "controlnet":
             raise RequestError(f"alwayson_scripts.{name}: not supported by this worker (ControlNet is)")
-    units = (scripts.get("controlnet") or scripts.get("ControlNet") or {}).get("args", [])
+    section = scripts.get("controlnet") or scripts.get("ControlNet") or {}
+    units = section.get("args", []) if isinstance(section, dict) else None
+    if not isinstance(units, list):
+        raise RequestError("alwayson_scripts.controlnet.args: must be a list of ControlNet units")
     nets = []
     for i, unit in enumerate(units):
         field = f"alwayson_scripts.controlnet.args[{i}]"

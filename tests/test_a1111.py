@@ -128,4 +128,7 @@ def test_a1111_jobs_answer_in_a1111s_shape_with_the_same_images(runner):
     assert inpainted["parameters"]["init_images"] is None  # not echoed back: it can be megabytes
     refused = answer(runner, TXT2IMG | {"steps": 0})
     assert refused["error"].startswith("steps: input should be greater than or equal to 1"), refused
+    # What the engine refuses is named the client's way too.
+    refused = answer(runner, TXT2IMG | {"override_settings": {"CLIP_stop_at_last_layers": 9}})
+    assert refused["error"].startswith("override_settings.CLIP_stop_at_last_layers: at most 1 for"), refused
     assert base64.b64decode(got["images"][0])[:4] == b"\x89PNG"

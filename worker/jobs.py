@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 from schemas import ConvertRequest, InferenceRequest, Progress, Result, TrainRequest, parse_request
-from schemas.a1111 import a1111_answer
+from schemas.a1111 import a1111_answer, a1111_field
 
 from .errors import answer_for
 from .images import infotext
@@ -156,7 +156,7 @@ class JobRunner:
             )
             yield self._answer(result, legacy=getattr(request, "legacy", False), a1111=getattr(request, "a1111", None))
         except Exception as exc:
-            yield self._answer(exc, secrets=_job_secrets(job))
+            yield self._answer(exc, secrets=_job_secrets(job), a1111=getattr(request, "a1111", None))
         finally:
             # Done: a no-op. Cancelled by RunPod (the SDK cancels the task iterating us):
             # stop the denoising loop at its next step, and log how the job ended.
@@ -204,6 +204,9 @@ class JobRunner:
                 answer["$timings"] = answer["timings"]
             return answer
         message, refresh = answer_for(outcome, self.settings.secrets() + list(secrets))
+        if a1111 is not None:  # the field as the client sent it
+            field, sep, rest = message.partition(": ")
+            message = f"{a1111_field(field)}{sep}{rest}" if sep and " " not in field else message
         log.warning("job failed: %s", message)
         if refresh:
             self.sdk_config["refresh_worker"] = True
