@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .compat import RequestError
-from .errors import describe_validation_error
+from .errors import describe_validation_error, renamed
 
 # Fields only AUTOMATIC1111's payloads have: one of them makes a payload A1111's.
 _OWN = {
@@ -216,11 +216,7 @@ def a1111_field(name: str) -> str:
 
 def describe_a1111_error(exc: ValidationError) -> str:
     """Our validation message with each leading field renamed as the client sent it."""
-    parts = []
-    for message in describe_validation_error(exc).split("; "):
-        field, sep, rest = message.partition(": ")
-        parts.append(f"{a1111_field(field)}{sep}{rest}" if sep else message)
-    return "; ".join(parts)
+    return renamed(describe_validation_error(exc), a1111_field)
 
 
 def echo(data: dict) -> dict:

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import describe_validation_error
+from .errors import describe_validation_error, renamed
 
 # docker-diffusers-api's PIPELINE values (diffusers class names) -> task.
 PIPELINE_TASKS = {
@@ -140,8 +140,4 @@ def legacy_field(name: str) -> str:
 
 def describe_legacy_error(exc: ValidationError) -> str:
     """Our validation message with each leading field renamed as the client sent it."""
-    parts = []
-    for message in describe_validation_error(exc).split("; "):
-        field, sep, rest = message.partition(": ")
-        parts.append(f"{legacy_field(field)}{sep}{rest}")
-    return "; ".join(parts)
+    return renamed(describe_validation_error(exc), legacy_field)

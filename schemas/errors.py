@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from typing import Callable
+
 from pydantic import ValidationError
 
 _NESTED_RULE = re.compile(r"^[a-z_][a-z0-9_]*: ")
@@ -42,3 +44,13 @@ def describe_validation_error(exc: ValidationError) -> str:
         else:
             messages.append(f"{where}: {msg[:1].lower()}{msg[1:]}, got {_shown(err.get('input'))}")
     return "; ".join(messages)
+
+
+def renamed(message: str, rename: Callable[[str], str]) -> str:
+    """``message`` (one or several ``field: what`` parts) with each field as ``rename`` has it:
+    another API's name for it, for a client that sent that API's payload."""
+    parts = []
+    for part in message.split("; "):
+        field, sep, rest = part.partition(": ")
+        parts.append(f"{rename(field)}{sep}{rest}" if sep and " " not in field else part)
+    return "; ".join(parts)

@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator, Callable
 
 from schemas import ConvertRequest, InferenceRequest, Progress, Result, TrainRequest, parse_request
 from schemas.a1111 import a1111_answer, a1111_field
+from schemas.errors import renamed
 
 from .errors import answer_for
 from .images import infotext
@@ -205,8 +206,7 @@ class JobRunner:
             return answer
         message, refresh = answer_for(outcome, self.settings.secrets() + list(secrets))
         if a1111 is not None:  # the field as the client sent it
-            field, sep, rest = message.partition(": ")
-            message = f"{a1111_field(field)}{sep}{rest}" if sep and " " not in field else message
+            message = renamed(message, a1111_field)
         log.warning("job failed: %s", message)
         if refresh:
             self.sdk_config["refresh_worker"] = True
