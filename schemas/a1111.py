@@ -34,6 +34,7 @@ _SAME = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "wid
          "steps": "num_inference_steps", "cfg_scale": "guidance_scale"}
 # Read below, with the fields they go with.
 _HANDLED = {"seed", "batch_size", "n_iter", "sampler_name", "scheduler", "init_images", "mask", "mask_blur",
+            "inpainting_mask_invert",
             "denoising_strength", "resize_mode", "inpaint_full_res", "inpaint_full_res_padding", "enable_hr",
             "hr_scale", "hr_upscaler", "hr_second_pass_steps", "refiner_checkpoint", "refiner_switch_at",
             "override_settings", "alwayson_scripts"}
@@ -41,7 +42,7 @@ _HANDLED = {"seed", "batch_size", "n_iter", "sampler_name", "scheduler", "init_i
 _ONLY_AS_DEFAULT = {
     "restore_faces": (False, None), "tiling": (False, None), "styles": ([], None), "script_name": (None, ""),
     "script_args": ([], None), "subseed_strength": (0, 0.0, None),
-    "inpainting_mask_invert": (0, False, None), "inpainting_fill": (1, None),
+    "inpainting_fill": (1, None),
 }
 # This worker's own fields that an A1111 payload may carry too: what its web UI names by local
 # file (LoRAs, IP-Adapters, the model) is named here by hub id, path or URL.
@@ -114,6 +115,8 @@ def _images(data: dict, request: dict) -> None:
     if data.get("mask") is not None:  # (its inpainting fields come in every img2img payload: read with a mask)
         request["mask_image"] = data["mask"]
         request["mask_blur"] = data.get("mask_blur", 4)
+        if data.get("inpainting_mask_invert"):
+            request["mask_invert"] = True
         if data.get("inpaint_full_res"):
             request["padding_mask_crop"] = data.get("inpaint_full_res_padding", 32)
     if "resize_mode" in data and images is not None:
@@ -197,7 +200,8 @@ def a1111_field(name: str) -> str:
     """The field an AUTOMATIC1111 client sent, for one of ours."""
     ours = {v: k for k, v in _SAME.items()} | {
         "num_images": "batch_size", "scheduler": "sampler_name", "schedule": "scheduler", "image": "init_images[0]",
-        "mask_image": "mask", "mask_blur": "mask_blur", "strength": "denoising_strength",
+        "mask_image": "mask", "mask_blur": "mask_blur", "mask_invert": "inpainting_mask_invert",
+        "strength": "denoising_strength",
         "padding_mask_crop": "inpaint_full_res_padding",
         "hires.scale": "hr_scale", "hires.steps": "hr_second_pass_steps", "hires.strength": "denoising_strength",
         "refiner.id": "refiner_checkpoint", "refiner.switch": "refiner_switch_at",

@@ -329,6 +329,10 @@ class InferenceRequest(_Strict):
         None, description="inpaint past the image's edges: its canvas grown by these margins, which are masked and "
         "painted (no mask_image)."
     )
+    mask_invert: bool = Field(
+        False, description="inpaint: repaint the black of mask_image and keep the white (AUTOMATIC1111's "
+        "'inpaint not masked')."
+    )
     mask_blur: int = Field(
         4, ge=0, le=64, description="inpaint: pixels of blur on the mask's edge, where the repainted part fades into "
         "the kept image (AUTOMATIC1111's mask blur; 0: a hard edge)."
@@ -478,7 +482,9 @@ class InferenceRequest(_Strict):
                 )
         if "resize_mode" in self.model_fields_set and self.task == "txt2img" and not self.controlnets:
             raise ValueError("resize_mode: no image to resize (txt2img without controlnets)")
-        masking = {"mask_blur", "keep_unmasked", "padding_mask_crop"} & self.model_fields_set
+        if self.mask_invert and self.outpaint:
+            raise ValueError("mask_invert: not with outpaint, whose mask is the margins it adds")
+        masking = {"mask_invert", "mask_blur", "keep_unmasked", "padding_mask_crop"} & self.model_fields_set
         if masking and self.task != "inpaint":
             raise ValueError(f"{sorted(masking)[0]}: only with task 'inpaint', not {self.task!r}")
         if self.padding_mask_crop is not None and not self.keep_unmasked:

@@ -48,14 +48,14 @@ def test_a1111_payloads_become_this_workers_requests():
     img2img = parse_request({
         "init_images": [png_b64()], "mask": png_b64(), "mask_blur": 8, "inpaint_full_res": True,
         "inpaint_full_res_padding": 24, "resize_mode": 1, "denoising_strength": 0.5, "inpainting_fill": 1,
-        "inpainting_mask_invert": 0, "prompt": "a red door", "steps": 4,
+        "inpainting_mask_invert": 1, "prompt": "a red door", "steps": 4,
         "alwayson_scripts": {"controlnet": {"args": [
             {"enabled": True, "module": "canny", "model": "control_v11p_sd15_canny [d14c016b]", "weight": 0.6,
              "image": png_b64(), "guidance_start": 0.1, "guidance_end": 0.9},
             {"enabled": False, "model": "control_v11p_sd15_openpose [cab727d4]"}]}},
     }, Limits())
-    assert (img2img.task, img2img.strength, img2img.mask_blur, img2img.padding_mask_crop, img2img.resize_mode) == (
-        "inpaint", 0.5, 8, 24, "crop")
+    assert (img2img.task, img2img.strength, img2img.mask_blur, img2img.padding_mask_crop, img2img.resize_mode,
+            img2img.mask_invert) == ("inpaint", 0.5, 8, 24, "crop", True)
     [net] = img2img.controlnets
     assert (net.id, net.preprocess, net.scale, net.start, net.end) == (
         "lllyasviel/control_v11p_sd15_canny", "canny", 0.6, 0.1, 0.9)

@@ -8,7 +8,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from tests.helpers import assert_images_close, decode, png_b64
 
@@ -122,6 +122,15 @@ def test_the_control_image_is_cut_as_the_input_is(run, tmp_path_factory, tiny_di
     assert (near == white).all() and (near != black).any()  # all of the area it sees is white
 
 
+def test_mask_invert_repaints_the_black_of_the_mask(run):
+    picture, square = photo(), mask()
+    job = BASE | {"image": b64(picture), "mask_blur": 0}
+    inverted = run(**(job | {"mask_image": b64(square), "mask_invert": True}))[0]
+    assert pixels(inverted).tolist() == pixels(run(**(job | {"mask_image": b64(ImageOps.invert(square))}))[0]).tolist()
+    inside = np.asarray(square) == 255
+    assert (pixels(inverted)[inside] == np.asarray(picture)[inside]).all()  # the white square kept
+
+
 def test_masking_fields_are_checked(run, engine):
     from schemas import parse_request
     from worker.errors import UserInputError, answer_for
@@ -134,6 +143,7 @@ def test_masking_fields_are_checked(run, engine):
          "keep_unmasked: with padding_mask_crop the image outside the masked area is always kept"),
         ({"image": image, "mask_image": hole, "mask_blur": 65}, "mask_blur:"),
         ({"image": image, "mask_image": hole, "padding_mask_crop": -1}, "padding_mask_crop:"),
+        ({"image": image, "mask_invert": True}, "mask_invert: only with task 'inpaint', not 'img2img'"),
     ]:
         with pytest.raises(Exception) as info:
             parse_request(BASE | fields, engine.settings.limits)
@@ -188,6 +198,7 @@ def test_outpainting_fields_are_checked(run, engine):
         ({"task": "txt2img", "outpaint": {"right": 8}}, "outpaint: not used by task 'txt2img'"),
         ({"image": image, "outpaint": {"right": 4096}}, "outpaint.right: input should be less than or equal to 2048"),
         ({"image": image, "outpaint": {"right": 8, "fill": "noise"}}, "outpaint.fill: input should be 'edge' or"),
+        ({"image": image, "outpaint": {"right": 8}, "mask_invert": True}, "mask_invert: not with outpaint"),
     ]:
         with pytest.raises(Exception) as info:
             parse_request(BASE | fields, engine.settings.limits)

@@ -20,6 +20,7 @@ import diffusers
 import torch
 import transformers
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+from PIL import ImageOps
 
 from schemas import (
     ConvertRequest, HiresSpec, ImageOut, InferenceRequest, ModelInfo, ModelSpec, Progress, Result, TrainRequest,
@@ -292,6 +293,8 @@ class Engine:
             (image, mask), field = grow(image, request.outpaint), "outpaint"
         else:
             mask, field = load_image(request.mask_image, "mask_image", self.settings, mode="L"), "image"
+            if request.mask_invert:
+                mask = ImageOps.invert(mask)
         if request.padding_mask_crop is None:
             width, height = self._size_from(image, request, field, _multiple(base))
         else:  # the image keeps its size: this is the size its masked area is repainted at
