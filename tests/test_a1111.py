@@ -132,3 +132,27 @@ def test_a1111_jobs_answer_in_a1111s_shape_with_the_same_images(runner):
     refused = answer(runner, TXT2IMG | {"override_settings": {"CLIP_stop_at_last_layers": 9}})
     assert refused["error"].startswith("override_settings.CLIP_stop_at_last_layers: at most 1 for"), refused
     assert base64.b64decode(got["images"][0])[:4] == b"\x89PNG"
+
+
+def test_random_malformed_a1111_payloads_are_refused_by_name():
+    """Any mix of A1111's fields with values of the wrong kind is refused naming a field, never
+    an internal error (seeded; torch-free, so thousands are cheap)."""
+    import random
+
+    from schemas.a1111 import _HANDLED, _IGNORED, _ONLY_AS_DEFAULT, _OWN
+
+    keys = sorted(_OWN | _HANDLED | _IGNORED | set(_ONLY_AS_DEFAULT) | {"prompt", "width", "height", "loras", "model"})
+    values = [None, 0, 1, -1, 2.5, "x", "", [], [1], ["a"], {}, {"a": 1}, {"controlnet": []}, {"controlnet": "x"},
+              {"controlnet": {"args": 5}}, {"controlnet": {"args": [1]}}, {"controlnet": {"args": {"x": 1}}},
+              {"controlnet": {"args": [{"image": 5, "module": [], "model": {}}]}}, True, "Karras", 10**30]
+    rng = random.Random(7)
+    for _ in range(3000):
+        data = {"prompt": "p", "steps": 2}
+        for _ in range(rng.randint(1, 6)):
+            data[rng.choice(keys)] = rng.choice(values)
+        try:
+            parse_request(data, Limits())
+        except Exception as exc:  # what the handler would answer
+            message = answer_for(exc, [])[0]
+            field = message.partition(":")[0]
+            assert not message.startswith("internal") and field and " " not in field, (message, data)
