@@ -244,6 +244,10 @@ class IpAdapterSpec(_Strict):
         description="The CLIP image encoder's folder in it (default: `image_encoder` beside the weights).",
     )
     image: ImageSource = Field(..., description="The reference image: base64, `data:` URI or http(s) URL.")
+    images: list[ImageSource] = Field(
+        default_factory=list, max_length=7, description="More reference images, like `image`, steering together "
+        "with it (several pictures of one face or style)."
+    )
     scale: float = Field(1.0, ge=0, le=2, description="How strongly the image steers; 0 turns it off.")
 
     @field_validator("weight_name", "image_encoder")

@@ -116,6 +116,18 @@ def test_several_ip_adapters_steer_together(run, adapters, tmp_path_factory, tin
     assert draw(run) == draw(run, ip_adapter=reference(adapters["sd"], scale=0))  # plain again after them
 
 
+def test_several_reference_images_steer_one_adapter_together(run, adapters):
+    one = draw(run, ip_adapter=reference(adapters["sd"]))
+    both = draw(run, ip_adapter=reference(adapters["sd"]) | {"images": [BLUE]})
+    assert both not in (one, draw(run, ip_adapter=reference(adapters["sd"], BLUE)))  # red and blue, together
+    assert draw(run, ip_adapter=reference(adapters["sd"]) | {"images": [BLUE]}) == both
+    several = draw(run, ip_adapters=[reference(adapters["sd"]) | {"images": [BLUE]}, reference(adapters["sd"], scale=0)])
+    assert several == both  # per adapter, beside others
+    with pytest.raises(ValidationError) as info:
+        InferenceRequest.model_validate(BASE | {"ip_adapter": reference(adapters["sd"]) | {"images": ["nope!"]}})
+    assert describe_validation_error(info.value).startswith("ip_adapter.images[0]: must be base64")
+
+
 def test_several_ip_adapters_answer_for_the_one_at_fault(run, engine, adapters, sdxl_dir, sd3_dir):
     from schemas import parse_request
     from worker.errors import answer_for

@@ -55,7 +55,7 @@ class IpAdapters:
                 raise UserInputError(f"{field}.image_encoder", f"the IP-Adapters of a request share the first "
                                      f"one's image encoder ({first}); leave it out here")
         start = time.perf_counter()
-        images = [load_image(spec.image, f"{field}.image", self.settings) for field, spec in adapters]
+        images = [self._images(field, spec) for field, spec in adapters]
         encoder = self._encoder(adapters[0], pipe.unet)
         weights = [self._weights(field, spec) for field, spec in adapters]
         for (field, spec), each in zip(adapters, weights):
@@ -64,7 +64,7 @@ class IpAdapters:
             _load(pipe, encoder, adapters, weights)
             pipe.set_ip_adapter_scale([spec.scale for _, spec in adapters])
             timings["ip_adapter"] = ms_since(start)
-            yield {"ip_adapter_image": images[0] if len(images) == 1 else images}
+            yield {"ip_adapter_image": images}  # one entry per adapter: its image, or its list of them
         finally:
             pipe.unload_ip_adapter()
 
@@ -72,6 +72,12 @@ class IpAdapters:
         """Free the device (for training)."""
         self.encoders.clear()
         self.weights.clear()
+
+    def _images(self, field: str, spec: IpAdapterSpec) -> Any:
+        """The adapter's reference image, or its list of them, as diffusers takes each adapter's."""
+        first = load_image(spec.image, f"{field}.image", self.settings)
+        more = [load_image(source, f"{field}.images[{i}]", self.settings) for i, source in enumerate(spec.images)]
+        return [first, *more] if more else first
 
     def _encoder(self, adapter: tuple[str, IpAdapterSpec], unet: Any) -> Any:
         field, spec = adapter
