@@ -57,6 +57,10 @@ def _repo_or_path(value: str) -> str:
 RepoOrPath = Annotated[str, AfterValidator(_repo_or_path)]  # a hub repo id, or a path on the worker
 
 
+# AUTOMATIC1111's extra-network tags (<lora:name:0.8>): names of files in its web UI's folders.
+_EXTRA_NETWORK = re.compile(r"<(?:lora|lyco|hypernet):[^>]{1,200}>", re.IGNORECASE)
+
+
 class Limits(BaseModel):
     """Caps the operator sets (see worker.settings); requests above them are refused."""
 
@@ -484,6 +488,11 @@ class InferenceRequest(_Strict):
                     f"strength: {self.strength} x num_inference_steps {self.num_inference_steps} "
                     "leaves no denoising step; raise either"
                 )
+        for name in ("prompt", "negative_prompt"):
+            tag = _EXTRA_NETWORK.search(getattr(self, name) or "") if self.prompt_weighting else None
+            if tag:
+                raise ValueError(f"{name}: {tag.group(0)} is AUTOMATIC1111's tag for a file of its web UI; send "
+                                 "loras with the LoRA's url or id instead (prompt_weighting false keeps it as text)")
         if "resize_mode" in self.model_fields_set and self.task == "txt2img" and not self.controlnets:
             raise ValueError("resize_mode: no image to resize (txt2img without controlnets)")
         if self.mask_invert and self.outpaint:

@@ -85,6 +85,7 @@ def test_a1111_payloads_become_this_workers_requests():
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler: Latent or Lanczos here"),
     ({"hello": 1}, "hello: not supported by this worker"),
     ({"width": 65}, "width: must be a multiple of 8, got 65"),
+    ({"prompt": "a cat <lora:papercut:0.8>"}, "prompt: <lora:papercut:0.8> is AUTOMATIC1111's tag for a file"),
 ])
 def test_a1111_errors_name_the_field_as_the_client_sent_it(change, expected):
     assert error_of(TXT2IMG | change).startswith(expected), error_of(TXT2IMG | change)

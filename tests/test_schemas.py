@@ -101,6 +101,12 @@ def test_error_quotes_long_values_briefly():
     assert message.startswith("negative_prompt: ") and len(message) < 150
 
 
+def test_a1111_extra_network_tags_are_refused_not_drawn_as_text():
+    assert error_of({"prompt": "p", "negative_prompt": "x <LyCO:detail:1>"}).startswith(
+        "negative_prompt: <LyCO:detail:1> is AUTOMATIC1111's tag for a file of its web UI; send loras")
+    assert parse({"prompt": "a <lora:x:1> sign", "prompt_weighting": False}).prompt == "a <lora:x:1> sign"
+
+
 def test_scheduler_names_and_class_names():
     assert parse({"prompt": "p", "scheduler": "DDIMScheduler"}).scheduler == "DDIM"
     assert parse({"prompt": "p", "scheduler": "DPMSolverMultistepScheduler"}).scheduler == "DPMSolverMultistep"
