@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 
 from PIL import Image, UnidentifiedImageError
@@ -72,10 +73,16 @@ def fit(image: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
         return image
     if mode == "stretch":
         return image.resize(size)
+    fitted = image_processor().resize(image, height=size[1], width=size[0], resize_mode=mode)
+    return fitted.convert(image.mode)
+
+
+@functools.cache
+def image_processor():
+    """diffusers' image helpers (resize modes, overlay), made once."""
     from diffusers.image_processor import VaeImageProcessor
 
-    fitted = VaeImageProcessor().resize(image, height=size[1], width=size[0], resize_mode=mode)
-    return fitted.convert(image.mode)
+    return VaeImageProcessor()
 
 
 def encode_image(image: Image.Image, fmt: str, quality: int | None, parameters: str | None = None) -> bytes:

@@ -25,9 +25,7 @@ from PIL import Image, ImageFilter
 from schemas import OutpaintSpec
 
 from .errors import UserInputError
-from .images import fit
-
-_images = VaeImageProcessor()  # (its resize and overlay helpers only)
+from .images import fit, image_processor
 
 
 @dataclass
@@ -41,13 +39,11 @@ class Inpainting:
     def cut(self, image: Image.Image) -> Image.Image:
         """``image`` (the input, its mask, a control image) as the pipeline takes it."""
         image = fit(image, self.original.size, self.resize_mode)
-        if self.region is None:
-            return image
-        return _images.resize(image.crop(self.region), height=self.size[1], width=self.size[0], resize_mode="fill")
+        return image if self.region is None else fit(image.crop(self.region), self.size, "fill")
 
     def paste(self, generated: Image.Image) -> Image.Image:
         """The answer: ``generated`` where the mask is, the input elsewhere."""
-        return _images.apply_overlay(self.mask, self.original, generated, self.region)
+        return image_processor().apply_overlay(self.mask, self.original, generated, self.region)
 
 
 def prepare(image: Image.Image, mask: Image.Image, size: tuple[int, int], blur: int,

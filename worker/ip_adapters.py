@@ -56,8 +56,11 @@ class IpAdapters:
                                      f"one's image encoder ({first}); leave it out here")
         start = time.perf_counter()
         images = [self._images(field, spec) for field, spec in adapters]
-        encoder = self._encoder(adapters[0], pipe.unet)
-        weights = [self._weights(field, spec) for field, spec in adapters]
+        # Each adapter's folder, found once; the first one's with the image encoder they share.
+        encoder_dir = _encoder_dir(adapters[0][1])
+        roots = [self._locate(field, spec, encoder_dir if i == 0 else None) for i, (field, spec) in enumerate(adapters)]
+        encoder = self._encoder(first, roots[0] / encoder_dir, pipe.unet)
+        weights = [self._weights(field, root / spec.weight_name) for (field, spec), root in zip(adapters, roots)]
         for (field, spec), each in zip(adapters, weights):
             _check_embeddings(field, each, encoder)
         try:
@@ -79,17 +82,14 @@ class IpAdapters:
         more = [load_image(source, f"{field}.images[{i}]", self.settings) for i, source in enumerate(spec.images)]
         return [first, *more] if more else first
 
-    def _encoder(self, adapter: tuple[str, IpAdapterSpec], unet: Any) -> Any:
-        field, spec = adapter
-        folder = self._locate(field, spec, _encoder_dir(spec)) / _encoder_dir(spec)
+    def _encoder(self, field: str, folder: Path, unet: Any) -> Any:
         encoder, loaded = self.encoders.get((str(folder), unet.dtype, str(unet.device)),
                                             lambda: _load_encoder(field, folder, unet))
         if loaded:
             self.encoders.trim(self.settings.max_loaded_ip_adapters)
         return encoder
 
-    def _weights(self, field: str, spec: IpAdapterSpec) -> dict:
-        path = self._locate(field, spec, None) / spec.weight_name
+    def _weights(self, field: str, path: Path) -> dict:
         weights, loaded = self.weights.get(str(path), lambda: _load_weights(field, path))
         if loaded:
             self.weights.trim(self.settings.max_loaded_ip_adapters * 4)
