@@ -299,7 +299,10 @@ class ModelStore:
             return self._loaded[ref], "memory"
         emit(Progress(stage="load", step=0, total=1))
         start = time.perf_counter()
-        path, source = (None, "memory") if ref in self._parked else self._locate(ref, emit)
+        # Taken out of the parked set first: making room below parks other pipelines, and with
+        # MAX_PARKED_MODELS reached that would drop the very one this job is switching back to.
+        parked = self._parked.pop(ref, None)
+        path, source = (None, "memory") if parked is not None else self._locate(ref, emit)
         if source in FETCHED_NOW:  # for archives, extraction overlaps the download
             timings["download"] = ms_since(start)
             start = time.perf_counter()
@@ -307,8 +310,8 @@ class ModelStore:
         # and before loading (next to a model about to leave, it could run out of memory).
         while len(self._loaded) >= self.settings.max_loaded_models:
             self._evict()
-        if path is None:
-            loaded = self._parked.pop(ref)
+        if parked is not None:
+            loaded = parked
             loaded.pipeline.to(self.device)
         else:
             loaded = Loaded(ref, self._load(path, ref))
