@@ -1,8 +1,8 @@
 """Cold start from an archive: our streamed fetch + extract + load against what users run today.
 
 An SD 1.5-sized model (full-size UNet with random weights, fp16, about 1.7 GB) is packed as
-.tar.zst and .tar and served by a local server that speaks enough S3 for boto3 (HEAD, ranged
-GET) and caps each connection (--conn-mbps, like S3) and the total (--link-mbps). Each round
+.tar.zst and .tar and served by a local server (a process of its own) that speaks enough S3 for
+boto3 (HEAD, ranged GET) and caps each connection (--conn-mbps, like S3) and the total (--link-mbps). Each round
 measures, in a fresh cache dir:
 
 - baseline: boto3 ``download_file`` (its default concurrency), then ``tarfile`` extraction
@@ -13,6 +13,7 @@ measures, in a fresh cache dir:
 Medians of --rounds rounds, as ratios to the baseline and as a fraction of the link rate.
 
     .venv/bin/python -m bench.coldstart --rounds 3
+    python -m bench.coldstart --rounds 3 --link-mbps 1600 --concurrency 16 --device cuda   # a GPU worker
 """
 
 from __future__ import annotations
@@ -103,6 +104,31 @@ class ThrottledServer(Loopback):
         super().__init__(Handler)
 
 
+def _serve(files: dict[str, Path], conn_rate: float, link_rate: float, pipe) -> None:
+    server = ThrottledServer(files, conn_rate, link_rate)
+    pipe.send(server.url)
+    pipe.recv()  # until told to stop
+    server.close()
+
+
+class ServerProcess:
+    """ThrottledServer in a process of its own, as S3 is on a machine of its own: in the
+    client's process, the server's threads would compete with the client's for one GIL."""
+
+    def __init__(self, files: dict[str, Path], conn_rate: float, link_rate: float):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._pipe, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(files, conn_rate, link_rate, child), daemon=True)
+        self._process.start()
+        self.url = self._pipe.recv()
+
+    def close(self) -> None:
+        self._pipe.send(None)
+        self._process.join(10)
+
+
 def make_model(out: Path) -> Path:
     """A Stable Diffusion 1.5-sized pipeline: SD 1.5's UNet config, random weights, fp16."""
     if (out / "model_index.json").is_file():
@@ -146,16 +172,22 @@ def s3_client(endpoint: str):
                         region_name="us-east-1")
 
 
-def load(path: Path) -> float:
+def load(path: Path, device: str) -> float:
+    """from_pretrained in fp16, then onto the device (on CUDA, until the copies have landed)."""
     import torch
     from diffusers import DiffusionPipeline
 
     start = time.perf_counter()
-    DiffusionPipeline.from_pretrained(path, dtype=torch.float16)
-    return time.perf_counter() - start
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=torch.float16)
+    if device == "cuda":
+        pipe.to(device)
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    del pipe
+    return elapsed
 
 
-def baseline(endpoint: str, key: str, work: Path) -> tuple[float, float]:
+def baseline(endpoint: str, key: str, work: Path, device: str) -> tuple[float, float]:
     """What users run today: download the file, extract it, load it. Returns (fetch+extract, load)."""
     start = time.perf_counter()
     archive = work / Path(key).name
@@ -170,23 +202,24 @@ def baseline(endpoint: str, key: str, work: Path) -> tuple[float, float]:
             tar.extractall(work / "extracted", filter="data")
     archive.unlink()
     fetched = time.perf_counter() - start
-    return fetched, load(work / "extracted" / "model")
+    return fetched, load(work / "extracted" / "model", device)
 
 
-def ours(url: str, work: Path, endpoint: str) -> tuple[float, float]:
+def ours(url: str, work: Path, endpoint: str, device: str, concurrency: int) -> tuple[float, float]:
     from schemas import ModelSpec
     from worker.cache import DiskCache
     from worker.models import fetch_archive, model_ref
     from worker.settings import Settings
 
     settings = Settings(models_dir=work, aws_s3_endpoint_url=endpoint, aws_access_key_id="bench",
-                        aws_secret_access_key="bench", aws_default_region="us-east-1", allow_private_urls=True)
+                        aws_secret_access_key="bench", aws_default_region="us-east-1", allow_private_urls=True,
+                        download_concurrency=concurrency)
     start = time.perf_counter()
     path, source = fetch_archive(model_ref(ModelSpec(url=url), settings, "cpu"), settings, DiskCache(settings),
                                  lambda event: None)
     assert source == "url"
     fetched = time.perf_counter() - start
-    return fetched, load(path)
+    return fetched, load(path, device)
 
 
 def main() -> None:
@@ -194,6 +227,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--conn-mbps", type=float, default=90, help="cap per connection, MB/s")
     parser.add_argument("--link-mbps", type=float, default=400, help="cap on all connections together, MB/s")
+    parser.add_argument("--concurrency", type=int, default=8, help="our DOWNLOAD_CONCURRENCY (the default: 8)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides load the model")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-coldstart"))
     args = parser.parse_args()
 
@@ -201,21 +236,23 @@ def main() -> None:
     model = make_model(args.work / "sd15-random")
     archives = {"tar.zst": pack(model, args.work / "sd15.tar.zst", zstd=True),
                 "tar": pack(model, args.work / "sd15.tar", zstd=False)}
-    server = ThrottledServer({f"/bench/{p.name}": p for p in archives.values()},
-                             args.conn_mbps * 1e6, args.link_mbps * 1e6)
+    server = ServerProcess({f"/bench/{p.name}": p for p in archives.values()},
+                           args.conn_mbps * 1e6, args.link_mbps * 1e6)
     print(f"model {sum(f.stat().st_size for f in model.rglob('*') if f.is_file()) / 1e9:.2f} GB; "
           + ", ".join(f"{k} {p.stat().st_size / 1e9:.2f} GB" for k, p in archives.items())
-          + f"; link {args.link_mbps:.0f} MB/s, {args.conn_mbps:.0f} MB/s per connection; {args.rounds} rounds")
-    load(model)  # warm the import and the page cache's view of nothing in particular
+          + f"; link {args.link_mbps:.0f} MB/s, {args.conn_mbps:.0f} MB/s per connection; {args.rounds} rounds; "
+          + f"ours {args.concurrency} connections; loaded on {args.device}")
+    load(model, args.device)  # warm the imports (and on CUDA, its context) for both sides alike
     rows = []
     for fmt, archive in archives.items():
         key = f"/bench/{archive.name}"
         times: dict[str, list[tuple[float, float]]] = {"baseline": [], "ours s3": [], "ours https": []}
         for round_ in range(args.rounds):
             for name, run in (
-                ("baseline", lambda w: baseline(server.url, key.split("/", 2)[2], w)),
-                ("ours s3", lambda w: ours(f"s3://bench/{archive.name}", w, server.url)),
-                ("ours https", lambda w: ours(server.url + key, w, server.url)),
+                ("baseline", lambda w: baseline(server.url, key.split("/", 2)[2], w, args.device)),
+                ("ours s3", lambda w: ours(f"s3://bench/{archive.name}", w, server.url, args.device,
+                                          args.concurrency)),
+                ("ours https", lambda w: ours(server.url + key, w, server.url, args.device, args.concurrency)),
             ):
                 work = args.work / f"run-{name.replace(' ', '-')}-{round_}"
                 shutil.rmtree(work, ignore_errors=True)

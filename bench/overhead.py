@@ -6,6 +6,10 @@ streaming handler RunPod calls (worker.jobs.JobRunner.stream): validation, the e
 the per-job pipeline and scheduler, the result model. Target: handler <= direct x 1.03 + 10 ms.
 
     .venv/bin/python -m bench.overhead [--runs 30] [--size 64 256]
+
+On a GPU, with an SD 1.5-sized UNet (bench.coldstart's random fp16 model) in fp16 on both sides:
+
+    python -m bench.overhead --device cuda --model sd15 --steps 20 --runs 10 --size 512
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny",
+                        help="the embedded tiny model, or an SD 1.5-sized UNet with random weights")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-coldstart"), help="where sd15 is built")
     args = parser.parse_args()
 
     import torch
@@ -35,10 +43,17 @@ def main() -> None:
     from worker.settings import Settings
 
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    model_dir = tiny_model.ensure(work / "tiny")
-    direct_pipe = DiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32)
+    if args.model == "sd15":
+        from bench.coldstart import make_model
+
+        args.work.mkdir(parents=True, exist_ok=True)
+        model_dir = make_model(args.work / "sd15-random")
+    else:
+        model_dir = tiny_model.ensure(work / "tiny")
+    dtype = torch.float16 if args.device == "cuda" else torch.float32  # the worker's defaults
+    direct_pipe = DiffusionPipeline.from_pretrained(model_dir, dtype=dtype).to(args.device)
     direct_pipe.set_progress_bar_config(disable=True)
-    runner = JobRunner(Settings(models_dir=work, preload_model=False), sdk_config={})
+    runner = JobRunner(Settings(models_dir=work, preload_model=False, device=args.device), sdk_config={})
     loop = asyncio.new_event_loop()
 
     def direct(size: int, seed: int) -> None:
@@ -46,6 +61,8 @@ def main() -> None:
             prompt="a lighthouse", num_inference_steps=args.steps, width=size, height=size,
             generator=torch.Generator("cpu").manual_seed(seed),
         ).images
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         for image in images:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
@@ -63,7 +80,9 @@ def main() -> None:
         *_, result = loop.run_until_complete(run())
         assert result["type"] == "result", result
 
-    print(f"torch threads: {torch.get_num_threads()}, runs per side: {args.runs}, steps: {args.steps}")
+    print(f"torch threads: {torch.get_num_threads()}, runs per side: {args.runs}, steps: {args.steps}, "
+          f"model: {args.model}, device: {args.device} "
+          f"({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}), {dtype}")
     print(f"{'size':>6} {'direct ms':>10} {'handler ms':>11} {'overhead ms':>12} {'ratio':>7} {'budget ms':>10}  verdict")
     for size in args.size:
         for seed in range(3):  # warm both paths: model load, allocator, first-call costs

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU figures, after tools/gpu_check.sh has installed the wheels in /tmp/site (same call):
+# the handler's overhead on an SD 1.5-sized UNet in fp16 at 512 px, and the cold start from an
+# archive with the load onto CUDA, at the default 8 connections on an 800 MB/s link and at 16
+# on a 1600 MB/s one. Logs land in $OUT. With the device tool:
+#   carry [".whl"], command "bash tools/gpu_check.sh; bash tools/gpu_bench.sh"
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
+out=${OUT:-/tmp}
+work=/tmp/bench-coldstart
+nproc; free -g | head -2
+timeout 150 python3 -m bench.overhead --device cuda --model sd15 --steps 20 --runs 10 --size 512 --work $work \
+  2>&1 | grep -v -i -E "warn|torchvision" | tee "$out/overhead.log"
+timeout 200 python3 -m bench.coldstart --rounds 3 --link-mbps 1600 --concurrency 16 --device cuda --work $work \
+  2>&1 | tee "$out/coldstart-1600.log"
+timeout 200 python3 -m bench.coldstart --rounds 3 --link-mbps 800 --device cuda --work $work \
+  2>&1 | tee "$out/coldstart-800.log"
