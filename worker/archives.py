@@ -11,6 +11,8 @@ import hashlib
 import io
 import tarfile
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
@@ -21,17 +23,24 @@ from schemas import Progress
 from .errors import ModelSourceError
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_BLOCK = 1 << 20
 
 
 class _ChunkReader(io.RawIOBase):
-    """A file object over an iterator of chunks, hashing and counting what passes through."""
+    """A file object over an iterator of chunks, counting what passes through and, when
+    ``hashing``, feeding a sha256 on a thread of its own (hashlib lets go of the GIL), so the
+    digest costs no time on the thread that decompresses and writes."""
 
-    def __init__(self, chunks: Iterator[bytes], on_bytes: Callable[[int], None]):
+    _BACKLOG = 8  # chunks waiting to be hashed, at most
+
+    def __init__(self, chunks: Iterator[bytes], on_bytes: Callable[[int], None], hashing: bool):
         self._chunks = chunks
-        self._buffer = b""
-        self.sha256 = hashlib.sha256()
+        self._buffer = memoryview(b"")
         self.count = 0
         self._on_bytes = on_bytes
+        self._sha256 = hashlib.sha256() if hashing else None
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256") if hashing else None
+        self._hashing: deque[Future] = deque()
 
     def readable(self) -> bool:
         return True
@@ -41,14 +50,29 @@ class _ChunkReader(io.RawIOBase):
             chunk = next(self._chunks, None)
             if chunk is None:
                 return 0
-            self.sha256.update(chunk)
+            if self._hasher:
+                while len(self._hashing) >= self._BACKLOG:
+                    self._hashing.popleft().result()
+                self._hashing.append(self._hasher.submit(self._sha256.update, chunk))
             self.count += len(chunk)
             self._on_bytes(self.count)
-            self._buffer = chunk
+            self._buffer = memoryview(chunk)
         n = min(len(target), len(self._buffer))
         target[:n] = self._buffer[:n]
-        self._buffer = self._buffer[n:]
+        self._buffer = self._buffer[n:]  # a view: the rest of the chunk is not copied
         return n
+
+    def hexdigest(self) -> str | None:
+        """The sha256 of every chunk so far (None when not hashing)."""
+        if not self._hasher:
+            return None
+        self._hasher.shutdown(wait=True)
+        return self._sha256.hexdigest()
+
+    def close(self) -> None:
+        if self._hasher:
+            self._hasher.shutdown(wait=False, cancel_futures=True)
+        super().close()
 
 
 def byte_progress(emit: Callable[[Progress], None], stage: str, total: int | None, every_s: float = 0.25):
@@ -76,48 +100,59 @@ def extract(
     max_bytes: int,
     max_members: int,
     on_bytes: Callable[[int], None],
-) -> str:
-    """Extract a .tar or .tar.zst arriving as ``chunks`` into ``dest``; return its sha256."""
-    raw = _ChunkReader(chunks, on_bytes)
-    buffered = io.BufferedReader(raw, buffer_size=1 << 20)
-    stream = buffered
-    if buffered.peek(4)[:4] == _ZSTD_MAGIC:
-        stream = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True, closefd=False)
-    members = extracted = 0
+) -> None:
+    """Extract a .tar or .tar.zst arriving as ``chunks`` into ``dest``, checking its sha256
+    against ``expected_sha256`` when given."""
+    raw = _ChunkReader(chunks, on_bytes, hashing=bool(expected_sha256))
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                members += 1
-                extracted += member.size
-                if members > max_members:
-                    raise ModelSourceError(field, f"archive has more than {max_members} members")
-                if extracted > max_bytes:
-                    raise ModelSourceError(field, f"archive extracts to more than {max_bytes} bytes")
-                try:
-                    # The data filter would quietly make an absolute name relative: refuse it instead.
-                    if member.name.startswith("/") or ".." in PurePosixPath(member.name).parts:
-                        raise tarfile.OutsideDestinationError(member, member.name)
-                    tar.extract(member, dest, filter="data")
-                except tarfile.FilterError as exc:
-                    raise ModelSourceError(
-                        field, f"archive member {member.name!r} refused: {_why(exc)}; nothing was installed"
-                    ) from None
-        # Read to the end, so the digest and size cover every byte: the tar's trailing blocks,
-        # the rest of the zstd frame, anything after it.
-        while stream.read(1 << 20):
-            pass
-        while buffered.read(1 << 20):
-            pass
-    except (tarfile.ReadError, tarfile.HeaderError, zstandard.ZstdError, EOFError) as exc:
-        raise ModelSourceError(field, f"archive is truncated or corrupt ({type(exc).__name__})") from None
-    if expected_size is not None and raw.count != expected_size:
-        raise ModelSourceError(field, f"download ended after {raw.count} of {expected_size} bytes")
-    digest = raw.sha256.hexdigest()
-    if expected_sha256 and digest != expected_sha256:
-        raise ModelSourceError(field, f"sha256 mismatch: expected {expected_sha256}, got {digest}")
+        buffered = io.BufferedReader(raw, buffer_size=_BLOCK)
+        stream = buffered
+        if buffered.peek(4)[:4] == _ZSTD_MAGIC:
+            stream = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True, closefd=False)
+        try:
+            members = _unpack(stream, dest, field, max_bytes, max_members)
+            # Read to the end, so the digest and size cover every byte: the tar's trailing
+            # blocks, the rest of the zstd frame, anything after it.
+            while stream.read(_BLOCK):
+                pass
+            while buffered.read(_BLOCK):
+                pass
+        except (tarfile.ReadError, tarfile.HeaderError, zstandard.ZstdError, EOFError) as exc:
+            raise ModelSourceError(field, f"archive is truncated or corrupt ({type(exc).__name__})") from None
+        if expected_size is not None and raw.count != expected_size:
+            raise ModelSourceError(field, f"download ended after {raw.count} of {expected_size} bytes")
+        if expected_sha256 and (digest := raw.hexdigest()) != expected_sha256:
+            raise ModelSourceError(field, f"sha256 mismatch: expected {expected_sha256}, got {digest}")
+    finally:
+        raw.close()  # and its hashing thread, also when the archive is refused
     if members == 0:
         raise ModelSourceError(field, "archive is empty")
-    return digest
+
+
+def _unpack(stream, dest: Path, field: str, max_bytes: int, max_members: int) -> int:
+    """The members of the tar ``stream``, checked and written under ``dest``; returns their count."""
+    members = extracted = 0
+    # Read and write in 1 MiB blocks: tarfile's defaults (10 KiB reads from the stream, 16 KiB
+    # writes) cost a Python call and a system call per few KiB of weights.
+    with tarfile.open(fileobj=stream, mode="r|", bufsize=_BLOCK) as tar:
+        tar.copybufsize = _BLOCK
+        for member in tar:
+            members += 1
+            extracted += member.size
+            if members > max_members:
+                raise ModelSourceError(field, f"archive has more than {max_members} members")
+            if extracted > max_bytes:
+                raise ModelSourceError(field, f"archive extracts to more than {max_bytes} bytes")
+            try:
+                # The data filter would quietly make an absolute name relative: refuse it instead.
+                if member.name.startswith("/") or ".." in PurePosixPath(member.name).parts:
+                    raise tarfile.OutsideDestinationError(member, member.name)
+                tar.extract(member, dest, filter="data")
+            except tarfile.FilterError as exc:
+                raise ModelSourceError(
+                    field, f"archive member {member.name!r} refused: {_why(exc)}; nothing was installed"
+                ) from None
+    return members
 
 
 def _why(exc: tarfile.FilterError) -> str:

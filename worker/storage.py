@@ -173,7 +173,7 @@ class HttpDownload:
             raise ModelSourceError(self.field, f"download interrupted ({type(exc).__name__}); the server "
                                    "does not support ranges, so it cannot resume") from None
 
-    def _fetch_range(self, start: int, end: int, response=None) -> bytes:
+    def _fetch_range(self, start: int, end: int, response=None) -> bytearray:
         got = bytearray()
         failures = 0
         while start + len(got) <= end:
@@ -188,8 +188,9 @@ class HttpDownload:
                     content_range = response.headers.get("Content-Range", "")
                     if response.status_code != 206 or not content_range.startswith(f"bytes {offset}-"):
                         raise ModelSourceError(self.field, f"bad ranged reply (HTTP {response.status_code})")
-                    # Small blocks: when a connection breaks, only the block being read is lost.
-                    for block in response.iter_content(1 << 16):
+                    # Blocks of 256 KiB: when a connection breaks, only the block being read is
+                    # lost; smaller ones would cost a Python call per few KiB.
+                    for block in response.iter_content(1 << 18):
                         got += block
                 response = None
             except _RETRYABLE as exc:
@@ -203,7 +204,8 @@ class HttpDownload:
                 log.info("range %d-%d dropped at byte %d (%s); resuming", start, end, start + len(got),
                          type(exc).__name__)
                 time.sleep(min(0.1 * 2**failures, 5))
-        return bytes(got[: end - start + 1])
+        del got[end - start + 1:]  # in place: the range's bytes are not copied again
+        return got
 
     def sidecar_sha256(self) -> str | None:
         parts = urlsplit(self.url)
@@ -255,6 +257,9 @@ def s3_error(exc: Exception, field: str, location: Location) -> ModelSourceError
     return ModelSourceError(field, f"S3 request for {location.display} failed ({type(exc).__name__})")
 
 
+_IO_CHUNK = 1 << 20
+
+
 class S3Download:
     _DONE = object()
 
@@ -271,7 +276,7 @@ class S3Download:
     def chunks(self) -> Iterator[bytes]:
         from boto3.s3.transfer import TransferConfig
 
-        chunks: queue.Queue = queue.Queue(maxsize=self.settings.download_concurrency * 2)
+        chunks: queue.Queue = queue.Queue(maxsize=self.settings.download_concurrency * 4)  # of _IO_CHUNK
         stop = threading.Event()
 
         class Sink:  # not seekable, so the transfer manager writes the parts in order
@@ -287,6 +292,7 @@ class S3Download:
                 multipart_threshold=chunk, multipart_chunksize=chunk,
                 max_concurrency=self.settings.download_concurrency,
                 num_download_attempts=self.settings.download_retries + 1,
+                io_chunksize=_IO_CHUNK,  # (boto3's 256 KiB costs a Python call per few hundred KiB)
             )
             try:
                 self.client.download_fileobj(self.location.bucket, self.location.key, Sink(), Config=config)
