@@ -374,6 +374,11 @@ class InferenceRequest(_Strict):
         True, description="Read AUTOMATIC1111's attention syntax in the prompts: (words:1.3), (words), [words], BREAK "
         "(SD 1.x, 2.x, XL; SD3 refuses it unless this is false)."
     )
+    tiling: Literal[False, True, "x", "y"] = Field(
+        False, description="Seamless tiling: the image wraps around, so copies laid side by side meet without a seam "
+        "(textures, patterns). true: both ways (AUTOMATIC1111's Tiling); `x`: its left and right edges only; `y`: "
+        "its top and bottom. SD 1.x, 2.x and XL models."
+    )
     stream: bool = Field(False, description="Yield a progress event per step while working.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Image format and delivery.")
     loras: list[LoraSpec] = Field(
@@ -435,6 +440,13 @@ class InferenceRequest(_Strict):
     def _schedule_as_a1111_writes_it(cls, value: Any) -> Any:
         """AUTOMATIC1111 shows "Karras", "SGM Uniform": the same names."""
         return value.strip().lower().replace(" ", "_") if isinstance(value, str) else value
+
+    @field_validator("tiling", mode="before")
+    @classmethod
+    def _tiling_as_json_writes_it(cls, value: Any) -> Any:
+        if not (isinstance(value, bool) or value in ("x", "y")):
+            raise ValueError(f'must be true, false, "x" or "y", got {value!r:.60}')
+        return value
 
     @model_validator(mode="after")
     def _check_together(self, info: ValidationInfo) -> InferenceRequest:

@@ -40,6 +40,7 @@ def test_a1111_payloads_become_this_workers_requests():
     assert (request.num_inference_steps, request.guidance_scale, request.width, request.height) == (3, 6, 64, 64)
     assert (request.scheduler, request.schedule, request.clip_skip) == ("DPMSolverMultistep", "karras", 1)
     assert request.hires is None and request.strength is None and request.output.metadata
+    assert request.tiling is False and parse_request(TXT2IMG | {"tiling": True}, Limits()).tiling is True
     assert parse_request(TXT2IMG | {"seed": -1}, Limits()).seed is None  # -1: random, as A1111 has it
 
     hires = parse_request(TXT2IMG | {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2}, Limits()).hires
@@ -85,6 +86,7 @@ def test_a1111_payloads_become_this_workers_requests():
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler: Latent or Lanczos here"),
     ({"hello": 1}, "hello: not supported by this worker"),
     ({"width": 65}, "width: must be a multiple of 8, got 65"),
+    ({"tiling": "yes"}, 'tiling: must be true, false, "x" or "y", got \'yes\''),
     ({"prompt": "a cat <lora:papercut:0.8>"}, "prompt: <lora:papercut:0.8> is AUTOMATIC1111's tag for a file"),
 ])
 def test_a1111_errors_name_the_field_as_the_client_sent_it(change, expected):

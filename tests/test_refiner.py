@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import InferenceRequest, describe_validation_error
-from tests.helpers import decode
+from tests.helpers import assert_images_close, decode
 from tests.sdxl import build_sdxl_refiner
 from worker.errors import UserInputError
 
@@ -74,3 +74,33 @@ def test_each_batch_is_refined(engine, sdxl_dir, refiner_dir):
     both = job(num_images=2)
     assert [i.base64 for i in both.images] == [job(seed=s).images[0].base64 for s in (6, 7)]
     assert both.refiner.source == "local"  # where it came from for the first batch
+
+
+def test_a_seamless_image_wraps_in_the_refiners_steps_too(run, sdxl_dir, refiner_dir):
+    """tiling: the refiner's UNet and VAE pad circularly as the model's do: the image is what
+    diffusers draws with padding_mode="circular" on both pipelines, and both are plain after."""
+    import torch
+    from diffusers import AutoPipelineForImage2Image, DiffusionPipeline, EulerDiscreteScheduler
+
+    xl = {"model": {"id": str(sdxl_dir)}, "scheduler": "EulerDiscrete",
+          "refiner": {"id": str(refiner_dir), "switch": 0.5}}
+    plain, _ = run(**BASE, **xl)
+    tiled, _ = run(**BASE, **xl, tiling=True)
+
+    pipes = []
+    for path, kind in ((sdxl_dir, DiffusionPipeline), (refiner_dir, AutoPipelineForImage2Image)):
+        pipe = kind.from_pretrained(path)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        for module in (pipe.unet, pipe.vae):
+            for layer in module.modules():
+                if isinstance(layer, torch.nn.Conv2d):
+                    layer.padding_mode = "circular"
+        pipes.append(pipe)
+    base, refiner = pipes
+    generator = [torch.Generator("cpu").manual_seed(BASE["seed"])]
+    common = dict(prompt=BASE["prompt"], num_inference_steps=4, guidance_scale=7.5, generator=generator)
+    latents = base(**common, denoising_end=0.5, output_type="latent").images
+    expected = refiner(**common, image=latents, denoising_start=0.5).images[0]
+    assert_images_close(expected, decode(tiled.images[0].base64).convert("RGB"), "tiled-refiner")
+    assert run(**BASE, **xl)[0].images[0].base64 == plain.images[0].base64

@@ -27,7 +27,7 @@ from schemas import (
     a1111_name,
 )
 
-from . import embeddings, loras, prompts
+from . import embeddings, loras, prompts, seamless
 from .controlnets import ControlNets
 from .ip_adapters import IpAdapters
 from .errors import JobCancelled, UserInputError, redact
@@ -119,7 +119,8 @@ class Engine:
             nets = self.controlnets.get(request.controlnets, denoiser(base), emit, timings)
             vae = self.vaes.get(request.vae, base.vae, emit, timings) if request.vae else None
             pipe = self._task_pipeline(loaded, request, nets, vae)
-            self._vae_memory(pipe.vae, request.num_images, _vae_pixels(request, images, base, multiple))
+            tiled = seamless.axes(request.tiling)
+            self._vae_memory(pipe.vae, request.num_images, _vae_pixels(request, images, base, multiple), tiled)
 
             # 4. One generator per image, so each image's seed reproduces it alone.
             first = request.seed if request.seed is not None else secrets.randbits(63)
@@ -151,7 +152,8 @@ class Engine:
             outputs = []
             with embeddings.added(pipe, request.embeddings, settings=self.settings, disk=self.models.disk,
                                   emit=emit, timings=timings), \
-                    self.ip_adapters.applied(pipe, request.adapters(), emit, timings) as reference:
+                    self.ip_adapters.applied(pipe, request.adapters(), emit, timings) as reference, \
+                    seamless.wrapping(_convolutional(pipe), tiled):
                 texts = _texts(pipe, request, prompt, negative)
                 first_pass = self._first_pass(pipe, request)
                 for batch in batches:
@@ -363,20 +365,24 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         loras.apply(refiner, pipe, [], settings=self.settings, disk=self.models.disk, emit=emit, timings={})
         pixels = latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2
-        self._vae_memory(pipe.vae, request.num_images, pixels)
+        tiled = seamless.axes(request.tiling)
+        self._vae_memory(pipe.vae, request.num_images, pixels, tiled)
         start = time.perf_counter()
-        output = pipe(**_texts(pipe, request, prompt, negative), image=latents, num_inference_steps=request.num_inference_steps,
-                      denoising_start=spec.switch, guidance_scale=request.guidance_scale,
-                      num_images_per_prompt=len(generators), generator=generators, callback_on_step_end=on_step)
+        with seamless.wrapping(_convolutional(pipe), tiled):
+            output = pipe(**_texts(pipe, request, prompt, negative), image=latents,
+                          num_inference_steps=request.num_inference_steps, denoising_start=spec.switch,
+                          guidance_scale=request.guidance_scale, num_images_per_prompt=len(generators),
+                          generator=generators, callback_on_step_end=on_step)
         _add_ms(timings, "refiner", start)
         return output, ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=ref.precision,
                                  device=self.device)
 
-    def _vae_memory(self, vae, images: int, pixels: int) -> None:
-        """A batch through the VAE one image at a time, large images in tiles. (Set both ways each
-        job: the VAE is shared with the warm model.)"""
+    def _vae_memory(self, vae, images: int, pixels: int, seamless_axes: str) -> None:
+        """A batch through the VAE one image at a time, large images in tiles, except for a
+        seamless image, which must wrap around whole. (Set both ways each job: the VAE is shared
+        with the warm model.)"""
         vae.use_slicing = images > 1
-        vae.use_tiling = pixels > self.settings.vae_tiling_pixels
+        vae.use_tiling = pixels > self.settings.vae_tiling_pixels and not seamless_axes
 
     def _size_from(self, image, request: InferenceRequest, field: str, multiple: int) -> tuple[int, int]:
         """Output size: as asked, else the input's, rounded down to the model's ``multiple``."""
@@ -474,6 +480,11 @@ def _name(loaded) -> str:
 _NOT_FOR_SD3 = {"ip_adapter": "IP-Adapters", "ip_adapters": "IP-Adapters", "embeddings": "textual-inversion embeddings"}
 
 
+def _convolutional(pipe) -> list:
+    """What seamless tiling makes wrap around: the UNet, its ControlNets, the VAE."""
+    return [getattr(pipe, "unet", None), getattr(pipe, "controlnet", None), pipe.vae]
+
+
 def _check_fits(loaded, request: InferenceRequest) -> None:
     """Refuse, naming the field, what the loaded model cannot do, before any work for it."""
     base, name = loaded.pipeline, _name(loaded)
@@ -500,6 +511,9 @@ def _check_fits(loaded, request: InferenceRequest) -> None:
             raise UserInputError("controlnets", f"{name} is an SD3 model; its ControlNets steer txt2img only")
         if request.controlnets and request.hires:
             raise UserInputError("hires", f"{name} is an SD3 model; its ControlNets have no hires pass")
+        if request.tiling:
+            raise UserInputError("tiling", f"{name} is an SD3 model; seamless tiling needs a UNet (SD 1.x, 2.x "
+                                 "and XL models)")
 
 
 def _add_ms(timings: dict[str, float], phase: str, start: float) -> None:
@@ -580,6 +594,8 @@ def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], mod
                       "Hires upscaler": "Latent" if request.hires.upscaler == "latent" else "Lanczos"})
     if request.clip_skip:
         pairs["Clip skip"] = request.clip_skip + 1  # A1111 counts the last layer as 1
+    if request.tiling:  # A1111 writes "Tiling: True"; one axis is this worker's own
+        pairs["Tiling"] = True if request.tiling is True else request.tiling
     if request.loras:
         pairs["LoRAs"] = "; ".join(f"{redact(lora.url or lora.id)}:{lora.scale}" for lora in request.loras)
     for i, net in enumerate(request.controlnets):  # quoted, as AUTOMATIC1111's ControlNet writes them
