@@ -5,7 +5,7 @@ from .errors import describe_validation_error
 from .request import (
     ControlNetSpec, ConvertRequest, ConvertSpec, EmbeddingSpec, HiresSpec, InferenceRequest, IpAdapterSpec, Limits,
     LoraSpec, ModelSpec, OutpaintSpec, OutputSpec, RefinerSpec, S3Config, TrainRequest, TrainSpec, VaeSpec,
-    parse_request,
+    VariationSpec, parse_request,
 )
 from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result, TrainOut
 from .schedulers import SCHEDULERS, a1111_name, canonical_scheduler
@@ -21,6 +21,7 @@ __all__ = [
     "LoraSpec",
     "ControlNetSpec",
     "HiresSpec",
+    "VariationSpec",
     "OutpaintSpec",
     "IpAdapterSpec",
     "VaeSpec",

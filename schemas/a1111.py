@@ -37,18 +37,18 @@ _HANDLED = {"seed", "batch_size", "n_iter", "sampler_name", "scheduler", "init_i
             "inpainting_mask_invert",
             "denoising_strength", "resize_mode", "inpaint_full_res", "inpaint_full_res_padding", "enable_hr",
             "hr_scale", "hr_upscaler", "hr_second_pass_steps", "refiner_checkpoint", "refiner_switch_at",
-            "override_settings", "alwayson_scripts"}
+            "override_settings", "alwayson_scripts", "subseed", "subseed_strength"}
 # Accepted when they ask for nothing: what they would ask for is not built here.
 _ONLY_AS_DEFAULT = {
     "restore_faces": (False, None), "styles": ([], None), "script_name": (None, ""),
-    "script_args": ([], None), "subseed_strength": (0, 0.0, None),
+    "script_args": ([], None),
     "inpainting_fill": (1, None),
 }
 # This worker's own fields that an A1111 payload may carry too: what its web UI names by local
 # file (LoRAs, IP-Adapters, the model) is named here by hub id, path or URL.
 _OURS = {"loras", "ip_adapter", "ip_adapters", "model"}
 # Options of the web UI's own that do not change an image served here.
-_IGNORED = {"subseed", "send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "sampler_index",
+_IGNORED = {"send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "sampler_index",
             "override_settings_restore_afterwards", "seed_resize_from_h", "seed_resize_from_w", "eta",
             "s_churn", "s_tmax", "s_tmin", "s_noise", "disable_extra_networks", "comments", "firstpass_image",
             "hr_resize_x", "hr_resize_y", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
@@ -81,6 +81,10 @@ def from_a1111(data: dict) -> dict:
     seed = data.get("seed", -1)
     if seed not in (-1, None):
         request["seed"] = seed
+    if data.get("subseed_strength"):  # the variation seed (-1: random)
+        subseed = data.get("subseed", -1)
+        request["variation"] = {"strength": data["subseed_strength"]} | (
+            {} if subseed in (-1, None) else {"seed": subseed})
     request["num_images"] = _count(data.get("batch_size", 1), "batch_size") * _count(data.get("n_iter", 1), "n_iter")
     sampler = data.get("sampler_name") or data.get("sampler_index")
     if sampler:
@@ -207,6 +211,7 @@ def a1111_field(name: str) -> str:
         "refiner.id": "refiner_checkpoint", "refiner.switch": "refiner_switch_at",
         "clip_skip": "override_settings.CLIP_stop_at_last_layers", "vae.id": "override_settings.sd_vae",
         "model.id": "override_settings.sd_model_checkpoint",
+        "variation": "subseed_strength", "variation.strength": "subseed_strength", "variation.seed": "subseed",
     }
     if name in ours:
         return ours[name]
@@ -234,10 +239,13 @@ def a1111_answer(result: dict, payload: dict, infotexts: list[str]) -> dict:
 
     images = result.get("images") or []
     seeds = [image["seed"] for image in images]
+    # Without a variation, a subseed changes nothing: A1111 reports random ones, these the seeds.
+    subseeds = [image.get("variation_seed", image["seed"]) for image in images]
     info = {
         "prompt": payload.get("prompt", ""), "all_prompts": [payload.get("prompt", "")] * len(images),
         "negative_prompt": payload.get("negative_prompt", ""), "seed": seeds[0] if seeds else None,
-        "all_seeds": seeds, "width": images[0]["width"] if images else None,
+        "all_seeds": seeds, "subseed": subseeds[0] if subseeds else None, "all_subseeds": subseeds,
+        "subseed_strength": payload.get("subseed_strength", 0), "width": images[0]["width"] if images else None,
         "height": images[0]["height"] if images else None, "sampler_name": payload.get("sampler_name"),
         "cfg_scale": payload.get("cfg_scale"), "steps": payload.get("steps"), "batch_size": len(images),
         "infotexts": infotexts,

@@ -281,6 +281,20 @@ class OutpaintSpec(_Strict):
         return self
 
 
+class VariationSpec(_Strict):
+    """AUTOMATIC1111's variation seed: each image's starting noise turned, along the sphere, toward
+    a second seed's noise, so that small strengths give small variations of the same image."""
+
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="The second seed (image i: seed + i); random when absent. Each image "
+        "reports its own as variation_seed."
+    )
+    strength: float = Field(
+        ..., ge=0, le=1, description="How far toward the variation seed's noise: 0 the seed's own image, 1 the "
+        "variation seed's."
+    )
+
+
 class HiresSpec(_Strict):
     """AUTOMATIC1111's hires fix: generate, upscale, then denoise again at the larger size."""
 
@@ -391,6 +405,10 @@ class InferenceRequest(_Strict):
         default_factory=list, max_length=4, description="ControlNets steering this request, each with its image."
     )
     hires: HiresSpec | None = Field(None, description="txt2img: a second, larger pass (AUTOMATIC1111's hires fix).")
+    variation: VariationSpec | None = Field(
+        None, description="txt2img: variations of the seed's image, from its noise blended with a second seed's "
+        "(AUTOMATIC1111's variation seed)."
+    )
     ip_adapter: IpAdapterSpec | None = Field(
         None, description="An IP-Adapter: a reference image as part of the prompt (`ip_adapters` for several)."
     )
@@ -500,6 +518,9 @@ class InferenceRequest(_Strict):
                     f"strength: {self.strength} x num_inference_steps {self.num_inference_steps} "
                     "leaves no denoising step; raise either"
                 )
+        if self.variation is not None and self.task != "txt2img":
+            raise ValueError(f"variation: only with task 'txt2img', not {self.task!r} (img2img and inpainting "
+                             "draw their noise inside diffusers)")
         for name in ("prompt", "negative_prompt"):
             tag = _EXTRA_NETWORK.search(getattr(self, name) or "") if self.prompt_weighting else None
             if tag:

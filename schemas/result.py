@@ -23,6 +23,7 @@ class ImageOut(_Out):
     presigned_url: str | None = Field(None, description="An https link to the uploaded image, for a while.")
     format: Literal["png", "jpeg", "webp"]
     seed: int = Field(description="Reproduces this image with `seed` and `num_images: 1`.")
+    variation_seed: int | None = Field(None, description="With `variation`: this image's variation seed.")
     width: int
     height: int
     nsfw: bool | None = Field(None, description="The safety checker's verdict, when it ran.")

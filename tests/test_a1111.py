@@ -41,6 +41,10 @@ def test_a1111_payloads_become_this_workers_requests():
     assert (request.scheduler, request.schedule, request.clip_skip) == ("DPMSolverMultistep", "karras", 1)
     assert request.hires is None and request.strength is None and request.output.metadata
     assert request.tiling is False and parse_request(TXT2IMG | {"tiling": True}, Limits()).tiling is True
+    assert request.variation is None  # subseed_strength 0
+    varied = parse_request(TXT2IMG | {"subseed": 7, "subseed_strength": 0.3}, Limits()).variation
+    assert (varied.seed, varied.strength) == (7, 0.3)
+    assert parse_request(TXT2IMG | {"subseed_strength": 0.3}, Limits()).variation.seed is None  # -1: random
     assert parse_request(TXT2IMG | {"seed": -1}, Limits()).seed is None  # -1: random, as A1111 has it
 
     hires = parse_request(TXT2IMG | {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2}, Limits()).hires
@@ -86,6 +90,9 @@ def test_a1111_payloads_become_this_workers_requests():
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler: Latent or Lanczos here"),
     ({"hello": 1}, "hello: not supported by this worker"),
     ({"width": 65}, "width: must be a multiple of 8, got 65"),
+    ({"subseed_strength": 2}, "subseed_strength: input should be less than or equal to 1, got 2"),
+    ({"subseed": -5, "subseed_strength": 0.5}, "subseed: input should be greater than or equal to 0"),
+    ({"subseed_strength": 0.5, "init_images": [png_b64()]}, "subseed_strength: only with task 'txt2img'"),
     ({"tiling": "yes"}, 'tiling: must be true, false, "x" or "y", got \'yes\''),
     ({"prompt": "a cat <lora:papercut:0.8>"}, "prompt: <lora:papercut:0.8> is AUTOMATIC1111's tag for a file"),
 ])
@@ -116,6 +123,10 @@ def test_a1111_jobs_answer_in_a1111s_shape_with_the_same_images(runner):
     assert got["parameters"]["sampler_name"] == "DPM++ 2M" and got["parameters"]["steps"] == 3
     info = json.loads(got["info"])
     assert (info["seed"], info["all_seeds"], info["width"], info["height"]) == (9, [9, 10], 64, 64)
+    assert (info["all_subseeds"], info["subseed_strength"]) == ([9, 10], 0)  # no variation: any subseed will do
+    varied = json.loads(answer(runner, TXT2IMG | {"subseed": 40, "subseed_strength": 0.5})["info"])
+    assert (varied["subseed"], varied["all_subseeds"], varied["subseed_strength"]) == (40, [40, 41], 0.5)
+    assert "Variation seed: 41, Variation seed strength: 0.5" in varied["infotexts"][1]
     assert info["infotexts"][1].startswith("a lighthouse at dawn\nNegative prompt: fog\nSteps: 3, Sampler: DPM++ 2M, "
                                            "Schedule type: Karras, CFG scale: 6.0, Seed: 10, Size: 64x64")
     ours = answer(runner, {"prompt": "a lighthouse at dawn", "negative_prompt": "fog", "seed": 9, "num_images": 2,

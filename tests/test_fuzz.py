@@ -154,11 +154,13 @@ def test_random_requests_with_the_newer_fields_run_or_name_the_field_at_fault(pa
     engine = Engine(Settings(models_dir=models_dir, hf_hub_offline=True, max_loaded_models=3,
                              depth_model=str(build_depth_model(tmp_path / "depth")), person_model=str(detector),
                              pose_model=str(estimator)))
-    rng, extra, tiles = random.Random(seed), random.Random(1000 + seed), random.Random(2000 + seed)
+    rng, extra, later = random.Random(seed), random.Random(1000 + seed), random.Random(2000 + seed)
     requests = [newer_fields(extra, parts, random_request(rng, parts)) for _ in range(40)]
     sd3 = parts["models"][2]["id"]
-    for fields in requests:  # seamless tiling too, by a generator of its own (the draws above stay);
-        # not on SD3 models, which refuse it (a test of its own says so)
-        if fields["model"].get("id") != sd3 and tiles.random() < 0.4:
-            fields["tiling"] = tiles.choice([True, "x", "y"])
+    for fields in requests:  # seamless tiling and variation seeds too, by a generator of their own (the
+        # draws above stay); tiling not on SD3 models, which refuse it (a test of its own says so)
+        if fields["model"].get("id") != sd3 and later.random() < 0.4:
+            fields["tiling"] = later.choice([True, "x", "y"])
+        if "image" not in fields and later.random() < 0.3:
+            fields["variation"] = {"seed": later.randrange(100), "strength": later.choice([0, 0.3, 1])}
     run_or_refuse(engine, requests)

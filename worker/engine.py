@@ -27,7 +27,7 @@ from schemas import (
     a1111_name,
 )
 
-from . import embeddings, loras, prompts, seamless
+from . import embeddings, loras, prompts, seamless, variation
 from .controlnets import ControlNets
 from .ip_adapters import IpAdapters
 from .errors import JobCancelled, UserInputError, redact
@@ -126,6 +126,7 @@ class Engine:
             first = request.seed if request.seed is not None else secrets.randbits(63)
             seeds = [(first + i) % 2**63 for i in range(request.num_images)]
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+            variation_seeds = _variation_seeds(request)  # (none without variation)
 
             # 5. Exactly this request's LoRAs active; none: the plain model.
             loras.apply(loaded, pipe, request.loras, settings=self.settings, disk=self.models.disk, emit=emit,
@@ -156,12 +157,17 @@ class Engine:
                     seamless.wrapping(_convolutional(pipe), tiled):
                 texts = _texts(pipe, request, prompt, negative)
                 first_pass = self._first_pass(pipe, request)
-                for batch in batches:
+                for b, batch in enumerate(batches):
                     common = dict(texts, guidance_scale=request.guidance_scale, num_images_per_prompt=len(batch),
                                   generator=batch, **reference)
                     start = time.perf_counter()
+                    noise = {}
+                    if variation_seeds:
+                        noise["latents"] = variation.starting_noise(
+                            pipe, batch, variation_seeds[b * size:b * size + len(batch)], request.variation.strength,
+                            images.get("width") or _default_size(base), images.get("height") or _default_size(base))
                     output = first_pass(**common, num_inference_steps=request.num_inference_steps,
-                                        callback_on_step_end=reporting("inference"),
+                                        callback_on_step_end=reporting("inference"), **noise,
                                         **_per_image(base, images, len(batch)))
                     _add_ms(timings, "inference", start)
                     if request.hires:
@@ -192,16 +198,17 @@ class Engine:
         fmt = request.output.format
         # A1111's Size is the first pass's with the hires fix, the masked area's with only masked.
         first_size = (images["width"], images["height"]) if request.hires or inpainting and inpainting.region else None
+        variations = variation_seeds or [None] * len(seeds)
         encoded = [
             encode_image(image, fmt, request.output.quality,
                          request.output.metadata and _parameters(request, seed, first_size or image.size, ref.id,
-                                                                 pipe.scheduler))
-            for image, seed in zip(generated, seeds)
+                                                                 pipe.scheduler, other))
+            for image, seed, other in zip(generated, seeds, variations)
         ]
         timings["encode"] = ms_since(start)
         out = [
-            ImageOut(format=fmt, seed=seed, width=image.width, height=image.height, nsfw=flag)
-            for image, seed, flag in zip(generated, seeds, nsfw)
+            ImageOut(format=fmt, seed=seed, variation_seed=other, width=image.width, height=image.height, nsfw=flag)
+            for image, seed, other, flag in zip(generated, seeds, variations, nsfw)
         ]
         if outbox is not None:
             start = time.perf_counter()
@@ -480,6 +487,15 @@ def _name(loaded) -> str:
 _NOT_FOR_SD3 = {"ip_adapter": "IP-Adapters", "ip_adapters": "IP-Adapters", "embeddings": "textual-inversion embeddings"}
 
 
+def _variation_seeds(request: InferenceRequest) -> list[int]:
+    """Each image's variation seed (image i: seed + i, as for seeds); none without variation."""
+    spec = request.variation
+    if not spec or not spec.strength:
+        return []
+    first = spec.seed if spec.seed is not None else secrets.randbits(63)
+    return [(first + i) % 2**63 for i in range(request.num_images)]
+
+
 def _convolutional(pipe) -> list:
     """What seamless tiling makes wrap around: the UNet, its ControlNets, the VAE."""
     return [getattr(pipe, "unet", None), getattr(pipe, "controlnet", None), pipe.vae]
@@ -567,7 +583,8 @@ def _vae_pixels(request: InferenceRequest, images: dict, pipeline, multiple: int
     return width * height
 
 
-def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], model_id: str, scheduler) -> str:
+def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], model_id: str, scheduler,
+                variation_seed: int | None = None) -> str:
     """How an image was made, in AUTOMATIC1111's "parameters" layout, which image viewers and
     UIs parse: the prompt, the negative prompt, then "key: value" pairs."""
     lines = [request.prompt]
@@ -578,6 +595,8 @@ def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], mod
     if schedule:
         pairs["Schedule type"] = schedule
     pairs.update({"CFG scale": request.guidance_scale, "Seed": seed, "Size": f"{size[0]}x{size[1]}", "Model": model_id})
+    if variation_seed is not None:
+        pairs.update({"Variation seed": variation_seed, "Variation seed strength": request.variation.strength})
     if request.strength is not None:
         pairs["Denoising strength"] = request.strength
     if request.task == "inpaint":
