@@ -1,7 +1,7 @@
 """Every per-request part on CUDA in fp16 at once (``pytest -m gpu`` on a GPU machine; skipped
 elsewhere): device and dtype must follow the model's for ControlNets (and the depth and
-pose preprocessors), IP-Adapters, request VAEs, prompt windows, the hires pass and seamless
-tiling's circular padding, which CPU runs cannot show."""
+pose preprocessors), IP-Adapters, request VAEs, prompt windows, the hires pass, seamless
+tiling's circular padding and variation seeds' noise, which CPU runs cannot show."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def test_everything_per_request_on_cuda_in_fp16(settings, tiny_dir, tmp_path):
         "ip_adapter": {"id": str(build_ip_adapter(tiny_dir, tmp_path / "ip")), "weight_name": WEIGHTS,
                        "image": png_b64((0, 0, 255))},
         "vae": {"id": str(tiny_dir / "vae")}, "hires": {"scale": 1.5, "upscaler": "lanczos"}, "tiling": True,
+        "variation": {"seed": 7, "strength": 0.3},
     })
     result = engine.generate(request, lambda _: None, lambda: False)
     assert (result.model.device, result.model.precision) == ("cuda", "fp16")
