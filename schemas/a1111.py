@@ -224,8 +224,23 @@ def a1111_field(name: str) -> str:
 
 
 def describe_a1111_error(exc: ValidationError) -> str:
-    """Our validation message with each leading field renamed as the client sent it."""
-    return renamed(describe_validation_error(exc), a1111_field)
+    """Our validation message, told as an AUTOMATIC1111 client sent the request."""
+    return a1111_message(describe_validation_error(exc))
+
+
+# The numbers in a clip_skip message: a bound or the value sent.
+_CLIP_NUMBER = re.compile(r"(at most |less than or equal to |greater than or equal to |, got )(-?\d+)")
+
+
+def a1111_message(message: str) -> str:
+    """An error message (``field: what`` parts) with the fields as an AUTOMATIC1111 client sent
+    them, and CLIP layers counted its way: CLIP_stop_at_last_layers is clip_skip + 1."""
+    parts = []
+    for part in message.split("; "):
+        if part.startswith("clip_skip: "):
+            part = _CLIP_NUMBER.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + 1}", part)
+        parts.append(part)
+    return renamed("; ".join(parts), a1111_field)
 
 
 def echo(data: dict) -> dict:

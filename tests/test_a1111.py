@@ -90,6 +90,8 @@ def test_a1111_payloads_become_this_workers_requests():
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler: Latent or Lanczos here"),
     ({"hello": 1}, "hello: not supported by this worker"),
     ({"width": 65}, "width: must be a multiple of 8, got 65"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": 30}},
+     "override_settings.CLIP_stop_at_last_layers: input should be less than or equal to 25, got 30"),
     ({"subseed_strength": 2}, "subseed_strength: input should be less than or equal to 1, got 2"),
     ({"subseed": -5, "subseed_strength": 0.5}, "subseed: input should be greater than or equal to 0"),
     ({"subseed_strength": 0.5, "init_images": [png_b64()]}, "subseed_strength: only with task 'txt2img'"),
@@ -144,7 +146,9 @@ def test_a1111_jobs_answer_in_a1111s_shape_with_the_same_images(runner):
     assert refused["error"].startswith("steps: input should be greater than or equal to 1"), refused
     # What the engine refuses is named the client's way too.
     refused = answer(runner, TXT2IMG | {"override_settings": {"CLIP_stop_at_last_layers": 9}})
-    assert refused["error"].startswith("override_settings.CLIP_stop_at_last_layers: at most 1 for"), refused
+    # (in A1111's count: its CLIP_stop_at_last_layers is clip_skip + 1, and the tiny model has 2 layers)
+    assert refused["error"].startswith("override_settings.CLIP_stop_at_last_layers: at most 2 for"), refused
+    assert refused["error"].endswith(", got 9"), refused
     assert base64.b64decode(got["images"][0])[:4] == b"\x89PNG"
 
 

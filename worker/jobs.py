@@ -24,8 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 from schemas import ConvertRequest, InferenceRequest, Progress, Result, TrainRequest, parse_request
-from schemas.a1111 import a1111_answer, a1111_field
-from schemas.errors import renamed
+from schemas.a1111 import a1111_answer, a1111_message
 
 from .errors import answer_for
 from .images import infotext
@@ -206,7 +205,7 @@ class JobRunner:
             return answer
         message, refresh = answer_for(outcome, self.settings.secrets() + list(secrets))
         if a1111 is not None:  # the field as the client sent it
-            message = renamed(message, a1111_field)
+            message = a1111_message(message)
         log.warning("job failed: %s", message)
         if refresh:
             self.sdk_config["refresh_worker"] = True
