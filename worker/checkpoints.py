@@ -103,18 +103,19 @@ def save_download(download, path: Path, *, field: str, expected_sha256: str | No
     from .archives import byte_progress
 
     on_bytes = byte_progress(emit, "download", download.size)
-    digest, count = hashlib.sha256(), 0
+    digest, count = hashlib.sha256() if expected_sha256 else None, 0  # (no digest to check: no hashing)
     with open(path, "wb") as out:
         for chunk in download.chunks():
             count += len(chunk)
             if count > max_bytes:
                 raise ModelSourceError(field, f"checkpoint is larger than {max_bytes} bytes")
-            digest.update(chunk)
+            if digest:
+                digest.update(chunk)
             out.write(chunk)
             on_bytes(count)
     if download.size is not None and count != download.size:
         raise ModelSourceError(field, f"download ended after {count} of {download.size} bytes")
-    if expected_sha256 and digest.hexdigest() != expected_sha256:
+    if digest and digest.hexdigest() != expected_sha256:
         raise ModelSourceError(field, f"sha256 mismatch: expected {expected_sha256}, got {digest.hexdigest()}")
 
 
