@@ -6,7 +6,7 @@ A payload is told apart by a field only AUTOMATIC1111 has (``steps``, ``cfg_scal
 shape too: ``images`` as base64 strings, ``parameters`` (the payload, without its images) and
 ``info`` (a JSON string: seeds, sizes and each image's infotext), as clients written for that
 API read them. Errors name the field as the client sent it (``steps: ...``). What this worker
-cannot do (face restoration, styles, scripts, extensions other than ControlNet) is
+cannot do (face restoration, scripts, extensions other than ControlNet) is
 refused by name, not ignored.
 """
 
@@ -25,13 +25,14 @@ _OWN = {
     "steps", "cfg_scale", "sampler_name", "sampler_index", "batch_size", "n_iter",
     "denoising_strength", "init_images", "mask", "override_settings", "override_settings_restore_afterwards",
     "alwayson_scripts", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "restore_faces",
-    "styles", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_fill", "inpainting_mask_invert",
+    "inpaint_full_res", "inpaint_full_res_padding", "inpainting_fill", "inpainting_mask_invert",
     "refiner_checkpoint", "refiner_switch_at", "send_images", "save_images", "script_name", "script_args",
     "subseed", "subseed_strength", "do_not_save_samples", "do_not_save_grid",
 }
 # Same meaning (A1111's -> ours).
 _SAME = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
-         "steps": "num_inference_steps", "cfg_scale": "guidance_scale", "tiling": "tiling"}
+         "steps": "num_inference_steps", "cfg_scale": "guidance_scale", "tiling": "tiling",
+         "styles": "styles"}
 # Read below, with the fields they go with.
 _HANDLED = {"seed", "batch_size", "n_iter", "sampler_name", "scheduler", "init_images", "mask", "mask_blur",
             "inpainting_mask_invert",
@@ -40,7 +41,7 @@ _HANDLED = {"seed", "batch_size", "n_iter", "sampler_name", "scheduler", "init_i
             "override_settings", "alwayson_scripts", "subseed", "subseed_strength"}
 # Accepted when they ask for nothing: what they would ask for is not built here.
 _ONLY_AS_DEFAULT = {
-    "restore_faces": (False, None), "styles": ([], None), "script_name": (None, ""),
+    "restore_faces": (False, None), "script_name": (None, ""),
     "script_args": ([], None),
     "inpainting_fill": (1, None),
 }

@@ -57,6 +57,14 @@ def _repo_or_path(value: str) -> str:
 RepoOrPath = Annotated[str, AfterValidator(_repo_or_path)]  # a hub repo id, or a path on the worker
 
 
+def merge_style(style: str, prompt: str) -> str:
+    """A style applied to a prompt as AUTOMATIC1111 applies it: its ``{prompt}`` takes the
+    prompt, else it follows the prompt after a comma."""
+    if "{prompt}" in style:
+        return style.replace("{prompt}", prompt)
+    return ", ".join(part for part in (prompt.strip(), style.strip()) if part)
+
+
 # AUTOMATIC1111's extra-network tags (<lora:name:0.8>): names of files in its web UI's folders.
 _EXTRA_NETWORK = re.compile(r"<(?:lora|lyco|hypernet):[^>]{1,200}>", re.IGNORECASE)
 
@@ -68,6 +76,7 @@ class Limits(BaseModel):
     max_images: int = 8
     max_steps: int = 150
     max_train_steps: int = 2000
+    styles: dict[str, tuple[str, str]] = {}  # name: (prompt, negative prompt), from STYLES_FILE
 
 
 class _Strict(BaseModel):
@@ -388,6 +397,11 @@ class InferenceRequest(_Strict):
         True, description="Read AUTOMATIC1111's attention syntax in the prompts: (words:1.3), (words), [words], BREAK "
         "(SD 1.x, 2.x, XL; SD3 refuses it unless this is false)."
     )
+    styles: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        [], max_length=16, description="Prompt styles this endpoint offers (STYLES_FILE, AUTOMATIC1111's styles.csv), "
+        "applied in order as AUTOMATIC1111 applies them: a style's `{prompt}` takes the prompt, else the style is "
+        "appended after a comma; the same for the negative prompt."
+    )
     tiling: Literal[False, True, "x", "y"] = Field(
         False, description="Seamless tiling: the image wraps around, so copies laid side by side meet without a seam "
         "(textures, patterns). true: both ways (AUTOMATIC1111's Tiling); `x`: its left and right edges only; `y`: "
@@ -518,6 +532,14 @@ class InferenceRequest(_Strict):
                     f"strength: {self.strength} x num_inference_steps {self.num_inference_steps} "
                     "leaves no denoising step; raise either"
                 )
+        for i, name in enumerate(self.styles):
+            if name not in limits.styles:
+                offered = ", ".join(sorted(limits.styles)[:20]) or "none"
+                raise ValueError(f"styles[{i}]: no style {name!r} on this endpoint (it has: {offered})")
+            style, style_negative = limits.styles[name]
+            self.prompt = merge_style(style, self.prompt)
+            if style_negative or self.negative_prompt:
+                self.negative_prompt = merge_style(style_negative, self.negative_prompt or "")
         if self.variation is not None and self.task != "txt2img":
             raise ValueError(f"variation: only with task 'txt2img', not {self.task!r} (img2img and inpainting "
                              "draw their noise inside diffusers)")

@@ -84,7 +84,7 @@ def test_a1111_payloads_become_this_workers_requests():
     ({"scheduler": "Align Your Steps"}, "scheduler: input should be 'karras'"),
     ({"batch_size": 0}, "batch_size: must be a whole number of at least 1, got 0"),
     ({"restore_faces": True}, "restore_faces: not supported by this worker (send False)"),
-    ({"styles": ["cinematic"]}, "styles: not supported by this worker"),
+    ({"styles": ["cinematic"]}, "styles[0]: no style 'cinematic' on this endpoint (it has: none)"),
     ({"alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts.ADetailer: not supported by this worker"),
     ({"override_settings": {"sd_hypernetwork": "x"}}, "override_settings.sd_hypernetwork: not supported"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler: Latent or Lanczos here"),

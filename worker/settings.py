@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import Limits
@@ -119,6 +119,10 @@ class Settings(BaseSettings):
     safety_checker: bool = Field(True, description="Run a model's safety checker when it ships one.")
     allow_private_urls: bool = Field(False, description="Let request URLs reach private/loopback addresses.")
     local_output_dir: Path = Field(Path("output"), description="Where `python handler.py` writes images.")
+    styles_file: Path | None = Field(
+        None, description="AUTOMATIC1111's styles.csv (name, prompt, negative_prompt): the styles requests may name."
+    )
+    _styles: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)
     log_level: str = "INFO"
     # The SDK logs every job's input and output (images included) at DEBUG, its default.
     runpod_log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = Field(
@@ -148,8 +152,15 @@ class Settings(BaseSettings):
     def limits(self) -> Limits:
         return Limits(
             max_pixels=self.max_pixels, max_images=self.max_images, max_steps=self.max_steps,
-            max_train_steps=self.max_train_steps,
+            max_train_steps=self.max_train_steps, styles=self._styles,
         )
+
+    @model_validator(mode="after")
+    def _read_styles(self) -> Settings:
+        """Read STYLES_FILE once, at start-up: a file that cannot serve fails the worker there."""
+        if self.styles_file is not None:
+            self._styles = read_styles(self.styles_file)
+        return self
 
     @property
     def hub_cache(self) -> Path:
@@ -164,3 +175,19 @@ class Settings(BaseSettings):
             if os.environ.get(name):
                 found.append(os.environ[name])
         return [s for s in found if len(s) >= 4]
+
+
+def read_styles(path: Path) -> dict[str, tuple[str, str]]:
+    """AUTOMATIC1111's styles.csv: a header naming ``name``, ``prompt`` and ``negative_prompt``
+    (as its web UI writes it), then one style a row. Rows without a name are skipped."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"STYLES_FILE: cannot read {path} ({type(exc).__name__})") from None
+    if rows and "name" not in rows[0]:
+        raise ValueError(f"STYLES_FILE: {path} has no 'name' column (AUTOMATIC1111's header: name,prompt,negative_prompt)")
+    return {row["name"].strip(): ((row.get("prompt") or "").strip(), (row.get("negative_prompt") or "").strip())
+            for row in rows if (row.get("name") or "").strip()}
