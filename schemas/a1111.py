@@ -38,23 +38,27 @@ _HANDLED = {"seed", "batch_size", "n_iter", "sampler_name", "scheduler", "init_i
             "inpainting_mask_invert",
             "denoising_strength", "resize_mode", "inpaint_full_res", "inpaint_full_res_padding", "enable_hr",
             "hr_scale", "hr_upscaler", "hr_second_pass_steps", "refiner_checkpoint", "refiner_switch_at",
-            "override_settings", "alwayson_scripts", "subseed", "subseed_strength"}
+            "override_settings", "alwayson_scripts", "subseed", "subseed_strength", "hr_resize_x", "hr_resize_y",
+            "hr_prompt", "hr_negative_prompt"}
 # Accepted when they ask for nothing: what they would ask for is not built here.
 _ONLY_AS_DEFAULT = {
     "restore_faces": (False, None), "script_name": (None, ""),
     "script_args": ([], None),
     "inpainting_fill": (1, None),
+    "hr_sampler_name": ("Use same sampler", "", None), "hr_scheduler": ("Use same scheduler", "", None),
+    "hr_checkpoint_name": ("Use same checkpoint", "", None), "seed_resize_from_h": (-1, 0, None),
+    "seed_resize_from_w": (-1, 0, None), "firstpass_image": (None, ""), "latent_mask": (None, ""),
+    "image_cfg_scale": (None,), "initial_noise_multiplier": (1.0, None),
 }
 # This worker's own fields that an A1111 payload may carry too: what its web UI names by local
 # file (LoRAs, IP-Adapters, the model) is named here by hub id, path or URL.
 _OURS = {"loras", "ip_adapter", "ip_adapters", "model"}
-# Options of the web UI's own that do not change an image served here.
+# Options of the web UI's own that do not change an image served here, and its samplers' tuning
+# (eta, s_*), which clients send with values of their own choosing (webuiapi: eta 1.0) and
+# diffusers' schedulers here do not take: ignored, as the README says.
 _IGNORED = {"send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "sampler_index",
-            "override_settings_restore_afterwards", "seed_resize_from_h", "seed_resize_from_w", "eta",
-            "s_churn", "s_tmax", "s_tmin", "s_noise", "disable_extra_networks", "comments", "firstpass_image",
-            "hr_resize_x", "hr_resize_y", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
-            "hr_checkpoint_name", "force_task_id", "infotext", "include_init_images", "initial_noise_multiplier",
-            "latent_mask", "image_cfg_scale"}
+            "override_settings_restore_afterwards", "eta", "s_churn", "s_tmax", "s_tmin", "s_noise",
+            "disable_extra_networks", "comments", "force_task_id", "infotext", "include_init_images"}
 _RESIZE_MODES = {0: "stretch", 1: "crop", 2: "fill"}
 # ControlNet 1.1 (lllyasviel's) by the name A1111's extension shows: its diffusers repo.
 _CONTROLNET_NAME = re.compile(r"^(control_v11[a-z0-9]*_sd15[a-z0-9]*_[a-z_]+)(\s*\[[0-9a-f]+\])?$")
@@ -137,12 +141,38 @@ def _hires(data: dict, request: dict) -> None:
     upscaler = str(data.get("hr_upscaler") or "Latent")
     if not (upscaler.startswith("Latent") or upscaler == "Lanczos"):
         raise RequestError(f"hr_upscaler: Latent or Lanczos here, got {upscaler!r}")
-    hires = {"scale": data.get("hr_scale", 2.0), "upscaler": "latent" if upscaler.startswith("Latent") else "lanczos"}
+    for field in ("hr_prompt", "hr_negative_prompt"):  # empty: the first pass's prompt, as here
+        if data.get(field) not in ("", None, data.get(field.removeprefix("hr_"))):
+            raise RequestError(f"{field}: a prompt of its own for the second pass is not supported (send '')")
+    hires = {"scale": _resize_scale(data) or data.get("hr_scale", 2.0),
+             "upscaler": "latent" if upscaler.startswith("Latent") else "lanczos"}
     if data.get("hr_second_pass_steps"):
         hires["steps"] = data["hr_second_pass_steps"]
     if data.get("denoising_strength") is not None:
         hires["strength"] = data["denoising_strength"]
     request["hires"] = hires
+
+
+def _resize_scale(data: dict) -> float | None:
+    """hr_resize_x / hr_resize_y (the second pass's size, instead of hr_scale) as a scale: one
+    of them, or both in the first pass's shape (A1111 would crop to another shape)."""
+    sides = {}
+    for field in ("hr_resize_x", "hr_resize_y"):
+        value = data.get(field) or 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise RequestError(f"{field}: a whole number of pixels, got {value!r}")
+        sides[field] = value
+    x, y = sides.values()
+    width, height = data.get("width") or 512, data.get("height") or 512  # (A1111's defaults)
+    if not (x or y) or not all(isinstance(v, int) and v > 0 for v in (width, height)):
+        return None  # (a bad width or height is refused by its own name)
+    if x and y and x * height != y * width:
+        raise RequestError(f"hr_resize_x: {x}x{y} is another shape than width x height ({width}x{height}); send "
+                           "hr_scale, or only one of hr_resize_x and hr_resize_y")
+    field, scale = ("hr_resize_x", x / width) if x else ("hr_resize_y", y / height)
+    if not 1 < scale <= 4:
+        raise RequestError(f"{field}: makes the second pass {scale:g} times the first's size; above 1 and at most 4")
+    return scale
 
 
 def _override_settings(settings: dict, request: dict) -> None:

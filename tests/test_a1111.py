@@ -49,6 +49,10 @@ def test_a1111_payloads_become_this_workers_requests():
 
     hires = parse_request(TXT2IMG | {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2}, Limits()).hires
     assert (hires.scale, hires.upscaler, hires.steps, hires.strength) == (1.5, "latent", 2, 0.7)
+    # The second pass's size instead of hr_scale; the defaults of what is not built here pass.
+    sized = TXT2IMG | {"enable_hr": True, "hr_resize_y": 96, "hr_prompt": "", "hr_sampler_name": "Use same sampler",
+                       "hr_checkpoint_name": "Use same checkpoint", "seed_resize_from_h": -1, "eta": 1.0}
+    assert parse_request(sized, Limits()).hires.scale == 1.5
 
     img2img = parse_request({
         "init_images": [png_b64()], "mask": png_b64(), "mask_blur": 8, "inpaint_full_res": True,
@@ -95,6 +99,11 @@ def test_a1111_payloads_become_this_workers_requests():
     ({"subseed_strength": 2}, "subseed_strength: input should be less than or equal to 1, got 2"),
     ({"subseed": -5, "subseed_strength": 0.5}, "subseed: input should be greater than or equal to 0"),
     ({"subseed_strength": 0.5, "init_images": [png_b64()]}, "subseed_strength: only with task 'txt2img'"),
+    ({"enable_hr": True, "hr_resize_x": 96, "hr_resize_y": 128}, "hr_resize_x: 96x128 is another shape than width"),
+    ({"enable_hr": True, "hr_resize_x": 32}, "hr_resize_x: makes the second pass 0.5 times the first's size"),
+    ({"enable_hr": True, "hr_prompt": "a castle"}, "hr_prompt: a prompt of its own for the second pass is not"),
+    ({"enable_hr": True, "hr_sampler_name": "Euler"}, "hr_sampler_name: not supported by this worker"),
+    ({"seed_resize_from_w": 640}, "seed_resize_from_w: not supported by this worker (send -1)"),
     ({"tiling": "yes"}, 'tiling: must be true, false, "x" or "y", got \'yes\''),
     ({"prompt": "a cat <lora:papercut:0.8>"}, "prompt: <lora:papercut:0.8> is AUTOMATIC1111's tag for a file"),
 ])
