@@ -340,6 +340,11 @@ class InferenceRequest(_Strict):
     height: int | None = Field(None, ge=64, le=8192, description="Pixels, multiple of 8 (16 for SD3); default as `width`.")
     num_inference_steps: int = Field(25, ge=1, le=1000, description="Denoising steps (default 25, or the endpoint's cap).")
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off.")
+    guidance_rescale: float = Field(
+        0, ge=0, le=1, description="CFG rescale φ (0.7 is usual): pulls strongly guided images back from washed-out, "
+        "over-saturated colours; v-prediction and zero-terminal-SNR models need it. Where diffusers has it: SD 1.x / "
+        "2.x txt2img, and SDXL without ControlNets."
+    )
     strength: float | None = Field(
         None, gt=0, le=1, description="img2img / inpaint: how much to change the image (default 0.8)."
     )

@@ -157,10 +157,13 @@ def test_random_requests_with_the_newer_fields_run_or_name_the_field_at_fault(pa
     rng, extra, later = random.Random(seed), random.Random(1000 + seed), random.Random(2000 + seed)
     requests = [newer_fields(extra, parts, random_request(rng, parts)) for _ in range(40)]
     sd3 = parts["models"][2]["id"]
-    for fields in requests:  # seamless tiling and variation seeds too, by a generator of their own (the
-        # draws above stay); tiling not on SD3 models, which refuse it (a test of its own says so)
+    # Seamless tiling, variation seeds and CFG rescale too, by a generator of their own (the draws
+    # above stay); tiling not on SD3 models, which refuse it (a test of its own says so).
+    for fields in requests:
         if fields["model"].get("id") != sd3 and later.random() < 0.4:
             fields["tiling"] = later.choice([True, "x", "y"])
         if "image" not in fields and later.random() < 0.3:
             fields["variation"] = {"seed": later.randrange(100), "strength": later.choice([0, 0.3, 1])}
+        if later.random() < 0.15:
+            fields["guidance_rescale"] = 0.7
     run_or_refuse(engine, requests)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import inspect
 import logging
 import re
 import secrets
@@ -157,9 +158,10 @@ class Engine:
                     seamless.wrapping(_convolutional(pipe), tiled):
                 texts = _texts(pipe, request, prompt, negative)
                 first_pass = self._first_pass(pipe, request)
+                rescale = _rescaled(request, pipe)
                 for b, batch in enumerate(batches):
                     common = dict(texts, guidance_scale=request.guidance_scale, num_images_per_prompt=len(batch),
-                                  generator=batch, **reference)
+                                  generator=batch, **reference, **rescale)
                     start = time.perf_counter()
                     noise = {}
                     if variation_seeds:
@@ -379,7 +381,7 @@ class Engine:
             output = pipe(**_texts(pipe, request, prompt, negative), image=latents,
                           num_inference_steps=request.num_inference_steps, denoising_start=spec.switch,
                           guidance_scale=request.guidance_scale, num_images_per_prompt=len(generators),
-                          generator=generators, callback_on_step_end=on_step)
+                          generator=generators, callback_on_step_end=on_step, **_rescaled(request, pipe))
         _add_ms(timings, "refiner", start)
         return output, ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=ref.precision,
                                  device=self.device)
@@ -485,6 +487,19 @@ def _name(loaded) -> str:
 
 # What SD3 models do not take here (the parts are made for SD 1.x/2.x and SDXL's UNet and CLIP).
 _NOT_FOR_SD3 = {"ip_adapter": "IP-Adapters", "ip_adapters": "IP-Adapters", "embeddings": "textual-inversion embeddings"}
+
+
+def _rescaled(request: InferenceRequest, pipe) -> dict:
+    """``guidance_rescale`` for every pass of the job (the hires pass too), or a refusal naming
+    the diffusers pipeline that has none."""
+    if not request.guidance_rescale:
+        return {}
+    for step in [pipe] + ([AutoPipelineForImage2Image.from_pipe(pipe)] if request.hires else []):
+        if "guidance_rescale" not in inspect.signature(step.__call__).parameters:
+            where = " (the hires pass)" if step is not pipe else ""
+            raise UserInputError("guidance_rescale", f"diffusers' {type(step).__name__}{where} has none; it has it "
+                                 "for SD 1.x / 2.x txt2img and SDXL without ControlNets")
+    return {"guidance_rescale": request.guidance_rescale}
 
 
 def _variation_seeds(request: InferenceRequest) -> list[int]:
@@ -594,7 +609,10 @@ def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], mod
     pairs = {"Steps": request.num_inference_steps, "Sampler": sampler}
     if schedule:
         pairs["Schedule type"] = schedule
-    pairs.update({"CFG scale": request.guidance_scale, "Seed": seed, "Size": f"{size[0]}x{size[1]}", "Model": model_id})
+    pairs["CFG scale"] = request.guidance_scale
+    if request.guidance_rescale:  # as the CFG Rescale extension writes it
+        pairs["CFG Rescale φ"] = request.guidance_rescale
+    pairs.update({"Seed": seed, "Size": f"{size[0]}x{size[1]}", "Model": model_id})
     if variation_seed is not None:
         pairs.update({"Variation seed": variation_seed, "Variation seed strength": request.variation.strength})
     if request.strength is not None:

@@ -16,7 +16,9 @@ from .urls import fetch_bytes
 
 # Decoding an input image costs memory by its pixel count, whatever its file size.
 _INPUT_PIXELS_PER_OUTPUT_PIXEL = 4
-_IMAGE_DESCRIPTION = 0x010E  # EXIF tag
+_IMAGE_DESCRIPTION = 0x010E  # EXIF tags
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286
 
 
 def _raw_bytes(source: str, field: str, settings: Settings) -> bytes:
@@ -87,7 +89,9 @@ def image_processor():
 
 def encode_image(image: Image.Image, fmt: str, quality: int | None, parameters: str | None = None) -> bytes:
     """``image`` as file bytes; ``parameters`` (how it was made) goes where image tools read it:
-    a PNG ``parameters`` text chunk (AUTOMATIC1111's), or the EXIF ImageDescription."""
+    a PNG ``parameters`` text chunk (AUTOMATIC1111's); for JPEG and WebP, the EXIF UserComment
+    in UTF-16 as AUTOMATIC1111 writes it (any script survives), and the ImageDescription (ASCII:
+    other characters become "?")."""
     buffer = io.BytesIO()
     if fmt == "png":
         info = None
@@ -99,5 +103,6 @@ def encode_image(image: Image.Image, fmt: str, quality: int | None, parameters: 
         exif = Image.Exif()
         if parameters:
             exif[_IMAGE_DESCRIPTION] = parameters
+            exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
         image.save(buffer, format=fmt.upper(), quality=quality or 90, exif=exif)
     return buffer.getvalue()
