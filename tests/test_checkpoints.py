@@ -109,6 +109,32 @@ def test_sdxl_checkpoint_converts_with_its_model_configs(settings, http, sdxl_di
     assert result.images[0].base64 == generate(settings, {"id": str(sdxl_dir)}).images[0].base64
 
 
+@pytest.mark.parametrize("markers, expected", [
+    ({"v_pred": None}, {"prediction_type": "v_prediction", "rescale_betas_zero_snr": False}),
+    ({"v_pred": None, "ztsnr": None}, {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                                       "timestep_spacing": "trailing"}),
+    ({"ztsnr": None}, {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}),  # (only with v_pred)
+])
+def test_v_prediction_markers_in_an_sdxl_checkpoint_win_over_the_configs(settings, http, sdxl_dir, tmp_path,
+                                                                        markers, expected):
+    """NoobAI-XL-style v-prediction fine-tunes carry empty "v_pred" / "ztsnr" tensors, as ComfyUI
+    reads them; the configs' model (SDXL base) predicts the noise."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = write_checkpoint(sdxl_dir, tmp_path / "xl.safetensors")
+    save_file(load_file(path) | {name: torch.tensor([]) for name in markers}, path)
+    http.files["/marked.safetensors"] = path.read_bytes()
+    result = generate(settings, {"id": str(sdxl_dir), "checkpoint_url": http.url + "/marked.safetensors"})
+    [converted] = (settings.models_dir / "checkpoints").iterdir()
+    config = json.loads(next(converted.rglob("scheduler_config.json")).read_text())
+    assert {key: config.get(key, False) for key in expected} == expected
+    plain = generate(settings, {"id": str(sdxl_dir)}).images[0].base64
+    assert (result.images[0].base64 == plain) == (expected["prediction_type"] == "epsilon")
+
+
 @pytest.mark.parametrize("kind, reference", [
     ("sd", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
     ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),

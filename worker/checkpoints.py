@@ -235,7 +235,26 @@ def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: 
     velocity = pipeline.scheduler.config.get("prediction_type") == "v_prediction"
     if guessed and class_name == "StableDiffusionPipeline" and velocity:
         _fit_sd2_parameterization(pipeline)
+    _follow_markers(pipeline, weights)
     pipeline.save_pretrained(out, safe_serialization=True)
+
+
+def _follow_markers(pipeline, weights: Path) -> None:
+    """Some fine-tunes say how they were trained with marker tensors (SDXL v-prediction models
+    such as NoobAI-XL's): ``v_pred``, the UNet predicts the velocity; with it, ``ztsnr``,
+    trained with zero terminal SNR. ComfyUI reads these keys; diffusers does not, and with the
+    configs' noise prediction such a model draws grey mush. The markers win over the configs."""
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        keys = set(f.keys())
+    if "v_pred" not in keys:
+        return
+    changes: dict = {"prediction_type": "v_prediction"}
+    if "ztsnr" in keys:  # (the last step at pure noise, as diffusers has it: betas rescaled, trailing steps)
+        changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    log.info("checkpoint marked %s: scheduler %s", "+".join(k for k in ("v_pred", "ztsnr") if k in keys), changes)
+    pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **changes)
 
 
 def _fit_sd2_parameterization(pipeline) -> None:
