@@ -243,7 +243,8 @@ def _follow_markers(pipeline, weights: Path) -> None:
     """Some fine-tunes say how they were trained with marker tensors (SDXL v-prediction models
     such as NoobAI-XL's): ``v_pred``, the UNet predicts the velocity; with it, ``ztsnr``,
     trained with zero terminal SNR. ComfyUI reads these keys; diffusers does not, and with the
-    configs' noise prediction such a model draws grey mush. The markers win over the configs."""
+    configs' noise prediction such a model would draw washed-out mush. The markers win over the
+    configs."""
     from safetensors import safe_open
 
     with safe_open(weights, "pt") as f:
