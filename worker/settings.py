@@ -188,6 +188,7 @@ def read_styles(path: Path) -> dict[str, tuple[str, str]]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ValueError(f"STYLES_FILE: cannot read {path} ({type(exc).__name__})") from None
     if rows and "name" not in rows[0]:
-        raise ValueError(f"STYLES_FILE: {path} has no 'name' column (AUTOMATIC1111's header: name,prompt,negative_prompt)")
+        raise ValueError(f"STYLES_FILE: {path} has no 'name' column "
+                         "(AUTOMATIC1111's header: name,prompt,negative_prompt)")
     return {row["name"].strip(): ((row.get("prompt") or "").strip(), (row.get("negative_prompt") or "").strip())
             for row in rows if (row.get("name") or "").strip()}
