@@ -141,11 +141,11 @@ def _hires(data: dict, request: dict) -> None:
     upscaler = str(data.get("hr_upscaler") or "Latent")
     if not (upscaler.startswith("Latent") or upscaler == "Lanczos"):
         raise RequestError(f"hr_upscaler: Latent or Lanczos here, got {upscaler!r}")
-    for field in ("hr_prompt", "hr_negative_prompt"):  # empty: the first pass's prompt, as here
-        if data.get(field) not in ("", None, data.get(field.removeprefix("hr_"))):
-            raise RequestError(f"{field}: a prompt of its own for the second pass is not supported (send '')")
     hires = {"scale": _resize_scale(data) or data.get("hr_scale", 2.0),
              "upscaler": "latent" if upscaler.startswith("Latent") else "lanczos"}
+    for field in ("hr_prompt", "hr_negative_prompt"):  # empty: the first pass's, as here
+        if data.get(field) not in ("", None, data.get(field.removeprefix("hr_"))):
+            hires[field.removeprefix("hr_")] = data[field]
     if data.get("hr_second_pass_steps"):
         hires["steps"] = data["hr_second_pass_steps"]
     if data.get("denoising_strength") is not None:
@@ -239,6 +239,7 @@ def a1111_field(name: str) -> str:
         "strength": "denoising_strength",
         "padding_mask_crop": "inpaint_full_res_padding",
         "hires.scale": "hr_scale", "hires.steps": "hr_second_pass_steps", "hires.strength": "denoising_strength",
+        "hires.prompt": "hr_prompt", "hires.negative_prompt": "hr_negative_prompt",
         "refiner.id": "refiner_checkpoint", "refiner.switch": "refiner_switch_at",
         "clip_skip": "override_settings.CLIP_stop_at_last_layers", "vae.id": "override_settings.sd_vae",
         "model.id": "override_settings.sd_model_checkpoint",

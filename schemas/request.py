@@ -315,6 +315,13 @@ class HiresSpec(_Strict):
     upscaler: Literal["latent", "lanczos"] = Field(
         "latent", description="latent: resize the latents (bilinear); lanczos: decode, resize the image, encode."
     )
+    prompt: str | None = Field(
+        None, min_length=1, max_length=20_000, description="The second pass's own prompt (default: the prompt), "
+        "AUTOMATIC1111's hires prompt: details to add at the larger size."
+    )
+    negative_prompt: str | None = Field(
+        None, max_length=20_000, description="The second pass's own negative prompt (default: the negative prompt)."
+    )
 
     def final(self, width: int, height: int, multiple: int = 8) -> tuple[int, int]:
         """The second pass's size: the first's times ``scale``, rounded down to a multiple of
@@ -545,11 +552,18 @@ class InferenceRequest(_Strict):
             self.prompt = merge_style(style, self.prompt)
             if style_negative or self.negative_prompt:
                 self.negative_prompt = merge_style(style_negative, self.negative_prompt or "")
+            if self.hires and self.hires.prompt:  # (as AUTOMATIC1111 styles its hires prompts)
+                self.hires.prompt = merge_style(style, self.hires.prompt)
+            if self.hires and self.hires.negative_prompt:
+                self.hires.negative_prompt = merge_style(style_negative, self.hires.negative_prompt)
         if self.variation is not None and self.task != "txt2img":
             raise ValueError(f"variation: only with task 'txt2img', not {self.task!r} (img2img and inpainting "
                              "draw their noise inside diffusers)")
-        for name in ("prompt", "negative_prompt"):
-            tag = _EXTRA_NETWORK.search(getattr(self, name) or "") if self.prompt_weighting else None
+        prompts = {"prompt": self.prompt, "negative_prompt": self.negative_prompt}
+        if self.hires:
+            prompts.update({"hires.prompt": self.hires.prompt, "hires.negative_prompt": self.hires.negative_prompt})
+        for name, text in prompts.items():
+            tag = _EXTRA_NETWORK.search(text or "") if self.prompt_weighting else None
             if tag:
                 raise ValueError(f"{name}: {tag.group(0)} is AUTOMATIC1111's tag for a file of its web UI; send "
                                  "loras with the LoRA's url or id instead (prompt_weighting false keeps it as text)")

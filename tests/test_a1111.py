@@ -53,6 +53,8 @@ def test_a1111_payloads_become_this_workers_requests():
     sized = TXT2IMG | {"enable_hr": True, "hr_resize_y": 96, "hr_prompt": "", "hr_sampler_name": "Use same sampler",
                        "hr_checkpoint_name": "Use same checkpoint", "seed_resize_from_h": -1, "eta": 1.0}
     assert parse_request(sized, Limits()).hires.scale == 1.5
+    own = parse_request(sized | {"hr_prompt": "a castle", "hr_negative_prompt": "fog"}, Limits()).hires
+    assert (own.prompt, own.negative_prompt) == ("a castle", None)  # (fog: the payload's own negative prompt)
 
     img2img = parse_request({
         "init_images": [png_b64()], "mask": png_b64(), "mask_blur": 8, "inpaint_full_res": True,
@@ -101,7 +103,7 @@ def test_a1111_payloads_become_this_workers_requests():
     ({"subseed_strength": 0.5, "init_images": [png_b64()]}, "subseed_strength: only with task 'txt2img'"),
     ({"enable_hr": True, "hr_resize_x": 96, "hr_resize_y": 128}, "hr_resize_x: 96x128 is another shape than width"),
     ({"enable_hr": True, "hr_resize_x": 32}, "hr_resize_x: makes the second pass 0.5 times the first's size"),
-    ({"enable_hr": True, "hr_prompt": "a castle"}, "hr_prompt: a prompt of its own for the second pass is not"),
+    ({"enable_hr": True, "hr_prompt": "a <lora:detail:1>"}, "hr_prompt: <lora:detail:1> is AUTOMATIC1111's tag"),
     ({"enable_hr": True, "hr_sampler_name": "Euler"}, "hr_sampler_name: not supported by this worker"),
     ({"seed_resize_from_w": 640}, "seed_resize_from_w: not supported by this worker (send -1)"),
     ({"tiling": "yes"}, 'tiling: must be true, false, "x" or "y", got \'yes\''),

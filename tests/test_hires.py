@@ -51,6 +51,21 @@ def test_hires_is_written_into_the_image_as_a1111_does(run):
     assert "Denoising strength: 0.5, Hires upscale: 1.5, Hires steps: 4, Hires upscaler: Latent" in text
 
 
+def test_the_second_pass_can_have_prompts_of_its_own(run):
+    """AUTOMATIC1111's hires prompt: the second pass reads it instead of the prompt."""
+    plain = run(**BASE, hires={})[0].images[0].base64
+    assert run(**BASE, hires={"prompt": BASE["prompt"]})[0].images[0].base64 == plain  # the same words: the same
+    own = run(**BASE, hires={"prompt": "a lighthouse, intricate detail"}, output={"metadata": True})[0].images[0]
+    assert own.base64 != plain
+    assert 'Hires prompt: "a lighthouse, intricate detail"' in decode(own.base64).text["parameters"]
+    # Weighted words in one pass and plain text in the other (embeddings here, text there), and
+    # a negative prompt for the second pass alone.
+    for hires in ({"prompt": "(a lighthouse:1.4) BREAK sea"}, {"negative_prompt": "blurry"}):
+        assert run(**BASE, hires=hires)[0].images[0].base64 not in (plain, own.base64)
+    with pytest.raises(ValidationError, match="hires.prompt: <lora:detail:0.5> is AUTOMATIC1111's tag"):
+        run(**BASE, hires={"prompt": "a lighthouse <lora:detail:0.5>"})
+
+
 def test_hires_over_the_pixel_cap_names_the_field(engine):
     from worker.engine import Engine
 

@@ -40,6 +40,9 @@ def test_styles_apply_in_order_and_draw_the_styled_prompts_image(styled):
     assert request.negative_prompt == "blurry, cartoon, drawing"
     bare = parse_request({"prompt": "a cat", "styles": ["Sharp"]}, styled.settings.limits)
     assert (bare.prompt, bare.negative_prompt) == ("a cat, sharp focus, 8k", None)
+    hires = parse_request({"prompt": "a cat", "styles": ["Cinematic"], "hires": {"prompt": "a cat, fur detail"}},
+                          styled.settings.limits).hires  # as AUTOMATIC1111 styles its hires prompt
+    assert (hires.prompt, hires.negative_prompt) == ("cinematic still of a cat, fur detail, film grain", None)
 
     styled_image = styled.generate(request, lambda _: None, lambda: False).images[0]
     written = parse_request({"prompt": "cinematic still of a cat, film grain, sharp focus, 8k",

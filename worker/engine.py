@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import inspect
+import json
 import logging
 import re
 import secrets
@@ -145,9 +146,7 @@ class Engine:
 
                 return on_step
 
-            prompt, negative = request.prompt, request.negative_prompt
-            if request.embeddings:
-                prompt, negative = embeddings.as_read(prompt), negative and embeddings.as_read(negative)
+            prompt, negative = _as_read(request, request.prompt, request.negative_prompt)
             # In batches of at most MAX_BATCH_SIZE images: GPU memory grows with the batch.
             size = self.settings.max_batch_size or len(generators)
             batches = [generators[i:i + size] for i in range(0, len(generators), size)]
@@ -157,10 +156,14 @@ class Engine:
                     self.ip_adapters.applied(pipe, request.adapters(), emit, timings) as reference, \
                     seamless.wrapping(_convolutional(pipe), tiled):
                 texts = _texts(pipe, request, prompt, negative)
+                hires_texts, hires = texts, request.hires
+                if hires and (hires.prompt or hires.negative_prompt):  # the second pass's own prompts
+                    hires_texts = _texts(pipe, request, *_as_read(
+                        request, hires.prompt or request.prompt, hires.negative_prompt or request.negative_prompt))
                 first_pass = self._first_pass(pipe, request)
                 rescale = _rescaled(request, pipe)
                 for b, batch in enumerate(batches):
-                    common = dict(texts, guidance_scale=request.guidance_scale, num_images_per_prompt=len(batch),
+                    common = dict(guidance_scale=request.guidance_scale, num_images_per_prompt=len(batch),
                                   generator=batch, **reference, **rescale)
                     start = time.perf_counter()
                     noise = {}
@@ -168,13 +171,13 @@ class Engine:
                         noise["latents"] = variation.starting_noise(
                             pipe, batch, variation_seeds[b * size:b * size + len(batch)], request.variation.strength,
                             images.get("width") or _default_size(base), images.get("height") or _default_size(base))
-                    output = first_pass(**common, num_inference_steps=request.num_inference_steps,
+                    output = first_pass(**texts, **common, num_inference_steps=request.num_inference_steps,
                                         callback_on_step_end=reporting("inference"), **noise,
                                         **_per_image(base, images, len(batch)))
                     _add_ms(timings, "inference", start)
                     if request.hires:
                         start = time.perf_counter()
-                        output = self._hires(pipe, request.hires, output.images, images, **common,
+                        output = self._hires(pipe, request.hires, output.images, images, **hires_texts, **common,
                                              num_inference_steps=request.hires.steps or request.num_inference_steps,
                                              callback_on_step_end=reporting("hires"))
                         _add_ms(timings, "hires", start)
@@ -489,6 +492,13 @@ def _name(loaded) -> str:
 _NOT_FOR_SD3 = {"ip_adapter": "IP-Adapters", "ip_adapters": "IP-Adapters", "embeddings": "textual-inversion embeddings"}
 
 
+def _as_read(request: InferenceRequest, prompt: str, negative: str | None) -> tuple[str, str | None]:
+    """The prompts as the text encoder will read them (lower case when embeddings are in play)."""
+    if request.embeddings:
+        return embeddings.as_read(prompt), negative and embeddings.as_read(negative)
+    return prompt, negative
+
+
 def _rescaled(request: InferenceRequest, pipe) -> dict:
     """``guidance_rescale`` for every pass of the job (the hires pass too), or a refusal naming
     the diffusers pipeline that has none."""
@@ -629,6 +639,10 @@ def _parameters(request: InferenceRequest, seed: int, size: tuple[int, int], mod
         pairs.update({"Denoising strength": request.hires.strength, "Hires upscale": request.hires.scale,
                       "Hires steps": request.hires.steps or request.num_inference_steps,
                       "Hires upscaler": "Latent" if request.hires.upscaler == "latent" else "Lanczos"})
+        for key, own, main in (("Hires prompt", request.hires.prompt, request.prompt),
+                               ("Hires negative prompt", request.hires.negative_prompt, request.negative_prompt)):
+            if own and own != main:  # quoted, as A1111 writes them
+                pairs[key] = json.dumps(own, ensure_ascii=False)
     if request.clip_skip:
         pairs["Clip skip"] = request.clip_skip + 1  # A1111 counts the last layer as 1
     if request.tiling:  # A1111 writes "Tiling: True"; one axis is this worker's own
