@@ -82,6 +82,8 @@ def test_a_seamless_image_wraps_in_the_refiners_steps_too(run, sdxl_dir, refiner
     import torch
     from diffusers import AutoPipelineForImage2Image, DiffusionPipeline, EulerDiscreteScheduler
 
+    from tests.test_seamless import circular
+
     xl = {"model": {"id": str(sdxl_dir)}, "scheduler": "EulerDiscrete",
           "refiner": {"id": str(refiner_dir), "switch": 0.5}}
     plain, _ = run(**BASE, **xl)
@@ -92,11 +94,7 @@ def test_a_seamless_image_wraps_in_the_refiners_steps_too(run, sdxl_dir, refiner
         pipe = kind.from_pretrained(path)
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        for module in (pipe.unet, pipe.vae):
-            for layer in module.modules():
-                if isinstance(layer, torch.nn.Conv2d):
-                    layer.padding_mode = "circular"
-        pipes.append(pipe)
+        pipes.append(circular(pipe))
     base, refiner = pipes
     generator = [torch.Generator("cpu").manual_seed(BASE["seed"])]
     common = dict(prompt=BASE["prompt"], num_inference_steps=4, guidance_scale=7.5, generator=generator)

@@ -12,6 +12,17 @@ from tests.helpers import assert_images_close, decode
 BASE = {"prompt": "a tiled floor", "num_inference_steps": 3, "seed": 5}
 
 
+def circular(pipe):
+    """The pipeline as AUTOMATIC1111 makes its Tiling: padding_mode "circular" on every Conv2d."""
+    import torch
+
+    for module in (pipe.unet, pipe.vae):
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Conv2d):
+                layer.padding_mode = "circular"
+    return pipe
+
+
 def pixels(result) -> np.ndarray:
     return np.asarray(decode(result.images[0].base64).convert("RGB")).astype(int)
 
@@ -24,13 +35,8 @@ def test_tiling_draws_what_automatic1111s_circular_padding_draws(run, tiny_dir):
     result, _ = run(**BASE, tiling=True, output={"metadata": True})
     image = decode(result.images[0].base64)
 
-    # AUTOMATIC1111 sets padding_mode = "circular" on every Conv2d of the model.
-    pipe = DiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
+    pipe = circular(DiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None))
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae):
-        for layer in module.modules():
-            if isinstance(layer, torch.nn.Conv2d):
-                layer.padding_mode = "circular"
     expected = pipe(prompt=BASE["prompt"], num_inference_steps=3, guidance_scale=7.5,
                     generator=[torch.Generator("cpu").manual_seed(5)]).images[0]
     assert_images_close(expected, image.convert("RGB"), "tiling")
