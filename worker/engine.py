@@ -125,8 +125,7 @@ class Engine:
             self._vae_memory(pipe.vae, request.num_images, _vae_pixels(request, images, base, multiple), tiled)
 
             # 4. One generator per image, so each image's seed reproduces it alone.
-            first = request.seed if request.seed is not None else secrets.randbits(63)
-            seeds = [(first + i) % 2**63 for i in range(request.num_images)]
+            seeds = _seeds(request.seed, request.num_images)
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
             variation_seeds = _variation_seeds(request)  # (none without variation)
 
@@ -512,13 +511,16 @@ def _rescaled(request: InferenceRequest, pipe) -> dict:
     return {"guidance_rescale": request.guidance_rescale}
 
 
+def _seeds(first: int | None, count: int) -> list[int]:
+    """Image i's seed: ``first + i`` (a random ``first`` when none is given)."""
+    first = first if first is not None else secrets.randbits(63)
+    return [(first + i) % 2**63 for i in range(count)]
+
+
 def _variation_seeds(request: InferenceRequest) -> list[int]:
-    """Each image's variation seed (image i: seed + i, as for seeds); none without variation."""
+    """Each image's variation seed, counted as seeds are; none without variation."""
     spec = request.variation
-    if not spec or not spec.strength:
-        return []
-    first = spec.seed if spec.seed is not None else secrets.randbits(63)
-    return [(first + i) % 2**63 for i in range(request.num_images)]
+    return _seeds(spec.seed, request.num_images) if spec and spec.strength else []
 
 
 def _convolutional(pipe) -> list:
