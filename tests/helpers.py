@@ -40,6 +40,25 @@ def decode(b64: str) -> Image.Image:
     return image
 
 
+def circular(pipe):
+    """The pipeline as AUTOMATIC1111 makes its Tiling: padding_mode "circular" on every Conv2d."""
+    import torch
+
+    for module in (pipe.unet, pipe.vae):
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Conv2d):
+                layer.padding_mode = "circular"
+    return pipe
+
+
+def pixels(answer):
+    """An answered image's RGB pixels as ints (of a result: its first image's)."""
+    import numpy as np
+
+    image = answer.images[0] if hasattr(answer, "images") else answer
+    return np.asarray(decode(image.base64).convert("RGB")).astype(int)
+
+
 def assert_images_close(expected: Image.Image, actual: Image.Image, name: str, tolerance: int = 2) -> None:
     """Pixels may differ by ``tolerance`` (thread counts and batching move values by ±1).
     On failure, the expected, actual and difference images are saved under test-artifacts/."""

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from schemas import Limits, parse_request
+from schemas import InferenceRequest, Limits, parse_request
 from schemas.a1111 import is_a1111
 from tests.helpers import decode, png_b64
 from worker.errors import answer_for
@@ -81,6 +81,8 @@ def test_a1111_payloads_become_this_workers_requests():
     # This worker's own requests and docker-diffusers-api's are not taken for A1111's.
     assert not is_a1111({"prompt": "p", "num_inference_steps": 2, "scheduler": "Euler a"})
     assert not is_a1111({"callInputs": {}, "modelInputs": {"prompt": "p"}})
+    # No field of this worker's own makes a request A1111's (tiling and styles did, once both had them).
+    assert [field for field in InferenceRequest.model_fields if is_a1111({"prompt": "p", field: None})] == []
 
 
 @pytest.mark.parametrize("change, expected", [

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from tests.helpers import assert_images_close, decode, png_b64
+from tests.helpers import assert_images_close, decode, pixels, png_b64
 
 BASE = {"prompt": "a red door", "num_inference_steps": 2, "seed": 11}
 
@@ -30,10 +30,6 @@ def mask(size=(64, 64), box=(16, 16, 48, 48)) -> Image.Image:
     image = Image.new("L", size)
     ImageDraw.Draw(image).rectangle(box, fill=255)
     return image
-
-
-def pixels(result) -> np.ndarray:
-    return np.asarray(decode(result.images[0].base64).convert("RGB")).astype(int)
 
 
 def test_outside_the_mask_the_answer_is_the_input_itself(run):

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import InferenceRequest, describe_validation_error
-from tests.helpers import assert_images_close, decode
+from tests.helpers import assert_images_close, circular, decode
 from tests.sdxl import build_sdxl_refiner
 from worker.errors import UserInputError
 
@@ -81,8 +81,6 @@ def test_a_seamless_image_wraps_in_the_refiners_steps_too(run, sdxl_dir, refiner
     diffusers draws with padding_mode="circular" on both pipelines, and both are plain after."""
     import torch
     from diffusers import AutoPipelineForImage2Image, DiffusionPipeline, EulerDiscreteScheduler
-
-    from tests.test_seamless import circular
 
     xl = {"model": {"id": str(sdxl_dir)}, "scheduler": "EulerDiscrete",
           "refiner": {"id": str(refiner_dir), "switch": 0.5}}

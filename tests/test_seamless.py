@@ -7,24 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.helpers import assert_images_close, decode
+from tests.helpers import assert_images_close, circular, decode, pixels, png_b64
 
 BASE = {"prompt": "a tiled floor", "num_inference_steps": 3, "seed": 5}
-
-
-def circular(pipe):
-    """The pipeline as AUTOMATIC1111 makes its Tiling: padding_mode "circular" on every Conv2d."""
-    import torch
-
-    for module in (pipe.unet, pipe.vae):
-        for layer in module.modules():
-            if isinstance(layer, torch.nn.Conv2d):
-                layer.padding_mode = "circular"
-    return pipe
-
-
-def pixels(result) -> np.ndarray:
-    return np.asarray(decode(result.images[0].base64).convert("RGB")).astype(int)
 
 
 def test_tiling_draws_what_automatic1111s_circular_padding_draws(run, tiny_dir):
@@ -88,7 +73,6 @@ def test_one_axis_wraps_and_the_other_does_not(tiny_dir):
 
 def test_a_controlnet_sent_twice_wraps_and_is_plain_after(run, tmp_path, tiny_dir):
     from tests.controlnets import build_controlnet
-    from tests.helpers import png_b64
 
     net = {"id": str(build_controlnet(tiny_dir, tmp_path / "net")), "image": png_b64()}
     plain = pixels(run(**BASE, controlnets=[net, net])[0])

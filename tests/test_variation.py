@@ -8,13 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import describe_validation_error
-from tests.helpers import assert_images_close, decode, png_b64
+from tests.helpers import assert_images_close, decode, pixels, png_b64
 
 BASE = {"prompt": "a lighthouse", "num_inference_steps": 3, "seed": 21}
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(decode(image.base64).convert("RGB")).astype(int)
 
 
 @pytest.mark.parametrize("model", [None, "sdxl_dir", "sd3_dir"])
