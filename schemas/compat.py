@@ -121,8 +121,10 @@ def _legacy_training(call: dict, inputs: dict) -> dict:
     return request
 
 
-def legacy_field(name: str) -> str:
-    """The field a docker-diffusers-api client sent, for one of ours."""
+def legacy_field(name: str, sent: dict | None = None) -> str:
+    """The field a docker-diffusers-api client sent (``sent``: its payload), for one of ours."""
+    if name == "image" and isinstance(sent, dict) and "init_image" in (sent.get("modelInputs") or {}):
+        return "modelInputs.init_image"
     if name.startswith("model."):
         theirs = {v: k for k, v in CALL_INPUTS_MODEL.items()}.get(name[6:])
         return f"callInputs.{theirs}" if theirs else name
@@ -138,6 +140,12 @@ def legacy_field(name: str) -> str:
     return f"modelInputs.{theirs}" if theirs else name
 
 
-def describe_legacy_error(exc: ValidationError) -> str:
+def describe_legacy_error(exc: ValidationError, sent: dict) -> str:
     """Our validation message with each leading field renamed as the client sent it."""
-    return renamed(describe_validation_error(exc), legacy_field)
+    return legacy_message(describe_validation_error(exc), sent)
+
+
+def legacy_message(message: str, sent: dict) -> str:
+    """An error about our fields (``model.id: ...``) as the client that sent ``sent`` reads it
+    (``callInputs.MODEL_ID: ...``): validation's, and the engine's after it."""
+    return renamed(message, lambda name: legacy_field(name, sent))

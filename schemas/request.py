@@ -25,6 +25,13 @@ LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "co
 
 # Hub repo ids: "org/name", each part letters, digits, "-", "_", "." (huggingface_hub's rule).
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# Hub revisions are git refs (branches, tags, refs/pr/N) or commit hashes; huggingface_hub uses
+# them as paths in its cache (refs/<revision>), so nothing that could leave it: git's rule for
+# ref names within these characters (no part empty or starting with ".", no "..", no ".lock").
+_REVISION = re.compile(r"^(?!.*\.\.)(?!.*\.lock(/|$))[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
+# A JPEG's EXIF is one 64 KB segment and its metadata is UTF-16: room for the prompts, and
+# about 2,700 characters for the rest of the parameters.
+JPEG_METADATA_CHARS = 30_000
 _IMAGE_SOURCE = re.compile(r"^(https?://|data:)|^[A-Za-z0-9+/=\s_-]+$")
 
 
@@ -91,7 +98,10 @@ class ModelSpec(_Strict):
         max_length=4096,
         description="Hugging Face repo id (`org/name`) or absolute path of a diffusers directory.",
     )
-    revision: str | None = Field(None, min_length=1, max_length=128, description="Hub branch, tag or commit.")
+    revision: str | None = Field(
+        None, min_length=1, max_length=128, description="Hub branch, tag or commit (`main`, `v1.0`, `refs/pr/3`, "
+        "a commit hash).",
+    )
     variant: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Weight file variant, e.g. `fp16`."
     )
@@ -114,6 +124,14 @@ class ModelSpec(_Strict):
         None, description="SD3: false loads the model without its T5-XXL text encoder (4.7 B parameters "
         "less; CLIP then reads the first 77 tokens of the prompt alone). Default: MODEL_T5 (true).",
     )
+
+    @field_validator("revision")
+    @classmethod
+    def _ref_form(cls, value: str | None) -> str | None:
+        if value is not None and not _REVISION.match(value):
+            raise ValueError(f"must be a branch, tag or commit: parts of letters, digits, '-', '_' and '.' between "
+                             f"'/', none starting with '.', no '..' (git's rule for ref names), got {value[:60]!r}")
+        return value
 
     @field_validator("id")
     @classmethod
@@ -567,6 +585,11 @@ class InferenceRequest(_Strict):
             if tag:
                 raise ValueError(f"{name}: {tag.group(0)} is AUTOMATIC1111's tag for a file of its web UI; send "
                                  "loras with the LoRA's url or id instead (prompt_weighting false keeps it as text)")
+        if self.output.metadata and self.output.format == "jpeg":
+            units = sum(len((text or "").encode("utf-16-le")) // 2 for text in prompts.values())
+            if units > JPEG_METADATA_CHARS:
+                raise ValueError(f"output.metadata: the prompts ({units} characters) do not fit in a JPEG's 64 KB of "
+                                 f"EXIF (at most {JPEG_METADATA_CHARS}); send output.format png or webp")
         if "resize_mode" in self.model_fields_set and self.task == "txt2img" and not self.controlnets:
             raise ValueError("resize_mode: no image to resize (txt2img without controlnets)")
         if self.mask_invert and self.outpaint:
@@ -756,7 +779,7 @@ def parse_request(data: Any, limits: Limits) -> InferenceRequest | ConvertReques
         try:
             request = model.model_validate(translated, context={"limits": limits})
         except ValidationError as exc:
-            raise RequestError(describe_legacy_error(exc)) from None
+            raise RequestError(describe_legacy_error(exc, data)) from None
         request._legacy = True
         return request
     task = data.get("task") if isinstance(data, dict) else None

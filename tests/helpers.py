@@ -287,7 +287,7 @@ def hub_cache(root: Path, repo_id: str, source: Path, refs: dict[str, str]) -> P
         snapshot = repo / "snapshots" / commit
         if not snapshot.exists():
             shutil.copytree(source, snapshot)
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)  # (refs/pr/1: a folder)
         (repo / "refs" / ref).write_text(commit)
     return root
 

@@ -10,6 +10,7 @@ import hashlib
 import io
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,45 @@ def test_baked_model_loads_without_network(settings, tmp_path, archive):
     assert not (tmp_path / "empty-volume" / "archives").exists()
     with pytest.raises(UserInputError, match=r"^model\.url: download failed"):  # not baked: needs its source
         generate(runtime, {"url": server.url + "/other.tar.zst"})
+
+
+def test_lock_files_go_with_their_work(settings, http, archive, tmp_path):
+    """MODELS_DIR/.locks kept a file per URL ever fetched: now each goes when its holder lets go,
+    after a fetch, a failed fetch or an eviction, and leftovers are swept."""
+    http.files["/tiny.tar.zst"] = archive
+    generate(settings, {"url": http.url + "/tiny.tar.zst"})
+    with pytest.raises(ModelSourceError):
+        generate(settings, {"url": http.url + "/missing.tar.zst"})
+    locks = settings.models_dir / ".locks"
+    assert list(locks.iterdir()) == []
+    (locks / "archives--left-by-a-crash.lock").write_text("")
+    generate(settings, {"url": http.url + "/tiny.tar.zst#sha256=" + hashlib.sha256(archive).hexdigest()})
+    assert list(locks.iterdir()) == []
+
+
+def test_a_lock_is_held_by_one_at_a_time_while_its_file_comes_and_goes(settings):
+    """Holders remove the file; a waiter that got the lock of a removed file takes the new one."""
+    from worker.cache import DiskCache
+
+    cache, inside, overlaps = DiskCache(settings), [], []
+
+    def work():
+        for _ in range(40):
+            with cache.lock("archives", "shared") as held:
+                assert held
+                inside.append(1)
+                if len(inside) > 1:
+                    overlaps.append(len(inside))
+                time.sleep(0.0005)
+                inside.pop()
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert overlaps == [] and not (settings.models_dir / ".locks" / "archives--shared.lock").exists()
+    with cache.lock("archives", "held"):
+        with cache.lock("archives", "held", wait=False) as second:
+            assert second is False  # taken: the second asker is told so, and the file stays
+        assert (settings.models_dir / ".locks" / "archives--held.lock").exists()

@@ -245,7 +245,7 @@ def test_production_loop_trains_then_uploads_to_the_jobs_own_bucket(models_dir, 
         ("train-1", train),
         ("styled", VALID | {"loras": [{"url": lora_url, "scale": 0.8}]}, {"s3Config": s3_config}),
     ], AWS_S3_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
-        AWS_DEFAULT_REGION="us-east-1")
+        AWS_DEFAULT_REGION="us-east-1", WRITE_DESTINATIONS=f"s3://{BUCKET}/e2e/")
     streamed = [post["output"] for post in server.stream["train-1"]]
     steps = [s["step"] for s in streamed if s.get("stage") == "train"]
     assert steps[0] == 1 and steps[-1] == 3 and steps == sorted(set(steps))  # at most ~10 a second

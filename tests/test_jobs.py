@@ -91,6 +91,19 @@ def test_user_errors_do_not_ask_for_a_fresh_worker(runner):
     assert "refresh_worker" not in runner.sdk_config
 
 
+def test_docker_diffusers_api_clients_read_every_error_in_their_own_field_names(runner):
+    """The engine's refusals too, not just validation's: callInputs.MODEL_ID, not model.id."""
+    legacy = {"callInputs": {"MODEL_ID": "acme/not-here"}, "modelInputs": {"prompt": "p", "num_inference_steps": 2}}
+    [answer] = collect(runner, legacy)
+    assert answer["error"] == ("callInputs.MODEL_ID: acme/not-here is not cached on this worker and HF_HUB_OFFLINE "
+                               "is set"), answer
+    for theirs in ("init_image", "image"):
+        [answer] = collect(runner, {"modelInputs": {"prompt": "p", "num_inference_steps": 2, theirs: "bm90IGFuIGltYWdl"}})
+        assert answer["error"] == f"modelInputs.{theirs}: is not a readable image (send PNG, JPEG or WebP)"
+    [answer] = collect(runner, {"prompt": "p", "num_inference_steps": 2, "image": "bm90IGFuIGltYWdl"})
+    assert answer["error"].startswith("image: is not a readable image")  # our own clients: our names
+
+
 def test_internal_errors_hide_details_and_secrets(caplog):
     settings = Settings(hf_token="hf_supersecretvalue123")
     message, refresh = answer_for(KeyError("hf_supersecretvalue123 in /opt/thing"), settings.secrets())

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from tests.helpers import BUCKET, RangeServer, assert_images_close, decode, hub_cache
 from tests.lora_files import make_lora
+from worker.errors import UserInputError
 
 BASE = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 3}
 
@@ -139,6 +140,9 @@ def test_unusable_loras_name_the_field_and_leave_the_model_clean(run, tmp_path, 
     pickled.write_bytes(pickle.dumps({"x": 1}))
     with pytest.raises(Exception, match=r"^loras\[0\]\.id: .* is not a \.safetensors file"):
         image_of(run, loras=[{"id": str(pickled)}])
+    for special in ("/proc/self/mem", "/proc/self/environ", "/dev/zero"):  # not read at all, let alone loaded
+        with pytest.raises(UserInputError, match=rf"^loras\[0\]\.id: {special} is not a \.safetensors file"):
+            image_of(run, loras=[{"id": special}])
     server = RangeServer({"/evil.safetensors": pickle.dumps({"x": 1})})
     try:
         with pytest.raises(Exception, match=r"^loras\[0\]\.url: is not a \.safetensors file"):

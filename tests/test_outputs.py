@@ -25,7 +25,7 @@ def small_results_engine(models_dir, s3_endpoint):
     return Engine(Settings(
         models_dir=models_dir, hf_hub_offline=True, allow_private_urls=True, max_result_bytes=1024,
         aws_s3_endpoint_url=s3_endpoint, aws_access_key_id="test", aws_secret_access_key="test-secret-key",
-        aws_default_region="us-east-1",
+        aws_default_region="us-east-1", write_destinations=f"s3://{BUCKET}/ s3://no-such-bucket/",
     ))
 
 
@@ -90,12 +90,19 @@ def test_a_jobs_s3config_gets_the_images_in_its_own_bucket(runner, s3, s3_endpoi
      "output.upload_url: names no bucket"),
     ({"input": VALID | {"output": {"upload_url": "s3://no-such-bucket/x/"}}},
      "output.upload_url: bucket 'no-such-bucket' does not exist"),
+    ({"input": VALID | {"output": {"upload_url": "s3://elsewhere/x/"}}},
+     "output.upload_url: s3://elsewhere/x/bad-0.png is not where this endpoint lets requests write "
+     "(WRITE_DESTINATIONS: s3://models/, s3://no-such-bucket/)"),
+    ({"input": VALID | {"output": {"upload_url": f"s3://{BUCKET}/a//b/"}}},
+     "output.upload_url: 'a//b/bad': a key has no empty, '.' or '..' parts"),
+    ({"input": VALID | {"output": {"upload_url": f"s3://{BUCKET}/a/../b/"}}},
+     "output.upload_url: 'a/../b/bad': a key has no empty, '.' or '..' parts"),
     ({"input": VALID, "s3Config": {"accessId": "a", "bucketName": "b", "endpointUrl": "http://x"}},
      "s3Config.accessSecret: field required"),
     ({"input": VALID, "s3Config": {"accessId": "a", "accessSecret": "do-not-echo-me", "endpointUrl": "ftp://x"}},
      "s3Config.endpointUrl: string should match pattern"),
 ])
-def test_unusable_destinations_name_the_field(runner, job, expected):
+def test_unusable_destinations_name_the_field(runner, s3, job, expected):
     answer = run_job(runner, {"id": "bad"} | job)[-1]
     assert answer["error"].startswith(expected), answer
     assert "do-not-echo-me" not in answer["error"]

@@ -166,6 +166,22 @@ def test_docker_diffusers_api_payloads_translate():
     assert parse_request({"callInputs": {}, "modelInputs": {"prompt": "p"}}, Limits()).task == "txt2img"
 
 
+@pytest.mark.parametrize("revision", ["../../..", "main/../../x", "/etc", ".git", "a//b", "v1..2", "x.lock", "a b"])
+def test_a_revision_is_a_git_ref_that_cannot_leave_the_hub_cache(revision):
+    """huggingface_hub reads refs/<revision> in its cache as a path: a revision of '..' parts
+    read a file outside MODELS_DIR and used what it held as a path."""
+    with pytest.raises(ValidationError, match=r"model\.revision\n  Value error, must be a branch, tag or commit"):
+        parse_request({"prompt": "p", "model": {"id": "acme/sd", "revision": revision}}, Limits())
+    with pytest.raises(RequestError, match=r"^callInputs\.MODEL_REVISION: must be a branch, tag or commit"):
+        parse_request({"callInputs": {"MODEL_ID": "acme/sd", "MODEL_REVISION": revision},
+                       "modelInputs": {"prompt": "p"}}, Limits())
+
+
+@pytest.mark.parametrize("revision", ["main", "v1.0", "fp16", "refs/pr/3", "e" * 40, "release_2-b"])
+def test_branches_tags_pull_requests_and_commits_are_revisions(revision):
+    assert parse_request({"prompt": "p", "model": {"id": "a/b", "revision": revision}}, Limits()).model.revision
+
+
 def test_readme_lists_every_environment_variable():
     from worker.settings import Settings
 

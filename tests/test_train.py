@@ -176,7 +176,8 @@ def test_random_flip_trains_on_mirror_images_half_the_time(tiny_dir):
     ({"lr_scheduler": "exponential"}, "train.lr_scheduler: input should be 'constant'"),
     ({"instance_images": ["bm90IGFuIGltYWdl"]}, "train.instance_images[0]: is not a readable image"),
     ({"instance_images": ["not an image!"]}, "train.instance_images[0]: must be base64, a data: URI or an http"),
-    ({"dest_url": "s3://no-such-bucket/x.safetensors"}, "train.dest_url: bucket 'no-such-bucket' does not exist"),
+    ({"dest_url": "s3://no-such-bucket/x.safetensors"}, "train.dest_url: s3://no-such-bucket/x.safetensors is not "
+                                                        "where this endpoint lets requests write"),
     ({"instance_prompt": "sks toy " * 13}, "train.instance_prompt: is 78 tokens; training reads at most 75"),
     ({"instance_captions": ["a red sks toy"]}, "train.instance_captions: 1 captions for 2 instance_images"),
     ({"instance_captions": ["a red sks toy", ""]}, "train.instance_captions[1]: string should have at least 1"),

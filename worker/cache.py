@@ -42,30 +42,46 @@ class DiskCache:
         self.budget = int(settings.models_disk_budget_gb * 2**30) if settings.models_disk_budget_gb else None
         self._staging = self.root / ".staging"
         self._locks = self.root / ".locks"
+        self._swept = False  # stale lock files are swept once, at the first staging
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key
 
     @contextmanager
     def lock(self, kind: str, key: str, *, wait: bool = True) -> Iterator[bool]:
-        """Hold the entry's lock (across processes); with ``wait=False`` yield False if taken."""
+        """Hold the entry's lock (across processes); with ``wait=False`` yield False if taken.
+
+        A lock file lives only while someone holds or waits for it: its holder removes it
+        before letting go, and a waiter that then gets the lock of a removed file tries again
+        on the path's new one. So MODELS_DIR/.locks does not keep a file for every URL asked."""
         self._locks.mkdir(parents=True, exist_ok=True)
-        with open(self._locks / f"{kind}--{key}.lock", "w") as handle:
+        path = self._locks / f"{kind}--{key}.lock"
+        while True:
+            handle = open(path, "a")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
+                handle.close()
                 yield False
                 return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+            if _is_at(handle, path):
+                break
+            handle.close()  # removed by its last holder while we waited
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
         """A fresh directory on the cache's filesystem, removed afterwards whatever happens."""
         self._staging.mkdir(parents=True, exist_ok=True)
         self._remove_stale_staging()
+        if not self._swept:
+            self._swept = True
+            self._remove_stale_locks()
         path = Path(tempfile.mkdtemp(dir=self._staging))
         try:
             yield path
@@ -117,6 +133,13 @@ class DiskCache:
                     total -= sizes[path]
                     log.info("evicted %s from the disk cache (%.1f MB)", path.name, sizes[path] / 2**20)
 
+    def _remove_stale_locks(self) -> None:
+        """Lock files no one holds: left by a crash, or by a version that kept them all."""
+        for path in self._locks.glob("*.lock"):
+            kind, _, key = path.stem.partition("--")
+            with self.lock(kind, key, wait=False):
+                pass  # held: its holder removes it; not held: removed now
+
     def _remove_stale_staging(self) -> None:
         now = time.time()
         for path in self._staging.iterdir():
@@ -125,6 +148,14 @@ class DiskCache:
                     shutil.rmtree(path, ignore_errors=True)
             except FileNotFoundError:
                 pass
+
+
+def _is_at(handle, path: Path) -> bool:
+    """Whether the open file ``handle`` is still the file at ``path``."""
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _du(path: Path) -> int:

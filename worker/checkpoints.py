@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import pickle
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -76,11 +77,12 @@ def fetch_checkpoint(
     key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}|{config_key}|{precision}{without}")
 
     def build(staging: Path) -> Path:
-        download = open_download(location, field, settings, allow_private=trusted or settings.allow_private_urls)
-        expected = location.sha256 or download.sidecar_sha256()
         # 1. Fetch to a file, hashing on the way.
         raw = staging / "checkpoint"
-        save_download(download, raw, field=field, expected_sha256=expected, max_bytes=settings.max_archive_bytes, emit=emit)
+        with open_download(location, field, settings, trusted=trusted) as download:
+            expected = location.sha256 or download.sidecar_sha256()
+            save_download(download, raw, field=field, expected_sha256=expected, max_bytes=settings.max_archive_bytes,
+                          emit=emit)
         # 2. Plain weights only: a pickle becomes safetensors without running anything in it.
         #    (diffusers picks its reader by the file's extension.)
         weights = staging / "weights.safetensors"
@@ -120,9 +122,16 @@ def save_download(download, path: Path, *, field: str, expected_sha256: str | No
 
 
 def is_safetensors(path: Path) -> bool:
-    """safetensors: an 8-byte little-endian header length, then a JSON header."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+    """safetensors: an 8-byte little-endian header length, then a JSON header. Special files
+    (devices, pipes, /proc's files, which say they are empty) are not, and are not read."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size < 9:
+            return False
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
     return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < _SAFETENSORS_MAX_HEADER and head[8:9] == b"{"
 
 

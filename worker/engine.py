@@ -31,6 +31,7 @@ from schemas import (
 
 from . import embeddings, loras, prompts, seamless, variation
 from .controlnets import ControlNets
+from .destinations import check_writable, hub_names
 from .ip_adapters import IpAdapters
 from .errors import JobCancelled, UserInputError, redact
 from .images import encode_image, fit, load_image
@@ -234,16 +235,26 @@ class Engine:
         )
         return Result(task=request.task, images=out, timings=timings, model=info, refiner=refined)
 
-    def convert(self, request: ConvertRequest, emit: Emit, cancelled: Callable[[], bool]) -> Result:
-        """Publish a model as a safetensors archive on S3 (task "convert")."""
+    def convert(self, request: ConvertRequest, emit: Emit, cancelled: Callable[[], bool],
+                trusted: bool = False) -> Result:
+        """Publish a model as a safetensors archive on S3 (task "convert"); ``trusted``: for the
+        operator (``python -m worker.convert``), who may write anywhere but over an object."""
         timings: dict[str, float] = {}
         spec = request.convert
         ref = replace(model_ref(request.model, self.settings, self.device), precision=spec.precision)
-        # 1. Where it goes: bare s3:// names it from the hub id and the precision.
+        # 1. Where it goes: bare s3:// names it from the hub id and the precision. A request
+        #    writes where the operator lets it, and a hub model's own name only from the hub.
         hub_id = None if ref.id.startswith(("/", "url:", "embedded:")) else ref.id
         suffix = ".tar.zst" if spec.compression == "zstd" else ".tar"
         location = parse_location(spec.dest_url, "convert.dest_url", self.settings, hub_id, spec.precision, suffix)
-        check_destination(location, self.settings, "convert.dest_url")
+        from_hub = not (ref.url or ref.checkpoint_url or request.model.revision)
+        if not trusted:
+            check_writable(location, "convert.dest_url", self.settings,
+                           publishes=hub_names(hub_id, spec.precision, suffix, from_hub=from_hub,
+                                               lean=False if ref.t5 else None))
+        # (A bare name may still become the --no-t5 one: whether it is taken is asked once it is known.)
+        named = ref.t5 or not hub_id or location.name != conventional_name(hub_id, spec.precision, "", suffix)
+        check_destination(location, self.settings, "convert.dest_url", taken=named)
         # 2. The source's weights on disk (fetched or converted if need be).
         emit = _stops_between_stages(emit, cancelled)
         start = time.perf_counter()
@@ -257,6 +268,11 @@ class Engine:
             location = parse_location(spec.dest_url, "convert.dest_url", self.settings, hub_id, spec.precision, suffix,
                                       default_name=conventional_name(hub_id, spec.precision, "convert.dest_url",
                                                                      "--no-t5" + suffix))
+        if not trusted:  # now that it is known which of the two it is
+            check_writable(location, "convert.dest_url", self.settings,
+                           publishes=hub_names(hub_id, spec.precision, suffix, from_hub=from_hub, lean=lean))
+        if not named:
+            check_destination(location, self.settings, "convert.dest_url")
         # 3. Load on the CPU in the target precision, save as safetensors, pack, upload.
         with self.models.disk.staging() as staging:
             _, out = export(path, ref.variant, location, spec.precision, staging=staging, settings=self.settings,
@@ -275,6 +291,7 @@ class Engine:
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", job_id or time.strftime("%Y%m%d-%H%M%S"))[:128]
         location = parse_location(spec.dest_url, "train.dest_url", self.settings, None, spec.precision, suffix,
                                   default_name=f"{stem}-{spec.method}{suffix}")
+        check_writable(location, "train.dest_url", self.settings)
         check_destination(location, self.settings, "train.dest_url")
         with self._lock, self.models.disk.staging() as staging:
             start = time.perf_counter()

@@ -19,22 +19,22 @@ _INPUT_PIXELS_PER_OUTPUT_PIXEL = 4
 _IMAGE_DESCRIPTION = 0x010E  # EXIF tags
 _EXIF_IFD = 0x8769
 _USER_COMMENT = 0x9286
+JPEG_EXIF_BYTES = 65533  # one JPEG marker segment (Pillow refuses more)
 
 
 def _raw_bytes(source: str, field: str, settings: Settings) -> bytes:
+    """The file bytes of a request image, at most MAX_INPUT_IMAGE_BYTES however it comes."""
+    limit = settings.max_input_image_bytes
     if source.startswith(("http://", "https://")):
-        return fetch_bytes(
-            source,
-            field,
-            max_bytes=settings.max_input_image_bytes,
-            timeout=settings.url_timeout_s,
-            allow_private=settings.allow_private_urls,
-        )
+        return fetch_bytes(source, field, max_bytes=limit, settings=settings)
     if source.startswith("data:"):
         header, _, source = source.partition(",")
         if not header.endswith(";base64"):
             raise UserInputError(field, "data: URI must be base64-encoded (data:image/png;base64,...)")
     text = "".join(source.split())
+    if len(text) // 4 * 3 > limit:  # told before decoding: a base64 image costs memory too
+        raise UserInputError(field, f"is {len(text) // 4 * 3} bytes, over the {limit} this endpoint allows "
+                                    "(MAX_INPUT_IMAGE_BYTES)")
     text += "=" * (-len(text) % 4)  # clients often drop the padding
     try:
         return base64.b64decode(text, altchars=b"-_" if "-" in text or "_" in text else None, validate=True)
@@ -45,13 +45,16 @@ def _raw_bytes(source: str, field: str, settings: Settings) -> bytes:
 def load_image(source: str, field: str, settings: Settings, mode: str = "RGB") -> Image.Image:
     """Decode a request image; every failure names ``field``."""
     data = _raw_bytes(source, field, settings)
+    most = settings.max_pixels * _INPUT_PIXELS_PER_OUTPUT_PIXEL
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
-        if width * height > settings.max_pixels * _INPUT_PIXELS_PER_OUTPUT_PIXEL:
-            raise UserInputError(field, f"{width}x{height} pixels is too large for this endpoint")
+        if width * height > most:
+            raise UserInputError(field, f"{width}x{height} pixels is too large for this endpoint (at most {most})")
         image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError):
+    except Image.DecompressionBombError:  # Pillow's own cap, far above ours: a bomb, told as such
+        raise UserInputError(field, f"is too large for this endpoint (more than {most} pixels)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise UserInputError(field, "is not a readable image (send PNG, JPEG or WebP)") from None
     return image.convert(mode)
 
@@ -100,9 +103,26 @@ def encode_image(image: Image.Image, fmt: str, quality: int | None, parameters: 
             info.add_itxt("parameters", parameters)
         image.save(buffer, format="PNG", pnginfo=info)
     else:
-        exif = Image.Exif()
-        if parameters:
-            exif[_IMAGE_DESCRIPTION] = parameters
-            exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
-        image.save(buffer, format=fmt.upper(), quality=quality or 90, exif=exif)
+        image.save(buffer, format=fmt.upper(), quality=quality or 90, exif=_exif(parameters, fmt))
     return buffer.getvalue()
+
+
+def _exif(parameters: str | None, fmt: str) -> Image.Exif:
+    """``parameters`` as EXIF. A JPEG holds at most 64 KB of it: there the UTF-16 UserComment
+    (what AUTOMATIC1111 reads) comes first, its ASCII copy only if it fits too, and a text too
+    long for even that is cut (a request whose prompts cannot fit is refused before the work:
+    schemas' ``JPEG_METADATA_CHARS``)."""
+    exif = Image.Exif()
+    if not parameters:
+        return exif
+    exif[_IMAGE_DESCRIPTION] = parameters
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    if fmt != "jpeg" or len(exif.tobytes()) <= JPEG_EXIF_BYTES:
+        return exif
+    del exif[_IMAGE_DESCRIPTION]
+    excess = len(exif.tobytes()) - JPEG_EXIF_BYTES
+    if excess > 0:
+        encoded = parameters.encode("utf-16-be")
+        kept = encoded[: len(encoded) - excess - excess % 2].decode("utf-16-be", "ignore")  # no half characters
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + kept.encode("utf-16-be")
+    return exif

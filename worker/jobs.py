@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator, Callable
 
 from schemas import ConvertRequest, InferenceRequest, Progress, Result, TrainRequest, parse_request
 from schemas.a1111 import a1111_answer, a1111_message
+from schemas.compat import legacy_message
 
 from .errors import answer_for
 from .images import infotext
@@ -156,7 +157,8 @@ class JobRunner:
             )
             yield self._answer(result, legacy=getattr(request, "legacy", False), a1111=getattr(request, "a1111", None))
         except Exception as exc:
-            yield self._answer(exc, secrets=_job_secrets(job), a1111=getattr(request, "a1111", None))
+            legacy = job.get("input") if getattr(request, "legacy", False) else None
+            yield self._answer(exc, secrets=_job_secrets(job), a1111=getattr(request, "a1111", None), legacy=legacy)
         finally:
             # Done: a no-op. Cancelled by RunPod (the SDK cancels the task iterating us):
             # stop the denoising loop at its next step, and log how the job ended.
@@ -173,7 +175,8 @@ class JobRunner:
         if isinstance(request, InferenceRequest):  # checked before the GPU works for nothing
             from .outputs import outbox_for
 
-            outbox = outbox_for(request.output.upload_url, job.get("s3Config"), job.get("id"), self.settings)
+            outbox = outbox_for(request.output.upload_url, job.get("s3Config"), job.get("id"), self.settings,
+                                (request.num_images, request.output.format))
         if self._engine is None:  # this job pays for importing torch and diffusers
             start = time.perf_counter()
             self.engine()
@@ -188,8 +191,10 @@ class JobRunner:
         result.timings = {k: v for k, v in phases.items() if v >= 1} | result.timings
         return result
 
-    def _answer(self, outcome: Result | BaseException, legacy: bool = False, secrets: list[str] = (),
+    def _answer(self, outcome: Result | BaseException, legacy: Any = False, secrets: list[str] = (),
                 a1111: dict | None = None) -> dict:
+        """The answer: the result, or the error; ``legacy`` (a docker-diffusers-api payload) and
+        ``a1111`` (an AUTOMATIC1111 one) give it those APIs' shape, and name fields their way."""
         if isinstance(outcome, Result):
             answer = outcome.dump()
             if a1111 is not None:  # AUTOMATIC1111's shape: images as base64 strings, its info
@@ -206,6 +211,8 @@ class JobRunner:
         message, refresh = answer_for(outcome, self.settings.secrets() + list(secrets))
         if a1111 is not None:  # the field as the client sent it
             message = a1111_message(message)
+        elif legacy:
+            message = legacy_message(message, legacy)
         log.warning("job failed: %s", message)
         if refresh:
             self.sdk_config["refresh_worker"] = True

@@ -146,11 +146,12 @@ def _fetch(url: str, field: str, settings: Settings, disk: DiskCache, emit: Call
     name += ".safetensors"
 
     def build(staging: Path) -> Path:
-        download = open_download(location, field, settings, allow_private=settings.allow_private_urls)
         out = staging / "file"
         out.mkdir()
-        save_download(download, out / name, field=field, expected_sha256=location.sha256 or download.sidecar_sha256(),
-                      max_bytes=_MAX_FILE_BYTES, emit=emit)
+        with open_download(location, field, settings, trusted=False) as download:
+            save_download(download, out / name, field=field,
+                          expected_sha256=location.sha256 or download.sidecar_sha256(), max_bytes=_MAX_FILE_BYTES,
+                          emit=emit)
         if not is_safetensors(out / name):
             raise ModelSourceError(field, "is not a .safetensors file (pickles are not loaded)")
         return out

@@ -99,6 +99,10 @@ def _model_ref(spec: ModelSpec, settings: Settings, precision: str) -> ModelRef:
         revision = spec.revision or settings.model_revision
         variant = spec.variant or settings.model_variant
         if settings.model_url:
+            if spec.revision and spec.revision != settings.model_revision:
+                # Its archive holds one revision; another must not be fetched, nor published, as it.
+                raise ModelSourceError("model.revision", "this endpoint's default model comes from its archive "
+                                       "(MODEL_URL), one revision; name the model (model.id) to run another")
             model_id = settings.model_id or _url_name(settings.model_url)
             return ModelRef(model_id, revision, variant, precision, settings.model_url, from_env=True)
         return ModelRef(settings.model_id or EMBEDDED_ID, revision, variant, precision)
@@ -161,19 +165,20 @@ def fetch_archive(
     def build(staging: Path) -> Path:
         nonlocal source
         try:
-            download = open_download(location, field, settings, allow_private=ref.from_env or settings.allow_private_urls)
+            download = open_download(location, field, settings, trusted=ref.from_env)
         except ObjectMissing:
             if publish_missing is None:
                 raise
             saved, source = publish_missing(staging, location)
             return saved
-        expected = location.sha256 or download.sidecar_sha256()
-        log.info("fetching %s (%s bytes, sha256 %s)", location.display, download.size, expected or "unknown")
-        archives.extract(
-            download.chunks(), staging, field=field, expected_sha256=expected, expected_size=download.size,
-            max_bytes=settings.max_archive_bytes, max_members=settings.max_archive_members,
-            on_bytes=archives.byte_progress(emit, "download", download.size),
-        )
+        with download:
+            expected = location.sha256 or download.sidecar_sha256()
+            log.info("fetching %s (%s bytes, sha256 %s)", location.display, download.size, expected or "unknown")
+            archives.extract(
+                download.chunks(), staging, field=field, expected_sha256=expected, expected_size=download.size,
+                max_bytes=settings.max_archive_bytes, max_members=settings.max_archive_members,
+                on_bytes=archives.byte_progress(emit, "download", download.size),
+            )
         return archives.model_root(staging, field)
 
     path, fetched = disk.obtain("archives", key, build)
@@ -408,11 +413,22 @@ class ModelStore:
             return None  # nothing to build it from
 
         def publish_missing(staging: Path, location: Location) -> tuple[Path, str]:
+            from .destinations import ObjectExists, check_writable, hub_names
             from .publish import export
 
+            field = "MODEL_URL" if ref.from_env else "model.url"
+            if not ref.from_env:  # a request's: where the operator lets it, a hub model's name from the hub only
+                from_hub = not (ref.checkpoint_url or ref.revision)
+                suffix = ".tar" if location.name.endswith(".tar") else ".tar.zst"
+                check_writable(location, field, self.settings,
+                               publishes=hub_names(ref.id, ref.precision, suffix, from_hub=from_hub, lean=False))
             path, source = self._locate(source_ref, emit)
-            saved, out = export(path, ref.variant, location, ref.precision, staging=staging, settings=self.settings,
-                                field="MODEL_URL" if ref.from_env else "model.url", emit=emit, timings={})
+            try:
+                saved, out = export(path, ref.variant, location, ref.precision, staging=staging, settings=self.settings,
+                                    field=field, emit=emit, timings={})
+            except ObjectExists:  # another worker published it meanwhile: ours is the same, and saved
+                log.info("%s was published meanwhile by another worker", location.display)
+                return staging / "model", source
             log.info("published %s as %s (%d bytes, sha256 %s)", ref.id, out.url, out.size_bytes, out.sha256)
             return saved, source
 

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from schemas import Progress, S3Config
 
+from .destinations import check_key, check_writable, conditional, put_new, refuse_existing
 from .errors import UserInputError
 from .settings import Settings
 from .storage import Location, s3_client, s3_error
@@ -49,19 +50,31 @@ class Outbox:
     stem: str  # the job id, made safe for a key
     expires_s: int
     field: str  # the request field to name in errors
+    switch: Callable[[bool], None]  # the client's conditional writes (destinations.conditional)
+
+    def location(self, i: int, fmt: str) -> Location:
+        key = f"{self.prefix}{self.stem}-{i}.{fmt}"
+        return Location("s3", f"s3://{self.bucket}/{key}", bucket=self.bucket, key=key)
+
+    def refuse_taken(self, count: int, fmt: str) -> None:
+        """Before the work: fail if an image's key is taken (uploads never overwrite)."""
+        for i in range(count):
+            refuse_existing(self.client, self.location(i, fmt), self.field)
 
     def put_all(self, images: list[tuple[bytes, str]],
                 emit: Callable[[Progress], None]) -> list[tuple[str, str | None]]:
-        """Upload (data, format) pairs in parallel; return (s3 URL, presigned link) for each."""
-        keys = [f"{self.prefix}{self.stem}-{i}.{fmt}" for i, (_, fmt) in enumerate(images)]
+        """Upload (data, format) pairs in parallel, each only where nothing is; return
+        (s3 URL, presigned link) for each."""
+        keys = [self.location(i, fmt).key for i, (_, fmt) in enumerate(images)]
         done = 0
 
         def put(key: str, data: bytes, fmt: str) -> None:
             location = Location("s3", f"s3://{self.bucket}/{key}", bucket=self.bucket, key=key)
             try:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=_CONTENT_TYPES[fmt])
+                put_new(self.client, self.switch, self.field, location.display, lambda: self.client.put_object(
+                    Bucket=self.bucket, Key=key, Body=data, ContentType=_CONTENT_TYPES[fmt]))
             except UserInputError:
-                raise  # already says what and where (a private endpoint)
+                raise  # already says what and where (a private endpoint, a taken key)
             except Exception as exc:  # botocore's errors, read by s3_error; never a credential
                 raise s3_error(exc, self.field, location) from None
 
@@ -82,9 +95,12 @@ class Outbox:
         )
 
 
-def outbox_for(upload_url: str | None, s3_config: Any, job_id: str | None, settings: Settings) -> Outbox | None:
+def outbox_for(upload_url: str | None, s3_config: Any, job_id: str | None, settings: Settings,
+               images: tuple[int, str] = (1, "png")) -> Outbox | None:
     """The job's Outbox, or None when its images come back inline. Raises UserInputError
-    naming ``output.upload_url`` or ``s3Config.<key>`` when the destination is unusable."""
+    naming ``output.upload_url`` or ``s3Config.<key>`` when the destination is unusable: not
+    a place requests may write with the endpoint's credentials (destinations), or already
+    holding one of the job's ``images`` (how many, in which format)."""
     if upload_url is None and s3_config is None:
         return None
     config = _s3_config(s3_config, settings) if s3_config is not None else None
@@ -106,10 +122,9 @@ def outbox_for(upload_url: str | None, s3_config: Any, job_id: str | None, setti
             raise UserInputError(field, "names no bucket: send s3://bucket/prefix/, or an s3Config with bucketName")
         bucket = config.bucketName
         prefix = prefix or f"{stem}/"  # RunPod's own layout: one folder per job
-    if ".." in prefix.split("/"):
-        raise UserInputError(field, "must not contain '..'")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
+    check_key(f"{prefix}{stem}", field)
 
     # 2. The client: the job's own bucket, else RunPod's BUCKET_*, else the models' AWS_*.
     if config is not None:
@@ -121,7 +136,11 @@ def outbox_for(upload_url: str | None, s3_config: Any, job_id: str | None, setti
                          secret.get_secret_value() if secret else None)
     else:
         client = s3_client(settings)
-    return Outbox(client, bucket, prefix, stem, settings.output_url_expires_s, field)
+    outbox = Outbox(client, bucket, prefix, stem, settings.output_url_expires_s, field, conditional(client))
+    if config is None:  # the endpoint's credentials: only where the operator lets requests write
+        check_writable(outbox.location(0, images[1]), field, settings)
+    outbox.refuse_taken(*images)
+    return outbox
 
 
 def _s3_config(raw: Any, settings: Settings) -> S3Config:

@@ -20,6 +20,7 @@ from typing import Callable
 from schemas import ConvertOut, Progress
 
 from .archives import byte_progress
+from .destinations import conditional, put_new, refuse_existing
 from .errors import ModelSourceError
 from .settings import Settings
 from .storage import Location, s3_client, s3_error
@@ -69,27 +70,34 @@ def pack(model_dir: Path, out: Path, compression: str) -> tuple[str, int]:
     return hashed.sha256.hexdigest(), hashed.size
 
 
-def check_destination(location: Location, settings: Settings, field: str) -> None:
-    """Fail before a long job, not after it, when the bucket is missing or refuses us."""
+def check_destination(location: Location, settings: Settings, field: str, *, taken: bool = True) -> None:
+    """Fail before a long job, not after it: when the bucket is missing or refuses us, or
+    (``taken``) something is already there (requests never overwrite)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    client = s3_client(settings)
     try:
-        s3_client(settings).head_bucket(Bucket=location.bucket)
+        client.head_bucket(Bucket=location.bucket)
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
             raise ModelSourceError(field, f"bucket {location.bucket!r} does not exist") from None
         raise s3_error(exc, field, location) from None
     except BotoCoreError as exc:
         raise s3_error(exc, field, location) from None
+    if taken:
+        refuse_existing(client, location, field, sidecar=True)
 
 
 def upload(path: Path, location: Location, sha256: str, settings: Settings, field: str,
            emit: Callable[[Progress], None]) -> None:
+    """Upload ``path`` to ``location`` and its digest beside it, creating both: an object
+    already there is never replaced (checked, then each put is conditional)."""
     from boto3.exceptions import S3UploadFailedError
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = s3_client(settings)
+    switch = conditional(client)
     on_bytes = byte_progress(emit, "upload", path.stat().st_size)
     done, lock = 0, threading.Lock()
 
@@ -103,10 +111,12 @@ def upload(path: Path, location: Location, sha256: str, settings: Settings, fiel
     config = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk,
                             max_concurrency=settings.download_concurrency)
     try:
-        client.upload_file(str(path), location.bucket, location.key, Config=config, Callback=progress,
-                           ExtraArgs={"Metadata": {"sha256": sha256}})
-        client.put_object(Bucket=location.bucket, Key=location.key + ".sha256",
-                          Body=f"{sha256}  {location.name}\n".encode())
+        refuse_existing(client, location, field, sidecar=True)
+        put_new(client, switch, field, location.display, lambda: client.upload_file(
+            str(path), location.bucket, location.key, Config=config, Callback=progress,
+            ExtraArgs={"Metadata": {"sha256": sha256}}))
+        put_new(client, switch, field, location.display + ".sha256", lambda: client.put_object(
+            Bucket=location.bucket, Key=location.key + ".sha256", Body=f"{sha256}  {location.name}\n".encode()))
     except (ClientError, BotoCoreError, S3UploadFailedError) as exc:  # the multipart upload is aborted
         raise s3_error(exc, field, location) from None
 

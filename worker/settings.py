@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     aws_default_region: str | None = None
     aws_s3_endpoint_url: str | None = Field(None, description="docker-diffusers-api's name for the S3 endpoint.")
     aws_s3_default_bucket: str | None = Field(None, description="Bucket that a bare s3:// URL means.")
+    write_destinations: str | None = Field(
+        None, description="Where requests may write with the endpoint's credentials (uploads, convert, train, "
+        "auto-publish): s3://bucket/prefix/ places, separated by spaces or commas; `none`: nowhere. Unset: all of "
+        "AWS_S3_DEFAULT_BUCKET, if set.",
+    )
 
     # --- Image uploads (output.upload_url, a job's s3Config): RunPod's names. Unset: the AWS_* above. ---
     bucket_endpoint_url: str | None = Field(None, description="S3 API endpoint for image uploads.")
@@ -140,7 +145,14 @@ class Settings(BaseSettings):
     max_steps: int = Field(150, ge=1, le=1000)
     max_train_steps: int = Field(2000, ge=1, le=100_000, description="Cap on train.max_train_steps.")
     max_input_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest input image download.")
-    url_timeout_s: float = Field(30, gt=0)
+    url_timeout_s: float = Field(30, gt=0, description="Request URLs: the longest wait for a connection or a read.")
+    url_deadline_s: float = Field(
+        60, gt=0, description="Request URLs: the time a whole download may take, plus its size at URL_MIN_MB_PER_S."
+    )
+    url_min_mb_per_s: float = Field(
+        2, ge=0, description="Request URLs: the least average speed (MB/s) a big download keeps after "
+        "URL_DEADLINE_S; 0: every download ends within URL_DEADLINE_S.",
+    )
     # RunPod loses results over about 20 MB without a word: refuse them with a reason instead.
     max_result_bytes: int = Field(19 * 1024 * 1024, ge=1024, description="Largest base64 result a job may return.")
 
@@ -154,6 +166,18 @@ class Settings(BaseSettings):
             max_pixels=self.max_pixels, max_images=self.max_images, max_steps=self.max_steps,
             max_train_steps=self.max_train_steps, styles=self._styles,
         )
+
+    @property
+    def write_places(self) -> list[tuple[str, str]]:
+        """WRITE_DESTINATIONS as (bucket, key prefix) pairs; a prefix is "" or ends in "/"."""
+        if self.write_destinations is None:
+            return [(self.aws_s3_default_bucket, "")] if self.aws_s3_default_bucket else []
+        return [_place(item) for item in self.write_destinations.replace(",", " ").split() if item != "none"]
+
+    @model_validator(mode="after")
+    def _read_places(self) -> Settings:
+        self.write_places  # a malformed WRITE_DESTINATIONS fails the worker at start-up
+        return self
 
     @model_validator(mode="after")
     def _read_styles(self) -> Settings:
@@ -175,6 +199,15 @@ class Settings(BaseSettings):
             if os.environ.get(name):
                 found.append(os.environ[name])
         return [s for s in found if len(s) >= 4]
+
+
+def _place(url: str) -> tuple[str, str]:
+    """``s3://bucket/prefix/`` (or ``s3://bucket``) as (bucket, prefix)."""
+    bucket, _, prefix = url.removeprefix("s3://").lstrip("/").partition("/")  # (s3:///bucket/: the same)
+    parts = prefix.rstrip("/").split("/") if prefix.rstrip("/") else []
+    if not url.startswith("s3://") or not bucket or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"WRITE_DESTINATIONS: {url!r} is not an s3://bucket/prefix/ place")
+    return bucket, "".join(f"{p}/" for p in parts)
 
 
 def read_styles(path: Path) -> dict[str, tuple[str, str]]:

@@ -24,10 +24,11 @@ from typing import Iterator, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import urllib3
 
 from .errors import ModelSourceError
 from .settings import Settings
-from .urls import open_url, session_for
+from .urls import Deadline, open_url, read_body, session_for
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ def parse_location(
 
 
 class Download(Protocol):
-    """The bytes of one object, in order. ``size`` is known before the first chunk."""
+    """The bytes of one object, in order. ``size`` is known before the first chunk. Use it
+    in a ``with`` block: leaving it lets go of its connections."""
 
     size: int | None
 
@@ -109,11 +111,20 @@ class Download(Protocol):
     def sidecar_sha256(self) -> str | None:
         """The digest in a ``.sha256`` object beside this one, if there is one."""
 
+    def __enter__(self) -> Download: ...
 
-def open_download(location: Location, field: str, settings: Settings, *, allow_private: bool) -> Download:
+    def __exit__(self, *exc) -> None: ...
+
+
+def open_download(location: Location, field: str, settings: Settings, *, trusted: bool) -> Download:
+    """The object at ``location``. Unless ``trusted`` (the operator's own URL), an HTTP(S)
+    download is a request's: public addresses only (unless ALLOW_PRIVATE_URLS) and within its
+    deadline (URL_DEADLINE_S, URL_MIN_MB_PER_S). S3 URLs reach the operator's own endpoint."""
     if location.scheme == "s3":
         return S3Download(location, field, settings)
-    return HttpDownload(location, field, settings, allow_private=allow_private)
+    allow_private = trusted or settings.allow_private_urls
+    deadline = Deadline.unlimited(field) if trusted else Deadline.for_request(field, settings)
+    return HttpDownload(location, field, settings, allow_private=allow_private, deadline=deadline)
 
 
 def _parse_sidecar(text: str) -> str | None:
@@ -125,18 +136,25 @@ def _parse_sidecar(text: str) -> str | None:
 
 
 class HttpDownload:
-    def __init__(self, location: Location, field: str, settings: Settings, *, allow_private: bool):
+    def __init__(self, location: Location, field: str, settings: Settings, *, allow_private: bool,
+                 deadline: Deadline):
         self.field = field
         self.settings = settings
         self.chunk = settings.download_chunk_mb * 2**20
-        self.session = session_for(allow_private, pool_size=settings.download_concurrency + 2)
-        # The first range doubles as the probe: presigned URLs allow GET but not HEAD.
-        first = open_url(
-            self.session, location.url, field, allow_private=allow_private, timeout=settings.url_timeout_s,
-            headers={"Range": f"bytes=0-{self.chunk - 1}"},
-        )
+        self.deadline = deadline.__enter__()  # from the first connection to close()
+        self.session = session_for(allow_private, pool_size=settings.download_concurrency + 2, deadline=deadline)
+        try:
+            # The first range doubles as the probe: presigned URLs allow GET but not HEAD.
+            first = open_url(
+                self.session, location.url, field, allow_private=allow_private, timeout=settings.url_timeout_s,
+                headers={"Range": f"bytes=0-{self.chunk - 1}"}, deadline=deadline,
+            )
+        except BaseException:
+            self.close()
+            raise
         if first.status_code not in (200, 206):
             first.close()
+            self.close()
             raise ModelSourceError(field, f"{location.display}: HTTP {first.status_code}")
         self.url = first.url  # after redirects: the ranges go straight there
         self._first = first
@@ -163,12 +181,23 @@ class HttpDownload:
                 while pending:
                     yield pending.popleft().result()
         finally:
+            self.close()
+
+    def __enter__(self) -> HttpDownload:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if hasattr(self, "_first"):
             self._first.close()
-            self.session.close()
+        self.session.close()
+        self.deadline.__exit__()
 
     def _stream_whole(self, response) -> Iterator[bytes]:
         try:
-            yield from response.iter_content(1 << 20)
+            yield from read_body(response, self.deadline, 1 << 20)
         except _RETRYABLE as exc:
             raise ModelSourceError(self.field, f"download interrupted ({type(exc).__name__}); the server "
                                    "does not support ranges, so it cannot resume") from None
@@ -178,6 +207,7 @@ class HttpDownload:
         failures = 0
         while start + len(got) <= end:
             offset = start + len(got)
+            self.deadline.check()
             try:
                 if response is None:
                     response = self.session.get(
@@ -190,10 +220,11 @@ class HttpDownload:
                         raise ModelSourceError(self.field, f"bad ranged reply (HTTP {response.status_code})")
                     # Blocks of 256 KiB: when a connection breaks, only the block being read is
                     # lost; smaller ones would cost a Python call per few KiB.
-                    for block in response.iter_content(1 << 18):
+                    for block in read_body(response, self.deadline, 1 << 18):
                         got += block
                 response = None
             except _RETRYABLE as exc:
+                self.deadline.check()
                 response = None
                 failures += 1
                 if failures > self.settings.download_retries:
@@ -210,12 +241,15 @@ class HttpDownload:
     def sidecar_sha256(self) -> str | None:
         parts = urlsplit(self.url)
         try:
-            response = self.session.get(
-                urlunsplit(parts._replace(path=parts.path + ".sha256")), timeout=self.settings.url_timeout_s
-            )
-        except requests.RequestException:
+            with self.session.get(urlunsplit(parts._replace(path=parts.path + ".sha256")), stream=True,
+                                  timeout=self.settings.url_timeout_s) as response:
+                if response.status_code != 200:
+                    return None
+                head = response.raw.read(1024, decode_content=True)  # a digest, not whatever they send
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+            self.deadline.check()
             return None
-        return _parse_sidecar(response.text) if response.status_code == 200 else None
+        return _parse_sidecar(head.decode("ascii", "replace"))
 
 
 # --- S3: boto3's transfer manager ---
@@ -233,6 +267,7 @@ def s3_client(settings: Settings):
         aws_secret_access_key=secret.get_secret_value() if secret else None,
         region_name=settings.aws_default_region,
         config=Config(
+            signature_version="s3v4",  # presigned links too: SigV2's would be refused by newer regions
             max_pool_connections=settings.download_concurrency + 4,
             retries={"max_attempts": settings.download_retries + 1, "mode": "standard"},
         ),
@@ -314,6 +349,12 @@ class S3Download:
                     chunks.get(timeout=0.1)
                 except queue.Empty:
                     pass
+
+    def __enter__(self) -> S3Download:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass  # chunks() lets go of its transfer thread itself
 
     def sidecar_sha256(self) -> str | None:
         from botocore.exceptions import BotoCoreError, ClientError
