@@ -259,12 +259,12 @@ def main() -> None:
                 work.mkdir()
                 times[name].append(run(work))
                 shutil.rmtree(work, ignore_errors=True)
-        base_total = statistics.median(f + l for f, l in times["baseline"])
+        base_total = statistics.median(f + load for f, load in times["baseline"])
         for name, samples in times.items():
             fetch = statistics.median(f for f, _ in samples)
-            total = statistics.median(f + l for f, l in samples)
+            total = statistics.median(f + load for f, load in samples)
             rate = archive.stat().st_size / 1e6 / fetch
-            rows.append((fmt, name, fetch, statistics.median(l for _, l in samples), total, base_total / total,
+            rows.append((fmt, name, fetch, statistics.median(load for _, load in samples), total, base_total / total,
                          rate / args.link_mbps))
     server.close()
     print(f"{'archive':>8} {'method':>11} {'fetch+extract s':>16} {'load s':>7} {'total s':>8} "

@@ -83,7 +83,8 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}, runs per side: {args.runs}, steps: {args.steps}, "
           f"model: {args.model}, device: {args.device} "
           f"({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}), {dtype}")
-    print(f"{'size':>6} {'direct ms':>10} {'handler ms':>11} {'overhead ms':>12} {'ratio':>7} {'budget ms':>10}  verdict")
+    print(f"{'size':>6} {'direct ms':>10} {'handler ms':>11} {'overhead ms':>12} {'ratio':>7} {'budget ms':>10}"
+          "  verdict")
     for size in args.size:
         for seed in range(3):  # warm both paths: model load, allocator, first-call costs
             direct(size, seed)

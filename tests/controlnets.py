@@ -35,9 +35,11 @@ def write_original(net_dir: Path, path: Path) -> Path:
     weights = load_file(net_dir / "diffusion_pytorch_model.safetensors")
     config = json.loads((net_dir / "config.json").read_text())
     hint_blocks = 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
-    special = {"controlnet_mid_block.": "middle_block_out.0.", "controlnet_cond_embedding.conv_in.": "input_hint_block.0.",
+    special = {"controlnet_mid_block.": "middle_block_out.0.",
+               "controlnet_cond_embedding.conv_in.": "input_hint_block.0.",
                "controlnet_cond_embedding.conv_out.": f"input_hint_block.{2 * (hint_blocks + 1)}."}
-    special |= {f"controlnet_cond_embedding.blocks.{i}.": f"input_hint_block.{2 * (i + 1)}." for i in range(hint_blocks)}
+    special |= {f"controlnet_cond_embedding.blocks.{i}.": f"input_hint_block.{2 * (i + 1)}."
+                for i in range(hint_blocks)}
     special |= {f"controlnet_down_blocks.{i}.": f"zero_convs.{i}.0." for i in range(len(weights))}
     out, encoder = {}, {}
     for key, value in weights.items():

@@ -131,7 +131,8 @@ class ApiServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(self.port), "--rp_api_host", "127.0.0.1"],
+            [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(self.port),
+             "--rp_api_host", "127.0.0.1"],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 90

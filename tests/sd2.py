@@ -39,7 +39,8 @@ def build_sd2(out: Path, *, output_bias: float | None = None) -> Path:
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
     )
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=_tokenizer(), unet=unet, scheduler=scheduler,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=_tokenizer(), unet=unet,
+                                   scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     return out

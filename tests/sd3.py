@@ -69,7 +69,8 @@ def make_sd3_lora(model_dir: Path, out: Path, *, seed: int = 0, rank: int = 4) -
     transformer = SD3Transformer2DModel.from_pretrained(model_dir, subfolder="transformer")
     targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), transformer)
-    layers = {k: torch.randn(v.shape, generator=generator) * 0.5 for k, v in get_peft_model_state_dict(transformer).items()}
+    state = get_peft_model_state_dict(transformer)
+    layers = {k: torch.randn(v.shape, generator=generator) * 0.5 for k, v in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     StableDiffusion3Pipeline.save_lora_weights(out.parent, transformer_lora_layers=layers, weight_name=out.name)
     return out

@@ -27,7 +27,8 @@ def hostile(kind: str) -> bytes:
         ok = tarfile.TarInfo("model/model_index.json")
         ok.size = 2
         tar.addfile(ok, io.BytesIO(b"{}"))
-        evil = tarfile.TarInfo({"traversal": "model/../../escaped.txt", "absolute": "/tmp/escaped.txt"}.get(kind, "model/evil"))
+        names = {"traversal": "model/../../escaped.txt", "absolute": "/tmp/escaped.txt"}
+        evil = tarfile.TarInfo(names.get(kind, "model/evil"))
         if kind == "symlink":
             evil.type, evil.linkname = tarfile.SYMTYPE, "../../../etc/passwd"
         elif kind == "hardlink":

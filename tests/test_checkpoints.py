@@ -22,7 +22,8 @@ def sd_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def files(sd_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("checkpoints")
-    return {suffix: write_checkpoint(sd_dir, out / f"tiny{suffix}").read_bytes() for suffix in (".safetensors", ".ckpt")}
+    return {suffix: write_checkpoint(sd_dir, out / f"tiny{suffix}").read_bytes()
+            for suffix in (".safetensors", ".ckpt")}
 
 
 def test_safetensors_checkpoint_over_https_matches_the_source_model(settings, http, files, sd_dir):
@@ -62,7 +63,8 @@ class _Payload:
 def test_ckpt_with_code_is_refused_and_nothing_runs(settings, http, sd_dir, tmp_path):
     marker = tmp_path / "pwned"
     http.files["/evil.ckpt"] = pickle.dumps({"state_dict": {"x": _Payload(marker)}})
-    with pytest.raises(ModelSourceError, match=r"^model\.checkpoint_url: refused to load the \.ckpt: it is not plain weights"):
+    with pytest.raises(ModelSourceError,
+                       match=r"^model\.checkpoint_url: refused to load the \.ckpt: it is not plain weights"):
         generate(settings, {"id": str(sd_dir), "checkpoint_url": http.url + "/evil.ckpt"})
     assert not marker.exists()
     assert not (settings.models_dir / "checkpoints").exists()
@@ -231,7 +233,8 @@ def test_sd2_checkpoints_without_model_id_are_probed_for_what_they_predict(setti
     def converted(models_dir) -> tuple[str, int]:
         [index] = (models_dir / "checkpoints").glob("*/model_index.json")
         scheduler = json.loads((index.parent / "scheduler" / "scheduler_config.json").read_text())
-        return scheduler["prediction_type"], json.loads((index.parent / "unet" / "config.json").read_text())["sample_size"]
+        unet = json.loads((index.parent / "unet" / "config.json").read_text())
+        return scheduler["prediction_type"], unet["sample_size"]
 
     result = generate(worker, {"checkpoint_url": http.url + "/sd2.safetensors"})
     assert result.model.source == "checkpoint"

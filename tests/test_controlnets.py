@@ -96,7 +96,8 @@ def test_single_file_controlnets_in_either_layout(run, tiny_dir, sdxl_dir, tmp_p
 
     net = build_controlnet(tiny_dir, tmp_path / "standard", hint_channels=(16, 32, 96, 256))
     expected = draw(run, controlnets=[{"id": str(net), "image": RED}]).images[0].base64
-    server = RangeServer({"/control_sd15_edges.safetensors": write_original(net, tmp_path / "o.safetensors").read_bytes()})
+    original = write_original(net, tmp_path / "o.safetensors").read_bytes()
+    server = RangeServer({"/control_sd15_edges.safetensors": original})
     try:
         fetched = draw(run, controlnets=[{"url": server.url + "/control_sd15_edges.safetensors", "image": RED}])
     finally:
@@ -111,7 +112,8 @@ def test_single_file_controlnets_in_either_layout(run, tiny_dir, sdxl_dir, tmp_p
 
 
 @pytest.mark.parametrize("control, expected", [
-    ({"id": "acme/c", "image": RED, "start": 0.6, "end": 0.4}, "controlnets[0].start: must be below end (0.4), got 0.6"),
+    ({"id": "acme/c", "image": RED, "start": 0.6, "end": 0.4},
+     "controlnets[0].start: must be below end (0.4), got 0.6"),
     ({"id": "../c", "image": RED}, "controlnets[0].id: must be a hub repo id like 'org/name' or an absolute path"),
     ({"id": "acme/c"}, "controlnets[0].image: "),
     ({"url": "ftp://x/c.safetensors", "image": RED}, "controlnets[0].url: must be an https://, http:// or s3:// URL"),
@@ -174,7 +176,8 @@ def test_canny_preprocessing_is_opencvs_at_the_output_size(run, nets):
     assert set(np.unique(edges)) == {0, 255} and 0.01 < (edges > 0).mean() < 0.3  # edges, not a blank
     buffer = io.BytesIO()
     Image.fromarray(edges).convert("RGB").save(buffer, format="PNG")
-    sent = draw(run, width=96, height=64, controlnets=[{"id": str(nets["sd"]), "image": base64.b64encode(buffer.getvalue()).decode()}])
+    sent = draw(run, width=96, height=64,
+                controlnets=[{"id": str(nets["sd"]), "image": base64.b64encode(buffer.getvalue()).decode()}])
     assert edged.images[0].base64 == sent.images[0].base64
     raw = draw(run, width=96, height=64, controlnets=[{"id": str(nets["sd"]), "image": photo}])
     assert raw.images[0].base64 != edged.images[0].base64

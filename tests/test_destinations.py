@@ -108,7 +108,8 @@ def test_train_never_overwrites(settings, s3):
     ("s3://other-bucket/x.tar.zst", "s3://other-bucket/x.tar.zst is not where this endpoint lets requests write "
                                     "(WRITE_DESTINATIONS: s3://models/requests/)"),
     ("s3://models/x.tar.zst", "s3://models/x.tar.zst is not where"),
-    ("s3://models/requests-evil/x.tar.zst", "s3://models/requests-evil/x.tar.zst is not where"),  # a folder, not a prefix
+    # a folder, not a prefix:
+    ("s3://models/requests-evil/x.tar.zst", "s3://models/requests-evil/x.tar.zst is not where"),
     ("s3://models/requests/../x.tar.zst", "'requests/../x.tar.zst': a key has no empty, '.' or '..' parts"),
     ("s3://models/requests//x.tar.zst", "'requests//x.tar.zst': a key has no empty"),
     ("s3://models/requests/./x.tar.zst", "'requests/./x.tar.zst': a key has no empty"),

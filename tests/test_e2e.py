@@ -220,7 +220,8 @@ def test_production_loop_streams_and_fails_bad_jobs(models_dir, tmp_path):
 
 def test_production_loop_plain_handler_reports_progress(models_dir, tmp_path):
     server = run_production(
-        models_dir, tmp_path, [("p-1", VALID | {"num_inference_steps": 4, "scheduler": "DDIM"}), ("p-bad", {"prompt": 5})],
+        models_dir, tmp_path,
+        [("p-1", VALID | {"num_inference_steps": 4, "scheduler": "DDIM"}), ("p-bad", {"prompt": 5})],
         STREAMING="false", PROGRESS_INTERVAL_S="0",
     )
     assert_valid_result(server.done["p-1"]["output"])

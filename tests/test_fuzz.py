@@ -24,8 +24,10 @@ def parts(tmp_path_factory, tiny_dir, sdxl_dir, sd3_dir, inpaint_dir):
     return {
         "models": [{}, {"id": str(sdxl_dir)}, {"id": str(sd3_dir)}, {"id": str(sd3_dir), "t5": False},
                    {"id": str(inpaint_dir)}, {"id": str(sd3_dir), "precision": "bf16"}],
-        "loras": [str(make_lora(tiny_dir, root / "sd.safetensors")), str(make_sd3_lora(sd3_dir, root / "sd3.safetensors"))],
-        "controlnets": [str(build_controlnet(tiny_dir, root / "net")), str(build_sd3_controlnet(sd3_dir, root / "net3"))],
+        "loras": [str(make_lora(tiny_dir, root / "sd.safetensors")),
+                  str(make_sd3_lora(sd3_dir, root / "sd3.safetensors"))],
+        "controlnets": [str(build_controlnet(tiny_dir, root / "net")),
+                        str(build_sd3_controlnet(sd3_dir, root / "net3"))],
         "vaes": [str(tiny_dir / "vae"), str(sd3_dir / "vae")],
         "refiner": str(build_sdxl_refiner(root / "refiner")),
         "ip_adapter": {"id": str(build_ip_adapter(tiny_dir, root / "ip")), "weight_name": WEIGHTS},
@@ -45,7 +47,8 @@ def random_request(rng: random.Random, parts: dict) -> dict:
     if maybe(0.2):
         fields["mask_image"] = png_b64((255, 255, 255), size=(64, 64))
     if maybe(0.2):
-        fields["scheduler"] = rng.choice(["FlowMatchEulerDiscrete", "FlowMatchHeunDiscrete", "EulerDiscrete", "DDIM", "LCM"])
+        fields["scheduler"] = rng.choice(
+            ["FlowMatchEulerDiscrete", "FlowMatchHeunDiscrete", "EulerDiscrete", "DDIM", "LCM"])
     if maybe(0.2):
         fields["loras"] = [{"id": rng.choice(parts["loras"]), "scale": 0.7}]
     if maybe(0.15):

@@ -156,5 +156,6 @@ def test_what_the_image_imports_comes_with_its_requirements(tmp_path):
 def test_no_credential_is_a_build_arg_or_env(dockerfile):
     """Build arguments and ENV land in the image's history: secrets go through --secret only."""
     names = [rest.partition("=")[0] for word, rest in instructions(dockerfile) if word == "ARG"]
-    names += [pair.partition("=")[0] for word, rest in instructions(dockerfile) if word == "ENV" for pair in rest.split()]
+    names += [pair.partition("=")[0]
+              for word, rest in instructions(dockerfile) if word == "ENV" for pair in rest.split()]
     assert not [n for n in names if re.search(r"TOKEN|SECRET|KEY|PASSWORD", n)], names

@@ -145,7 +145,8 @@ def test_masking_fields_are_checked(run, engine):
             parse_request(BASE | fields, engine.settings.limits)
         answer, _ = answer_for(info.value, [])
         assert answer.startswith(message), answer
-    with pytest.raises(UserInputError, match="^mask_image: is black all over: no area to repaint for padding_mask_crop"):
+    with pytest.raises(UserInputError,
+                       match="^mask_image: is black all over: no area to repaint for padding_mask_crop"):
         run(**(BASE | {"image": image, "mask_image": png_b64((0, 0, 0)), "padding_mask_crop": 8}))
     # Without only masked, a black mask repaints nothing: the input comes back.
     result, _ = run(**(BASE | {"image": b64(photo()), "mask_image": png_b64((0, 0, 0))}))

@@ -121,7 +121,8 @@ def test_several_reference_images_steer_one_adapter_together(run, adapters):
     both = draw(run, ip_adapter=reference(adapters["sd"]) | {"images": [BLUE]})
     assert both not in (one, draw(run, ip_adapter=reference(adapters["sd"], BLUE)))  # red and blue, together
     assert draw(run, ip_adapter=reference(adapters["sd"]) | {"images": [BLUE]}) == both
-    several = draw(run, ip_adapters=[reference(adapters["sd"]) | {"images": [BLUE]}, reference(adapters["sd"], scale=0)])
+    several = draw(run, ip_adapters=[reference(adapters["sd"]) | {"images": [BLUE]},
+                                     reference(adapters["sd"], scale=0)])
     assert several == both  # per adapter, beside others
     with pytest.raises(ValidationError) as info:
         InferenceRequest.model_validate(BASE | {"ip_adapter": reference(adapters["sd"]) | {"images": ["nope!"]}})

@@ -98,7 +98,8 @@ def test_docker_diffusers_api_clients_read_every_error_in_their_own_field_names(
     assert answer["error"] == ("callInputs.MODEL_ID: acme/not-here is not cached on this worker and HF_HUB_OFFLINE "
                                "is set"), answer
     for theirs in ("init_image", "image"):
-        [answer] = collect(runner, {"modelInputs": {"prompt": "p", "num_inference_steps": 2, theirs: "bm90IGFuIGltYWdl"}})
+        inputs = {"prompt": "p", "num_inference_steps": 2, theirs: "bm90IGFuIGltYWdl"}
+        [answer] = collect(runner, {"modelInputs": inputs})
         assert answer["error"] == f"modelInputs.{theirs}: is not a readable image (send PNG, JPEG or WebP)"
     [answer] = collect(runner, {"prompt": "p", "num_inference_steps": 2, "image": "bm90IGFuIGltYWdl"})
     assert answer["error"].startswith("image: is not a readable image")  # our own clients: our names

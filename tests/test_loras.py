@@ -132,7 +132,8 @@ def test_unusable_loras_name_the_field_and_leave_the_model_clean(run, tmp_path, 
     import torch
 
     save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 7),
-               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(7, 4)}, wrong)
+               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(7, 4)},
+              wrong)
     with pytest.raises(Exception, match=r"^loras\[1\]: cannot be applied to this model"):
         image_of(run, loras=[{"id": str(lora_files["style"])}, {"id": str(wrong)}])
     # A pickle is not loaded at all.

@@ -67,7 +67,8 @@ def test_sigma_schedules_replace_each_other():
 
 @pytest.mark.parametrize("name, base, schedule, message", [
     ("DDIM", SDXL, "karras", "schedule: DDIM (DDIMScheduler) has no karras schedule"),
-    ("EulerAncestralDiscrete", SDXL, "beta", "schedule: EulerAncestralDiscrete (EulerAncestralDiscreteScheduler) has no"),
+    ("EulerAncestralDiscrete", SDXL, "beta",
+     "schedule: EulerAncestralDiscrete (EulerAncestralDiscreteScheduler) has no"),
     ("DPMSolverMultistepKarras", SDXL, "exponential", "schedule: DPMSolverMultistepKarras comes with its own schedule"),
     (None, diffusers.FlowMatchEulerDiscreteScheduler(), "sgm_uniform",
      "schedule: this model's scheduler (FlowMatchEulerDiscreteScheduler) has no sgm_uniform schedule"),

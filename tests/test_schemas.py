@@ -81,7 +81,8 @@ def test_defaults():
         ({"prompt": "p", "task": "train"}, "task: 'train' needs its own fields"),
         ({"prompt": "p", "train": {"method": "lora"}}, "train: only with task 'train'"),
         ({"prompt": "p", "convert": {"dest_url": "s3://"}}, "convert: only with task 'convert'"),
-        ({"prompt": "p", "model": {"url": "https://h/k", "checkpoint_url": "s3://b/c"}}, "model.url: with model.checkpoint_url"),
+        ({"prompt": "p", "model": {"url": "https://h/k", "checkpoint_url": "s3://b/c"}},
+         "model.url: with model.checkpoint_url"),
     ],
 )
 def test_bad_requests_name_the_field(data, expected):
@@ -152,7 +153,8 @@ def test_convert_requests_are_told_apart_by_task():
 def test_docker_diffusers_api_payloads_translate():
     request = parse_request({
         "callInputs": {"MODEL_ID": "acme/sd", "MODEL_URL": "s3://", "MODEL_PRECISION": "", "MODEL_REVISION": "fp16",
-                       "PIPELINE": "StableDiffusionInpaintPipelineLegacy", "SCHEDULER": "EulerAncestralDiscreteScheduler",
+                       "PIPELINE": "StableDiffusionInpaintPipelineLegacy",
+                       "SCHEDULER": "EulerAncestralDiscreteScheduler",
                        "safety_checker": False, "xformers_memory_efficient_attention": True},
         "modelInputs": {"prompt": "p", "init_image": png_b64(), "mask_image": png_b64(), "strength": 0.5,
                         "num_images_per_prompt": 2, "seed": 9},

@@ -67,7 +67,8 @@ def test_lora_training_publishes_a_lora_that_requests_can_use(runner, s3):
     # And the LoRA, used from where it was published, changes the image.
     styled = generate(runner, loras=[{"url": out["url"]}])
     with pytest.raises(AssertionError):
-        assert_images_close(decode(before["images"][0]["base64"]), decode(styled["images"][0]["base64"]), "trained-lora")
+        assert_images_close(decode(before["images"][0]["base64"]), decode(styled["images"][0]["base64"]),
+                            "trained-lora")
 
 
 def test_dreambooth_publishes_a_model_that_loads_from_its_archive(runner, s3):
@@ -204,7 +205,8 @@ def test_a_cancelled_training_stops_at_the_next_step(runner):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        return [item async for item in runner.stream({"id": "next", "input": {"prompt": "p", "num_inference_steps": 2}})]
+        job = {"id": "next", "input": {"prompt": "p", "num_inference_steps": 2}}
+        return [item async for item in runner.stream(job)]
 
     assert asyncio.run(go())[-1]["type"] == "result"
 

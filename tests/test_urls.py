@@ -164,7 +164,8 @@ def test_every_request_download_has_a_deadline_naming_its_field(slow_engine, fie
 
     server = Slow("trickle")
     try:
-        request = InferenceRequest.model_validate({"prompt": "p", "num_inference_steps": 2} | request_fields(server.url))
+        fields = {"prompt": "p", "num_inference_steps": 2} | request_fields(server.url)
+        request = InferenceRequest.model_validate(fields)
         start = time.monotonic()
         with pytest.raises(UserInputError, match=rf"^{re.escape(field)}: download too slow"):
             slow_engine.generate(request, lambda event: None, lambda: False)

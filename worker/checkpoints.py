@@ -27,6 +27,7 @@ from schemas import Progress
 
 from .cache import DiskCache, entry_key
 from .errors import ModelSourceError, first_line
+from .precision import dtype as precision_dtype
 from .settings import Settings
 from .storage import open_download, parse_location
 
@@ -223,14 +224,13 @@ def _parts(weights: Path, config_dir: Path, index: dict, dtype, field: str, t5: 
 def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: str, t5: bool = True,
              guessed: bool = False) -> None:
     import diffusers
-    import torch
 
     index = json.loads((config_dir / "model_index.json").read_text())
     class_name = index["_class_name"]
     pipeline_class = getattr(diffusers, class_name, None)
     if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
         raise ModelSourceError("model.id", f"{class_name} pipelines cannot load single-file checkpoints")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = precision_dtype(precision)
     parts = _parts(weights, config_dir, index, dtype, field, t5)
     try:
         pipeline = pipeline_class.from_single_file(

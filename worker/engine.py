@@ -472,7 +472,8 @@ class Engine:
         if request.num_inference_steps >= trained:
             # With SD's steps_offset, as many steps as training timesteps index past the end.
             raise UserInputError(
-                "num_inference_steps", f"must be below {trained} for this model's scheduler, got {request.num_inference_steps}"
+                "num_inference_steps",
+                f"must be below {trained} for this model's scheduler, got {request.num_inference_steps}"
             )
         encoder = getattr(base, "text_encoder", None)
         layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
@@ -585,7 +586,8 @@ def _texts(pipe, request: InferenceRequest, prompt: str, negative: str | None) -
     """The pipeline's prompt arguments: embeddings for long or weighted prompts (encoded here),
     else the text itself, which the pipeline encodes as diffusers does."""
     return prompts.encoded(pipe, prompt, negative, request.clip_skip, request.prompt_weighting) or {
-        "prompt": prompt, "negative_prompt": negative, **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
+        "prompt": prompt, "negative_prompt": negative,
+        **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
     }
 
 

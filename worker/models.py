@@ -35,6 +35,7 @@ from . import archives
 from .cache import DiskCache, entry_key
 from .checkpoints import fetch_checkpoint, missing_parts, reference_model
 from .errors import ModelSourceError, first_line
+from .precision import dtype as precision_dtype
 from .settings import Settings
 from .storage import Location, ObjectMissing, open_download, parse_location
 from .timing import ms_since
@@ -249,11 +250,10 @@ WITHOUT_T5 = {"text_encoder_3": None, "tokenizer_3": None}
 
 def load_pipeline(path: Path, precision: str, variant: str | None, device: str, t5: bool = True) -> Any:
     """``t5``: false leaves an SD3 model's T5 out (other models have none)."""
-    import torch
     from diffusers import DiffusionPipeline
 
     without_t5 = family_at(path) == SD3 and not t5
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = precision_dtype(precision)
     try:
         pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True,
                                                      **(WITHOUT_T5 if without_t5 else {}))
@@ -370,7 +370,8 @@ class ModelStore:
                                              missing_parts(weights, ref.t5))
                     except ModelSourceError as exc:
                         detail = str(exc).partition(": ")[2]
-                        raise ModelSourceError(field, f"its layout takes the configs of {reference}: {detail}") from None
+                        raise ModelSourceError(
+                            field, f"its layout takes the configs of {reference}: {detail}") from None
             else:
                 config_key = f"{ref.id}@{ref.revision}"
                 config_ref = ModelRef(ref.id, ref.revision, None, ref.precision)

@@ -28,7 +28,8 @@ def make_scheduler(name: str | None, model_scheduler: Any, schedule: str | None 
         if is_flow_matching(spec.cls) != flow:
             fitting = [n for n, s in SCHEDULERS.items() if is_flow_matching(s.cls) == flow]
             kind = "a flow-matching model (SD3)" if flow else "a diffusion model (SD 1.x, 2.x, XL)"
-            raise UserInputError("scheduler", f"{name} cannot sample this model, {kind}: use one of {', '.join(fitting)}")
+            raise UserInputError("scheduler",
+                                 f"{name} cannot sample this model, {kind}: use one of {', '.join(fitting)}")
         cls, overrides = getattr(diffusers, spec.cls), spec.config
     if schedule is not None:
         overrides = overrides | _spaced(cls, name, overrides, schedule)

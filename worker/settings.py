@@ -133,7 +133,9 @@ class Settings(BaseSettings):
     runpod_log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = Field(
         "INFO", validation_alias=AliasChoices("RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL")
     )
-    progress_interval_s: float = Field(0.5, ge=0, description="STREAMING=false: least time between progress_update calls.")
+    progress_interval_s: float = Field(
+        0.5, ge=0, description="STREAMING=false: least time between progress_update calls."
+    )
 
     # --- Set by RunPod: which mode the SDK runs in (see handler.py). ---
     runpod_webhook_get_job: str | None = Field(None, description="Set on RunPod: the SDK's production job loop.")
@@ -193,7 +195,8 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """Values that must never appear in an answer or a log line."""
         found = [
-            s.get_secret_value() for s in (self.hf_token, self.aws_secret_access_key, self.bucket_secret_access_key) if s
+            s.get_secret_value()
+            for s in (self.hf_token, self.aws_secret_access_key, self.bucket_secret_access_key) if s
         ]
         for name in ("AWS_SESSION_TOKEN", "RUNPOD_AI_API_KEY"):
             if os.environ.get(name):

@@ -48,6 +48,7 @@ from schemas import Progress, TrainOut, TrainSpec
 from .errors import JobCancelled, UserInputError
 from .images import load_image
 from .models import SD3, denoiser, family_of, load_pipeline
+from .precision import dtype as precision_dtype
 from .publish import publish, upload
 from .settings import Settings
 from .storage import Location
@@ -413,17 +414,13 @@ def _class_images(pipe, spec: TrainSpec, device: str, autocast_dtype, emit, canc
     return images
 
 
-def _dtype(precision: str) -> torch.dtype:
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-
-
 def _publish_lora(pipe, spec, location, staging, settings, emit, timings) -> tuple[str, int]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
     start = time.perf_counter()
     emit(Progress(stage="save", step=0, total=1))
-    dtype = _dtype(spec.precision)
+    dtype = precision_dtype(spec.precision)
 
     def layers(module) -> dict:
         state = get_peft_model_state_dict(module)
@@ -458,7 +455,7 @@ def _publish_model(pipe, spec, location, staging, settings, emit, timings) -> tu
     denoiser(pipe).disable_gradient_checkpointing()
     for module in (denoiser(pipe), *_text_encoders(pipe)):
         module.eval()
-    pipe.to("cpu", _dtype(spec.precision))
+    pipe.to("cpu", precision_dtype(spec.precision))
     pipe.save_pretrained(staging / "model", safe_serialization=True)
     emit(Progress(stage="save", step=1, total=1))
     timings["save"] = ms_since(start)

@@ -221,8 +221,8 @@ def private_message(host: str) -> str:
 
 
 def open_url(
-    session: requests.Session, url: str, field: str, *, allow_private: bool, timeout: float, headers: dict | None = None,
-    deadline: Deadline | None = None,
+    session: requests.Session, url: str, field: str, *, allow_private: bool, timeout: float,
+    headers: dict | None = None, deadline: Deadline | None = None,
 ) -> requests.Response:
     """GET ``url`` streaming, following redirects only to hosts ``check_url`` accepts at each hop.
 
