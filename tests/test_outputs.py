@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 
 import pytest
 import requests
@@ -132,11 +133,11 @@ def test_uploads_through_the_checked_session_work(s3_endpoint, s3):
     from botocore.exceptions import ClientError
 
     from worker.outputs import send_through
-    from worker.urls import session_for
+    from worker.settings import Settings
 
     client = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="caller",
                           aws_secret_access_key="caller-secret-value", region_name="us-east-1")
-    client.meta.events.register("before-send.s3", send_through(session_for(allow_private=True), 10))
+    client.meta.events.register("before-send.s3", send_through(Settings(allow_private_urls=True)))
     client.put_object(Bucket=BUCKET, Key="through/x.png", Body=b"\x89PNG-bytes", ContentType="image/png")
     got = s3.get_object(Bucket=BUCKET, Key="through/x.png")
     assert got["Body"].read() == b"\x89PNG-bytes" and got["ContentType"] == "image/png"
@@ -156,7 +157,38 @@ def test_a_callers_endpoint_is_refused_on_the_connection_too(s3_endpoint, s3):
     from worker.outputs import _client
     from worker.settings import Settings
 
-    client = _client(Settings(), s3_endpoint, "caller", "caller-secret-value", public_only=True)
+    client = _client(Settings(), s3_endpoint, "caller", "caller-secret-value", callers=True)
     with pytest.raises(UserInputError, match=r"^s3Config\.endpointUrl: host '127\.0\.0\.1' is a private address"):
         client.put_object(Bucket=BUCKET, Key="rebound/x.png", Body=b"x")
     assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="rebound/")
+
+
+def test_a_callers_endpoint_that_does_not_answer_cannot_hold_the_job(small_results_engine):
+    """An s3Config endpoint is the caller's server: silent, it is cut at the request deadline."""
+    from http.server import BaseHTTPRequestHandler
+
+    from tests.helpers import Loopback
+
+    class Silent(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            time.sleep(20)
+
+        do_PUT = do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = Loopback(Silent)
+    settings = small_results_engine.settings.model_copy(update={"url_deadline_s": 1})
+    runner = JobRunner(settings, sdk_config={})
+    runner._engine = small_results_engine
+    try:
+        job = {"id": "held", "input": VALID, "s3Config": {
+            "accessId": "a", "accessSecret": "caller-secret-value", "bucketName": "theirs", "endpointUrl": server.url}}
+        start = time.monotonic()
+        answer = run_job(runner, job)[-1]
+        assert answer["error"] == ("s3Config.endpointUrl: upload too slow: no answer within 1 s (URL_DEADLINE_S, "
+                                   "URL_MIN_MB_PER_S)"), answer
+        assert time.monotonic() - start < 5
+    finally:
+        server.close()

@@ -14,11 +14,15 @@ carries RunPod's ``s3Config`` (the caller's own bucket, beside ``input``):
 
 An s3Config's endpoint is the caller's: unless ALLOW_PRIVATE_URLS=1 it must resolve to a
 public address, like every URL a request brings, checked on its name and again on every
-connection, before a byte is sent.
+connection, before a byte is sent; and each exchange with it keeps the request deadline
+(URL_DEADLINE_S, URL_MIN_MB_PER_S), so a server that answers slowly or not at all cannot
+hold the job. With the endpoint's own credentials, images go only under WRITE_DESTINATIONS;
+never over an object (worker.destinations).
 """
 
 from __future__ import annotations
 
+import io
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +38,7 @@ from .destinations import check_key, check_writable, conditional, put_new, refus
 from .errors import UserInputError
 from .settings import Settings
 from .storage import Location, s3_client, s3_error
-from .urls import PrivateAddress, caused_by, check_url, private_message, session_for
+from .urls import Deadline, PrivateAddress, caused_by, check_url, private_message, session_for
 
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -129,7 +133,7 @@ def outbox_for(upload_url: str | None, s3_config: Any, job_id: str | None, setti
     # 2. The client: the job's own bucket, else RunPod's BUCKET_*, else the models' AWS_*.
     if config is not None:
         client = _client(settings, config.endpointUrl, config.accessId, config.accessSecret.get_secret_value(),
-                         public_only=not settings.allow_private_urls)
+                         callers=True)
     elif settings.bucket_endpoint_url or settings.bucket_access_key_id:
         secret = settings.bucket_secret_access_key
         client = _client(settings, settings.bucket_endpoint_url, settings.bucket_access_key_id,
@@ -156,7 +160,9 @@ def _s3_config(raw: Any, settings: Settings) -> S3Config:
 
 
 def _client(settings: Settings, endpoint: str | None, key_id: str | None, secret: str | None,
-            public_only: bool = False):
+            callers: bool = False):
+    """An S3 client; ``callers``: for a job's own endpoint (its s3Config), which is checked and
+    held to the request deadline like any URL a request brings (``send_through``)."""
     import boto3
     from botocore.config import Config
 
@@ -165,31 +171,47 @@ def _client(settings: Settings, endpoint: str | None, key_id: str | None, secret
         region_name=settings.aws_default_region or _region_of(endpoint),
         config=Config(signature_version="s3v4", retries={"max_attempts": 3, "mode": "standard"}),
     )
-    if public_only:
-        # A caller's endpoint: its name was checked, and every connection is checked again, on
-        # the connected socket, before a byte is sent (a DNS answer can change in between).
-        # botocore sends through a requests session that enforces it, via its before-send hook.
-        client.meta.events.register("before-send.s3", send_through(session_for(allow_private=False),
-                                                                    settings.url_timeout_s))
+    if callers:
+        client.meta.events.register("before-send.s3", send_through(settings))
     return client
 
 
-def send_through(session, timeout: float):
-    """A botocore before-send handler that sends each request through ``session`` (requests)."""
+class _Body(io.BytesIO):
+    """A reply's body, read already, as botocore reads a raw response (``stream``, ``read``)."""
+
+    def stream(self, amt: int = 1 << 16, decode_content: bool | None = None):
+        while chunk := self.read(amt):
+            yield chunk
+
+
+def send_through(settings: Settings, field: str = "s3Config.endpointUrl"):
+    """A botocore before-send handler for a caller's endpoint: each request goes through a
+    requests session of its own whose every connection is checked, on the connected socket,
+    before a byte is sent (unless ALLOW_PRIVATE_URLS; a DNS answer can change after the name
+    was checked), and whose whole exchange, reply read included, keeps the request deadline:
+    URL_DEADLINE_S plus the body's size at URL_MIN_MB_PER_S. A caller's server cannot hold the job."""
     import requests
     from botocore.awsrequest import AWSResponse
 
+    floor = settings.url_min_mb_per_s * 1e6
+
     def send(request, **kwargs) -> AWSResponse:
-        try:
-            # botocore's own connection handles "Expect: 100-continue"; requests just sends the body.
-            headers = {k: v for k, v in request.headers.items() if k.lower() != "expect"}
-            response = session.request(request.method, request.url, headers=headers, data=request.body,
-                                       stream=True, allow_redirects=False, timeout=timeout)
-        except requests.RequestException as exc:
-            if caused_by(exc, PrivateAddress):
-                raise UserInputError("s3Config.endpointUrl", private_message(urlsplit(request.url).hostname)) from None
-            raise UserInputError("s3Config.endpointUrl", f"upload failed ({type(exc).__name__})") from None
-        return AWSResponse(request.url, response.status_code, response.headers, response.raw)
+        size = len(request.body) if isinstance(request.body, (bytes, bytearray)) else 0
+        deadline = Deadline(field, settings.url_deadline_s + (size / floor if floor else 0), 0, what="upload")
+        with deadline, session_for(settings.allow_private_urls, deadline=deadline) as session:
+            try:
+                # botocore's own connection handles "Expect: 100-continue"; requests just sends the body.
+                headers = {k: v for k, v in request.headers.items() if k.lower() != "expect"}
+                response = session.request(request.method, request.url, headers=headers, data=request.body,
+                                           stream=True, allow_redirects=False, timeout=settings.url_timeout_s)
+                body = response.content
+            except requests.RequestException as exc:
+                deadline.check()
+                if caused_by(exc, PrivateAddress):
+                    raise UserInputError(field, private_message(urlsplit(request.url).hostname)) from None
+                raise UserInputError(field, f"upload failed ({type(exc).__name__})") from None
+            deadline.check()
+        return AWSResponse(request.url, response.status_code, response.headers, _Body(body))
 
     return send
 

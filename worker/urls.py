@@ -70,8 +70,8 @@ class Deadline:
 
     _TICK_S = 0.1
 
-    def __init__(self, field: str, grace_s: float, floor: float):
-        self.field, self.grace_s, self.floor = field, grace_s, floor
+    def __init__(self, field: str, grace_s: float, floor: float, what: str = "download"):
+        self.field, self.grace_s, self.floor, self.what = field, grace_s, floor, what
         self.received = 0
         self.expired = False
         self._start = time.monotonic()
@@ -115,6 +115,9 @@ class Deadline:
 
     def error(self) -> UserInputError:
         elapsed = time.monotonic() - self._start
+        if self.what != "download":
+            return UserInputError(self.field, f"{self.what} too slow: no answer within {self.grace_s:.0f} s "
+                                              "(URL_DEADLINE_S, URL_MIN_MB_PER_S)")
         floor = f" plus its size at {self.floor / 1e6:g} MB/s" if self.floor else ""
         return UserInputError(self.field, f"download too slow ({self.received} bytes in {elapsed:.0f} s); this "
                               f"endpoint allows {self.grace_s:g} s{floor} (URL_DEADLINE_S, URL_MIN_MB_PER_S)")
