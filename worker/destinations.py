@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from .errors import UserInputError
 from .settings import Settings
-from .storage import Location, conventional_name
+from .storage import Location, conventional_name, error_code
 
 log = logging.getLogger(__name__)
 
@@ -112,42 +112,32 @@ def exists(field: str, where: str) -> ObjectExists:
                                "(or delete it first)")
 
 
-def already_there(exc: Exception) -> bool:
-    """Whether a boto error says a conditional write found the object there."""
-    from botocore.exceptions import ClientError
+class NoOverwrite:
+    """Uploads through ``client`` that create only, never replace: S3's ``If-None-Match: *`` on
+    PutObject and on CompleteMultipartUpload (which makes a multipart upload's object). A store
+    that rejects the header as not implemented gets the upload again without it: the object
+    was checked absent just before (``refuse_existing``)."""
 
-    exc = exc if isinstance(exc, ClientError) else (exc.__cause__ or exc.__context__)
-    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code", "") in _EXISTS
+    def __init__(self, client: Any):
+        self.client = client
+        self.conditional = True
+        for operation in ("PutObject", "CompleteMultipartUpload"):
+            client.meta.events.register(f"before-parameter-build.s3.{operation}", self._add_condition)
 
-
-def conditional(client: Any) -> Callable[[bool], None]:
-    """Make ``client``'s uploads (PutObject, and CompleteMultipartUpload, which makes a
-    multipart upload's object) create only, never replace: S3's ``If-None-Match: *``.
-    Returns a switch: a store that rejects the header as not implemented is retried without it."""
-    state = {"on": True}
-
-    def add_condition(params: dict, **kwargs) -> None:
-        if state["on"]:
+    def _add_condition(self, params: dict, **kwargs) -> None:
+        if self.conditional:
             params.setdefault("IfNoneMatch", "*")
 
-    for operation in ("PutObject", "CompleteMultipartUpload"):
-        client.meta.events.register(f"before-parameter-build.s3.{operation}", add_condition)
-    return lambda on: state.update(on=on)
-
-
-def put_new(client: Any, switch: Callable[[bool], None], field: str, where: str, upload: Callable[[], Any]) -> Any:
-    """Run ``upload`` (a put on a ``conditional`` client); a store that does not implement
-    conditional writes gets it again without (the object was checked absent just before)."""
-    from botocore.exceptions import ClientError
-
-    try:
+    def put(self, field: str, where: str, upload: Callable[[], Any]) -> Any:
+        """Run ``upload`` (a put on this client); raise ObjectExists if ``where`` is taken."""
+        try:
+            return upload()
+        except Exception as exc:
+            code = error_code(exc)
+            if code in _EXISTS:
+                raise exists(field, where) from None
+            if code != "NotImplemented":
+                raise
+        log.info("the store does not implement conditional writes; %s was checked absent just before", where)
+        self.conditional = False
         return upload()
-    except Exception as exc:
-        if already_there(exc):
-            raise exists(field, where) from None
-        cause = exc if isinstance(exc, ClientError) else exc.__cause__ or exc.__context__
-        if not (isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") == "NotImplemented"):
-            raise
-    log.info("the store does not implement conditional writes; %s was checked absent just before", where)
-    switch(False)
-    return upload()

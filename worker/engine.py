@@ -45,7 +45,7 @@ from .preprocess import Depth, Pose, canny
 from .publish import check_destination, export
 from .schedulers import make_scheduler
 from .settings import Settings
-from .storage import conventional_name, parse_location
+from .storage import Location, conventional_name, parse_location
 from .timing import ms_since
 from .vaes import Vaes
 
@@ -242,19 +242,26 @@ class Engine:
         timings: dict[str, float] = {}
         spec = request.convert
         ref = replace(model_ref(request.model, self.settings, self.device), precision=spec.precision)
-        # 1. Where it goes: bare s3:// names it from the hub id and the precision. A request
-        #    writes where the operator lets it, and a hub model's own name only from the hub.
+        # 1. Where it goes: bare s3:// names it from the hub id and the precision (an SD3 model
+        #    without T5 takes a --no-t5 name: ``lean``, None while not known). A request writes
+        #    where the operator lets it, and a hub model's own name only from the hub itself.
         hub_id = None if ref.id.startswith(("/", "url:", "embedded:")) else ref.id
         suffix = ".tar.zst" if spec.compression == "zstd" else ".tar"
-        location = parse_location(spec.dest_url, "convert.dest_url", self.settings, hub_id, spec.precision, suffix)
         from_hub = not (ref.url or ref.checkpoint_url or request.model.revision)
-        if not trusted:
-            check_writable(location, "convert.dest_url", self.settings,
-                           publishes=hub_names(hub_id, spec.precision, suffix, from_hub=from_hub,
-                                               lean=False if ref.t5 else None))
-        # (A bare name may still become the --no-t5 one: whether it is taken is asked once it is known.)
-        named = ref.t5 or not hub_id or location.name != conventional_name(hub_id, spec.precision, "", suffix)
-        check_destination(location, self.settings, "convert.dest_url", taken=named)
+
+        def destination(lean: bool | None) -> Location:
+            lean_name = conventional_name(hub_id, spec.precision, "", "--no-t5" + suffix) if lean and hub_id else None
+            location = parse_location(spec.dest_url, "convert.dest_url", self.settings, hub_id, spec.precision,
+                                      suffix, default_name=lean_name)
+            if not trusted:
+                check_writable(location, "convert.dest_url", self.settings,
+                               publishes=hub_names(hub_id, spec.precision, suffix, from_hub=from_hub, lean=lean))
+            return location
+
+        location = destination(False if ref.t5 else None)
+        # Whether it is taken is asked now, unless a bare name may still turn into the --no-t5 one.
+        final = ref.t5 or not hub_id or location.name != conventional_name(hub_id, spec.precision, "", suffix)
+        check_destination(location, self.settings, "convert.dest_url", taken=final)
         # 2. The source's weights on disk (fetched or converted if need be).
         emit = _stops_between_stages(emit, cancelled)
         start = time.perf_counter()
@@ -264,14 +271,8 @@ class Engine:
             timings["download"] = ms_since(start)
         check_t5(ref, path)
         lean = not ref.t5 and family_at(path) == SD3
-        if lean and hub_id:  # an SD3 model without T5 is another model: not under the full one's name
-            location = parse_location(spec.dest_url, "convert.dest_url", self.settings, hub_id, spec.precision, suffix,
-                                      default_name=conventional_name(hub_id, spec.precision, "convert.dest_url",
-                                                                     "--no-t5" + suffix))
-        if not trusted:  # now that it is known which of the two it is
-            check_writable(location, "convert.dest_url", self.settings,
-                           publishes=hub_names(hub_id, spec.precision, suffix, from_hub=from_hub, lean=lean))
-        if not named:
+        location = destination(lean)
+        if not final:
             check_destination(location, self.settings, "convert.dest_url")
         # 3. Load on the CPU in the target precision, save as safetensors, pack, upload.
         with self.models.disk.staging() as staging:

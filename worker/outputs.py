@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from schemas import Progress, S3Config
 
-from .destinations import check_key, check_writable, conditional, put_new, refuse_existing
+from .destinations import NoOverwrite, check_key, check_writable, refuse_existing
 from .errors import UserInputError
 from .settings import Settings
 from .storage import Location, s3_client, s3_error
@@ -48,13 +48,12 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 class Outbox:
     """Where one job's images go, and the client that puts them there."""
 
-    client: Any
+    writer: NoOverwrite  # its client
     bucket: str
     prefix: str  # "" or ending in "/"
     stem: str  # the job id, made safe for a key
     expires_s: int
     field: str  # the request field to name in errors
-    switch: Callable[[bool], None]  # the client's conditional writes (destinations.conditional)
 
     def location(self, i: int, fmt: str) -> Location:
         key = f"{self.prefix}{self.stem}-{i}.{fmt}"
@@ -63,20 +62,19 @@ class Outbox:
     def refuse_taken(self, count: int, fmt: str) -> None:
         """Before the work: fail if an image's key is taken (uploads never overwrite)."""
         for i in range(count):
-            refuse_existing(self.client, self.location(i, fmt), self.field)
+            refuse_existing(self.writer.client, self.location(i, fmt), self.field)
 
     def put_all(self, images: list[tuple[bytes, str]],
                 emit: Callable[[Progress], None]) -> list[tuple[str, str | None]]:
         """Upload (data, format) pairs in parallel, each only where nothing is; return
         (s3 URL, presigned link) for each."""
-        keys = [self.location(i, fmt).key for i, (_, fmt) in enumerate(images)]
+        locations = [self.location(i, fmt) for i, (_, fmt) in enumerate(images)]
         done = 0
 
-        def put(key: str, data: bytes, fmt: str) -> None:
-            location = Location("s3", f"s3://{self.bucket}/{key}", bucket=self.bucket, key=key)
+        def put(location: Location, data: bytes, fmt: str) -> None:
             try:
-                put_new(self.client, self.switch, self.field, location.display, lambda: self.client.put_object(
-                    Bucket=self.bucket, Key=key, Body=data, ContentType=_CONTENT_TYPES[fmt]))
+                self.writer.put(self.field, location.display, lambda: self.writer.client.put_object(
+                    Bucket=self.bucket, Key=location.key, Body=data, ContentType=_CONTENT_TYPES[fmt]))
             except UserInputError:
                 raise  # already says what and where (a private endpoint, a taken key)
             except Exception as exc:  # botocore's errors, read by s3_error; never a credential
@@ -84,17 +82,17 @@ class Outbox:
 
         emit(Progress(stage="upload", step=0, total=len(images)))
         with ThreadPoolExecutor(min(len(images), 8) or 1, thread_name_prefix="upload") as pool:
-            futures = [pool.submit(put, key, data, fmt) for key, (data, fmt) in zip(keys, images)]
+            futures = [pool.submit(put, where, data, fmt) for where, (data, fmt) in zip(locations, images)]
             for future in futures:
                 future.result()
                 done += 1
                 emit(Progress(stage="upload", step=done, total=len(images)))
-        return [(f"s3://{self.bucket}/{key}", self._presigned(key)) for key in keys]
+        return [(where.url, self._presigned(where.key)) for where in locations]
 
     def _presigned(self, key: str) -> str | None:
         if not self.expires_s:
             return None
-        return self.client.generate_presigned_url(
+        return self.writer.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.expires_s
         )
 
@@ -140,7 +138,7 @@ def outbox_for(upload_url: str | None, s3_config: Any, job_id: str | None, setti
                          secret.get_secret_value() if secret else None)
     else:
         client = s3_client(settings)
-    outbox = Outbox(client, bucket, prefix, stem, settings.output_url_expires_s, field, conditional(client))
+    outbox = Outbox(NoOverwrite(client), bucket, prefix, stem, settings.output_url_expires_s, field)
     if config is None:  # the endpoint's credentials: only where the operator lets requests write
         check_writable(outbox.location(0, images[1]), field, settings)
     outbox.refuse_taken(*images)

@@ -20,7 +20,7 @@ from typing import Callable
 from schemas import ConvertOut, Progress
 
 from .archives import byte_progress
-from .destinations import conditional, put_new, refuse_existing
+from .destinations import NoOverwrite, refuse_existing
 from .errors import ModelSourceError
 from .settings import Settings
 from .storage import Location, s3_client, s3_error
@@ -97,7 +97,7 @@ def upload(path: Path, location: Location, sha256: str, settings: Settings, fiel
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = s3_client(settings)
-    switch = conditional(client)
+    writer = NoOverwrite(client)
     on_bytes = byte_progress(emit, "upload", path.stat().st_size)
     done, lock = 0, threading.Lock()
 
@@ -112,10 +112,10 @@ def upload(path: Path, location: Location, sha256: str, settings: Settings, fiel
                             max_concurrency=settings.download_concurrency)
     try:
         refuse_existing(client, location, field, sidecar=True)
-        put_new(client, switch, field, location.display, lambda: client.upload_file(
+        writer.put(field, location.display, lambda: client.upload_file(
             str(path), location.bucket, location.key, Config=config, Callback=progress,
             ExtraArgs={"Metadata": {"sha256": sha256}}))
-        put_new(client, switch, field, location.display + ".sha256", lambda: client.put_object(
+        writer.put(field, location.display + ".sha256", lambda: client.put_object(
             Bucket=location.bucket, Key=location.key + ".sha256", Body=f"{sha256}  {location.name}\n".encode()))
     except (ClientError, BotoCoreError, S3UploadFailedError) as exc:  # the multipart upload is aborted
         raise s3_error(exc, field, location) from None

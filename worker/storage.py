@@ -274,14 +274,20 @@ def s3_client(settings: Settings):
     )
 
 
-def s3_error(exc: Exception, field: str, location: Location) -> ModelSourceError:
-    """A boto error as the caller should read it: what and where, never a credential."""
+def error_code(exc: Exception) -> str | None:
+    """The S3 error code of a boto error (``NoSuchKey``, ``PreconditionFailed`` ...), also when
+    boto3 wraps the reply (S3UploadFailedError); None for what is not a reply (a dropped connection)."""
     from botocore.exceptions import ClientError
 
-    if not isinstance(exc, ClientError) and isinstance(exc.__cause__ or exc.__context__, ClientError):
-        exc = exc.__cause__ or exc.__context__  # boto3's S3UploadFailedError wraps the real reply
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
+    if not isinstance(exc, ClientError):
+        exc = exc.__cause__ or exc.__context__
+    return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else None
+
+
+def s3_error(exc: Exception, field: str, location: Location) -> ModelSourceError:
+    """A boto error as the caller should read it: what and where, never a credential."""
+    code = error_code(exc)
+    if code is not None:
         if code in ("404", "NoSuchKey", "NotFound"):
             return ObjectMissing(field, f"{location.display} does not exist")
         if code in ("NoSuchBucket",):
