@@ -1,6 +1,6 @@
 """Stable Diffusion worker for RunPod serverless: the entry point.
 
-A job is ``{"input": {...}}`` (schemas/request.py, CONTRACT.md §2), for example::
+A job is ``{"input": {...}}`` (schemas/, CONTRACT.md §2), for example::
 
     {"input": {"prompt": "a lighthouse at dawn", "width": 512, "height": 512,
                "num_inference_steps": 25, "seed": 42, "stream": true}}

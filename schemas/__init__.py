@@ -2,13 +2,13 @@
 
 from .compat import RequestError
 from .errors import describe_validation_error
-from .request import (
-    ControlNetSpec, ConvertRequest, ConvertSpec, EmbeddingSpec, HiresSpec, InferenceRequest, IpAdapterSpec, Limits,
-    LoraSpec, ModelSpec, OutpaintSpec, OutputSpec, RefinerSpec, S3Config, TrainRequest, TrainSpec, VaeSpec,
-    VariationSpec, parse_request,
-)
+from .convert import ConvertRequest, ConvertSpec
+from .common import Limits, ModelSpec
+from .parts import ControlNetSpec, EmbeddingSpec, IpAdapterSpec, LoraSpec, RefinerSpec, VaeSpec
+from .request import HiresSpec, InferenceRequest, OutpaintSpec, OutputSpec, S3Config, VariationSpec, parse_request
 from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result, TrainOut
 from .schedulers import SCHEDULERS, a1111_name, canonical_scheduler
+from .train import TrainRequest, TrainSpec
 
 __all__ = [
     "RequestError",

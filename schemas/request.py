@@ -1,4 +1,7 @@
-"""The request: what a job's ``input`` may hold (CONTRACT.md §2), validated without torch.
+"""The inference request (txt2img, img2img, inpaint), and ``parse_request``, which sends a job's
+``input`` to its request model (this one, ``train``'s, ``convert``'s) after translating
+docker-diffusers-api and AUTOMATIC1111 payloads; validated without torch. The parts a request
+adds to the model are in ``parts``, what every request shares in ``common``.
 
 Every field has a type, bounds and a description; unknown fields are errors. Limits the
 operator sets (``MAX_PIXELS`` ...) arrive as ``Limits`` in the validation context, so the
@@ -10,58 +13,26 @@ schema stays free of environment reads:
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, ValidationInfo,
-    field_validator, model_validator,
+    BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, ValidationInfo, field_validator,
+    model_validator,
 )
 
+from .common import ImageSource, Limits, ModelSpec, S3Url, Strict
+from .parts import ControlNetSpec, EmbeddingSpec, IpAdapterSpec, LoraSpec, RefinerSpec, VaeSpec
 from .schedulers import canonical_scheduler
 
-Task = Literal["txt2img", "img2img", "inpaint", "train", "convert"]
-Precision = Literal["fp32", "fp16", "bf16"]
-LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+if TYPE_CHECKING:
+    from .convert import ConvertRequest
+    from .train import TrainRequest
 
-# Hub repo ids: "org/name", each part letters, digits, "-", "_", "." (huggingface_hub's rule).
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-# Hub revisions are git refs (branches, tags, refs/pr/N) or commit hashes; huggingface_hub uses
-# them as paths in its cache (refs/<revision>), so nothing that could leave it: git's rule for
-# ref names within these characters (no part empty or starting with ".", no "..", no ".lock").
-_REVISION = re.compile(r"^(?!.*\.\.)(?!.*\.lock(/|$))[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
+Task = Literal["txt2img", "img2img", "inpaint", "train", "convert"]
+
 # A JPEG's EXIF is one 64 KB segment and its metadata is UTF-16: room for the prompts, and
 # about 2,700 characters for the rest of the parameters.
 JPEG_METADATA_CHARS = 30_000
-_IMAGE_SOURCE = re.compile(r"^(https?://|data:)|^[A-Za-z0-9+/=\s_-]+$")
-
-
-def _s3_only(value: str) -> str:
-    if not value.startswith("s3://"):
-        raise ValueError(f"must be an s3:// URL, got {value[:60]!r}")
-    return value
-
-
-S3Url = Annotated[str, AfterValidator(_s3_only)]
-
-
-def _image_source(value: str) -> str:
-    if not _IMAGE_SOURCE.match(value[:256]):
-        raise ValueError("must be base64, a data: URI or an http(s):// URL")
-    return value
-
-
-ImageSource = Annotated[str, AfterValidator(_image_source)]  # an input image: base64, data: URI or URL
-
-
-def _repo_or_path(value: str) -> str:
-    if not (value.startswith("/") or _REPO_ID.match(value)):
-        raise ValueError(f"must be a hub repo id like 'org/name' or an absolute path, got {value!r}")
-    if ".." in value.split("/"):
-        raise ValueError(f"must not contain '..', got {value!r}")
-    return value
-
-
-RepoOrPath = Annotated[str, AfterValidator(_repo_or_path)]  # a hub repo id, or a path on the worker
 
 
 def merge_style(style: str, prompt: str) -> str:
@@ -76,88 +47,7 @@ def merge_style(style: str, prompt: str) -> str:
 _EXTRA_NETWORK = re.compile(r"<(?:lora|lyco|hypernet):[^>]{1,200}>", re.IGNORECASE)
 
 
-class Limits(BaseModel):
-    """Caps the operator sets (see worker.settings); requests above them are refused."""
-
-    max_pixels: int = 2048 * 2048
-    max_images: int = 8
-    max_steps: int = 150
-    max_train_steps: int = 2000
-    styles: dict[str, tuple[str, str]] = {}  # name: (prompt, negative prompt), from STYLES_FILE
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
-
-
-class ModelSpec(_Strict):
-    """Which weights to run. Missing fields come from the environment (MODEL_ID ...)."""
-
-    id: str | None = Field(
-        None,
-        max_length=4096,
-        description="Hugging Face repo id (`org/name`) or absolute path of a diffusers directory.",
-    )
-    revision: str | None = Field(
-        None, min_length=1, max_length=128, description="Hub branch, tag or commit (`main`, `v1.0`, `refs/pr/3`, "
-        "a commit hash).",
-    )
-    variant: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Weight file variant, e.g. `fp16`."
-    )
-    precision: Precision | None = Field(
-        None, description="dtype the model runs in; default fp16 on CUDA, fp32 on CPU."
-    )
-    url: str | None = Field(
-        None,
-        max_length=8192,
-        description="Archive (.tar.zst / .tar) of a diffusers model: https://, http://, s3://bucket/key, "
-        "s3:///bucket/key, or bare s3:// (default bucket, conventional name). `#sha256=` verifies it.",
-    )
-    checkpoint_url: str | None = Field(
-        None,
-        max_length=8192,
-        description="Single-file checkpoint (.safetensors, or .ckpt read as weights only), same URL forms as "
-        "`url`; `id` names the diffusers model whose configs describe its architecture.",
-    )
-    t5: bool | None = Field(
-        None, description="SD3: false loads the model without its T5-XXL text encoder (4.7 B parameters "
-        "less; CLIP then reads the first 77 tokens of the prompt alone). Default: MODEL_T5 (true).",
-    )
-
-    @field_validator("revision")
-    @classmethod
-    def _ref_form(cls, value: str | None) -> str | None:
-        if value is not None and not _REVISION.match(value):
-            raise ValueError(f"must be a branch, tag or commit: parts of letters, digits, '-', '_' and '.' between "
-                             f"'/', none starting with '.', no '..' (git's rule for ref names), got {value[:60]!r}")
-        return value
-
-    @field_validator("id")
-    @classmethod
-    def _id_form(cls, value: str | None) -> str | None:
-        if value is None or value.startswith("/") or _REPO_ID.match(value):
-            if value is not None and (".." in value.split("/") or "--" in value):
-                raise ValueError(f"must not contain '..' or '--', got {value!r}")
-            return value
-        raise ValueError(f"must be a hub repo id like 'org/name' or an absolute path, got {value!r}")
-
-
-class RefinerSpec(ModelSpec):
-    """An SDXL refiner taking over the last part of the denoising: any model form ``model`` takes."""
-
-    switch: float = Field(0.8, gt=0, lt=1, description="Fraction of the steps the model runs before the refiner.")
-
-    @model_validator(mode="after")
-    def _named(self) -> RefinerSpec:
-        if self.id is None and self.url is None and self.checkpoint_url is None:
-            raise ValueError("id: name the refiner (id, url or checkpoint_url)")
-        if self.t5 is not None:
-            raise ValueError("t5: a refiner is an SDXL model, with no T5 to leave out")
-        return self
-
-
-class OutputSpec(_Strict):
+class OutputSpec(Strict):
     """How images come back."""
 
     format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
@@ -176,120 +66,7 @@ class OutputSpec(_Strict):
     )
 
 
-class _FileSource(_Strict):
-    """One .safetensors file: by URL, or a hub repo id / local path with an optional file name."""
-
-    url: str | None = Field(
-        None, max_length=8192,
-        description="https://, http://, s3://bucket/key or s3:///bucket/key of a .safetensors file; "
-        "`#sha256=` verifies it.",
-    )
-    id: RepoOrPath | None = Field(
-        None, max_length=4096, description="Hub repo id (`org/name`) or absolute path of a file or directory."
-    )
-    weight_name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]{1,200}\.safetensors$",
-        description="With `id`: which .safetensors file of the repo (default: its only one).",
-    )
-
-    @field_validator("url")
-    @classmethod
-    def _url_form(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("https://", "http://", "s3://")):
-            raise ValueError(f"must be an https://, http:// or s3:// URL, got {value[:60]!r}")
-        return value
-
-    @model_validator(mode="after")
-    def _one_source(self) -> _FileSource:
-        if (self.url is None) == (self.id is None):
-            raise ValueError("give exactly one of url or id")
-        if self.weight_name and self.url:
-            raise ValueError("weight_name: only with id")
-        return self
-
-
-class EmbeddingSpec(_FileSource):
-    """A textual-inversion embedding for one request: a new word for prompts to use."""
-
-    token: str | None = Field(
-        None, pattern=r"^\S{1,64}$",
-        description="The word prompts use for it (default: the one stored in the file, else the file's name).",
-    )
-
-
-class LoraSpec(_FileSource):
-    """A LoRA applied for one request: from a URL (.safetensors) or a hub id / local directory."""
-
-    scale: float = Field(1.0, ge=-10, le=10, description="How strongly it applies; 0 turns it off.")
-
-
-class VaeSpec(_FileSource):
-    """A VAE replacing the model's for one request: a diffusers VAE directory (hub id or local
-    path), or one .safetensors file (URL, hub id + weight_name, local path) in either layout."""
-
-
-class ControlNetSpec(_FileSource):
-    """A ControlNet steering one request with an image (edges, depth, pose ...), preprocessed:
-    a diffusers ControlNet directory (hub id or local path), or one .safetensors file (URL,
-    hub id + weight_name, local path) in the original layout or diffusers'."""
-
-    image: ImageSource = Field(..., description="The control image, preprocessed (an edge map, a depth map ...) "
-                               "unless `preprocess` says otherwise: base64, `data:` URI or http(s) URL.")
-    preprocess: Literal["canny", "depth", "openpose"] | None = Field(
-        None, description="Make the control image from a plain picture first, at the output size: `canny` "
-        "edges (OpenCV's, what canny ControlNets were trained on), a `depth` map (the endpoint's DEPTH_MODEL), or "
-        "`openpose` body skeletons (found by PERSON_MODEL and POSE_MODEL, drawn as OpenPose draws them).",
-    )
-    low_threshold: int = Field(100, ge=1, le=255, description="canny: gradients below this are not edges.")
-    high_threshold: int = Field(200, ge=1, le=255, description="canny: gradients above this are edges for sure.")
-    scale: float = Field(1.0, ge=0, le=5, description="How strongly it steers (controlnet_conditioning_scale).")
-    start: float = Field(0.0, ge=0, le=1, description="Fraction of the steps after which it starts steering.")
-    end: float = Field(1.0, ge=0, le=1, description="Fraction of the steps after which it stops.")
-
-    @model_validator(mode="after")
-    def _in_order(self) -> ControlNetSpec:
-        if self.start >= self.end:
-            raise ValueError(f"start: must be below end ({self.end}), got {self.start}")
-        if self.low_threshold > self.high_threshold:
-            raise ValueError(f"low_threshold: must not be above high_threshold ({self.high_threshold}), "
-                             f"got {self.low_threshold}")
-        thresholds = {"low_threshold", "high_threshold"} & self.model_fields_set
-        if thresholds and self.preprocess != "canny":
-            raise ValueError(f"{sorted(thresholds)[0]}: only with preprocess canny")
-        return self
-
-
-class IpAdapterSpec(_Strict):
-    """An IP-Adapter for one request: a reference image that steers like part of the prompt."""
-
-    id: RepoOrPath = Field(
-        ..., max_length=4096,
-        description="Hub repo id (`org/name`, e.g. h94/IP-Adapter) or absolute path of a directory laid out like it.",
-    )
-    weight_name: str = Field(
-        ..., pattern=r"^[A-Za-z0-9_.-]{1,100}(/[A-Za-z0-9_.-]{1,100}){0,3}\.safetensors$",
-        description="The adapter's file in it, e.g. `models/ip-adapter_sd15.safetensors`.",
-    )
-    image_encoder: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]{1,100}(/[A-Za-z0-9_.-]{1,100}){0,3}$",
-        description="The CLIP image encoder's folder in it (default: `image_encoder` beside the weights).",
-    )
-    image: ImageSource = Field(..., description="The reference image: base64, `data:` URI or http(s) URL.")
-    images: list[ImageSource] = Field(
-        default_factory=list, max_length=7, description="More reference images, like `image`, steering together "
-        "with it (several pictures of one face or style)."
-    )
-    scale: float = Field(1.0, ge=0, le=2, description="How strongly the image steers; 0 turns it off.")
-
-    @field_validator("weight_name", "image_encoder")
-    @classmethod
-    def _inside(cls, value: str | None) -> str | None:
-        if value is not None and ".." in value.split("/"):
-            raise ValueError(f"must stay inside the repo, got {value!r}")
-        return value
-
-
-class OutpaintSpec(_Strict):
+class OutpaintSpec(Strict):
     """Outpainting: the image's canvas grown by these margins, which are painted to match it."""
 
     left: int = Field(0, ge=0, le=2048, description="Pixels added on the left.")
@@ -308,7 +85,7 @@ class OutpaintSpec(_Strict):
         return self
 
 
-class VariationSpec(_Strict):
+class VariationSpec(Strict):
     """AUTOMATIC1111's variation seed: each image's starting noise turned, along the sphere, toward
     a second seed's noise, so that small strengths give small variations of the same image."""
 
@@ -322,7 +99,7 @@ class VariationSpec(_Strict):
     )
 
 
-class HiresSpec(_Strict):
+class HiresSpec(Strict):
     """AUTOMATIC1111's hires fix: generate, upscale, then denoise again at the larger size."""
 
     scale: float = Field(2.0, gt=1, le=4, description="Final size over the first pass's size.")
@@ -351,7 +128,7 @@ class HiresSpec(_Strict):
         return final[0] * final[1]
 
 
-class InferenceRequest(_Strict):
+class InferenceRequest(Strict):
     """txt2img, img2img or inpaint. `task` may be left out: `mask_image` means inpaint,
     `image` means img2img, neither means txt2img."""
 
@@ -633,140 +410,14 @@ class S3Config(BaseModel):
     endpointUrl: str = Field(..., pattern=r"^https?://", max_length=4096)
 
 
-class ConvertSpec(_Strict):
-    """Where and how to publish the converted model."""
-
-    dest_url: S3Url = Field(
-        ...,
-        max_length=8192,
-        description="s3://bucket/key, s3:///bucket/key, or s3:// / s3:///bucket/ for the conventional name "
-        "models--ORG--NAME--PRECISION.tar.zst in the default / given bucket.",
-    )
-    precision: Precision = Field("fp16", description="dtype of the published weights.")
-    compression: Literal["zstd", "none"] = Field("zstd", description="`.tar.zst`, or a plain `.tar`.")
-
-
-class ConvertRequest(_Strict):
-    """Convert a model (hub id, local directory, archive or single-file checkpoint) to a
-    safetensors archive and upload it to S3-compatible storage."""
-
-    task: Literal["convert"]
-    model: ModelSpec = Field(default_factory=ModelSpec, description="The source; missing fields from MODEL_*.")
-    convert: ConvertSpec
-    stream: bool = Field(False, description="Yield progress events (load, save, pack, upload) while working.")
-
-
-class TrainSpec(_Strict):
-    """Fine-tune the model on a few images of one subject (DreamBooth), fully or as a LoRA."""
-
-    method: Literal["dreambooth", "lora"] = Field(
-        "lora", description="`lora`: train a small adapter (a .safetensors file); `dreambooth`: all UNet weights "
-        "(a whole model archive)."
-    )
-    instance_prompt: str = Field(
-        ..., min_length=1, max_length=1000, description="Names the subject, e.g. 'a photo of sks dog'."
-    )
-    instance_images: list[ImageSource] = Field(
-        ..., min_length=1, max_length=100, description="The subject's pictures, each like `image`."
-    )
-    instance_captions: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
-        None, max_length=100, description="One caption per instance image, in order: each image trains with its "
-        "caption instead of instance_prompt (put the trigger word in them; captioned LoRA training)."
-    )
-    random_flip: bool = Field(
-        False, description="Mirror each instance image left to right half the time: more variety from few images "
-        "(not for subjects whose sides differ, or text)."
-    )
-    max_train_steps: int = Field(400, ge=1, le=100_000, description="Optimizer steps.")
-    learning_rate: float = Field(
-        1e-4, gt=0, le=1, description="AdamW learning rate (LoRA: 1e-4; dreambooth: 5e-6 or lower is usual)."
-    )
-    resolution: int = Field(512, ge=64, le=2048, description="Training images are resized and center-cropped to this.")
-    train_batch_size: int = Field(1, ge=1, le=16, description="Images per step.")
-    gradient_accumulation_steps: int = Field(
-        1, ge=1, le=64, description="Batches whose gradients add up to one optimizer step (a larger effective batch)."
-    )
-    lr_scheduler: LrSchedule = Field("constant", description="How the learning rate moves over the run (diffusers').")
-    lr_warmup_steps: int = Field(0, ge=0, le=100_000, description="Steps over which the learning rate rises from 0.")
-    snr_gamma: float | None = Field(
-        None, gt=0, le=100, description="Min-SNR loss weighting (5.0 is usual); off when absent."
-    )
-    seed: int = Field(0, ge=0, lt=2**63, description="Makes a run reproducible on the same worker.")
-    dest_url: S3Url = Field(
-        ..., max_length=8192,
-        description="s3://bucket/key (or s3:///bucket/key) for the result: a .safetensors LoRA, or a .tar.zst model "
-        "archive for dreambooth. A key ending in '/' gets the name <job id>-<method>.safetensors / .tar.zst.",
-    )
-    train_text_encoder: bool = Field(False, description="Train the text encoder too (LoRA layers, or all weights).")
-    rank: int = Field(4, ge=1, le=256, description="LoRA rank.")
-    class_prompt: str | None = Field(
-        None, min_length=1, max_length=1000,
-        description="Prior preservation: the subject's class, e.g. 'a photo of a dog'.",
-    )
-    num_class_images: int = Field(
-        0, ge=0, le=200, description="Prior preservation: class images generated by the model before training."
-    )
-    class_inference_steps: int = Field(25, ge=1, le=150, description="Denoising steps for each class image.")
-    prior_loss_weight: float = Field(1.0, ge=0, le=10, description="Weight of the prior-preservation loss.")
-    precision: Precision = Field(
-        "fp16", description="dtype of the published weights (training keeps fp32 master weights whatever this is)."
-    )
-
-    @field_validator("resolution")
-    @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"must be a multiple of 8, got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _prior_preservation(self) -> TrainSpec:
-        if self.instance_captions is not None and len(self.instance_captions) != len(self.instance_images):
-            raise ValueError(f"instance_captions: {len(self.instance_captions)} captions for "
-                             f"{len(self.instance_images)} instance_images (one each, in order)")
-        if self.num_class_images and not self.class_prompt:
-            raise ValueError(f"class_prompt: required with num_class_images {self.num_class_images}")
-        if self.class_prompt and not self.num_class_images:
-            raise ValueError("num_class_images: required with class_prompt (how many class images)")
-        return self
-
-
-class TrainRequest(_Strict):
-    """DreamBooth fine-tuning of a model (hub id, local directory, archive or checkpoint),
-    published to S3-compatible storage."""
-
-    task: Literal["train"]
-    model: ModelSpec = Field(default_factory=ModelSpec, description="The base model; missing fields from MODEL_*.")
-    train: TrainSpec
-    stream: bool = Field(False, description="Yield a progress event per training step (with its loss).")
-    _legacy: bool = PrivateAttr(False)
-
-    @property
-    def legacy(self) -> bool:
-        return self._legacy
-
-    @model_validator(mode="after")
-    def _within_limits(self, info: ValidationInfo) -> TrainRequest:
-        limits: Limits = (info.context or {}).get("limits") or Limits()
-        if self.train.max_train_steps > limits.max_train_steps:
-            raise ValueError(
-                f"train.max_train_steps: at most {limits.max_train_steps} on this endpoint, "
-                f"got {self.train.max_train_steps}"
-            )
-        if self.train.resolution**2 * self.train.train_batch_size > limits.max_pixels:
-            raise ValueError(
-                f"train.resolution: {self.train.resolution}² x train_batch_size {self.train.train_batch_size} is over "
-                f"this endpoint's {limits.max_pixels} pixels"
-            )
-        return self
-
-
 def parse_request(data: Any, limits: Limits) -> InferenceRequest | ConvertRequest | TrainRequest:
     """The request model for a job's input: by its ``task``; docker-diffusers-api and
     AUTOMATIC1111 payloads are translated first (``legacy`` or ``a1111`` is then set, and the
     answer takes that shape too)."""
     from .a1111 import describe_a1111_error, echo, from_a1111, is_a1111
     from .compat import RequestError, describe_legacy_error, from_legacy, is_legacy
+    from .convert import ConvertRequest
+    from .train import TrainRequest
 
     if is_a1111(data):
         try:
