@@ -30,6 +30,7 @@ def main() -> None:
     from schemas import LoraSpec
     from tests.lora_files import make_lora
     from worker.cache import DiskCache
+    from worker.families import of_pipeline
     from worker.loras import apply
     from worker.models import Loaded, ModelRef
     from worker.settings import Settings
@@ -51,7 +52,7 @@ def main() -> None:
         baseline.append(time.perf_counter() - start)
 
     # Ours: the first use loads; later uses switch it on, a plain request switches it off.
-    loaded = Loaded(ModelRef("bench", None, None, "fp16"), pipe)
+    loaded = Loaded(ModelRef("bench", None, None, "fp16"), pipe, of_pipeline(pipe))
     spec = [LoraSpec(id=str(lora), scale=0.8)]
     start = time.perf_counter()
     apply(loaded, pipe, spec, settings=settings, disk=disk, emit=lambda event: None, timings={})

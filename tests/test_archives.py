@@ -217,7 +217,7 @@ def test_cold_start_fetches_the_default_archive_while_torch_imports(tmp_path, ht
         "engine = sys.modules.get('worker.engine')\n"
         "print('engine ready when archive landed:', hasattr(engine, 'Engine'))\n"
         "runner._gpu.submit(lambda: None).result()\n"
-        "print('default model loaded:', len(runner.engine().models._loaded))\n"
+        "print('default model loaded:', len(runner.engine().models.loaded()))\n"
     )
     env = worker_env(tmp_path / "models", MODEL_URL=http.url + "/default.tar.zst")
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "models")], cwd=ROOT, env=env,

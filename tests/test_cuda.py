@@ -105,7 +105,7 @@ def test_sd3_on_cuda(settings, sd3_dir, tmp_path, precision):
     result = engine.generate(request, lambda _: None, lambda: False)
     assert (result.model.device, result.model.precision) == ("cuda", precision)
     assert decode(result.images[0].base64).size == (96, 64)
-    [loaded] = engine.models._loaded.values()
+    [loaded] = engine.models.loaded()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     for name in ("transformer", "text_encoder_3", "vae"):
         module = loaded.pipeline.components[name]

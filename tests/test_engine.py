@@ -169,12 +169,15 @@ def test_output_formats(run, fmt, pil_name):
 
 def test_switching_tasks_reuses_the_loaded_model(run, engine):
     run(prompt="p", num_inference_steps=2)
-    loaded = dict(engine.models._loaded)
+    def warm() -> dict:
+        return {id(m.pipeline): m.ref for m in engine.models.loaded()}
+
+    loaded = warm()
     img2img, _ = run(prompt="p", image=png_b64(), num_inference_steps=2)
     inpaint, _ = run(prompt="p", image=png_b64(), mask_image=png_b64(), num_inference_steps=2)
     for result in (img2img, inpaint):
         assert result.model.source == "memory" and "load" not in result.timings
-    assert dict(engine.models._loaded) == loaded  # the same pipeline objects, nothing reloaded
+    assert warm() == loaded  # the same pipeline objects, nothing reloaded
 
 
 def test_cancellation_stops_the_denoising_loop(run):
@@ -261,7 +264,7 @@ def test_bad_image_payloads_name_the_field(run):
 
 def test_attention_runs_on_pytorch_sdpa(run, engine):
     run(prompt="p", num_inference_steps=1)
-    for loaded in engine.models._loaded.values():  # (an SD3 model too, when another test left one)
+    for loaded in engine.models.loaded():  # (an SD3 model too, when another test left one)
         denoiser = getattr(loaded.pipeline, "unet", None) or loaded.pipeline.transformer
         kinds = {type(p).__name__ for p in denoiser.attn_processors.values()}
         # Both call torch.nn.functional.scaled_dot_product_attention.

@@ -164,7 +164,7 @@ def test_loras_stay_loaded_for_the_next_request_up_to_the_cap(engine, lora_files
         loras = [{"id": str(lora_files[name]), "scale": scales.get(name, 1.0)} for name in names]
         request = InferenceRequest.model_validate(BASE | {"loras": loras})
         result = capped.generate(request, lambda event: None, lambda: False)
-        resident = next(iter(capped.models._loaded.values())).loras
+        resident = capped.models.loaded()[0].loras
         return result, len(resident)
 
     first, resident = draw("style")
@@ -193,7 +193,7 @@ def test_the_same_lora_twice_is_refused(run, lora_files):
 
 def test_a_failed_fetch_keeps_the_loras_already_loaded(run, engine, lora_files):
     image_of(run, loras=[{"id": str(lora_files["style"])}])
-    loaded = next(loaded for loaded in engine.models._loaded.values() if loaded.loras)
+    loaded = next(loaded for loaded in engine.models.loaded() if loaded.loras)
     before = dict(loaded.loras)
     with pytest.raises(Exception, match=r"^loras\[1\]\.id: /nowhere/x\.safetensors is not a \.safetensors file"):
         image_of(run, loras=[{"id": str(lora_files["style"])}, {"id": "/nowhere/x.safetensors"}])

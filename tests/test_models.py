@@ -113,7 +113,7 @@ def test_least_recently_used_model_is_dropped(tmp_path, tiny_dir):
     a_again, _ = generate(engine, model={"id": str(tiny_dir)})
     assert [r.model.source for r in (a, b, a_again)] == ["local", "local", "local"]
     assert a.images[0].base64 == b.images[0].base64 == a_again.images[0].base64
-    assert len(engine.models._loaded) == 1
+    assert len(engine.models.loaded()) == 1
 
     engine = make_engine(tmp_path, max_loaded_models=2)
     sources = [generate(engine, model={"id": str(path)})[0].model.source for path in (tiny_dir, other, tiny_dir)]
@@ -159,7 +159,7 @@ def test_precision_is_applied(tmp_path, tiny_dir):
     engine = make_engine(tmp_path)
     result, _ = generate(engine, model={"id": str(tiny_dir), "precision": "bf16"})
     assert result.model.precision == "bf16"
-    loaded = next(iter(engine.models._loaded.values()))
+    loaded = engine.models.loaded()[0]
     assert str(loaded.pipeline.unet.dtype) == "torch.bfloat16"
 
 

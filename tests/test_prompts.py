@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from worker import prompts
+from worker.families.sd import SD
+from worker.families.sdxl import SDXL
 from worker.models import load_pipeline
 
 LONG = "lighthouse " * 10  # 100 tokens
@@ -51,13 +53,13 @@ def test_one_window_is_encoded_exactly_as_diffusers_does(tiny_dir, sdxl_dir, cli
     """The windows are diffusers' own encoding, repeated: for a prompt that fits, the same tensors."""
     text = "a lighthouse at dawn"
     sd = load_pipeline(tiny_dir, "fp32", None, "cpu")
-    ours = prompts._sd(sd, prompts._windows(sd, sd.tokenizer, [(text, 1.0)]), 1, clip_skip)
+    ours = SD._encode(sd, prompts._windows(sd, sd.tokenizer, [(text, 1.0)]), 1, clip_skip)
     theirs, _ = sd.encode_prompt(text, "cpu", 1, False, clip_skip=clip_skip)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
     xl = load_pipeline(sdxl_dir, "fp32", None, "cpu")
     windows = [prompts._windows(xl, t, [(text, 1.0)]) for t in (xl.tokenizer, xl.tokenizer_2)]
-    embeds, pooled = prompts._sdxl(xl, windows, 1, clip_skip)
+    embeds, pooled = SDXL._encode_both(xl, windows, 1, clip_skip)
     their_embeds, _, their_pooled, _ = xl.encode_prompt(text, device="cpu", do_classifier_free_guidance=False,
                                                         clip_skip=clip_skip)
     torch.testing.assert_close(embeds, their_embeds, rtol=0, atol=0)
@@ -66,8 +68,8 @@ def test_one_window_is_encoded_exactly_as_diffusers_does(tiny_dir, sdxl_dir, cli
 
 def test_prompts_that_fit_are_left_to_the_pipeline(tiny_dir):
     sd = load_pipeline(tiny_dir, "fp32", None, "cpu")
-    assert prompts.encoded(sd, "x" * 75, "y" * 75, None) is None
-    long = prompts.encoded(sd, "x" * 76, None, None)
+    assert prompts.encoded(SD, sd, "x" * 75, "y" * 75, None) is None
+    long = prompts.encoded(SD, sd, "x" * 76, None, None)
     assert long["prompt_embeds"].shape[1] == long["negative_prompt_embeds"].shape[1] == 2 * 77
 
 
@@ -110,8 +112,8 @@ def test_escaped_brackets_and_prompt_weighting_false_read_the_characters(run):
 
 def test_break_starts_a_new_window(tiny_dir):
     sd = load_pipeline(tiny_dir, "fp32", None, "cpu")
-    assert prompts.encoded(sd, "sea BREAK sky", None, None)["prompt_embeds"].shape[1] == 2 * 77
-    assert prompts.encoded(sd, "sea BREAK sky", None, None, weighting=False) is None  # the word, read as one
+    assert prompts.encoded(SD, sd, "sea BREAK sky", None, None)["prompt_embeds"].shape[1] == 2 * 77
+    assert prompts.encoded(SD, sd, "sea BREAK sky", None, None, weighting=False) is None  # the word, read as one
 
 
 def test_docker_diffusers_api_prompts_stay_literal():

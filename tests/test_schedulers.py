@@ -10,6 +10,8 @@ from schemas import SCHEDULERS, a1111_name, canonical_scheduler, parse_request
 from schemas.schedulers import A1111_SAMPLERS
 from tests.helpers import decode
 from worker.errors import UserInputError, answer_for
+from worker.families.sd3 import SD3
+from worker.families.sdxl import SDXL as XL
 from worker.schedulers import make_scheduler
 
 # SDXL's own scheduler config, which the schedule types are relative to.
@@ -28,7 +30,7 @@ def test_automatic1111_sampler_names_are_the_schedulers_diffusers_maps_them_to(e
     # And back: each scheduler built from the table is named as AUTOMATIC1111 names it, with a
     # Karras sampler as its plain one plus the Karras schedule type (A1111 1.9's way).
     for a1111, name in A1111_SAMPLERS.items():
-        scheduler = make_scheduler(name, SDXL)
+        scheduler = make_scheduler(name, SDXL, family=XL)
         plain = a1111.removesuffix(" Karras")
         assert a1111_name(type(scheduler).__name__, scheduler.config) == (
             plain, "Karras" if a1111.endswith("Karras") else None), a1111
@@ -37,32 +39,32 @@ def test_automatic1111_sampler_names_are_the_schedulers_diffusers_maps_them_to(e
 def test_sgm_uniform_spaces_the_steps_as_turbo_and_lightning_models_expect():
     """SDXL Lightning / Turbo / Hyper-SD were distilled for steps that start at the last
     training timestep ("trailing", A1111's SGM Uniform); SDXL's own config starts lower."""
-    plain = make_scheduler("EulerDiscrete", SDXL)
+    plain = make_scheduler("EulerDiscrete", SDXL, family=XL)
     plain.set_timesteps(4)
     assert plain.timesteps.tolist() == [751, 501, 251, 1]
     for schedule in ("sgm_uniform", "simple"):
-        spaced = make_scheduler("EulerDiscrete", SDXL, schedule)
+        spaced = make_scheduler("EulerDiscrete", SDXL, schedule, family=XL)
         spaced.set_timesteps(4)
         assert spaced.timesteps.tolist() == [999, 749, 499, 249]
     assert a1111_name("EulerDiscreteScheduler", spaced.config) == ("Euler", "SGM Uniform")
     # The model's own scheduler takes a schedule too.
-    own = make_scheduler(None, SDXL, "sgm_uniform")
+    own = make_scheduler(None, SDXL, "sgm_uniform", family=XL)
     own.set_timesteps(4)
     assert type(own) is diffusers.EulerDiscreteScheduler and own.timesteps.tolist()[0] == 999
 
 
 def test_sigma_schedules_replace_each_other():
-    karras = make_scheduler("DPMSolverMultistep", SDXL, "karras")
+    karras = make_scheduler("DPMSolverMultistep", SDXL, "karras", family=XL)
     karras.set_timesteps(6)
-    plain = make_scheduler("DPMSolverMultistep", SDXL)
+    plain = make_scheduler("DPMSolverMultistep", SDXL, family=XL)
     plain.set_timesteps(6)
     assert karras.config.use_karras_sigmas and karras.sigmas.tolist() != plain.sigmas.tolist()
     # A model whose own scheduler is Karras: asking for exponential is exponential alone (two
     # at once would be refused by diffusers).
-    exponential = make_scheduler(None, karras, "exponential")
+    exponential = make_scheduler(None, karras, "exponential", family=XL)
     assert (exponential.config.use_exponential_sigmas, exponential.config.use_karras_sigmas) == (True, False)
     assert a1111_name(type(exponential).__name__, exponential.config) == ("DPM++ 2M", "Exponential")
-    assert make_scheduler(None, karras, "beta").config.use_beta_sigmas
+    assert make_scheduler(None, karras, "beta", family=XL).config.use_beta_sigmas
 
 
 @pytest.mark.parametrize("name, base, schedule, message", [
@@ -76,7 +78,7 @@ def test_sigma_schedules_replace_each_other():
 def test_a_schedule_a_scheduler_does_not_have_is_refused_by_name(name, base, schedule, message):
     """diffusers would take the option as an unknown config key, warn, and ignore it."""
     with pytest.raises(UserInputError) as info:
-        make_scheduler(name, base, schedule)
+        make_scheduler(name, base, schedule, family=SD3 if "FlowMatch" in type(base).__name__ else XL)
     assert str(info.value).startswith(message), str(info.value)
 
 

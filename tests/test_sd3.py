@@ -185,7 +185,7 @@ def test_sd3_without_its_t5(run, engine, sd3_dir, tmp_path):
     full = sd3(run, sd3_dir)
     lean = sd3(run, sd3_dir, model={"id": str(sd3_dir), "t5": False})
     assert lean.images[0].base64 != full.images[0].base64  # T5's part of the conditioning is gone
-    pipelines = {ref.t5: loaded.pipeline for ref, loaded in engine.models._loaded.items() if ref.id == str(sd3_dir)}
+    pipelines = {loaded.ref.t5: loaded.pipeline for loaded in engine.models.loaded() if loaded.ref.id == str(sd3_dir)}
     assert pipelines[False].text_encoder_3 is None and pipelines[True].text_encoder_3 is not None
     assert sd3(run, sd3_dir, model={"id": str(sd3_dir), "t5": False}).model.source == "memory"
 

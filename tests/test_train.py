@@ -228,8 +228,8 @@ def test_mixed_precision_training_keeps_fp32_master_weights(runner, s3, monkeypa
     seen = {}
     prepare = worker.train._prepare
 
-    def spy(pipe, spec, autocast_dtype):
-        params = prepare(pipe, spec, autocast_dtype)
+    def spy(pipe, family, spec, autocast_dtype):
+        params = prepare(pipe, family, spec, autocast_dtype)
         seen[spec.method] = ({p.dtype for p in params}, pipe.vae.dtype)
         return params
 

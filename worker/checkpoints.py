@@ -4,9 +4,10 @@ A ``.safetensors`` or ``.ckpt`` in the original Stable Diffusion layout is fetch
 archive (parallel, resumable, verified), converted by diffusers' ``from_single_file`` with the
 configs of ``model.id`` describing its architecture, and installed in MODELS_DIR/checkpoints as
 a diffusers directory of safetensors; the next load is a plain load. Without ``model.id``, the
-checkpoint's keys tell its architecture (SD 1.x, 2.x, SDXL, SD3; inpainting or not), and the
-configs are those of the reference model diffusers names for it (SD 2.x's probed for what its
-UNet predicts). SD3 checkpoints without text encoders borrow them from that model.
+checkpoint's keys tell its family and architecture (each family in worker/families/ knows its
+own; inpainting or not), and the configs are those of the reference model diffusers names for it
+(SD 2.x's probed for what its UNet predicts). Checkpoints without text encoders (SD3.5's, as
+Stability ships them) borrow them from that model.
 
 A ``.ckpt`` is a pickle: it is read only with ``torch.load(weights_only=True)``, which refuses
 anything but tensors and plain containers, and rewritten as safetensors before diffusers sees
@@ -25,8 +26,10 @@ from typing import Callable
 
 from schemas import Progress
 
+from . import families
 from .cache import DiskCache, entry_key
 from .errors import ModelSourceError, first_line
+from .families.sd import UNET_INPUT
 from .precision import dtype as precision_dtype
 from .settings import Settings
 from .storage import open_download, parse_location
@@ -34,23 +37,16 @@ from .storage import open_download, parse_location
 log = logging.getLogger(__name__)
 
 _SAFETENSORS_MAX_HEADER = 100 * 2**20
-_MMDIT = "model.diffusion_model.joint_blocks."
-# SD3 checkpoints may come without their text encoders (Stability ships SD3.5's apart).
-_SD3_TEXT_ENCODERS = {"text_encoder": "text_encoders.clip_l.", "text_encoder_2": "text_encoders.clip_g.",
-                      "text_encoder_3": "text_encoders.t5xxl."}
 
 
 def missing_parts(weights: Path, t5: bool = True) -> list[str]:
     """The components a checkpoint comes without, which the model giving its configs must
-    supply whole: for SD3, the text encoders it lacks (T5 only if ``t5``); none for the others."""
+    supply whole (its family says: SD3's may lack text encoders; T5 only if ``t5``)."""
     from safetensors import safe_open
 
     with safe_open(weights, "pt") as f:
-        keys = list(f.keys())
-    if not any(k.startswith(_MMDIT) for k in keys):
-        return []
-    wanted = {k: v for k, v in _SD3_TEXT_ENCODERS.items() if t5 or k != "text_encoder_3"}
-    return [name for name, prefix in wanted.items() if not any(k.startswith(prefix) for k in keys)]
+        keys = set(f.keys())
+    return families.checkpoint_lacks(keys, t5)
 
 
 def fetch_checkpoint(
@@ -70,7 +66,7 @@ def fetch_checkpoint(
     """The installed diffusers directory converted from the checkpoint at ``url``.
 
     ``configs``: the diffusers directory whose configs describe the architecture, given the
-    fetched weights (as safetensors). ``t5`` false: an SD3 checkpoint is converted without its
+    fetched weights (as safetensors). ``t5`` false: a checkpoint is converted without its
     T5 (one that lacks it does not have it fetched), and installed apart from the full one.
     ``guessed``: the configs are the reference model's for the file's layout, not the caller's."""
     location = parse_location(url, field, settings, None, "")
@@ -148,34 +144,17 @@ def reference_model(weights: Path, field: str) -> str:
 
     with safe_open(weights, "pt") as f:
         keys = set(f.keys())
-        unet_input = "model.diffusion_model.input_blocks.0.0.weight"
-        inpaint = unet_input in keys and f.get_slice(unet_input).get_shape()[1] == 9
+        inpaint = UNET_INPUT in keys and f.get_slice(UNET_INPUT).get_shape()[1] == 9
 
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in keys)
-
-    if has(_MMDIT):  # SD3: 3.5 Medium has a second attention in its first blocks, 3.5 Large 38 blocks
-        if any(".x_block.attn2." in k for k in keys):
-            kind = "sd35_medium"
-        else:
-            kind = "sd35_large" if has(_MMDIT + "37.") else "sd3"
-        return DIFFUSERS_DEFAULT_PIPELINE_PATHS[kind]["pretrained_model_name_or_path"]
-    if unet_input not in keys:
+    kind = families.checkpoint_reference(keys, inpaint)
+    if kind is None and UNET_INPUT not in keys:
         if any("lora" in k.lower() for k in keys):
             raise ModelSourceError(field, "is a LoRA, not a model: pass it in loras, with the model it was made for")
         raise ModelSourceError(
             field, "is not a Stable Diffusion checkpoint (no UNet under model.diffusion_model); "
             "if it is one in another layout, name a diffusers model with its architecture in model.id"
         )
-    if has("conditioner.embedders.1.model."):
-        kind = "xl_inpaint" if inpaint else "xl_base"
-    elif has("conditioner.embedders.0.model."):  # OpenCLIP-G alone: SDXL's refiner
-        kind = "xl_refiner"
-    elif has("cond_stage_model.model."):  # OpenCLIP-H: SD 2.x
-        kind = "inpainting_v2" if inpaint else "v2"
-    elif has("cond_stage_model.transformer."):  # CLIP-L: SD 1.x
-        kind = "inpainting" if inpaint else "v1"
-    else:
+    if kind is None:
         raise ModelSourceError(
             field, "has a UNet but no text encoder this worker knows; name the model it belongs to in model.id"
         )
@@ -206,10 +185,11 @@ def _pickle_to_safetensors(path: Path, out: Path, field: str) -> Path:
 
 def _parts(weights: Path, config_dir: Path, index: dict, dtype, field: str, t5: bool) -> dict:
     """What the checkpoint lacks, loaded from the configs' model (``index``: its
-    model_index.json; diffusers will not look there); without ``t5``, an SD3 model's T5 left out."""
+    model_index.json; diffusers will not look there); without ``t5``, the model's T5 left out."""
     import importlib
 
-    parts = {} if t5 or "text_encoder_3" not in index else {"text_encoder_3": None, "tokenizer_3": None}
+    family = families.from_components(families.components(index))
+    parts = family.without_t5() if family and not t5 else {}
     for name in missing_parts(weights, t5):
         library, class_name = index[name]
         try:
@@ -241,9 +221,9 @@ def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: 
         raise ModelSourceError(
             field, f"could not convert the checkpoint with the configs of model.id ({type(exc).__name__}: {detail})"
         ) from None
-    velocity = pipeline.scheduler.config.get("prediction_type") == "v_prediction"
-    if guessed and class_name == "StableDiffusionPipeline" and velocity:
-        _fit_sd2_parameterization(pipeline)
+    family = families.from_components(families.components(index))
+    if guessed and family:
+        family.fit_reference_configs(pipeline)
     _follow_markers(pipeline, weights)
     pipeline.save_pretrained(out, safe_serialization=True)
 
@@ -265,28 +245,3 @@ def _follow_markers(pipeline, weights: Path) -> None:
         changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     log.info("checkpoint marked %s: scheduler %s", "+".join(k for k in ("v_pred", "ztsnr") if k in keys), changes)
     pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **changes)
-
-
-def _fit_sd2_parameterization(pipeline) -> None:
-    """SD 2.x checkpoints do not say whether they predict the noise (2.0 / 2.1 base, 512 px)
-    or the velocity (2.0 / 2.1, 768 px), and the reference configs assume the velocity; the
-    wrong one draws noise. AUTOMATIC1111's probe tells them apart: at the last timestep, on a
-    flat latent and a flat text, a velocity UNet's output lies well below its input (about
-    minus the image), a noise one's does not. A noise model gets SD 2 base's configs."""
-    import torch
-
-    unet = pipeline.unet
-    dtype = unet.dtype
-    unet.float()  # (and back: fp16 -> fp32 -> fp16 is exact)
-    try:
-        with torch.no_grad():
-            x = torch.full((1, unet.config.in_channels, 8, 8), 0.5)
-            text = torch.full((1, 2, unet.config.cross_attention_dim), 0.5)
-            drift = (unet(x, torch.tensor([999]), text).sample - x).mean().item()
-    finally:
-        unet.to(dtype)
-    if drift < -1:
-        return
-    log.info("SD 2.x checkpoint predicts the noise (probe %.2f): SD 2 base's configs, 512 px", drift)
-    pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, prediction_type="epsilon")
-    unet.register_to_config(sample_size=512 // pipeline.vae_scale_factor)

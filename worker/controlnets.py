@@ -24,18 +24,12 @@ from schemas import ControlNetSpec, Progress
 from .cache import DiskCache
 from .components import Warm, load_module, locate
 from .errors import UserInputError, redact
+from .families import FAMILIES, Family
 from .settings import Settings
 from .timing import ms_since
 
-# Which ControlNet class steers which denoiser, and what they must share: a UNet ControlNet's
-# residuals are added block by block, an SD3 one's to the transformer's hidden states.
-_FITS = {
-    "UNet2DConditionModel": ("ControlNetModel", (
-        "block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type")),
-    "SD3Transformer2DModel": ("SD3ControlNetModel", (
-        "in_channels", "patch_size", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
-        "caption_projection_dim", "pooled_projection_dim")),
-}
+# The ControlNet classes this worker loads, and which models each is for (the families say).
+_KINDS = {family.controlnet.cls: family.controlnet for family in FAMILIES if family.controlnet}
 
 
 class ControlNets:
@@ -46,11 +40,11 @@ class ControlNets:
         self.disk = disk
         self.warm = Warm()
 
-    def get(self, specs: list[ControlNetSpec], denoiser: Any, emit: Callable[[Progress], None],
+    def get(self, specs: list[ControlNetSpec], family: Family, denoiser: Any, emit: Callable[[Progress], None],
             timings: dict[str, float]) -> list[Any]:
         """The ControlNets ``specs`` name, on the device and dtype of ``denoiser`` (the model's
-        UNet or SD3 transformer), each checked to fit it; beyond MAX_LOADED_CONTROLNETS, the
-        least recently used leave the device."""
+        UNet or transformer), each checked to be of ``family``'s kind and to fit it; beyond
+        MAX_LOADED_CONTROLNETS, the least recently used leave the device."""
         start, fresh = time.perf_counter(), False
         nets = []
         for i, spec in enumerate(specs):
@@ -58,15 +52,16 @@ class ControlNets:
             path = locate(spec, field, "controlnets", "ControlNet", self.settings, self.disk, emit)
             # A single file takes its shape from the UNet: it is another model for another UNet.
             shape = "" if path.is_dir() else json.dumps(dict(denoiser.config), sort_keys=True, default=str)
-            net, loaded = self.warm.get((str(path), shape, denoiser.dtype, str(denoiser.device)),
-                                        lambda: _load(path, denoiser, f"{field}.url" if spec.url else f"{field}.id"))
+            net, loaded = self.warm.get(
+                (str(path), shape, denoiser.dtype, str(denoiser.device)),
+                lambda: _load(path, family, denoiser, f"{field}.url" if spec.url else f"{field}.id"))
             fresh = fresh or loaded
-            kind, must_match = _FITS[type(denoiser).__name__]
-            if type(net).__name__ != kind:
-                other = "SD3" if kind == "ControlNetModel" else "SD 1.x, 2.x or XL"
+            kind = family.controlnet
+            if type(net).__name__ != kind.cls:
+                other = _KINDS[type(net).__name__].models
                 raise UserInputError(field, f"{redact(spec.url) if spec.url else spec.id} is a ControlNet for "
                                             f"{other} models ({type(net).__name__}), not for this one")
-            wrong = [k for k in must_match if net.config.get(k) != denoiser.config.get(k)]
+            wrong = [k for k in kind.must_match if net.config.get(k) != denoiser.config.get(k)]
             if wrong:
                 raise UserInputError(field, f"{redact(spec.url) if spec.url else spec.id} does not fit this model "
                                             f"(a ControlNet for another architecture: its {', '.join(wrong)} differ)")
@@ -81,18 +76,18 @@ class ControlNets:
         self.warm.clear()
 
 
-def _load(path: Path, denoiser: Any, field: str) -> Any:
+def _load(path: Path, family: Family, denoiser: Any, field: str) -> Any:
     import diffusers
 
     def from_dir(folder: Path) -> Any:
         kind = json.loads((folder / "config.json").read_text()).get("_class_name", "ControlNetModel")
-        if kind not in (cls for cls, _ in _FITS.values()):
+        if kind not in _KINDS:
             raise ValueError(f"its config names {kind}, not a ControlNet class this worker loads")
         return getattr(diffusers, kind).from_pretrained(folder, torch_dtype=denoiser.dtype, use_safetensors=True)
 
     def from_file(file: Path) -> Any:
-        if type(denoiser).__name__ != "UNet2DConditionModel":
-            raise ValueError("SD3 ControlNets load from their diffusers directory (config.json and "
+        if not family.controlnet.single_file:
+            raise ValueError(f"{family.name} ControlNets load from their diffusers directory (config.json and "
                              "diffusion_pytorch_model.safetensors), not from one file")
         return _from_single_file(file, denoiser)
 

@@ -19,6 +19,7 @@ from schemas import EmbeddingSpec, Progress
 
 from .cache import DiskCache
 from .errors import UserInputError, first_line
+from .families import Family
 from .loras import locate_file, quiet_libraries
 from .settings import Settings
 from .timing import ms_since
@@ -27,18 +28,17 @@ _A1111_KEYS = ("emb_params", "string_to_param")
 
 
 @contextmanager
-def added(pipeline: Any, specs: list[EmbeddingSpec], *, settings: Settings, disk: DiskCache,
+def added(pipeline: Any, family: Family, specs: list[EmbeddingSpec], *, settings: Settings, disk: DiskCache,
           emit: Callable[[Progress], None], timings: dict[str, float]) -> Iterator[None]:
-    """Run the body with ``specs``' words known to ``pipeline``'s tokenizers."""
+    """Run the body with ``specs``' words known to ``pipeline``'s tokenizers (those its
+    ``family`` lists)."""
     if not specs:
         yield
         return
     if not hasattr(pipeline, "load_textual_inversion"):
         raise UserInputError("embeddings", f"{type(pipeline).__name__} pipelines do not take embeddings")
     start = time.perf_counter()
-    encoders = [(pipeline.tokenizer, pipeline.text_encoder)]
-    if getattr(pipeline, "text_encoder_2", None) is not None:
-        encoders.append((pipeline.tokenizer_2, pipeline.text_encoder_2))
+    encoders = family.text_encoders(pipeline)
     try:
         for i, spec in enumerate(specs):
             field = f"embeddings[{i}]"

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import diffusers
 import torch
 import transformers
-from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+from diffusers import AutoPipelineForImage2Image
 from PIL import ImageOps
 
 from schemas import (
@@ -36,10 +36,8 @@ from .ip_adapters import IpAdapters
 from .errors import JobCancelled, UserInputError, redact
 from .images import encode_image, fit, load_image
 from .inpainting import Inpainting, grow, prepare
-from .models import (
-    EMBEDDED_ID, FETCHED_NOW, SD3, SDXL, SDXL_REFINER, ModelStore, check_t5, denoiser, family_at, family_of,
-    model_ref,
-)
+from . import families
+from .models import EMBEDDED_ID, FETCHED_NOW, ModelStore, check_t5, model_ref
 from .outputs import Outbox
 from .preprocess import Depth, Pose, canny
 from .publish import check_destination, export
@@ -50,12 +48,6 @@ from .timing import ms_since
 from .vaes import Vaes
 
 log = logging.getLogger(__name__)
-
-_TASK_PIPELINES = {
-    "txt2img": AutoPipelineForText2Image,
-    "img2img": AutoPipelineForImage2Image,
-    "inpaint": AutoPipelineForInpainting,
-}
 
 Emit = Callable[[Progress], None]
 
@@ -99,19 +91,19 @@ class Engine:
             # 1. The model: from memory when warm; and can it do what the request asks?
             ref = model_ref(request.model, self.settings, self.device)
             loaded, source = self.models.get(ref, emit, timings)
-            _check_fits(loaded, request)
+            family, base = loaded.family, loaded.pipeline
+            family.check(request, _name(loaded), base)
 
             # 2. Input images (control images too), sized to what will be generated.
-            base = loaded.pipeline
             start = time.perf_counter()
-            multiple = _multiple(base)
-            images, inpainting = self._inputs(request, base)
-            images.update(self._control_inputs(request, images, base, inpainting))
+            multiple = family.multiple(base)
+            images, inpainting = self._inputs(request, family, base)
+            images.update(self._control_inputs(request, images, family, base, inpainting))
             if request.task != "txt2img" or request.controlnets:
                 timings["inputs"] = ms_since(start)
             if request.hires:  # the first pass's size is needed to know the second's
-                images.setdefault("width", _default_size(base))
-                images.setdefault("height", _default_size(base))
+                images.setdefault("width", family.default_size(base))
+                images.setdefault("height", family.default_size(base))
                 if request.hires.size(images["width"], images["height"], multiple) > self.settings.max_pixels:
                     raise UserInputError("hires.scale", f"{images['width']}x{images['height']} times "
                                          f"{request.hires.scale} is over this endpoint's "
@@ -119,11 +111,11 @@ class Engine:
 
             # 3. The pipeline for this task, sharing the loaded components, with its own scheduler
             #    (and this request's ControlNets and VAE, kept warm).
-            nets = self.controlnets.get(request.controlnets, denoiser(base), emit, timings)
+            nets = self.controlnets.get(request.controlnets, family, family.denoiser_of(base), emit, timings)
             vae = self.vaes.get(request.vae, base.vae, emit, timings) if request.vae else None
             pipe = self._task_pipeline(loaded, request, nets, vae)
             tiled = seamless.axes(request.tiling)
-            self._vae_memory(pipe.vae, request.num_images, _vae_pixels(request, images, base, multiple), tiled)
+            self._vae_memory(pipe.vae, request.num_images, _vae_pixels(request, images, family, base), tiled)
 
             # 4. One generator per image, so each image's seed reproduces it alone.
             seeds = _seeds(request.seed, request.num_images)
@@ -151,14 +143,14 @@ class Engine:
             size = self.settings.max_batch_size or len(generators)
             batches = [generators[i:i + size] for i in range(0, len(generators), size)]
             outputs = []
-            with embeddings.added(pipe, request.embeddings, settings=self.settings, disk=self.models.disk,
+            with embeddings.added(pipe, family, request.embeddings, settings=self.settings, disk=self.models.disk,
                                   emit=emit, timings=timings), \
                     self.ip_adapters.applied(pipe, request.adapters(), emit, timings) as reference, \
-                    seamless.wrapping(_convolutional(pipe), tiled):
-                texts = _texts(pipe, request, prompt, negative)
+                    seamless.wrapping(family.convolutional(pipe), tiled):
+                texts = _texts(family, pipe, request, prompt, negative)
                 hires_texts, hires = texts, request.hires
                 if hires and (hires.prompt or hires.negative_prompt):  # the second pass's own prompts
-                    hires_texts = _texts(pipe, request, *_as_read(
+                    hires_texts = _texts(family, pipe, request, *_as_read(
                         request, hires.prompt or request.prompt, hires.negative_prompt or request.negative_prompt))
                 first_pass = self._first_pass(pipe, request)
                 rescale = _rescaled(request, pipe)
@@ -169,17 +161,19 @@ class Engine:
                     noise = {}
                     if variation_seeds:
                         noise["latents"] = variation.starting_noise(
-                            pipe, batch, variation_seeds[b * size:b * size + len(batch)], request.variation.strength,
-                            images.get("width") or _default_size(base), images.get("height") or _default_size(base))
+                            pipe, family.denoiser_of(pipe), batch, variation_seeds[b * size:b * size + len(batch)],
+                            request.variation.strength,
+                            images.get("width") or family.default_size(base),
+                            images.get("height") or family.default_size(base))
                     output = first_pass(**texts, **common, num_inference_steps=request.num_inference_steps,
                                         callback_on_step_end=reporting("inference"), **noise,
-                                        **_per_image(base, images, len(batch)))
+                                        **family.per_image(images, len(batch)))
                     _add_ms(timings, "inference", start)
                     if request.hires:
                         start = time.perf_counter()
-                        output = self._hires(pipe, request.hires, output.images, images, **hires_texts, **common,
-                                             num_inference_steps=request.hires.steps or request.num_inference_steps,
-                                             callback_on_step_end=reporting("hires"))
+                        output = self._hires(family, pipe, request.hires, output.images, images, **hires_texts,
+                                             **common, callback_on_step_end=reporting("hires"),
+                                             num_inference_steps=request.hires.steps or request.num_inference_steps)
                         _add_ms(timings, "hires", start)
                     outputs.append(output)
 
@@ -269,8 +263,9 @@ class Engine:
             path, source = self.models.locate(ref, emit)
         if source in FETCHED_NOW:
             timings["download"] = ms_since(start)
-        check_t5(ref, path)
-        lean = not ref.t5 and family_at(path) == SD3
+        family = families.at(path)
+        check_t5(ref, family)
+        lean = not ref.t5 and bool(family and family.optional_t5)
         location = destination(lean)
         if not final:
             check_destination(location, self.settings, "convert.dest_url")
@@ -310,16 +305,16 @@ class Engine:
         info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision="fp32", device=self.device)
         return Result(task="train", train=out, timings=timings, model=info)
 
-    def _inputs(self, request: InferenceRequest, base) -> tuple[dict, Inpainting | None]:
+    def _inputs(self, request: InferenceRequest, family, base) -> tuple[dict, Inpainting | None]:
         """Pipeline arguments for the images and size ({} for txt2img without a size); for
         inpainting, also how its answer is pasted together."""
         if request.task == "txt2img":
             return {k: v for k, v in (("width", request.width), ("height", request.height)) if v}, None
         image = load_image(request.image, "image", self.settings)
         if request.task == "img2img":
-            width, height = self._size_from(image, request, "image", _multiple(base))
+            width, height = self._size_from(image, request, "image", family.multiple(base))
             args = {"image": fit(image, (width, height), request.resize_mode)}
-            return args | {"strength": request.strength} | _sized(base, width, height), None
+            return args | {"strength": request.strength} | family.img2img_size(width, height), None
         if request.outpaint:
             (image, mask), field = grow(image, request.outpaint), "outpaint"
         else:
@@ -327,9 +322,9 @@ class Engine:
             if request.mask_invert:
                 mask = ImageOps.invert(mask)
         if request.padding_mask_crop is None:
-            width, height = self._size_from(image, request, field, _multiple(base))
+            width, height = self._size_from(image, request, field, family.multiple(base))
         else:  # the image keeps its size: this is the size its masked area is repainted at
-            width, height = request.width or _default_size(base), request.height or _default_size(base)
+            width, height = request.width or family.default_size(base), request.height or family.default_size(base)
         inpainting = prepare(image, mask, (width, height), request.mask_blur, request.padding_mask_crop,
                              request.resize_mode)
         args = {"image": inpainting.cut(inpainting.original), "mask_image": inpainting.cut(inpainting.mask),
@@ -354,12 +349,12 @@ class Engine:
         return pipe
 
     @staticmethod
-    def _hires(pipe, hires: HiresSpec, first, images: dict, **common):
+    def _hires(family, pipe, hires: HiresSpec, first, images: dict, **common):
         """AUTOMATIC1111's hires fix, second pass: the first pass's output upscaled, then img2img
         on it at ``hires.strength`` with the same prompts, generators and ControlNets."""
         from PIL import Image
 
-        width, height = hires.final(images["width"], images["height"], _multiple(pipe))
+        width, height = hires.final(images["width"], images["height"], family.multiple(pipe))
         if hires.upscaler == "latent":
             factor = pipe.vae_scale_factor
             upscaled = torch.nn.functional.interpolate(first, size=(height // factor, width // factor), mode="bilinear")
@@ -374,7 +369,8 @@ class Engine:
                 controls["control_image"] = control.resize((width, height))
         second = AutoPipelineForImage2Image.from_pipe(pipe)
         second.set_progress_bar_config(disable=True)
-        return second(**_sized(pipe, width, height), image=upscaled, strength=hires.strength, **controls, **common)
+        return second(**family.img2img_size(width, height), image=upscaled, strength=hires.strength, **controls,
+                      **common)
 
     def _refine(self, request: InferenceRequest, prompt: str, negative: str | None, latents, generators,
                 on_step: Callable, emit: Emit, timings: dict[str, float]) -> tuple[Any, ModelInfo]:
@@ -386,19 +382,20 @@ class Engine:
         refiner, source = self.models.get(ref, emit, loading)
         for phase, ms in loading.items():  # (once: later batches find it in memory)
             timings[f"refiner_{phase}"] = ms
-        if family_of(refiner.pipeline) not in (SDXL, SDXL_REFINER):
+        if not (refiner.family.refines or refiner.family.takes_refiner):
             raise UserInputError("refiner.id", f"{ref.id} is not an SDXL model ({type(refiner.pipeline).__name__})")
         pipe = AutoPipelineForImage2Image.from_pipe(
             refiner.pipeline,
-            scheduler=make_scheduler(request.scheduler, refiner.pipeline.scheduler, request.schedule))
+            scheduler=make_scheduler(request.scheduler, refiner.pipeline.scheduler, request.schedule,
+                                     family=refiner.family))
         pipe.set_progress_bar_config(disable=True)
         loras.apply(refiner, pipe, [], settings=self.settings, disk=self.models.disk, emit=emit, timings={})
         pixels = latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2
         tiled = seamless.axes(request.tiling)
         self._vae_memory(pipe.vae, request.num_images, pixels, tiled)
         start = time.perf_counter()
-        with seamless.wrapping(_convolutional(pipe), tiled):
-            output = pipe(**_texts(pipe, request, prompt, negative), image=latents,
+        with seamless.wrapping(refiner.family.convolutional(pipe), tiled):
+            output = pipe(**_texts(refiner.family, pipe, request, prompt, negative), image=latents,
                           num_inference_steps=request.num_inference_steps, denoising_start=spec.switch,
                           guidance_scale=request.guidance_scale, num_images_per_prompt=len(generators),
                           generator=generators, callback_on_step_end=on_step, **_rescaled(request, pipe))
@@ -426,7 +423,8 @@ class Engine:
             )
         return width, height
 
-    def _control_inputs(self, request: InferenceRequest, images: dict, base, inpainting: Inpainting | None) -> dict:
+    def _control_inputs(self, request: InferenceRequest, images: dict, family, base,
+                        inpainting: Inpainting | None) -> dict:
         """Pipeline arguments for the ControlNets: their images at the output size (cut as the
         input is, for inpainting), and how each steers. txt2img takes its size from the first
         control image when the request gives none."""
@@ -435,7 +433,7 @@ class Engine:
         controls = [load_image(spec.image, f"controlnets[{i}].image", self.settings)
                     for i, spec in enumerate(request.controlnets)]
         if request.task == "txt2img":
-            width, height = self._size_from(controls[0], request, "controlnets[0].image", _multiple(base))
+            width, height = self._size_from(controls[0], request, "controlnets[0].image", family.multiple(base))
             size = {"width": width, "height": height}
         else:
             width, height = images["image"].size
@@ -455,20 +453,17 @@ class Engine:
         def each(values: list):
             return values[0] if len(values) == 1 else values
 
-        # SD and SDXL's txt2img ControlNet pipelines take the control images as ``image``; their
-        # img2img / inpaint ones, and SD3's, as ``control_image``.
-        as_image = request.task == "txt2img" and family_of(base) != SD3
         return size | {
-            "image" if as_image else "control_image": each(controls),
+            family.control_images_as(request.task): each(controls),
             "controlnet_conditioning_scale": each([spec.scale for spec in request.controlnets]),
             "control_guidance_start": each([spec.start for spec in request.controlnets]),
             "control_guidance_end": each([spec.end for spec in request.controlnets]),
         }
 
     def _task_pipeline(self, loaded, request: InferenceRequest, nets: list | None = None, vae=None):
-        base = loaded.pipeline
+        base, family = loaded.pipeline, loaded.family
         name = _name(loaded)
-        scheduler = make_scheduler(request.scheduler, base.scheduler, request.schedule)
+        scheduler = make_scheduler(request.scheduler, base.scheduler, request.schedule, family=family)
         trained = scheduler.config.get("num_train_timesteps", 1000)
         if request.num_inference_steps >= trained:
             # With SD's steps_offset, as many steps as training timesteps index past the end.
@@ -482,9 +477,9 @@ class Engine:
             raise UserInputError("clip_skip", f"at most {(layers or 1) - 1} for {name}, got {request.clip_skip}")
         overrides: dict = {"scheduler": scheduler}
         if nets:
-            from diffusers.models import MultiControlNetModel, SD3MultiControlNetModel
+            import diffusers.models
 
-            several = SD3MultiControlNetModel if family_of(base) == SD3 else MultiControlNetModel
+            several = getattr(diffusers.models, family.controlnet.several)
             overrides["controlnet"] = nets[0] if len(nets) == 1 else several(nets)
         if vae is not None:
             overrides["vae"] = vae
@@ -495,7 +490,7 @@ class Engine:
         if ships_checker and not use_checker:
             overrides.update(safety_checker=None, requires_safety_checker=False)
         try:
-            pipe = _TASK_PIPELINES[request.task].from_pipe(base, **overrides)
+            pipe = family.pipeline_class(request.task).from_pipe(base, **overrides)
         except ValueError:
             raise UserInputError("task", f"{name} ({type(base).__name__}) cannot run {request.task}") from None
         pipe.set_progress_bar_config(disable=True)
@@ -504,10 +499,6 @@ class Engine:
 
 def _name(loaded) -> str:
     return loaded.ref.id if loaded.ref.id != EMBEDDED_ID else "the embedded model"
-
-
-# What SD3 models do not take here (the parts are made for SD 1.x/2.x and SDXL's UNet and CLIP).
-_NOT_FOR_SD3 = {"ip_adapter": "IP-Adapters", "ip_adapters": "IP-Adapters", "embeddings": "textual-inversion embeddings"}
 
 
 def _as_read(request: InferenceRequest, prompt: str, negative: str | None) -> tuple[str, str | None]:
@@ -542,91 +533,30 @@ def _variation_seeds(request: InferenceRequest) -> list[int]:
     return _seeds(spec.seed, request.num_images) if spec and spec.strength else []
 
 
-def _convolutional(pipe) -> list:
-    """What seamless tiling makes wrap around: the UNet, its ControlNets, the VAE."""
-    return [getattr(pipe, "unet", None), getattr(pipe, "controlnet", None), pipe.vae]
-
-
-def _check_fits(loaded, request: InferenceRequest) -> None:
-    """Refuse, naming the field, what the loaded model cannot do, before any work for it."""
-    base, name = loaded.pipeline, _name(loaded)
-    kind = family_of(base)
-    if kind == SDXL_REFINER:
-        raise UserInputError("model", f"{name} is an SDXL refiner: send it as refiner, beside an SDXL model")
-    unet = getattr(base, "unet", None)
-    if unet is not None and unet.config.in_channels == 9 and request.task != "inpaint":
-        raise UserInputError("task", f"{name} is an inpainting model (9-channel UNet): send image and mask_image")
-    multiple = _multiple(base)
-    for field in ("width", "height"):
-        value = getattr(request, field)
-        if value and value % multiple:
-            raise UserInputError(field, f"must be a multiple of {multiple} for {name}, got {value}")
-    if request.refiner and kind != SDXL:
-        raise UserInputError("refiner", f"{name} is not an SDXL model: a refiner takes over from SDXL models")
-    if kind == SD3:
-        for field, what in _NOT_FOR_SD3.items():
-            if getattr(request, field):
-                raise UserInputError(field, f"{name} is an SD3 model; {what} here are for SD 1.x, 2.x and XL models")
-        # diffusers has SD3 ControlNet pipelines for txt2img only (its inpainting one takes
-        # inpainting ControlNets alone), and none for a hires pass.
-        if request.controlnets and request.task != "txt2img":
-            raise UserInputError("controlnets", f"{name} is an SD3 model; its ControlNets steer txt2img only")
-        if request.controlnets and request.hires:
-            raise UserInputError("hires", f"{name} is an SD3 model; its ControlNets have no hires pass")
-        if request.tiling:
-            raise UserInputError("tiling", f"{name} is an SD3 model; seamless tiling needs a UNet (SD 1.x, 2.x "
-                                 "and XL models)")
-
-
 def _add_ms(timings: dict[str, float], phase: str, start: float) -> None:
     """Count the time since ``start`` to ``phase`` (a phase may run once per batch)."""
     timings[phase] = round(timings.get(phase, 0.0) + ms_since(start), 1)
 
 
-def _texts(pipe, request: InferenceRequest, prompt: str, negative: str | None) -> dict:
+def _texts(family, pipe, request: InferenceRequest, prompt: str, negative: str | None) -> dict:
     """The pipeline's prompt arguments: embeddings for long or weighted prompts (encoded here),
     else the text itself, which the pipeline encodes as diffusers does."""
-    return prompts.encoded(pipe, prompt, negative, request.clip_skip, request.prompt_weighting) or {
+    return prompts.encoded(family, pipe, prompt, negative, request.clip_skip, request.prompt_weighting) or {
         "prompt": prompt, "negative_prompt": negative,
         **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
     }
 
 
-def _sized(pipeline, width: int, height: int) -> dict:
-    """The size, for SD3's img2img pipeline, which would resize its input to the model's
-    default size without it (SD's and SDXL's take the input's and have no such arguments)."""
-    return {"width": width, "height": height} if family_of(pipeline) == SD3 else {}
-
-
-def _per_image(pipeline, images: dict, count: int) -> dict:
-    """The input images once per image of the batch, for SD3: its img2img and inpaint pipelines
-    encode image i with generator i and would index past a single image (diffusers 0.42)."""
-    if family_of(pipeline) != SD3 or count == 1:
-        return images
-    return images | {k: [images[k]] * count for k in ("image", "mask_image") if k in images}
-
-
-def _multiple(pipeline) -> int:
-    """What image sides must be a multiple of: the VAE's factor (8), times SD3's patch size (2)."""
-    transformer = getattr(pipeline, "transformer", None)
-    return pipeline.vae_scale_factor * (transformer.config.patch_size if transformer is not None else 1)
-
-
-def _default_size(pipeline) -> int:
-    """The side of the model's own images (512 for SD 1.5, 1024 for SDXL and SD3)."""
-    return denoiser(pipeline).config.sample_size * pipeline.vae_scale_factor
-
-
-def _vae_pixels(request: InferenceRequest, images: dict, pipeline, multiple: int) -> int:
+def _vae_pixels(request: InferenceRequest, images: dict, family, pipeline) -> int:
     """Pixels of the largest image the VAE handles in this job."""
     if "width" in images:
         width, height = images["width"], images["height"]
     elif request.task != "txt2img":
         width, height = images["image"].size
     else:
-        width = height = _default_size(pipeline)
+        width = height = family.default_size(pipeline)
     if request.hires:
-        width, height = request.hires.final(width, height, multiple)
+        width, height = request.hires.final(width, height, family.multiple(pipeline))
     return width * height
 
 

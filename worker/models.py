@@ -31,10 +31,11 @@ from typing import Any, Callable
 
 from schemas import ModelSpec, Progress
 
-from . import archives
+from . import archives, families
 from .cache import DiskCache, entry_key
 from .checkpoints import fetch_checkpoint, missing_parts, reference_model
 from .errors import ModelSourceError, first_line
+from .families import Family
 from .precision import dtype as precision_dtype
 from .settings import Settings
 from .storage import Location, ObjectMissing, open_download, parse_location
@@ -67,6 +68,7 @@ class ModelRef:
 class Loaded:
     ref: ModelRef
     pipeline: Any  # a diffusers DiffusionPipeline
+    family: Family  # worked out once, at load
     # LoRAs resident on its modules, least recently used first: file identity -> adapter name.
     loras: OrderedDict[str, str] = field(default_factory=OrderedDict)
 
@@ -186,77 +188,31 @@ def fetch_archive(
     return path, source if fetched else "cache"
 
 
-# What a pipeline's components make it; the engine checks each request against it.
-SD, SDXL, SDXL_REFINER, SD3 = "SD 1.x/2.x", "SDXL", "SDXL refiner", "SD3"
-
-
-def family(components: dict[str, str | None]) -> str | None:
-    """Which Stable Diffusion a model is, from its components' class names (name -> class,
-    as ``model_index.json`` lists them); None for anything else."""
-    if components.get("transformer") == "SD3Transformer2DModel":
-        return SD3
-    clip = [components.get(name) or "" for name in ("text_encoder", "text_encoder_2")]
-    if components.get("unet") != "UNet2DConditionModel" or not any(c.startswith("CLIPTextModel") for c in clip):
-        return None
-    if not clip[1]:
-        return SD
-    return SDXL if clip[0] else SDXL_REFINER
-
-
-def family_of(pipeline: Any) -> str | None:
-    return family({name: type(module).__name__ for name, module in pipeline.components.items() if module is not None})
-
-
-def denoiser(pipeline: Any) -> Any:
-    """What denoises: the UNet, or SD3's transformer."""
-    return getattr(pipeline, "unet", None) or pipeline.transformer
-
-
-def _index(path: Path) -> dict | None:
-    """The model's ``model_index.json``; None if it has none readable."""
-    try:
-        return json.loads((path / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def family_at(path: Path) -> str | None:
-    """Refuse a model this worker cannot run before loading gigabytes of it; else its family."""
-    index = _index(path)
-    if index is None:
-        return None  # from_pretrained says what is wrong with it
-    components = {k: v[1] for k, v in index.items() if isinstance(v, list) and len(v) == 2}
-    kind = family(components)
-    if kind is None:
-        raise ModelSourceError("model.id", f"it is a {index.get('_class_name', 'non-diffusers')} model; "
-                                           "this worker runs Stable Diffusion 1.x, 2.x, XL and 3 models")
-    return kind
-
-
-def check_t5(ref: ModelRef, path: Path) -> None:
+def check_t5(ref: ModelRef, family: Family | None) -> None:
     """A request's ``t5: false`` on a model without T5 is a mistake to answer."""
-    if ref.t5_asked and not ref.t5 and family_at(path) != SD3:
-        raise ModelSourceError("model.t5", f"{ref.id} has no T5 encoder to leave out (only SD3 models do)")
+    if ref.t5_asked and not ref.t5 and not (family and family.optional_t5):
+        with_t5 = " and ".join(f.name for f in families.FAMILIES if f.optional_t5)
+        raise ModelSourceError("model.t5", f"{ref.id} has no T5 encoder to leave out (only {with_t5} models do)")
 
 
-def _lists_t5(path: Path) -> bool:
-    """Whether the model in ``path`` has a T5 encoder (SD3's text_encoder_3)."""
-    return bool(((_index(path) or {}).get("text_encoder_3") or [None, None])[1])
-
-
-# What leaves SD3's T5 out, for DiffusionPipeline.from_pretrained and .download alike.
-WITHOUT_T5 = {"text_encoder_3": None, "tokenizer_3": None}
+def _t5_listed(path: Path) -> list[str]:
+    """The T5 encoder the model in ``path`` lists, if its family has one to leave out."""
+    index = families.read_index(path) or {}
+    family = families.from_components(families.components(index))
+    encoder = family.optional_t5[0] if family and family.optional_t5 else None
+    return [encoder] if encoder and (index.get(encoder) or [None, None])[1] else []
 
 
 def load_pipeline(path: Path, precision: str, variant: str | None, device: str, t5: bool = True) -> Any:
-    """``t5``: false leaves an SD3 model's T5 out (other models have none)."""
+    """``t5``: false leaves the model's T5 out, where its family has one to leave."""
     from diffusers import DiffusionPipeline
 
-    without_t5 = family_at(path) == SD3 and not t5
+    family = families.at(path)
+    leave_out = family.without_t5() if family and not t5 else {}
     dtype = precision_dtype(precision)
     try:
         pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True,
-                                                     **(WITHOUT_T5 if without_t5 else {}))
+                                                     **leave_out)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         detail = first_line(exc)
         with_variant = f" (variant {variant!r})" if variant else ""
@@ -319,7 +275,7 @@ class ModelStore:
             loaded = parked
             loaded.pipeline.to(self.device)
         else:
-            loaded = Loaded(ref, self._load(path, ref))
+            loaded = self._load(path, ref)
         timings["load"] = ms_since(start)
         emit(Progress(stage="load", step=1, total=1))
         self._loaded[ref] = loaded
@@ -328,6 +284,10 @@ class ModelStore:
             self._evict()
         log.info("loaded %s from %s in %.0f ms", ref.id, source, timings["load"])
         return loaded, source
+
+    def loaded(self) -> list[Loaded]:
+        """The pipelines on the device, least recently used first."""
+        return list(self._loaded.values())
 
     def clear_device(self) -> None:
         """Free the GPU for a job that needs all of it (training): warm pipelines are parked in
@@ -447,7 +407,8 @@ class ModelStore:
         from huggingface_hub import snapshot_download
 
         token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
-        options = dict(revision=ref.revision, variant=ref.variant, token=token, **({} if ref.t5 else WITHOUT_T5))
+        options = dict(revision=ref.revision, variant=ref.variant, token=token,
+                       **({} if ref.t5 else families.without_t5()))
         if configs_only:
             patterns = ["*.json", "*.txt", "*.model", *(f"{part}/*" for part in parts)]
             options = dict(revision=ref.revision, token=token, allow_patterns=patterns)
@@ -460,7 +421,7 @@ class ModelStore:
                     continue
                 # A cached snapshot may hold only the configs of an earlier conversion, or an SD3
                 # model without the T5 that this request wants.
-                wanted = parts if configs_only else (["text_encoder_3"] if ref.t5 and _lists_t5(path) else [])
+                wanted = parts if configs_only else (_t5_listed(path) if ref.t5 else [])
                 if all(any((path / part).glob("*.safetensors")) for part in wanted):
                     return path, "cache"
         if self.settings.hf_hub_offline:
@@ -481,9 +442,21 @@ class ModelStore:
 
     # --- Loading ---
 
-    def _load(self, path: Path, ref: ModelRef) -> Any:
-        check_t5(ref, path)
+    def _load(self, path: Path, ref: ModelRef) -> Loaded:
+        def failed(exc: ModelSourceError) -> ModelSourceError:
+            return ModelSourceError(exc.field, f"could not load {ref.id}: {str(exc).partition(': ')[2]}")
+
         try:
-            return load_pipeline(path, ref.precision, ref.variant, self.device, ref.t5)
+            family = families.at(path)  # a model this worker cannot run is refused before loading
         except ModelSourceError as exc:
-            raise ModelSourceError(exc.field, f"could not load {ref.id}: {str(exc).partition(': ')[2]}") from None
+            raise failed(exc) from None
+        check_t5(ref, family)
+        try:
+            pipeline = load_pipeline(path, ref.precision, ref.variant, self.device, ref.t5)
+        except ModelSourceError as exc:
+            raise failed(exc) from None
+        family = families.of_pipeline(pipeline)
+        if family is None:  # its index named classes of ours, but what loaded is not one of our models
+            raise ModelSourceError("model.id", f"could not load {ref.id}: {type(pipeline).__name__} is not a model "
+                                               "this worker runs")
+        return Loaded(ref, pipeline, family)

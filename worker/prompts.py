@@ -105,7 +105,7 @@ def _windows(pipe: Any, tokenizer: Any, pieces: Pieces) -> list[Window]:
     return windows
 
 
-def _tensors(tokenizer: Any, windows: list[Window], count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tensors(tokenizer: Any, windows: list[Window], count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` rows of model_max_length ids (start, tokens, end, padding), and their weights."""
     length = tokenizer.model_max_length
     ids, weights = [], []
@@ -117,7 +117,7 @@ def _tensors(tokenizer: Any, windows: list[Window], count: int) -> tuple[torch.T
     return torch.tensor(ids), torch.tensor(weights)
 
 
-def _weighted(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Each token's state times its weight; each window keeps its mean (AUTOMATIC1111's rescale)."""
     if bool((weights == 1).all()):
         return hidden
@@ -128,70 +128,30 @@ def _weighted(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return scaled * torch.where(after == 0, 1, before / after)
 
 
-def _sd(pipe: Any, windows: list[Window], count: int, clip_skip: int | None) -> torch.Tensor:
-    """SD 1.x/2.x: the last hidden state (or the one ``clip_skip`` layers before it, normed)."""
-    encoder = pipe.text_encoder
-    ids, weights = _tensors(pipe.tokenizer, windows, count)
-    if clip_skip is None:
-        hidden = encoder(ids.to(encoder.device))[0]
-    else:
-        hidden = encoder(ids.to(encoder.device), output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-        hidden = getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
-    hidden = _weighted(hidden, weights)
-    return hidden.reshape(1, -1, hidden.shape[-1]).to(encoder.dtype)
-
-
-def _sdxl(pipe: Any, windows: list[list[Window]], count: int,
-          clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL: both encoders' penultimate (or earlier) hidden states side by side, and the pooled
-    projection of the second encoder's first window."""
-    states, pooled = [], None
-    pairs = ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
-    for (tokenizer, encoder), own in zip(pairs, windows):
-        if encoder is None:  # a model with only the second encoder
-            continue
-        ids, weights = _tensors(tokenizer, own, count)
-        out = encoder(ids.to(encoder.device), output_hidden_states=True)
-        if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first
-            pooled = out[0][:1]
-        hidden = _weighted(out.hidden_states[-(clip_skip + 2) if clip_skip else -2], weights)
-        states.append(hidden.reshape(1, -1, hidden.shape[-1]))
-    return torch.cat(states, dim=-1).to(pipe.text_encoder_2.dtype), pooled.to(pipe.text_encoder_2.dtype)
-
-
-def encoded(pipe: Any, prompt: str, negative: str | None, clip_skip: int | None, weighting: bool = True) -> dict | None:
-    """Pipeline keywords carrying both prompts' embeddings; None for plain prompts that fit,
-    which the pipeline encodes itself, exactly as diffusers does.
+def encoded(family: Any, pipe: Any, prompt: str, negative: str | None, clip_skip: int | None,
+            weighting: bool = True) -> dict | None:
+    """Pipeline keywords carrying both prompts' embeddings, encoded as ``family`` encodes
+    them; None for plain prompts that fit, which the pipeline encodes itself, exactly as
+    diffusers does.
 
     ``weighting``: read the attention syntax; else the text is taken as it is (still whole).
-    SD3's pipeline always encodes the prompt itself (its T5 reads 256 tokens); weights there
-    are refused rather than read as characters."""
+    A family whose pipeline always encodes the prompt itself (SD3: its T5 reads 256 tokens)
+    refuses weights rather than read them as characters."""
     pieces = {"prompt": prompt, "negative": negative or ""}
     pieces = {name: parse(text) if weighting else [(text, 1.0)] for name, text in pieces.items()}
-    if hasattr(pipe, "text_encoder_3"):
+    if not family.prompt_weighting:
         for name, own in pieces.items():
             if any(text is BREAK or weight != 1.0 for text, weight in own):
                 field = "prompt" if name == "prompt" else "negative_prompt"
-                raise UserInputError(field, "weights like (word:1.2), [word] and BREAK are read for SD 1.x, 2.x and "
-                                            "XL models, not SD3 ones: remove them, or send prompt_weighting: false "
-                                            "to pass the text as written")
+                raise UserInputError(field, f"weights like (word:1.2), [word] and BREAK are read for SD 1.x, 2.x and "
+                                            f"XL models, not {family.name} ones: remove them, or send "
+                                            "prompt_weighting: false to pass the text as written")
         return None
-    sdxl = hasattr(pipe, "text_encoder_2")
-    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
-    windows = {name: [_windows(pipe, t, own) if t is not None else [[]] for t in tokenizers]
+    windows = {name: [_windows(pipe, t, own) if t is not None else [[]] for t in family.tokenizers(pipe)]
                for name, own in pieces.items()}
     count = max(len(w) for per_tokenizer in windows.values() for w in per_tokenizer)
     plain = pieces["prompt"] == [(prompt, 1.0)] and pieces["negative"] == [(negative or "", 1.0)]
     if count == 1 and plain:
         return None
     with torch.no_grad():
-        if not sdxl:
-            return {"prompt_embeds": _sd(pipe, windows["prompt"][0], count, clip_skip),
-                    "negative_prompt_embeds": _sd(pipe, windows["negative"][0], count, clip_skip)}
-        embeds, pooled = _sdxl(pipe, windows["prompt"], count, clip_skip)
-        if negative is None and pipe.config.force_zeros_for_empty_prompt:  # as the SDXL pipeline does
-            negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-        else:
-            negative_embeds, negative_pooled = _sdxl(pipe, windows["negative"], count, clip_skip)
-    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds,
-            "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
+        return family.encode_prompts(pipe, windows, count, clip_skip, negative_given=negative is not None)

@@ -13,21 +13,21 @@ from schemas.schedulers import SCHEDULES, is_flow_matching
 from .errors import UserInputError
 
 
-def make_scheduler(name: str | None, model_scheduler: Any, schedule: str | None = None) -> Any:
+def make_scheduler(name: str | None, model_scheduler: Any, schedule: str | None = None, *, family: Any) -> Any:
     """A fresh scheduler for one job: ``name`` from the table, or a copy of the model's own;
     with ``schedule``, its steps spaced that way.
 
     Schedulers keep state between steps, so every job gets its own instance and nothing one
-    request chose can leak into the next. A flow-matching model (SD3) takes only flow-matching
+    request chose can leak into the next. A flow-matching ``family`` takes only flow-matching
     schedulers, and the others only the others: a mismatch would denoise into garbage.
     """
     cls, overrides = type(model_scheduler), {}
     if name is not None:
         spec = SCHEDULERS[name]
-        flow = is_flow_matching(cls.__name__)
+        flow = family.flow_matching
         if is_flow_matching(spec.cls) != flow:
             fitting = [n for n, s in SCHEDULERS.items() if is_flow_matching(s.cls) == flow]
-            kind = "a flow-matching model (SD3)" if flow else "a diffusion model (SD 1.x, 2.x, XL)"
+            kind = f"a flow-matching model ({family.name})" if flow else f"a diffusion model ({family.name})"
             raise UserInputError("scheduler",
                                  f"{name} cannot sample this model, {kind}: use one of {', '.join(fitting)}")
         cls, overrides = getattr(diffusers, spec.cls), spec.config

@@ -47,7 +47,8 @@ from schemas import Progress, TrainOut, TrainSpec
 
 from .errors import JobCancelled, UserInputError
 from .images import load_image
-from .models import SD3, denoiser, family_of, load_pipeline
+from . import families
+from .models import load_pipeline
 from .precision import dtype as precision_dtype
 from .publish import publish, upload
 from .settings import Settings
@@ -56,14 +57,10 @@ from .timing import ms_since
 
 log = logging.getLogger(__name__)
 
-_UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 _TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 _PROGRESS_INTERVAL_S = 0.1  # the contract: throttled only above about 10 events a second
 _LOSS_WINDOW = 50
 _VAE_BATCH = 4
-_TRAINABLE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
-# SD3's transformer: the attention of both streams (as diffusers' train_dreambooth_lora_sd3.py).
-_MMDIT_LORA_TARGETS = _UNET_LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
 def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Location, *, device: str,
@@ -72,11 +69,10 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     # 1. The base model, fresh, in fp32.
     start = time.perf_counter()
     class_name = json.loads((model_dir / "model_index.json").read_text()).get("_class_name")
-    if class_name not in _TRAINABLE:
-        raise UserInputError("model.id",
-                             f"training supports Stable Diffusion 1.x / 2.x, XL and 3 models, not {class_name}")
-    if class_name == "StableDiffusion3Pipeline":
-        _check_sd3(spec)
+    family = families.at(model_dir)
+    if family is None or class_name != family.training_pipeline:
+        raise UserInputError("model.id", f"training supports {families.trained()} models, not {class_name}")
+    family.check_train(spec)
     emit(Progress(stage="load", step=0, total=1))
     pipe = load_pipeline(model_dir, "fp32", variant, device)
     emit(Progress(stage="load", step=1, total=1))
@@ -101,13 +97,13 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     # 4. What trains, in fp32; what does not, in the autocast dtype on CUDA.
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
         torch.manual_seed(spec.seed)  # LoRA layers start random: the same seed, the same start
-        params = _prepare(pipe, spec, autocast_dtype)
+        params = _prepare(pipe, family, spec, autocast_dtype)
     frozen_text = not spec.train_text_encoder
     embeddings = {}
     if frozen_text:  # one encoding per prompt for the whole run
         with torch.no_grad():
             texts = {spec.instance_prompt, spec.class_prompt, *(spec.instance_captions or [])}
-            embeddings = {text: _encode(pipe, [text]) for text in texts if text}
+            embeddings = {text: family.train_text(pipe, [text]) for text in texts if text}
 
     # 5. The loop.
     start = time.perf_counter()
@@ -115,7 +111,7 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     lr_schedule = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=spec.lr_warmup_steps,
                                 num_training_steps=spec.max_train_steps)
     scaler = torch.amp.GradScaler(device) if autocast_dtype == torch.float16 else None
-    scheduler = _noise_scheduler(pipe)
+    scheduler = family.noise_scheduler(pipe)
     losses: list[float] = []
     last_sent = 0.0
     for step in range(1, spec.max_train_steps + 1):
@@ -130,9 +126,10 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
                 prompts += [spec.class_prompt] * spec.train_batch_size
             with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
-                text = _batch([embeddings[p] for p in prompts]) if frozen_text else _encode(pipe, prompts)
+                text = _batch([embeddings[p] for p in prompts]) if frozen_text else family.train_text(pipe, prompts)
                 prior_weight = spec.prior_loss_weight if prior is not None else None
-                loss = _loss(pipe, scheduler, latents, text, spec.resolution, generator, prior_weight, spec.snr_gamma)
+                loss = _loss(pipe, family, scheduler, latents, text, spec.resolution, generator, prior_weight,
+                             spec.snr_gamma)
             if not math.isfinite(loss.item()):
                 raise UserInputError("train.learning_rate", f"the loss became {loss.item()} at step {step}; lower it")
             loss = loss / spec.gradient_accumulation_steps
@@ -159,9 +156,9 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
 
     # 6. Save and publish.
     if spec.method == "lora":
-        sha256, size = _publish_lora(pipe, spec, location, staging, settings, emit, timings)
+        sha256, size = _publish_lora(pipe, family, spec, location, staging, settings, emit, timings)
     else:
-        sha256, size = _publish_model(pipe, spec, location, staging, settings, emit, timings)
+        sha256, size = _publish_model(pipe, family, spec, location, staging, settings, emit, timings)
     del pipe
     _free(device)
     return TrainOut(
@@ -171,15 +168,6 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     )
 
 
-def _check_sd3(spec: TrainSpec) -> None:
-    """What SD3 training does not do here, refused before any work."""
-    if spec.train_text_encoder:
-        raise UserInputError("train.train_text_encoder", "SD3 models train their transformer only here")
-    if spec.snr_gamma is not None:
-        raise UserInputError("train.snr_gamma", "Min-SNR weighting is for diffusion models; SD3 (flow matching) "
-                                                "samples its timesteps logit-normally instead")
-    if spec.resolution % 16:
-        raise UserInputError("train.resolution", f"must be a multiple of 16 for SD3 models, got {spec.resolution}")
 
 
 def _autocast_dtype(device: str) -> torch.dtype | None:
@@ -188,12 +176,12 @@ def _autocast_dtype(device: str) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _prepare(pipe, spec: TrainSpec, autocast_dtype: torch.dtype | None) -> list[torch.nn.Parameter]:
+def _prepare(pipe, family, spec: TrainSpec, autocast_dtype: torch.dtype | None) -> list[torch.nn.Parameter]:
     """Mark what trains (fp32) and cast the rest; return the trainable parameters."""
     from peft import LoraConfig, inject_adapter_in_model
 
     encoders = _text_encoders(pipe)
-    trained = denoiser(pipe)
+    trained = family.denoiser_of(pipe)
     for module in (trained, pipe.vae, *encoders):
         module.requires_grad_(False)
     if spec.method == "lora":
@@ -201,8 +189,7 @@ def _prepare(pipe, spec: TrainSpec, autocast_dtype: torch.dtype | None) -> list[
             for module in (trained, *encoders):
                 module.to(dtype=autocast_dtype)
         config = dict(r=spec.rank, lora_alpha=spec.rank, init_lora_weights="gaussian")
-        targets = _MMDIT_LORA_TARGETS if family_of(pipe) == SD3 else _UNET_LORA_TARGETS
-        trained.add_adapter(LoraConfig(target_modules=targets, **config))
+        trained.add_adapter(LoraConfig(target_modules=list(family.lora_targets), **config))
         if spec.train_text_encoder:
             # transformers 5's own add_adapter wants peft >= 0.22; peft's injection works with 0.21.
             for encoder in encoders:
@@ -292,28 +279,8 @@ def _check_prompt_lengths(pipe, spec: TrainSpec) -> None:
                                  "of the text encoder), so shorten it")
 
 
-def _encode(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The UNet's text conditioning: hidden states, and for SDXL the pooled embedding too
-    (SD3's: its pipeline's own encoding, CLIP and T5, and the pooled CLIP text)."""
-    if getattr(pipe, "text_encoder_3", None) is not None:
-        states, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=pipe.text_encoder.device,
-                                                  do_classifier_free_guidance=False)
-        return states, pooled
-    if getattr(pipe, "text_encoder_2", None) is None:  # SD 1.x / 2.x: the last hidden state
-        return pipe.text_encoder(_ids(pipe.tokenizer, prompts, pipe.text_encoder.device))[0], None
-    # SDXL, like its pipeline: both encoders' penultimate states side by side, the second's pooled output.
-    states, pooled = [], None
-    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-        out = encoder(_ids(tokenizer, prompts, encoder.device), output_hidden_states=True)
-        states.append(out.hidden_states[-2])
-        pooled = out[0]
-    return torch.cat(states, dim=-1), pooled
 
 
-def _ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
-    return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt",
-    ).input_ids.to(device)
 
 
 def _batch(encoded: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -322,17 +289,11 @@ def _batch(encoded: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[tor
     return states, pooled
 
 
-def _noise_scheduler(pipe):
-    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
-
-    flow = family_of(pipe) == SD3  # SD3: its own, set for every training timestep
-    return (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler).from_config(pipe.scheduler.config)
 
 
-def _loss(pipe, scheduler, latents, text, resolution: int, generator, prior_weight: float | None,
+def _loss(pipe, family, scheduler, latents, text, resolution: int, generator, prior_weight: float | None,
           snr_gamma: float | None) -> torch.Tensor:
-    predict = _flow_matching if family_of(pipe) == SD3 else _diffusion
-    prediction, target, steps = predict(pipe, scheduler, latents, text, resolution, generator)
+    prediction, target, steps = family.training_prediction(pipe, scheduler, latents, text, resolution, generator)
     prediction, target = prediction.float(), target.float()
     if prior_weight is not None:
         prediction, pred_prior = prediction.chunk(2)
@@ -351,41 +312,8 @@ def _loss(pipe, scheduler, latents, text, resolution: int, generator, prior_weig
     return loss
 
 
-def _flow_matching(pipe, scheduler, latents, text, resolution: int, generator):
-    """SD3's objective: a point on the straight path from the latents (sigma 0) to noise (1),
-    timesteps drawn logit-normally, the transformer predicting the velocity noise - latents."""
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
-    states, pooled = text
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    u = compute_density_for_timestep_sampling("logit_normal", latents.shape[0], logit_mean=0.0, logit_std=1.0,
-                                              generator=generator)
-    index = (u * scheduler.config.num_train_timesteps).long()
-    steps = scheduler.timesteps[index].to(latents.device)
-    sigmas = scheduler.sigmas[index].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
-    noisy = (1 - sigmas) * latents + sigmas * noise
-    prediction = pipe.transformer(hidden_states=noisy, timestep=steps, encoder_hidden_states=states,
-                                  pooled_projections=pooled, return_dict=False)[0]
-    return prediction, noise - latents, steps
 
 
-def _diffusion(pipe, scheduler, latents, text, resolution: int, generator):
-    """SD 1.x / 2.x / XL's objective: the noise (or the velocity) at a uniform random timestep."""
-    states, pooled = text
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-    steps = steps.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, steps)
-    extra = None
-    if pooled is not None:  # SDXL: original size, crop corner, target size (square, uncropped)
-        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=latents.device)
-        extra = {"text_embeds": pooled, "time_ids": time_ids.repeat(latents.shape[0], 1)}
-    prediction = pipe.unet(noisy, steps, states, added_cond_kwargs=extra).sample
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, steps)
-    else:
-        target = noise
-    return prediction, target, steps
 
 
 def _class_images(pipe, spec: TrainSpec, device: str, autocast_dtype, emit, cancelled) -> list:
@@ -414,8 +342,7 @@ def _class_images(pipe, spec: TrainSpec, device: str, autocast_dtype, emit, canc
     return images
 
 
-def _publish_lora(pipe, spec, location, staging, settings, emit, timings) -> tuple[str, int]:
-    from diffusers.utils import convert_state_dict_to_diffusers
+def _publish_lora(pipe, family, spec, location, staging, settings, emit, timings) -> tuple[str, int]:
     from peft import get_peft_model_state_dict
 
     start = time.perf_counter()
@@ -423,19 +350,15 @@ def _publish_lora(pipe, spec, location, staging, settings, emit, timings) -> tup
     dtype = precision_dtype(spec.precision)
 
     def layers(module) -> dict:
-        state = get_peft_model_state_dict(module)
-        if family_of(pipe) != SD3:
-            # diffusers' layout for the UNet and text encoders, as its training examples save
-            # them; SD3's loader reads peft's own (and would skip attention layers in the other).
-            state = convert_state_dict_to_diffusers(state)
+        state = family.lora_state(get_peft_model_state_dict(module))  # the layout its loader reads
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
     extra = {}
     if spec.train_text_encoder:
         names = ("text_encoder_lora_layers", "text_encoder_2_lora_layers")
         extra = {name: layers(encoder) for name, encoder in zip(names, _text_encoders(pipe))}
-    name = "transformer_lora_layers" if family_of(pipe) == SD3 else "unet_lora_layers"
-    type(pipe).save_lora_weights(staging, weight_name="lora.safetensors", **{name: layers(denoiser(pipe))}, **extra)
+    type(pipe).save_lora_weights(staging, weight_name="lora.safetensors",
+                                 **{family.lora_layers: layers(family.denoiser_of(pipe))}, **extra)
     path = staging / "lora.safetensors"
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -449,11 +372,11 @@ def _publish_lora(pipe, spec, location, staging, settings, emit, timings) -> tup
     return digest.hexdigest(), path.stat().st_size
 
 
-def _publish_model(pipe, spec, location, staging, settings, emit, timings) -> tuple[str, int]:
+def _publish_model(pipe, family, spec, location, staging, settings, emit, timings) -> tuple[str, int]:
     start = time.perf_counter()
     emit(Progress(stage="save", step=0, total=1))
-    denoiser(pipe).disable_gradient_checkpointing()
-    for module in (denoiser(pipe), *_text_encoders(pipe)):
+    family.denoiser_of(pipe).disable_gradient_checkpointing()
+    for module in (family.denoiser_of(pipe), *_text_encoders(pipe)):
         module.eval()
     pipe.to("cpu", precision_dtype(spec.precision))
     pipe.save_pretrained(staging / "model", safe_serialization=True)

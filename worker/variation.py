@@ -12,15 +12,13 @@ AUTOMATIC1111's for the same seeds, which no two UIs' do.
 from __future__ import annotations
 
 
-def starting_noise(pipe, generators: list, variation_seeds: list[int], strength: float, width: int,
+def starting_noise(pipe, net, generators: list, variation_seeds: list[int], strength: float, width: int,
                    height: int):
-    """The ``latents`` for one batch: its images' noise, each turned toward its variation seed's."""
+    """The ``latents`` for one batch: its images' noise, each turned toward its variation seed's
+    (``net``: the pipeline's denoiser)."""
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
-    from .models import denoiser
-
-    net = denoiser(pipe)
     factor = pipe.vae_scale_factor
     shape = (len(generators), net.config.in_channels, height // factor, width // factor)
     device, dtype = pipe._execution_device, net.dtype

@@ -1,0 +1,98 @@
+"""The family contract (worker/families/): every family in the registry is recognised from its
+files and from its loaded pipeline, draws what diffusers' own pipeline draws, and refuses what it
+cannot do by field, naming itself. A new family joins by adding its tiny model to MODELS."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import assert_images_close, decode, png_b64
+from worker import families
+from worker.errors import UserInputError
+
+# Each family's tiny model: the name of the session fixture that builds it.
+MODELS = {"SD 1.x/2.x": "tiny_dir", "SDXL": "sdxl_dir", "SDXL refiner": "refiner_dir", "SD3": "sd3_dir"}
+
+# A value for each request field some family refuses (they are refused before anything is fetched).
+REFUSED_VALUES = {
+    "ip_adapter": {"id": "/adapters", "weight_name": "ip.safetensors", "image": png_b64()},
+    "ip_adapters": [{"id": "/adapters", "weight_name": "ip.safetensors", "image": png_b64()}],
+    "embeddings": [{"id": "/embedding.safetensors"}],
+    "tiling": True,
+}
+
+NAMES = [family.name for family in families.FAMILIES]
+
+
+@pytest.fixture(scope="module")
+def refiner_dir(tmp_path_factory):
+    from tests.sdxl import build_sdxl_refiner
+
+    return build_sdxl_refiner(tmp_path_factory.mktemp("refiner") / "tiny-refiner")
+
+
+def family_and_model(request, name: str):
+    family = next(f for f in families.FAMILIES if f.name == name)
+    return family, request.getfixturevalue(MODELS[name])
+
+
+def test_every_family_has_a_tiny_model_here():
+    assert set(MODELS) == set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_family_is_recognised_from_its_index_and_from_its_pipeline(request, name):
+    from diffusers import DiffusionPipeline
+
+    family, model_dir = family_and_model(request, name)
+    assert families.at(model_dir) is family
+    index = families.read_index(model_dir)
+    assert [f for f in families.FAMILIES if f.recognises(families.components(index))] == [family]
+    assert families.of_pipeline(DiffusionPipeline.from_pretrained(model_dir)) is family
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_txt2img_draws_what_diffusers_draws(request, run, name):
+    """Same weights, seed, size, steps and guidance: the image diffusers' own pipeline gives."""
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    family, model_dir = family_and_model(request, name)
+    fields = dict(prompt="a lighthouse", num_inference_steps=2, guidance_scale=4.0, width=64, height=64)
+    if family.refines:  # a refiner is never a request's model
+        with pytest.raises(UserInputError, match=r"^model: .* is an SDXL refiner"):
+            run(model={"id": str(model_dir)}, seed=1, **fields)
+        return
+    result, _ = run(model={"id": str(model_dir)}, seed=1, **fields)
+    pipe = AutoPipelineForText2Image.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(**fields, generator=torch.Generator("cpu").manual_seed(1)).images[0]
+    assert_images_close(expected, decode(result.images[0].base64), f"family-{family.name.replace('/', '-')}")
+    assert result.images[0].width == 64
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not n.endswith("refiner")])
+def test_a_family_refuses_by_field_naming_itself(request, run, name):
+    family, model_dir = family_and_model(request, name)
+    model = {"id": str(model_dir)}
+    # Sizes off its multiple (the schema asks for multiples of 8 of every model).
+    multiple = family.multiple(_loaded(request, run, model_dir).pipeline)
+    if multiple > 8:
+        with pytest.raises(UserInputError, match=rf"^width: must be a multiple of {multiple} for {model_dir}, got 72"):
+            run(prompt="p", model=model, width=72, height=64)
+    # Each field it does not take.
+    for field in family.refused:
+        assert field in REFUSED_VALUES, f"add a value for {field} to REFUSED_VALUES"
+        with pytest.raises(UserInputError, match=rf"^{field}: .* is {family.kind}; "):
+            run(prompt="p", model=model, width=64, height=64, **{field: REFUSED_VALUES[field]})
+    # A scheduler of the other kind (flow matching, or noise / v-prediction).
+    other = "DDIM" if family.flow_matching else "FlowMatchEulerDiscrete"
+    with pytest.raises(UserInputError, match=rf"^scheduler: {other} cannot sample this model, .*\({family.name}\)"):
+        run(prompt="p", model=model, width=64, height=64, num_inference_steps=1, scheduler=other)
+
+
+def _loaded(request, run, model_dir):
+    """The family's model, loaded on the shared engine."""
+    run(prompt="p", model={"id": str(model_dir)}, width=64, height=64, num_inference_steps=1)
+    engine = request.getfixturevalue("engine")
+    return next(loaded for loaded in engine.models.loaded() if loaded.ref.id == str(model_dir))

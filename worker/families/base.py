@@ -1,0 +1,172 @@
+"""What a model family is to the worker: the one interface every family module fills in.
+
+The engine, the parts a request adds, training and checkpoint conversion never compare family
+names: they ask the model's family (``Loaded.family``, worked out once at load). A family is
+one instance of a ``Family`` subclass, listed in ``worker/families/__init__.py``'s registry;
+the defaults here are those of the UNet families (SD 1.x/2.x, SDXL), and a family says only
+where it differs. docs/adding-a-family.md says how to add one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UserInputError
+
+TASKS = ("txt2img", "img2img", "inpaint")
+
+
+@dataclass(frozen=True)
+class ControlNetKind:
+    """The ControlNets that steer a family's denoiser: their diffusers class, the config keys
+    they must share with it, and which models they are for (as refusals name them)."""
+
+    cls: str
+    must_match: tuple[str, ...]
+    models: str
+    several: str  # the diffusers class that runs several at once
+    single_file: bool = False  # one file in the original layout is read too (shaped after the denoiser)
+
+
+class Family:
+    name = ""  # as answers and logs name it: "SD3"
+    kind = ""  # as refusals start: "an SD3 model"
+    denoiser = "unet"  # the pipeline's attribute that denoises
+    flow_matching = False  # its schedulers: flow-matching ones, or noise / v-prediction ones
+    tasks = TASKS  # what a request's ``task`` may ask of it
+    # Request fields it does not take, and why, said after "MODEL is KIND; ".
+    refused: dict[str, str] = {}
+    takes_refiner = False  # an SDXL refiner may take over its last steps
+    refines = False  # it is a refiner: a request's ``refiner``, never its ``model``
+    prompt_weighting = True  # long and weighted prompts encoded here (CLIP families)
+    # Its T5 text encoder and tokenizer, which ``model.t5: false`` leaves out (None: it has none).
+    optional_t5: tuple[str, str] | None = None
+    controlnet: ControlNetKind | None = None
+    # Training: the pipeline class of the models it trains (base models: not inpainting ones,
+    # nor refiners), and what its LoRAs wrap.
+    training_pipeline: str | None = None
+    lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
+    lora_layers = "unet_lora_layers"  # the name save_lora_weights takes the denoiser's layers by
+
+    # --- Recognising it ---
+
+    def recognises(self, components: dict[str, str | None]) -> bool:
+        """Whether a model with these components (name -> class name, as ``model_index.json``
+        lists them) is of this family."""
+        raise NotImplementedError
+
+    def checkpoint_reference(self, keys: set[str], inpaint: bool) -> str | None:
+        """For a single-file checkpoint with these keys: the key of diffusers'
+        ``DIFFUSERS_DEFAULT_PIPELINE_PATHS`` whose configs describe it, or None if not ours."""
+        return None
+
+    def checkpoint_lacks(self, keys: set[str], t5: bool) -> list[str]:
+        """The components such a checkpoint may come without, which the model giving its
+        configs supplies whole (``t5``: its T5 is wanted)."""
+        return []
+
+    def fit_reference_configs(self, pipeline: Any) -> None:
+        """A checkpoint converted with its layout's reference configs (not the caller's):
+        correct what the file's weights say differently."""
+
+    # --- What it makes, and what a request may ask of it ---
+
+    def without_t5(self) -> dict[str, None]:
+        """What from_pretrained leaves out for ``model.t5: false``."""
+        return dict.fromkeys(self.optional_t5 or ())
+
+    def denoiser_of(self, pipe: Any) -> Any:
+        return getattr(pipe, self.denoiser)
+
+    def multiple(self, pipe: Any) -> int:
+        """What image sides must be a multiple of: the VAE's factor, times the patch size."""
+        return pipe.vae_scale_factor
+
+    def default_size(self, pipe: Any) -> int:
+        """The side of the model's own images (512 for SD 1.5, 1024 for SDXL and SD3)."""
+        return self.denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor
+
+    def check(self, request: Any, model: str, pipe: Any) -> None:
+        """Refuse, naming the field, what this model cannot do, before any work for it."""
+        multiple = self.multiple(pipe)
+        for field in ("width", "height"):
+            value = getattr(request, field)
+            if value and value % multiple:
+                raise UserInputError(field, f"must be a multiple of {multiple} for {model}, got {value}")
+        if request.refiner and not self.takes_refiner:
+            raise UserInputError("refiner", f"{model} is not an SDXL model: a refiner takes over from SDXL models")
+        for field, why in self.refused.items():
+            if getattr(request, field):
+                raise UserInputError(field, f"{model} is {self.kind}; {why}")
+
+    def pipeline_class(self, task: str) -> Any:
+        """The diffusers pipeline that runs ``task`` (diffusers' AutoPipeline mapping picks the
+        family's own class, with ControlNets when given them)."""
+        import diffusers
+
+        return getattr(diffusers, {"txt2img": "AutoPipelineForText2Image", "img2img": "AutoPipelineForImage2Image",
+                                   "inpaint": "AutoPipelineForInpainting"}[task])
+
+    def control_images_as(self, task: str) -> str:
+        """The pipeline argument that takes the control images for ``task``."""
+        return "control_image"
+
+    def img2img_size(self, width: int, height: int) -> dict:
+        """Size arguments its img2img pipeline needs to keep the input's size ({}: it does)."""
+        return {}
+
+    def per_image(self, images: dict, count: int) -> dict:
+        """The input images as its img2img / inpaint pipelines want them for ``count`` images."""
+        return images
+
+    def convolutional(self, pipe: Any) -> list:
+        """What seamless tiling makes wrap around (nothing: refused for families without UNet)."""
+        return []
+
+    # --- Prompts ---
+
+    def tokenizers(self, pipe: Any) -> list:
+        """The tokenizers long prompts are cut into windows by, one per text-encoder slot
+        (None where the model leaves a slot empty)."""
+        return []
+
+    def text_encoders(self, pipe: Any) -> list[tuple[Any, Any]]:
+        """(tokenizer, text encoder) pairs that textual-inversion embeddings extend."""
+        return []
+
+    def encode_prompts(self, pipe: Any, windows: dict, count: int, clip_skip: int | None,
+                       negative_given: bool) -> dict:
+        """Pipeline keywords with both prompts' embeddings, from their token windows (see
+        worker.prompts); only called where ``prompt_weighting``."""
+        raise NotImplementedError
+
+    # --- Training ---
+
+    def check_train(self, spec: Any) -> None:
+        """Refuse, naming the field, what training this family does not do."""
+
+    def train_text(self, pipe: Any, prompts: list[str]) -> tuple[Any, Any]:
+        """The denoiser's text conditioning for ``prompts``: states, and pooled text or None
+        (encoded once per prompt when the text encoders are frozen)."""
+        raise NotImplementedError
+
+    def noise_scheduler(self, pipe: Any) -> Any:
+        """The scheduler that noises the training latents."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def training_prediction(self, pipe: Any, scheduler: Any, latents: Any, text: tuple, resolution: int,
+                            generator: Any) -> tuple[Any, Any, Any]:
+        """Its objective: (the denoiser's prediction, its target, the timesteps)."""
+        raise NotImplementedError
+
+    def lora_state(self, state: dict) -> dict:
+        """A trained LoRA's peft state in the layout its diffusers loader reads."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        return convert_state_dict_to_diffusers(state)
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
