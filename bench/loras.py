@@ -1,5 +1,5 @@
 """What a request's LoRA costs before denoising: loaded per request (load, then unload after
-the job: the simple way) against kept warm on the loaded model (worker.loras.apply).
+the job: the simple way) against kept warm on the loaded model (worker.parts.loras.apply).
 
 An SD 1.5-sized UNet (random weights, fp16; bench.coldstart's model) and a rank-16 LoRA on its
 attention layers, on the CPU. Each round makes the LoRA active for one request and then serves
@@ -29,11 +29,11 @@ def main() -> None:
     from bench.coldstart import make_model
     from schemas import LoraSpec
     from tests.lora_files import make_lora
-    from worker.cache import DiskCache
     from worker.families import of_pipeline
-    from worker.loras import apply
     from worker.models import Loaded, ModelRef
+    from worker.parts.loras import apply
     from worker.settings import Settings
+    from worker.sources.cache import DiskCache
 
     diffusers.utils.logging.set_verbosity_error()  # a "no text-encoder keys" remark per load
     model = make_model(args.work / "sd15-random")

@@ -59,8 +59,7 @@ def build(out_dir: str | os.PathLike, *, inpaint: bool = False, sd_layout: bool 
     three; a 2-layer VAE) with tiny widths, so single-file checkpoints in the original layout
     can be made from it and converted back."""
     import torch
-    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(SEED)

@@ -1,9 +1,9 @@
 """Request and result models: the worker's public contract, with no torch import."""
 
-from .compat import RequestError
-from .errors import describe_validation_error
-from .convert import ConvertRequest, ConvertSpec
 from .common import Limits, ModelSpec
+from .compat import RequestError
+from .convert import ConvertRequest, ConvertSpec
+from .errors import describe_validation_error
 from .parts import ControlNetSpec, EmbeddingSpec, IpAdapterSpec, LoraSpec, RefinerSpec, VaeSpec
 from .request import HiresSpec, InferenceRequest, OutpaintSpec, OutputSpec, S3Config, VariationSpec, parse_request
 from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result, TrainOut

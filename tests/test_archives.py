@@ -267,7 +267,7 @@ def test_lock_files_go_with_their_work(settings, http, archive, tmp_path):
 
 def test_a_lock_is_held_by_one_at_a_time_while_its_file_comes_and_goes(settings):
     """Holders remove the file; a waiter that got the lock of a removed file takes the new one."""
-    from worker.cache import DiskCache
+    from worker.sources.cache import DiskCache
 
     cache, inside, overlaps = DiskCache(settings), [], []
 

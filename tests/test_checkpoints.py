@@ -199,7 +199,7 @@ def test_sd35_checkpoints_take_their_own_configs(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from worker.checkpoints import missing_parts, reference_model
+    from worker.sources.checkpoints import missing_parts, reference_model
 
     block = "model.diffusion_model.joint_blocks.{}.x_block.{}.weight"
     medium = tmp_path / "medium.safetensors"  # a second attention in its first blocks
@@ -250,7 +250,7 @@ def test_inpainting_and_refiner_checkpoints_take_their_configs(inpaint_dir, tmp_
     import torch
     from safetensors.torch import save_file
 
-    from worker.checkpoints import reference_model
+    from worker.sources.checkpoints import reference_model
 
     path = write_checkpoint(inpaint_dir, tmp_path / "inpaint.safetensors")
     assert reference_model(path, "model.checkpoint_url") == "stable-diffusion-v1-5/stable-diffusion-inpainting"

@@ -262,7 +262,7 @@ def test_openpose_skeletons_are_drawn_as_controlnets_annotator_draws_them():
     60 %, on black; what the estimator is not sure of is left out, with the limbs it ends."""
     import numpy as np
 
-    from worker.preprocess import COLORS, draw_pose
+    from worker.parts.preprocess import COLORS, draw_pose
 
     canvas = np.asarray(draw_pose((512, 512), [STANDING]))
     assert canvas.shape == (512, 512, 3) and (canvas[5, 5] == 0).all()
@@ -299,7 +299,7 @@ def test_openpose_preprocessing_draws_the_people_the_models_find(settings, nets,
 
     from tests.pose import build_pose_models
     from worker.engine import Engine
-    from worker.preprocess import draw_pose
+    from worker.parts.preprocess import draw_pose
 
     detector_dir, estimator_dir = build_pose_models(tmp_path / "pose")
     engine = Engine(settings.model_copy(update={"person_model": str(detector_dir),

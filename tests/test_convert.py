@@ -194,8 +194,8 @@ class DenyingS3(Loopback):
 
 
 def test_a_failed_upload_is_aborted_and_says_why(settings, tiny_dir, tmp_path):
-    from worker.publish import pack, upload
-    from worker.storage import parse_location
+    from worker.sources.publish import pack, upload
+    from worker.sources.storage import parse_location
 
     archive = tmp_path / "tiny.tar"
     sha256, size = pack(tiny_dir, archive, "none")

@@ -19,10 +19,9 @@ def test_everything_per_request_on_cuda_in_fp16(settings, tiny_dir, tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine")
-    from worker.engine import Engine
-
     from tests.depth import build_depth_model
     from tests.pose import build_pose_models
+    from worker.engine import Engine
 
     detector_dir, estimator_dir = build_pose_models(tmp_path / "pose")
     engine = Engine(settings.model_copy(update={"device": "cuda",

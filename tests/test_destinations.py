@@ -10,11 +10,11 @@ import pytest
 
 from schemas import ConvertRequest, TrainRequest
 from tests.helpers import BUCKET, generate, hub_cache, png_b64
-from worker.destinations import ObjectExists
 from worker.engine import Engine
 from worker.errors import UserInputError
 from worker.jobs import JobRunner
 from worker.settings import Settings
+from worker.sources.destinations import ObjectExists
 
 PRODUCTION = "models--acme--tiny--fp32.tar.zst"  # the archive the endpoint's workers cold-start from
 
@@ -67,8 +67,8 @@ def test_nor_over_a_digest_that_would_vouch_for_it(settings, s3, tiny_dir):
 
 
 def test_a_conditional_upload_keeps_what_got_there_first(settings, s3, tiny_dir, tmp_path):
-    from worker.publish import pack, upload
-    from worker.storage import parse_location
+    from worker.sources.publish import pack, upload
+    from worker.sources.storage import parse_location
 
     archive = tmp_path / "tiny.tar"
     sha256, size = pack(tiny_dir, archive, "none")

@@ -1,4 +1,4 @@
-"""Textual-inversion embeddings for one request (worker.embeddings): new words, gone afterwards."""
+"""Textual-inversion embeddings for one request (worker.parts.embeddings): new words, gone afterwards."""
 
 from __future__ import annotations
 

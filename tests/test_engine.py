@@ -238,7 +238,7 @@ def test_connections_to_private_addresses_are_refused_even_after_the_name_check(
     """DNS rebinding: the name looked public when checked, the connection lands on a private
     address. The connected socket is checked before anything is sent on it."""
     from tests.helpers import RangeServer
-    from worker.urls import open_url, session_for
+    from worker.sources.urls import open_url, session_for
 
     server = RangeServer({"/secret": b"internal"})
     try:

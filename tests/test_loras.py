@@ -1,4 +1,4 @@
-"""LoRAs for one request (worker.loras): applied, weighted, fetched, and gone afterwards."""
+"""LoRAs for one request (worker.parts.loras): applied, weighted, fetched, and gone afterwards."""
 
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ def test_without_an_upload_images_over_the_result_limit_are_refused(runner):
 
 
 def test_uploads_through_the_checked_session_work(s3_endpoint, s3):
-    """What botocore sends through worker.urls' sessions (how a caller's endpoint is reached)
+    """What botocore sends through worker.sources.urls' sessions (how a caller's endpoint is reached)
     comes back parsed like its own replies: small and large uploads, reads, errors."""
     import boto3
     from botocore.exceptions import ClientError

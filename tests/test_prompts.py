@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from worker import prompts
+
 from worker.families.sd import SD
 from worker.families.sdxl import SDXL
 from worker.models import load_pipeline
+from worker.parts import prompts
 
 LONG = "lighthouse " * 10  # 100 tokens
 BASE = {"num_inference_steps": 2, "seed": 5}

@@ -12,7 +12,7 @@ from tests.helpers import decode
 from worker.errors import UserInputError, answer_for
 from worker.families.sd3 import SD3
 from worker.families.sdxl import SDXL as XL
-from worker.schedulers import make_scheduler
+from worker.parts.schedulers import make_scheduler
 
 # SDXL's own scheduler config, which the schedule types are relative to.
 SDXL = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -11,7 +11,13 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import (
-    SCHEDULERS, InferenceRequest, Limits, RequestError, canonical_scheduler, describe_validation_error, parse_request,
+    SCHEDULERS,
+    InferenceRequest,
+    Limits,
+    RequestError,
+    canonical_scheduler,
+    describe_validation_error,
+    parse_request,
 )
 from tests.helpers import ROOT, png_b64
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from schemas import InferenceRequest
-
 from tests.helpers import BUCKET, decode, png_b64
 
 BASE = {"prompt": "a lighthouse at dusk", "num_inference_steps": 2, "seed": 5}

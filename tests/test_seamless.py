@@ -39,7 +39,7 @@ def test_one_axis_wraps_and_the_other_does_not(tiny_dir):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from worker.seamless import wrapping
+    from worker.parts.seamless import wrapping
 
     unet = UNet2DConditionModel.from_pretrained(tiny_dir / "unet").eval()
     vae = AutoencoderKL.from_pretrained(tiny_dir / "vae").eval()

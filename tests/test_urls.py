@@ -17,7 +17,7 @@ import pytest
 from tests.helpers import Loopback, png_b64
 from worker.errors import UserInputError
 from worker.settings import Settings
-from worker.urls import check_url, fetch_bytes, is_public
+from worker.sources.urls import check_url, fetch_bytes, is_public
 
 PRIVATE = [
     "127.0.0.1", "10.1.2.3", "169.254.169.254", "::1", "::ffff:127.0.0.1", "fe80::1",

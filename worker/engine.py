@@ -25,27 +25,35 @@ from diffusers import AutoPipelineForImage2Image
 from PIL import ImageOps
 
 from schemas import (
-    ConvertRequest, HiresSpec, ImageOut, InferenceRequest, ModelInfo, ModelSpec, Progress, Result, TrainRequest,
+    ConvertRequest,
+    HiresSpec,
+    ImageOut,
+    InferenceRequest,
+    ModelInfo,
+    ModelSpec,
+    Progress,
+    Result,
+    TrainRequest,
     a1111_name,
 )
 
-from . import embeddings, loras, prompts, seamless, variation
-from .controlnets import ControlNets
-from .destinations import check_writable, hub_names
-from .ip_adapters import IpAdapters
+from . import families
 from .errors import JobCancelled, UserInputError, redact
 from .images import encode_image, fit, load_image
 from .inpainting import Inpainting, grow, prepare
-from . import families
 from .models import EMBEDDED_ID, FETCHED_NOW, ModelStore, check_t5, model_ref
 from .outputs import Outbox
-from .preprocess import Depth, Pose, canny
-from .publish import check_destination, export
-from .schedulers import make_scheduler
+from .parts import embeddings, loras, prompts, seamless, variation
+from .parts.controlnets import ControlNets
+from .parts.ip_adapters import IpAdapters
+from .parts.preprocess import Depth, Pose, canny
+from .parts.schedulers import make_scheduler
+from .parts.vaes import Vaes
 from .settings import Settings
-from .storage import Location, conventional_name, parse_location
+from .sources.destinations import check_writable, hub_names
+from .sources.publish import check_destination, export
+from .sources.storage import Location, conventional_name, parse_location
 from .timing import ms_since
-from .vaes import Vaes
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .errors import UserInputError
 from .settings import Settings
-from .urls import fetch_bytes
+from .sources.urls import fetch_bytes
 
 # Decoding an input image costs memory by its pixel count, whatever its file size.
 _INPUT_PIXELS_PER_OUTPUT_PIXEL = 4

@@ -70,9 +70,9 @@ class JobRunner:
     def _prefetch(self) -> None:
         from schemas import ModelSpec
 
-        from .cache import DiskCache
         from .models import archive_location, fetch_archive, find_baked, model_ref, read_baked
-        from .storage import ObjectMissing
+        from .sources.cache import DiskCache
+        from .sources.storage import ObjectMissing
 
         try:
             # Which device we get is known only after importing torch; the precision default

@@ -31,14 +31,15 @@ from typing import Any, Callable
 
 from schemas import ModelSpec, Progress
 
-from . import archives, families
-from .cache import DiskCache, entry_key
-from .checkpoints import fetch_checkpoint, missing_parts, reference_model
+from . import families
 from .errors import ModelSourceError, first_line
 from .families import Family
 from .precision import dtype as precision_dtype
 from .settings import Settings
-from .storage import Location, ObjectMissing, open_download, parse_location
+from .sources import archives
+from .sources.cache import DiskCache, entry_key
+from .sources.checkpoints import fetch_checkpoint, missing_parts, reference_model
+from .sources.storage import Location, ObjectMissing, open_download, parse_location
 from .timing import ms_since
 
 log = logging.getLogger(__name__)
@@ -374,8 +375,8 @@ class ModelStore:
             return None  # nothing to build it from
 
         def publish_missing(staging: Path, location: Location) -> tuple[Path, str]:
-            from .destinations import ObjectExists, check_writable, hub_names
-            from .publish import export
+            from .sources.destinations import ObjectExists, check_writable, hub_names
+            from .sources.publish import export
 
             field = "MODEL_URL" if ref.from_env else "model.url"
             if not ref.from_env:  # a request's: where the operator lets it, a hub model's name from the hub only

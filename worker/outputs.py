@@ -34,11 +34,11 @@ from pydantic import ValidationError
 
 from schemas import Progress, S3Config
 
-from .destinations import NoOverwrite, check_key, check_writable, refuse_existing
 from .errors import UserInputError
 from .settings import Settings
-from .storage import Location, s3_client, s3_error
-from .urls import Deadline, PrivateAddress, caused_by, check_url, private_message, session_for
+from .sources.destinations import NoOverwrite, check_key, check_writable, refuse_existing
+from .sources.storage import Location, s3_client, s3_error
+from .sources.urls import Deadline, PrivateAddress, caused_by, check_url, private_message, session_for
 
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")

@@ -45,14 +45,14 @@ from diffusers.training_utils import compute_snr
 
 from schemas import Progress, TrainOut, TrainSpec
 
+from . import families
 from .errors import JobCancelled, UserInputError
 from .images import load_image
-from . import families
 from .models import load_pipeline
 from .precision import dtype as precision_dtype
-from .publish import publish, upload
 from .settings import Settings
-from .storage import Location
+from .sources.publish import publish, upload
+from .sources.storage import Location
 from .timing import ms_since
 
 log = logging.getLogger(__name__)

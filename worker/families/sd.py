@@ -108,7 +108,7 @@ class StableDiffusion(Family):
     @staticmethod
     def _encode(pipe: Any, windows: list, count: int, clip_skip: int | None) -> Any:
         """The last hidden state (or the one ``clip_skip`` layers before it, normed)."""
-        from ..prompts import tensors, weighted
+        from ..parts.prompts import tensors, weighted
 
         encoder = pipe.text_encoder
         ids, weights = tensors(pipe.tokenizer, windows, count)

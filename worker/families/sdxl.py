@@ -55,7 +55,7 @@ class StableDiffusionXL(StableDiffusion):
         projection of the second encoder's first window."""
         import torch
 
-        from ..prompts import tensors, weighted
+        from ..parts.prompts import tensors, weighted
 
         states, pooled = [], None
         pairs = ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))

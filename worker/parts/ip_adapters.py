@@ -22,12 +22,12 @@ from typing import Any, Callable, Iterator
 
 from schemas import IpAdapterSpec, Progress
 
+from ..errors import ModelSourceError, UserInputError, first_line
+from ..images import load_image
+from ..settings import Settings
+from ..timing import ms_since
 from .components import Warm, load_module
-from .errors import ModelSourceError, UserInputError, first_line
-from .images import load_image
 from .loras import hub_snapshot, quiet_libraries
-from .settings import Settings
-from .timing import ms_since
 
 
 class IpAdapters:

@@ -18,10 +18,10 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from ..errors import ModelSourceError, first_line
+from ..settings import Settings
 from .components import Warm
-from .errors import ModelSourceError, first_line
 from .loras import hub_snapshot, quiet_libraries
-from .settings import Settings
 
 
 def canny(image: Image.Image, low: int, high: int) -> Image.Image:

@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from schemas import EmbeddingSpec, LoraSpec, Progress
 
-from .cache import DiskCache, entry_key
-from .checkpoints import is_safetensors, save_download
-from .errors import ModelSourceError, UserInputError, first_line
-from .settings import Settings
-from .storage import open_download, parse_location
-from .timing import ms_since
+from ..errors import ModelSourceError, UserInputError, first_line
+from ..settings import Settings
+from ..sources.cache import DiskCache, entry_key
+from ..sources.checkpoints import is_safetensors, save_download
+from ..sources.storage import open_download, parse_location
+from ..timing import ms_since
 
 if TYPE_CHECKING:
-    from .models import Loaded
+    from ..models import Loaded
 
 log = logging.getLogger(__name__)
 _names = itertools.count()  # adapter names, unique in the process

@@ -17,12 +17,12 @@ from typing import Any, Callable, Iterator
 
 from schemas import EmbeddingSpec, Progress
 
-from .cache import DiskCache
-from .errors import UserInputError, first_line
-from .families import Family
+from ..errors import UserInputError, first_line
+from ..families import Family
+from ..settings import Settings
+from ..sources.cache import DiskCache
+from ..timing import ms_since
 from .loras import locate_file, quiet_libraries
-from .settings import Settings
-from .timing import ms_since
 
 _A1111_KEYS = ("emb_params", "string_to_param")
 

@@ -26,8 +26,8 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 import urllib3
 
-from .errors import ModelSourceError
-from .settings import Settings
+from ..errors import ModelSourceError
+from ..settings import Settings
 from .urls import Deadline, open_url, read_body, session_for
 
 log = logging.getLogger(__name__)

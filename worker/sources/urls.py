@@ -31,7 +31,7 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 _MAX_REDIRECTS = 5
 _CHUNK = 1 << 16

@@ -20,7 +20,7 @@ import zstandard
 
 from schemas import Progress
 
-from .errors import ModelSourceError
+from ..errors import ModelSourceError
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _BLOCK = 1 << 20

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 BREAK = None  # a piece of a parsed prompt that starts a new window
 _WEIGHT = re.compile(r":\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)")

@@ -10,7 +10,7 @@ import diffusers
 from schemas import SCHEDULERS
 from schemas.schedulers import SCHEDULES, is_flow_matching
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 
 def make_scheduler(name: str | None, model_scheduler: Any, schedule: str | None = None, *, family: Any) -> Any:

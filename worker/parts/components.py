@@ -15,10 +15,10 @@ from typing import Any, Callable, Hashable
 
 from schemas import Progress
 
-from .cache import DiskCache
-from .errors import ModelSourceError, first_line
+from ..errors import ModelSourceError, first_line
+from ..settings import Settings
+from ..sources.cache import DiskCache
 from .loras import hub_snapshot, locate_file, quiet_libraries
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 

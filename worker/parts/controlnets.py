@@ -21,12 +21,12 @@ from typing import Any, Callable
 
 from schemas import ControlNetSpec, Progress
 
-from .cache import DiskCache
+from ..errors import UserInputError, redact
+from ..families import FAMILIES, Family
+from ..settings import Settings
+from ..sources.cache import DiskCache
+from ..timing import ms_since
 from .components import Warm, load_module, locate
-from .errors import UserInputError, redact
-from .families import FAMILIES, Family
-from .settings import Settings
-from .timing import ms_since
 
 # The ControlNet classes this worker loads, and which models each is for (the families say).
 _KINDS = {family.controlnet.cls: family.controlnet for family in FAMILIES if family.controlnet}

@@ -26,12 +26,12 @@ from typing import Callable
 
 from schemas import Progress
 
-from . import families
+from .. import families
+from ..errors import ModelSourceError, first_line
+from ..families.sd import UNET_INPUT
+from ..precision import dtype as precision_dtype
+from ..settings import Settings
 from .cache import DiskCache, entry_key
-from .errors import ModelSourceError, first_line
-from .families.sd import UNET_INPUT
-from .precision import dtype as precision_dtype
-from .settings import Settings
 from .storage import open_download, parse_location
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ import re
 from typing import Any, Callable, Collection
 from urllib.parse import urlsplit
 
-from .errors import UserInputError
-from .settings import Settings
+from ..errors import UserInputError
+from ..settings import Settings
 from .storage import Location, conventional_name, error_code
 
 log = logging.getLogger(__name__)

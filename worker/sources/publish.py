@@ -19,12 +19,12 @@ from typing import Callable
 
 from schemas import ConvertOut, Progress
 
+from ..errors import ModelSourceError
+from ..settings import Settings
+from ..timing import ms_since
 from .archives import byte_progress
 from .destinations import NoOverwrite, refuse_existing
-from .errors import ModelSourceError
-from .settings import Settings
 from .storage import Location, s3_client, s3_error
-from .timing import ms_since
 
 _LEVEL = 3  # fp16 weights barely compress: a fast level loses next to nothing
 
@@ -145,7 +145,7 @@ def export(source_dir: Path, variant: str | None, location: Location, precision:
 
     Returns the saved directory (ready to install as the archive's cache entry) and what was
     published. The CPU does this so the GPU and the models warm on it are left alone."""
-    from .models import load_pipeline
+    from ..models import load_pipeline
 
     start = time.perf_counter()
     emit(Progress(stage="load", step=0, total=1))

@@ -19,11 +19,11 @@ from typing import Any, Callable
 
 from schemas import Progress, VaeSpec
 
-from .cache import DiskCache
+from ..errors import UserInputError
+from ..settings import Settings
+from ..sources.cache import DiskCache
+from ..timing import ms_since
 from .components import Warm, load_module, locate
-from .errors import UserInputError
-from .settings import Settings
-from .timing import ms_since
 
 _DIFFUSERS_KEY = "encoder.down_blocks.0.resnets.0.conv1.weight"
 _LDM_PREFIXES = ("first_stage_model.", "vae.")

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .settings import Settings
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
