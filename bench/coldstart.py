@@ -207,9 +207,10 @@ def baseline(endpoint: str, key: str, work: Path, device: str) -> tuple[float, f
 
 def ours(url: str, work: Path, endpoint: str, device: str, concurrency: int) -> tuple[float, float]:
     from schemas import ModelSpec
-    from worker.models import fetch_archive, model_ref
     from worker.settings import Settings
     from worker.sources.cache import DiskCache
+    from worker.sources.locate import fetch_archive
+    from worker.sources.refs import model_ref
 
     settings = Settings(models_dir=work, aws_s3_endpoint_url=endpoint, aws_access_key_id="bench",
                         aws_secret_access_key="bench", aws_default_region="us-east-1", allow_private_urls=True,

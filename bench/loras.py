@@ -30,10 +30,11 @@ def main() -> None:
     from schemas import LoraSpec
     from tests.lora_files import make_lora
     from worker.families import of_pipeline
-    from worker.models import Loaded, ModelRef
+    from worker.models import Loaded
     from worker.parts.loras import apply
     from worker.settings import Settings
     from worker.sources.cache import DiskCache
+    from worker.sources.refs import ModelRef
 
     diffusers.utils.logging.set_verbosity_error()  # a "no text-encoder keys" remark per load
     model = make_model(args.work / "sd15-random")

@@ -23,7 +23,8 @@ def bake(settings) -> Path:
     """Fetch the default model into ``settings.baked_dir``; return where it landed."""
     from schemas import ModelSpec, Progress
     from worker.errors import WorkerError
-    from worker.models import BAKED_MANIFEST, EMBEDDED_ID, ModelStore, baked_entry, model_ref, read_baked
+    from worker.sources.locate import BAKED_MANIFEST, Locator, baked_entry, read_baked
+    from worker.sources.refs import EMBEDDED_ID, model_ref
 
     baked = settings.baked_dir
     # Fetch into the baked directory itself, never via RunPod's volume cache.
@@ -40,7 +41,7 @@ def bake(settings) -> Path:
             print(f"\r{event.step / 2**20:9.1f} / {event.total / 2**20:.1f} MB", end="", flush=True)
 
     try:
-        path, source = ModelStore(build, device="cpu")._locate(ref, show)
+        path, source = Locator(build).locate(ref, show)
     except WorkerError as exc:
         raise SystemExit(f"builder.download: {exc}") from None
     print(f"\nbaked {ref.id} ({source}) at {path}")

@@ -166,7 +166,8 @@ def test_request_urls_cannot_reach_private_addresses(settings, http, archive):
 def test_two_workers_fetch_one_model_once(settings, http, archive):
     """Two model stores (as two workers sharing a volume) ask for one archive at once."""
     from schemas import ModelSpec
-    from worker.models import ModelStore, model_ref
+    from worker.sources.locate import Locator
+    from worker.sources.refs import model_ref
 
     http.files["/tiny.tar.zst"] = archive
     ref = model_ref(ModelSpec(url=http.url + "/tiny.tar.zst"), settings, "cpu")
@@ -174,7 +175,7 @@ def test_two_workers_fetch_one_model_once(settings, http, archive):
 
     def worker():
         try:
-            results.append(ModelStore(settings, "cpu")._locate(ref, lambda event: None)[1])
+            results.append(Locator(settings).locate(ref, lambda event: None)[1])
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -240,7 +241,7 @@ def test_baked_model_loads_without_network(settings, tmp_path, archive):
     from worker.jobs import JobRunner
 
     asked = len(server.requests)
-    JobRunner(runtime, {})._prefetch()  # start-up must not fetch what is baked
+    JobRunner(runtime, {}).prefetch()  # start-up must not fetch what is baked
     assert len(server.requests) == asked
     server.close()  # from here on, any fetch would fail
 

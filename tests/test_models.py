@@ -11,8 +11,8 @@ from schemas import InferenceRequest, ModelSpec
 from tests.helpers import hub_cache
 from worker.engine import Engine
 from worker.errors import ModelSourceError
-from worker.models import EMBEDDED_ID, ModelRef, model_ref
 from worker.settings import Settings
+from worker.sources.refs import EMBEDDED_ID, ModelRef, model_ref
 
 
 def make_engine(tmp_path: Path, **settings) -> Engine:

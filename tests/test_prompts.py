@@ -12,8 +12,8 @@ import torch
 
 from worker.families.sd import SD
 from worker.families.sdxl import SDXL
-from worker.models import load_pipeline
 from worker.parts import prompts
+from worker.sources.loading import load_pipeline
 
 LONG = "lighthouse " * 10  # 100 tokens
 BASE = {"num_inference_steps": 2, "seed": 5}

@@ -149,20 +149,20 @@ def test_random_flip_trains_on_mirror_images_half_the_time(tiny_dir):
     from PIL import ImageOps
 
     from tests.test_engine import _stripes
-    from worker.models import load_pipeline
-    from worker.train import _latent_stats, _sample
+    from worker.sources.loading import load_pipeline
+    from worker.train.data import latent_stats, sample
 
     pipe = load_pipeline(tiny_dir, "fp32", None, "cpu")
     picture = _stripes((64, 64))
-    both = _latent_stats(pipe, [picture], 64, mirrored=True)
-    alone = _latent_stats(pipe, [picture], 64)
-    mirror = _latent_stats(pipe, [ImageOps.mirror(picture)], 64)
+    both = latent_stats(pipe, [picture], 64, mirrored=True)
+    alone = latent_stats(pipe, [picture], 64)
+    mirror = latent_stats(pipe, [ImageOps.mirror(picture)], 64)
     # (encoded two at a time: batched arithmetic moves the last bits)
     assert torch.allclose(both[0][0], alone[0][0], atol=1e-5) and torch.allclose(both[0][1], mirror[0][0], atol=1e-5)
     assert not torch.allclose(alone[0][0], mirror[0][0], atol=1e-2)  # the picture is not symmetric
     generator = torch.Generator().manual_seed(0)
     without_noise = (both[0], torch.zeros_like(both[1]))
-    drawn = [_sample(without_noise, 1, generator, pipe, mirrored=True) for _ in range(40)]
+    drawn = [sample(without_noise, 1, generator, pipe, mirrored=True) for _ in range(40)]
     as_is = both[0][0] * pipe.vae.config.scaling_factor
     originals = sum(torch.allclose(latents[0], as_is) for latents, _ in drawn)
     assert 10 < originals < 30 and all(chosen == [0] for _, chosen in drawn)  # image 0, mirrored or not
@@ -221,19 +221,19 @@ def test_mixed_precision_training_keeps_fp32_master_weights(runner, s3, monkeypa
     weights). On a GPU the same test runs on CUDA (an H100 would pick bf16 by itself)."""
     import torch
 
-    import worker.train
+    import worker.train.loop
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[autocast]
-    monkeypatch.setattr(worker.train, "_autocast_dtype", lambda device: dtype)
+    monkeypatch.setattr(worker.train.loop, "autocast_dtype", lambda device: dtype)
     seen = {}
-    prepare = worker.train._prepare
+    prepare = worker.train.loop.prepare
 
     def spy(pipe, family, spec, autocast_dtype):
         params = prepare(pipe, family, spec, autocast_dtype)
         seen[spec.method] = ({p.dtype for p in params}, pipe.vae.dtype)
         return params
 
-    monkeypatch.setattr(worker.train, "_prepare", spy)
+    monkeypatch.setattr(worker.train.loop, "prepare", spy)
     model = {"id": str(request.getfixturevalue(f"{architecture}_dir"))} if architecture != "sd" else {}
     text = architecture != "sd3"  # SD3 trains its transformer only
     generate(runner, model=model)  # a warm model, which training must set aside and leave untouched

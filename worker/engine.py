@@ -41,7 +41,7 @@ from . import families
 from .errors import JobCancelled, UserInputError, redact
 from .images import encode_image, fit, load_image
 from .inpainting import Inpainting, grow, prepare
-from .models import EMBEDDED_ID, FETCHED_NOW, ModelStore, check_t5, model_ref
+from .models import ModelStore
 from .outputs import Outbox
 from .parts import embeddings, loras, prompts, seamless, variation
 from .parts.controlnets import ControlNets
@@ -51,7 +51,10 @@ from .parts.schedulers import make_scheduler
 from .parts.vaes import Vaes
 from .settings import Settings
 from .sources.destinations import check_writable, hub_names
+from .sources.loading import check_t5
+from .sources.locate import FETCHED_NOW
 from .sources.publish import check_destination, export
+from .sources.refs import EMBEDDED_ID, model_ref
 from .sources.storage import Location, conventional_name, parse_location
 from .timing import ms_since
 
@@ -268,7 +271,7 @@ class Engine:
         emit = _stops_between_stages(emit, cancelled)
         start = time.perf_counter()
         with self._lock:
-            path, source = self.models.locate(ref, emit)
+            path, source = self.models.locator.locate(ref, emit)
         if source in FETCHED_NOW:
             timings["download"] = ms_since(start)
         family = families.at(path)
@@ -286,7 +289,7 @@ class Engine:
 
     def train(self, request: TrainRequest, emit: Emit, cancelled: Callable[[], bool], job_id: str | None) -> Result:
         """Fine-tune a fresh copy of the model and publish the result (task "train")."""
-        from . import train
+        from .train import train
 
         timings: dict[str, float] = {}
         spec = request.train
@@ -299,7 +302,7 @@ class Engine:
         check_destination(location, self.settings, "train.dest_url")
         with self._lock, self.models.disk.staging() as staging:
             start = time.perf_counter()
-            path, source = self.models.locate(ref, emit)
+            path, source = self.models.locator.locate(ref, emit)
             if source in FETCHED_NOW:
                 timings["download"] = ms_since(start)
             self.models.clear_device()
@@ -308,7 +311,7 @@ class Engine:
             self.ip_adapters.clear()
             self.depth.clear()
             self.pose.clear()
-            out = train.train(spec, path, ref.variant, location, device=self.device, staging=staging,
+            out = train(spec, path, ref.variant, location, device=self.device, staging=staging,
                               settings=self.settings, emit=emit, cancelled=cancelled, timings=timings)
         info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision="fp32", device=self.device)
         return Result(task="train", train=out, timings=timings, model=info)

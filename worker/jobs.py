@@ -64,26 +64,15 @@ class JobRunner:
         model's archive streams into MODELS_DIR on its own thread while the engine thread
         imports torch and diffusers; the engine then finds it installed (the cache's lock
         makes it wait if the fetch is still running)."""
-        threading.Thread(target=self._prefetch, name="prefetch", daemon=True).start()
+        threading.Thread(target=self.prefetch, name="prefetch", daemon=True).start()
         self._gpu.submit(self._warm_up)
 
-    def _prefetch(self) -> None:
-        from schemas import ModelSpec
-
-        from .models import archive_location, fetch_archive, find_baked, model_ref, read_baked
-        from .sources.cache import DiskCache
-        from .sources.storage import ObjectMissing
+    def prefetch(self) -> None:
+        """Fetch the default model's archive now, torch-free (see start_warm_up)."""
+        from .sources.locate import prefetch_default
 
         try:
-            # Which device we get is known only after importing torch; the precision default
-            # depends on it, and so does a bare s3:// name. Prefetch only what both would use.
-            on_gpu, on_cpu = (model_ref(ModelSpec(), self.settings, device) for device in ("cuda", "cpu"))
-            if not on_gpu.url or find_baked(on_gpu, read_baked(self.settings.baked_dir), self.settings.baked_dir):
-                return
-            if archive_location(on_gpu, self.settings) == archive_location(on_cpu, self.settings):
-                fetch_archive(on_gpu, self.settings, DiskCache(self.settings), lambda event: None)
-        except ObjectMissing:
-            pass  # not published yet: the warm-up builds and publishes it (it needs torch)
+            prefetch_default(self.settings)
         except Exception as exc:  # the warm-up or the first job will report it
             log.warning("prefetch failed: %s", answer_for(exc, self.settings.secrets())[0])
 

@@ -21,7 +21,7 @@ from .sd3 import SD3
 from .sdxl import SDXL, SDXL_REFINER
 
 __all__ = ["FAMILIES", "ControlNetKind", "Family", "at", "checkpoint_lacks", "checkpoint_reference", "components",
-           "from_components", "of_pipeline", "read_index", "trained", "without_t5"]
+           "from_components", "of_pipeline", "read_index", "t5_listed", "trained", "without_t5"]
 
 # Each family says no to the others' models: the order does not decide, except for checkpoints,
 # where SDXL's keys include its refiner's.
@@ -86,3 +86,11 @@ def trained() -> str:
     """The families training takes, as a refusal lists them."""
     names = [family.name for family in FAMILIES if family.training_pipeline]
     return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def t5_listed(path: Path) -> list[str]:
+    """The T5 encoder the model in ``path`` lists, if its family has one to leave out."""
+    index = read_index(path) or {}
+    family = from_components(components(index))
+    encoder = family.optional_t5[0] if family and family.optional_t5 else None
+    return [encoder] if encoder and (index.get(encoder) or [None, None])[1] else []

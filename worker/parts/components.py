@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Iterator
 
 from schemas import Progress
 
 from ..errors import ModelSourceError, first_line
 from ..settings import Settings
 from ..sources.cache import DiskCache
-from .loras import hub_snapshot, locate_file, quiet_libraries
+from ..sources.files import hub_snapshot, locate_file
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +84,19 @@ def load_module(path: Path, like: Any, field: str, what: str, from_dir: Callable
         raise ModelSourceError(field, f"could not load the {what} ({type(exc).__name__}: {first_line(exc)})") from None
     log.info("loaded %s %s", what, path.name)
     return module
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Per-file "load report" tables and "no text-encoder keys" remarks are noise in a worker's log."""
+    import diffusers
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity(), diffusers.utils.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity[0])
+        diffusers.utils.logging.set_verbosity(verbosity[1])

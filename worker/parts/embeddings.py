@@ -21,8 +21,9 @@ from ..errors import UserInputError, first_line
 from ..families import Family
 from ..settings import Settings
 from ..sources.cache import DiskCache
+from ..sources.files import locate_file
 from ..timing import ms_since
-from .loras import locate_file, quiet_libraries
+from .components import quiet_libraries
 
 _A1111_KEYS = ("emb_params", "string_to_param")
 

@@ -25,9 +25,9 @@ from schemas import IpAdapterSpec, Progress
 from ..errors import ModelSourceError, UserInputError, first_line
 from ..images import load_image
 from ..settings import Settings
+from ..sources.files import hub_snapshot
 from ..timing import ms_since
-from .components import Warm, load_module
-from .loras import hub_snapshot, quiet_libraries
+from .components import Warm, load_module, quiet_libraries
 
 
 class IpAdapters:

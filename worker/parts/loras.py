@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from schemas import EmbeddingSpec, LoraSpec, Progress
+from schemas import LoraSpec, Progress
 
-from ..errors import ModelSourceError, UserInputError, first_line
+from ..errors import UserInputError, first_line
 from ..settings import Settings
-from ..sources.cache import DiskCache, entry_key
-from ..sources.checkpoints import is_safetensors, save_download
-from ..sources.storage import open_download, parse_location
+from ..sources.cache import DiskCache
+from ..sources.files import locate_file
 from ..timing import ms_since
+from .components import quiet_libraries
 
 if TYPE_CHECKING:
     from ..models import Loaded
@@ -103,106 +102,3 @@ def _load(pipeline: Any, path: Path, name: str, field: str) -> None:
     if not any(name in names for names in pipeline.get_list_adapters().values()):
         raise UserInputError(field, "matches no layer of this model: is it a LoRA for another architecture "
                                     "(SD 1.x, SDXL, SD3)?")
-
-
-@contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """Per-file "load report" tables and "no text-encoder keys" remarks are noise in a worker's log."""
-    import diffusers
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity(), diffusers.utils.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    diffusers.utils.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(verbosity[0])
-        diffusers.utils.logging.set_verbosity(verbosity[1])
-
-
-def locate_file(spec: LoraSpec | EmbeddingSpec, field: str, settings: Settings, disk: DiskCache,
-                emit: Callable[[Progress], None], kind: str = "loras") -> Path:
-    """The ``.safetensors`` file a request names by ``url`` (fetched into MODELS_DIR/``kind``),
-    hub ``id`` (with ``weight_name``) or local path, on local disk."""
-    if spec.url:
-        return _fetch(spec.url, f"{field}.url", settings, disk, emit, kind)
-    if spec.id.startswith("/"):
-        path = Path(spec.id)
-        if path.is_dir():
-            path = _only_safetensors(path, spec.weight_name, f"{field}.id")
-        if not path.is_file() or not is_safetensors(path):
-            raise ModelSourceError(f"{field}.id", f"{spec.id} is not a .safetensors file on this worker")
-        return path
-    return _from_hub(spec, f"{field}.id", settings)
-
-
-def _fetch(url: str, field: str, settings: Settings, disk: DiskCache, emit: Callable[[Progress], None],
-           kind: str) -> Path:
-    location = parse_location(url, field, settings, None, "")
-    key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}")
-    # The file keeps its name: an embedding's name is the word prompts use for it.
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", location.name).removesuffix(".safetensors")[:100] or "weights"
-    name += ".safetensors"
-
-    def build(staging: Path) -> Path:
-        out = staging / "file"
-        out.mkdir()
-        with open_download(location, field, settings, trusted=False) as download:
-            save_download(download, out / name, field=field,
-                          expected_sha256=location.sha256 or download.sidecar_sha256(), max_bytes=_MAX_FILE_BYTES,
-                          emit=emit)
-        if not is_safetensors(out / name):
-            raise ModelSourceError(field, "is not a .safetensors file (pickles are not loaded)")
-        return out
-
-    entry, _ = disk.obtain(kind, key, build)
-    return entry / name
-
-
-def _from_hub(spec: LoraSpec | EmbeddingSpec, field: str, settings: Settings) -> Path:
-    patterns = [spec.weight_name] if spec.weight_name else ["*.safetensors"]
-    return hub_snapshot(spec.id, patterns, field, settings,
-                        lambda folder: _only_safetensors(folder, spec.weight_name, field))
-
-
-def hub_snapshot(repo_id: str, patterns: list[str], field: str, settings: Settings,
-                 found: Callable[[Path], Path]) -> Path:
-    """``found(snapshot)`` for the hub repo's files matching ``patterns``: from RunPod's cached
-    models or our hub cache when there (``found`` raises ModelSourceError when something it
-    needs is missing), else downloaded into our hub cache."""
-    from huggingface_hub import errors as hub_errors
-    from huggingface_hub import snapshot_download
-
-    token = settings.hf_token.get_secret_value() if settings.hf_token else None
-    for cache in (settings.runpod_hf_cache, settings.hub_cache):
-        if cache.is_dir():
-            try:
-                snapshot = snapshot_download(repo_id, cache_dir=cache, local_files_only=True, token=token,
-                                             allow_patterns=patterns)
-                return found(Path(snapshot))
-            except (hub_errors.LocalEntryNotFoundError, FileNotFoundError, ModelSourceError):
-                pass
-    if settings.hf_hub_offline:
-        raise ModelSourceError(field, f"{repo_id} is not cached on this worker and HF_HUB_OFFLINE is set")
-    try:
-        snapshot = snapshot_download(repo_id, cache_dir=settings.hub_cache, token=token, allow_patterns=patterns)
-    except hub_errors.GatedRepoError:
-        raise ModelSourceError(field, f"{repo_id} is gated: HF_TOKEN must belong to an account with access")
-    except hub_errors.RepositoryNotFoundError:
-        raise ModelSourceError(field, f"{repo_id} not found on the hub (if private, set HF_TOKEN)")
-    except (hub_errors.HfHubHTTPError, OSError, ValueError) as exc:
-        raise ModelSourceError(field, f"could not download {repo_id} ({type(exc).__name__})") from None
-    return found(Path(snapshot))
-
-
-def _only_safetensors(folder: Path, weight_name: str | None, field: str) -> Path:
-    if weight_name:
-        if not (folder / weight_name).is_file():
-            raise ModelSourceError(field, f"has no file {weight_name!r}")
-        return folder / weight_name
-    found = sorted(folder.rglob("*.safetensors"))
-    if len(found) != 1:
-        what = "no .safetensors file" if not found else f"{len(found)} .safetensors files"
-        raise ModelSourceError(field, f"has {what}; name one with weight_name")
-    return found[0]

@@ -20,8 +20,8 @@ from PIL import Image
 
 from ..errors import ModelSourceError, first_line
 from ..settings import Settings
-from .components import Warm
-from .loras import hub_snapshot, quiet_libraries
+from ..sources.files import hub_snapshot
+from .components import Warm, quiet_libraries
 
 
 def canny(image: Image.Image, low: int, high: int) -> Image.Image:

@@ -145,7 +145,7 @@ def export(source_dir: Path, variant: str | None, location: Location, precision:
 
     Returns the saved directory (ready to install as the archive's cache entry) and what was
     published. The CPU does this so the GPU and the models warm on it are left alone."""
-    from ..models import load_pipeline
+    from .loading import load_pipeline
 
     start = time.perf_counter()
     emit(Progress(stage="load", step=0, total=1))

@@ -1,0 +1,52 @@
+"""A diffusers pipeline loaded from a directory on local disk, for inference, conversion and
+training alike: refused before loading when no family of ours runs it, its T5 left out when
+asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import families
+from ..errors import ModelSourceError, first_line
+from ..families import Family
+from ..precision import dtype as precision_dtype
+from .refs import ModelRef
+
+
+def check_t5(ref: ModelRef, family: Family | None) -> None:
+    """A request's ``t5: false`` on a model without T5 is a mistake to answer."""
+    if ref.t5_asked and not ref.t5 and not (family and family.optional_t5):
+        with_t5 = " and ".join(f.name for f in families.FAMILIES if f.optional_t5)
+        raise ModelSourceError("model.t5", f"{ref.id} has no T5 encoder to leave out (only {with_t5} models do)")
+
+
+def load_pipeline(path: Path, precision: str, variant: str | None, device: str, t5: bool = True) -> Any:
+    """``t5``: false leaves the model's T5 out, where its family has one to leave."""
+    from diffusers import DiffusionPipeline
+
+    family = families.at(path)
+    leave_out = family.without_t5() if family and not t5 else {}
+    dtype = precision_dtype(precision)
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True,
+                                                     **leave_out)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        detail = first_line(exc)
+        with_variant = f" (variant {variant!r})" if variant else ""
+        raise ModelSourceError("model.id", f"{type(exc).__name__}{with_variant}: {detail}") from None
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    _text_model_alias(pipeline)
+    return pipeline
+
+
+def _text_model_alias(pipeline: Any) -> None:
+    """diffusers 0.42 applies ``clip_skip`` through ``text_encoder.text_model.final_layer_norm``;
+    transformers 5 moved that layer to ``text_encoder.final_layer_norm``. A plain attribute (not
+    a registered module: nothing is saved or moved twice) lets the old path find it."""
+    from types import SimpleNamespace
+
+    encoder = getattr(pipeline, "text_encoder", None)
+    if encoder is not None and hasattr(encoder, "final_layer_norm") and not hasattr(encoder, "text_model"):
+        object.__setattr__(encoder, "text_model", SimpleNamespace(final_layer_norm=encoder.final_layer_norm))
