@@ -1,11 +1,11 @@
 """Stable Diffusion worker for RunPod serverless: the entry point.
 
-A job is ``{"input": {...}}`` (schemas/, CONTRACT.md §2), for example::
+A job is ``{"input": {...}}`` (schemas/, docs/requests.md), for example::
 
     {"input": {"prompt": "a lighthouse at dawn", "width": 512, "height": 512,
                "num_inference_steps": 25, "seed": 42, "stream": true}}
 
-What comes back (schemas/result.py, CONTRACT.md §3): with ``stream: true`` progress events
+What comes back (schemas/result.py, docs/requests.md): with ``stream: true`` progress events
 ``{"type": "progress", "stage": "inference", "step": 3, "total": 25}`` while it works, and
 always the result last::
 

@@ -29,7 +29,7 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from tests.helpers import Loopback
+from tools.loopback import Loopback
 
 _PIECE = 256 * 1024
 

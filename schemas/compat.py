@@ -1,4 +1,4 @@
-"""docker-diffusers-api payloads: ``{"callInputs": {...}, "modelInputs": {...}}`` (CONTRACT §2).
+"""docker-diffusers-api payloads: ``{"callInputs": {...}, "modelInputs": {...}}`` (docs/compatibility.md).
 
 Clients written for docker-diffusers-api keep working: their payload is translated to this
 worker's request, and the answer carries that project's fields too (``image_base64`` or

@@ -1,4 +1,4 @@
-"""What comes back (CONTRACT.md §3): progress events while working, the result last.
+"""What comes back (docs/requests.md, Results): progress events while working, the result last.
 
 These are dumped once, at the edge, with ``dump()``: fields that are None are left out.
 """

@@ -10,14 +10,15 @@ import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import requests
 import zstandard
 from PIL import Image, ImageChops
+
+from tools.loopback import Loopback
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "models"
@@ -76,20 +77,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-class Loopback:
-    """A real HTTP server on 127.0.0.1, serving ``handler`` on threads of its own."""
-
-    def __init__(self, handler: type[BaseHTTPRequestHandler]):
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.http.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
 
 
 class FileServer(Loopback):

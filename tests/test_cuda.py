@@ -46,14 +46,14 @@ def test_everything_per_request_on_cuda_in_fp16(settings, tiny_dir, tmp_path):
     [vae] = engine.vaes.warm.values()
     for module in (net, encoder, vae):
         assert (module.device.type, module.dtype) == ("cuda", torch.float16)
-    [depth] = engine.depth.warm.values()
+    [depth] = engine.inputs.depth.warm.values()
     assert depth.model.device.type == "cuda"  # (in fp32: 25 M parameters)
     # The pose models find people on CUDA (drawing them is OpenCV's, on the CPU: not here, where
     # OpenCV's wheel would not fit beside the others).
     from PIL import Image
 
     assert len(engine.pose.find(Image.new("RGB", (96, 64)), "controlnets[0].preprocess")) == 4
-    [(detector, _, estimator, _)] = engine.pose.warm.values()
+    [(detector, _, estimator, _)] = engine.inputs.pose.warm.values()
     assert detector.device.type == estimator.device.type == "cuda"  # (fp32 too: 43 M and 90 M)
     plain = engine.generate(InferenceRequest.model_validate({"prompt": "a", "num_inference_steps": 2}),
                             lambda _: None, lambda: False)

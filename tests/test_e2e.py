@@ -295,7 +295,7 @@ def decode_file(path):
     return image
 
 
-# --- docker-diffusers-api payloads (CONTRACT §2) ---
+# --- docker-diffusers-api payloads (docs/compatibility.md) ---
 
 def test_docker_diffusers_api_payload_gets_its_answer_shape(api):
     payload = {"callInputs": {"PIPELINE": "StableDiffusionPipeline", "SCHEDULER": "DDIMScheduler",

@@ -125,9 +125,9 @@ def test_scheduler_names_and_class_names():
 
 
 def _documented_inputs():
-    """Every job input shown in README.md (JSON blocks with an "input") and test_input.json."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```json\n(.*?)```", readme, re.S)
+    """Every job input shown in README.md and docs/ (JSON blocks with an "input") and test_input.json."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    blocks = [block for page in pages for block in re.findall(r"```json\n(.*?)```", page.read_text(), re.S)]
     found = [json.loads(block) for block in blocks if '"input"' in block]
     found.append(json.loads((ROOT / "test_input.json").read_text()))
     return found
@@ -188,51 +188,3 @@ def test_a_revision_is_a_git_ref_that_cannot_leave_the_hub_cache(revision):
 @pytest.mark.parametrize("revision", ["main", "v1.0", "fp16", "refs/pr/3", "e" * 40, "release_2-b"])
 def test_branches_tags_pull_requests_and_commits_are_revisions(revision):
     assert parse_request({"prompt": "p", "model": {"id": "a/b", "revision": revision}}, Limits()).model.revision
-
-
-def test_readme_lists_every_environment_variable():
-    from worker.settings import Settings
-
-    readme = (ROOT / "README.md").read_text()
-    for name in Settings.model_fields:
-        assert f"`{name.upper()}`" in readme, f"README.md does not document {name.upper()}"
-
-
-def test_training_requests_parse_and_name_their_fields():
-    base = {"task": "train", "train": {"instance_prompt": "sks", "instance_images": [IMG], "dest_url": "s3://b/"}}
-    request = parse_request(base, Limits())
-    assert request.train.method == "lora" and request.train.precision == "fp16"
-
-    def error(data, limits=Limits()):
-        with pytest.raises((ValidationError, RequestError)) as info:
-            parse_request(data, limits)
-        exc = info.value
-        return describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
-
-    train = base["train"]
-    assert error({"task": "train", "train": train | {"learning_rate": 0}}).startswith("train.learning_rate: ")
-    assert error({"task": "train", "train": train | {"class_prompt": "dog"}}) == (
-        "train.num_class_images: required with class_prompt (how many class images)")
-    assert error({"task": "train", "train": train | {"resolution": 1024, "train_batch_size": 8}},
-                 Limits(max_pixels=1024 * 1024)).startswith("train.resolution: 1024² x train_batch_size 8")
-    assert error({"task": "train", "prompt": "p", "train": train}) == "prompt: unknown field"
-
-
-def test_docker_diffusers_api_dreambooth_payload_is_translated():
-    payload = {"callInputs": {"MODEL_ID": "org/base", "MODEL_PRECISION": "", "train": "dreambooth",
-                              "dest_url": "s3:///bucket/model.tar.zst"},
-               "modelInputs": {"instance_prompt": "a photo of sks dog", "instance_images": [IMG],
-                               "max_train_steps": 300, "with_prior_preservation": False,
-                               "class_prompt": "a photo of dog", "mixed_precision": "fp16"}}
-    request = parse_request(payload, Limits())
-    assert request.legacy and request.model.id == "org/base" and request.model.precision == "fp32"
-    assert request.train.method == "dreambooth" and request.train.max_train_steps == 300
-    assert request.train.class_prompt is None  # with_prior_preservation: false drops it
-    with pytest.raises(RequestError, match=r"^modelInputs\.learning_rate: input should be less than"):
-        parse_request(payload | {"modelInputs": payload["modelInputs"] | {"learning_rate": 3}}, Limits())
-    scheduled = parse_request(payload | {"modelInputs": payload["modelInputs"] | {
-        "lr_scheduler": "cosine", "lr_warmup_steps": 10, "gradient_accumulation_steps": 2}}, Limits())
-    assert (scheduled.train.lr_scheduler, scheduled.train.lr_warmup_steps) == ("cosine", 10)
-    assert scheduled.train.gradient_accumulation_steps == 2
-    with pytest.raises(RequestError, match=r"^modelInputs\.adam_beta1: not supported for training"):
-        parse_request(payload | {"modelInputs": payload["modelInputs"] | {"adam_beta1": 0.8}}, Limits())

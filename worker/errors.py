@@ -2,7 +2,7 @@
 
 Code inside raises; ``answer_for`` (called only by worker.jobs) turns any exception into
 ``{"error": "field: what was wrong"}`` and decides from its *type* whether the GPU is in a
-doubtful state and RunPod should give us a fresh worker (CONTRACT §4).
+doubtful state and RunPod should give us a fresh worker (docs/requests.md, errors).
 """
 
 from __future__ import annotations

@@ -38,12 +38,13 @@ Request = InferenceRequest | ConvertRequest | TrainRequest
 
 
 class JobRunner:
-    def __init__(self, settings: Settings, sdk_config: dict[str, Any]):
+    def __init__(self, settings: Settings, sdk_config: dict[str, Any], engine: Any = None):
+        """``engine``: one already running (tests share a warm one); else created on first use."""
         self.settings = settings
         # The SDK reads config["refresh_worker"] after a generator job: the only way a
         # streaming handler can ask for a fresh worker.
         self.sdk_config = sdk_config
-        self._engine = None
+        self._engine = engine
         self._engine_lock = threading.Lock()
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
@@ -189,7 +190,7 @@ class JobRunner:
             if a1111 is not None:  # AUTOMATIC1111's shape: images as base64 strings, its info
                 texts = [infotext(image.get("base64")) for image in answer.get("images", [])]
                 return a1111_answer(answer, a1111, texts)
-            if legacy:  # docker-diffusers-api's fields, beside ours (CONTRACT §2)
+            if legacy:  # docker-diffusers-api's fields, beside ours (docs/compatibility.md)
                 images = [image["base64"] for image in answer["images"] if "base64" in image]
                 if len(images) == 1:
                     answer["image_base64"] = images[0]

@@ -22,8 +22,10 @@ never over an object (worker.destinations).
 
 from __future__ import annotations
 
+import base64
 import io
 import re
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,13 +34,14 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from schemas import Progress, S3Config
+from schemas import ImageOut, Progress, S3Config
 
 from .errors import UserInputError
 from .settings import Settings
 from .sources.destinations import NoOverwrite, check_key, check_writable, refuse_existing
 from .sources.storage import Location, s3_client, s3_error
 from .sources.urls import Deadline, PrivateAddress, caused_by, check_url, private_message, session_for
+from .timing import ms_since
 
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -218,3 +221,25 @@ def _region_of(endpoint: str | None) -> str | None:
     """The region in an AWS-style endpoint (s3.eu-west-1.amazonaws.com); presigned links need it."""
     match = re.search(r"\bs3[.-]([a-z]{2}-[a-z]+-\d)\.", endpoint or "")
     return match.group(1) if match else None
+
+
+def deliver(images: list[ImageOut], encoded: list[bytes], outbox: Outbox | None, settings: Settings,
+            emit: Callable[[Progress], None], timings: dict[str, float]) -> None:
+    """Each image's bytes uploaded through ``outbox`` (its ``url`` and ``presigned_url`` set),
+    or, without one, inlined as base64 within the endpoint's result limit."""
+    if outbox is not None:
+        start = time.perf_counter()
+        placed = outbox.put_all([(data, image.format) for data, image in zip(encoded, images)], emit)
+        for image, (url, link) in zip(images, placed):
+            image.url, image.presigned_url = url, link
+        timings["upload"] = ms_since(start)
+        return
+    size = sum((len(data) + 2) // 3 * 4 for data in encoded)
+    if size > settings.max_result_bytes:
+        raise UserInputError(
+            "output", f"the images come to {size / 2**20:.1f} MB of base64, over this endpoint's "
+            f"{settings.max_result_bytes / 2**20:.1f} MB result limit; ask for fewer or smaller "
+            "images, output.format jpeg / webp, or an output.upload_url"
+        )
+    for image, data in zip(images, encoded):
+        image.base64 = base64.b64encode(data).decode("ascii")

@@ -1,7 +1,8 @@
 """Every environment variable the worker reads, typed and defaulted, in one place.
 
 Everything else receives a ``Settings``; tests build one directly instead of patching the
-environment. README.md has the same table for operators.
+environment. docs/configuration.md's table is generated from the fields here
+(tools/docs_tables.py).
 """
 
 from __future__ import annotations
@@ -32,16 +33,20 @@ class Settings(BaseSettings):
 
     # --- The default model: used for whatever a request's `model` leaves out. ---
     model_id: str | None = Field(None, description="Hub repo id or local directory; unset: the embedded tiny model.")
-    model_revision: str | None = None
-    model_variant: str | None = None
-    model_precision: Literal["fp32", "fp16", "bf16"] | None = None
+    model_revision: str | None = Field(None, description="Hub revision (branch, tag, commit) of MODEL_ID.")
+    model_variant: str | None = Field(None, description="Weight variant of MODEL_ID, e.g. `fp16`.")
+    model_precision: Literal["fp32", "fp16", "bf16"] | None = Field(
+        None, description="dtype every model runs in unless a request says; unset: fp16 on CUDA, fp32 on CPU."
+    )
     model_t5: bool = Field(True, description="SD3 models load their T5-XXL text encoder (a request's model.t5 wins).")
     model_url: str | None = Field(None, description="Archive of the default model (forms as model.url); trusted.")
     checkpoint_url: str | None = Field(None, description="Single-file checkpoint of the default model; trusted.")
 
     # --- Where models come from and go. ---
-    hf_token: SecretStr | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))
-    models_dir: Path = Field(default_factory=_default_models_dir)
+    hf_token: SecretStr | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+                                       description="Hugging Face token for gated and private models.")
+    models_dir: Path = Field(default_factory=_default_models_dir, description="The model cache: "
+                             "/runpod-volume/models with a network volume, else ~/.cache/sd-worker.")
     hf_hub_cache: Path | None = Field(None, description="Where hub downloads go; default MODELS_DIR/hub.")
     runpod_hf_cache: Path = Field(
         RUNPOD_VOLUME / "huggingface-cache" / "hub", description="RunPod's cached-models directory, read first."
@@ -53,9 +58,9 @@ class Settings(BaseSettings):
     )
 
     # --- S3-compatible storage. boto3 also reads AWS_ENDPOINT_URL(_S3), AWS_PROFILE ... itself. ---
-    aws_access_key_id: str | None = None
-    aws_secret_access_key: SecretStr | None = None
-    aws_default_region: str | None = None
+    aws_access_key_id: str | None = Field(None, description="S3 credentials (unset: boto3's own chain).")
+    aws_secret_access_key: SecretStr | None = Field(None, description="S3 credentials (unset: boto3's own chain).")
+    aws_default_region: str | None = Field(None, description="S3 region (unset: boto3's default).")
     aws_s3_endpoint_url: str | None = Field(None, description="docker-diffusers-api's name for the S3 endpoint.")
     aws_s3_default_bucket: str | None = Field(None, description="Bucket that a bare s3:// URL means.")
     write_destinations: str | None = Field(
@@ -66,8 +71,8 @@ class Settings(BaseSettings):
 
     # --- Image uploads (output.upload_url, a job's s3Config): RunPod's names. Unset: the AWS_* above. ---
     bucket_endpoint_url: str | None = Field(None, description="S3 API endpoint for image uploads.")
-    bucket_access_key_id: str | None = None
-    bucket_secret_access_key: SecretStr | None = None
+    bucket_access_key_id: str | None = Field(None, description="Credentials for image uploads.")
+    bucket_secret_access_key: SecretStr | None = Field(None, description="Credentials for image uploads.")
     output_url_expires_s: int = Field(
         7 * 24 * 3600, ge=0, le=7 * 24 * 3600, description="Life of the presigned link to each uploaded image; 0: none."
     )
@@ -80,7 +85,7 @@ class Settings(BaseSettings):
     max_archive_members: int = Field(100_000, ge=1, description="Cap on the files an archive may hold.")
 
     # --- How the worker runs. ---
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Where models run; auto: CUDA if visible.")
     max_loaded_models: int = Field(1, ge=1, description="Pipelines kept on the device across jobs.")
     max_loaded_gb: float | None = Field(None, gt=0, description="Cap on the weights kept on the device.")
     max_parked_models: int = Field(
@@ -120,7 +125,8 @@ class Settings(BaseSettings):
         1536 * 1536, ge=0, description="Images over this many pixels go through the VAE in tiles (less GPU memory)."
     )
     preload_model: bool = Field(True, description="Load the default model at start-up, before the first job.")
-    streaming: bool = Field(True, description="false: plain handler returning the result dict (CONTRACT §1).")
+    streaming: bool = Field(True, description="false: the plain handler (a result dict; progress via "
+                            "progress_update), for clients of docker-diffusers-api and RunPod's official workers.")
     safety_checker: bool = Field(True, description="Run a model's safety checker when it ships one.")
     allow_private_urls: bool = Field(False, description="Let request URLs reach private/loopback addresses.")
     local_output_dir: Path = Field(Path("output"), description="Where `python handler.py` writes images.")
@@ -128,10 +134,10 @@ class Settings(BaseSettings):
         None, description="AUTOMATIC1111's styles.csv (name, prompt, negative_prompt): the styles requests may name."
     )
     _styles: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)
-    log_level: str = "INFO"
-    # The SDK logs every job's input and output (images included) at DEBUG, its default.
+    log_level: str = Field("INFO", description="The worker's log level.")
     runpod_log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = Field(
-        "INFO", validation_alias=AliasChoices("RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL")
+        "INFO", validation_alias=AliasChoices("RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL"),
+        description="The SDK's log level; the SDK's own default, DEBUG, logs every job's input and output.",
     )
     progress_interval_s: float = Field(
         0.5, ge=0, description="STREAMING=false: least time between progress_update calls."
@@ -139,12 +145,12 @@ class Settings(BaseSettings):
 
     # --- Set by RunPod: which mode the SDK runs in (see handler.py). ---
     runpod_webhook_get_job: str | None = Field(None, description="Set on RunPod: the SDK's production job loop.")
-    runpod_realtime_port: int = 0
+    runpod_realtime_port: int = Field(0, description="Set on RunPod: the SDK's realtime mode.")
 
     # --- Caps on what one request may ask (the operator's cost control). ---
-    max_pixels: int = Field(2048 * 2048, ge=64 * 64)
-    max_images: int = Field(8, ge=1, le=64)
-    max_steps: int = Field(150, ge=1, le=1000)
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="Cap on width x height.")
+    max_images: int = Field(8, ge=1, le=64, description="Cap on num_images.")
+    max_steps: int = Field(150, ge=1, le=1000, description="Cap on num_inference_steps.")
     max_train_steps: int = Field(2000, ge=1, le=100_000, description="Cap on train.max_train_steps.")
     max_input_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest input image download.")
     url_timeout_s: float = Field(30, gt=0, description="Request URLs: the longest wait for a connection or a read.")

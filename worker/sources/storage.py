@@ -1,6 +1,6 @@
 """Objects by URL (model archives, checkpoints): the URL forms, and their bytes streamed in order.
 
-URL forms (CONTRACT §2): ``https://…`` / ``http://…``; ``s3://bucket/key`` and
+URL forms (docs/models.md): ``https://…`` / ``http://…``; ``s3://bucket/key`` and
 ``s3:///bucket/key`` (both at the configured endpoint); bare ``s3://`` = the default bucket
 (AWS_S3_DEFAULT_BUCKET) with the conventional name ``models--ORG--NAME--PRECISION.tar.zst``;
 a key ending in ``/`` gets that name too. A ``#sha256=<hex>`` fragment gives the digest.
