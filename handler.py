@@ -30,13 +30,11 @@ serves the next job.
 
 Who does what: ``worker.settings`` reads the environment; ``worker.jobs`` turns jobs into
 engine calls and exceptions into answers; ``worker.engine`` runs a job on a warm pipeline
-owned by ``worker.models``, which finds the weights (hub caches; archives by URL through
-``storage``, ``archives`` and ``cache``; single files through ``checkpoints``); ``loras``
-puts a request's LoRAs on and takes them off, as ``ip_adapters`` does IP-Adapters;
-``controlnets`` and ``vaes`` keep those warm; ``prompts`` reads long and weighted prompts;
-``outputs`` uploads images; ``train`` fine-tunes
-and ``publish`` packs and uploads models; ``schemas`` validates requests and shapes results,
-torch-free.
+owned by ``worker.models``, asking the model's family (``worker.families``) what it can do;
+``worker.sources`` finds the weights (hub caches, archives by URL, single-file checkpoints)
+and publishes models; ``worker.parts`` adds what a request brings (LoRAs, embeddings,
+ControlNets, VAEs, IP-Adapters, prompts, schedulers); ``worker.train`` fine-tunes;
+``schemas`` validates requests and shapes results, torch-free. docs/development.md has the map.
 
 Start-up (nothing heavy happens at import):
 1. read Settings from the environment;

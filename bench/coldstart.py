@@ -8,7 +8,7 @@ measures, in a fresh cache dir:
 - baseline: boto3 ``download_file`` (its default concurrency), then ``tarfile`` extraction
   (through zstandard for .tar.zst), then ``DiffusionPipeline.from_pretrained``;
 - ours over s3:// (boto3's transfer manager streaming into the extractor) and over https://
-  (parallel ranged GETs): ``worker.models.fetch_archive``, then the same ``from_pretrained``.
+  (parallel ranged GETs): ``worker.sources.locate.fetch_archive``, then the same ``from_pretrained``.
 
 Medians of --rounds rounds, as ratios to the baseline and as a fraction of the link rate.
 

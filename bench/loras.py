@@ -28,7 +28,7 @@ def main() -> None:
 
     from bench.coldstart import make_model
     from schemas import LoraSpec
-    from tests.lora_files import make_lora
+    from tests.fixtures.lora_files import make_lora
     from worker.families import of_pipeline
     from worker.models import Loaded
     from worker.parts.loras import apply

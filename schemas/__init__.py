@@ -4,8 +4,10 @@ from .common import Limits, ModelSpec
 from .compat import RequestError
 from .convert import ConvertRequest, ConvertSpec
 from .errors import describe_validation_error
+from .options import HiresSpec, OutpaintSpec, OutputSpec, VariationSpec
+from .parse import S3Config, parse_request
 from .parts import ControlNetSpec, EmbeddingSpec, IpAdapterSpec, LoraSpec, RefinerSpec, VaeSpec
-from .request import HiresSpec, InferenceRequest, OutpaintSpec, OutputSpec, S3Config, VariationSpec, parse_request
+from .request import InferenceRequest
 from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result, TrainOut
 from .schedulers import SCHEDULERS, a1111_name, canonical_scheduler
 from .train import TrainRequest, TrainSpec

@@ -1,7 +1,7 @@
-"""The inference request (txt2img, img2img, inpaint), and ``parse_request``, which sends a job's
-``input`` to its request model (this one, ``train``'s, ``convert``'s) after translating
-docker-diffusers-api and AUTOMATIC1111 payloads; validated without torch. The parts a request
-adds to the model are in ``parts``, what every request shares in ``common``.
+"""The inference request (txt2img, img2img, inpaint), validated without torch. Its nested
+options (output, outpaint, variation, hires) are in ``options``, the parts it adds to the model
+in ``parts``, what every request shares in ``common``; ``parse.parse_request`` sends a job's
+``input`` here, or to ``train`` / ``convert``.
 
 Every field has a type, bounds and a description; unknown fields are errors. Limits the
 operator sets (``MAX_PIXELS`` ...) arrive as ``Limits`` in the validation context, so the
@@ -15,25 +15,15 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    SecretStr,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-from .common import ImageSource, Limits, ModelSpec, S3Url, Strict
+from .common import ImageSource, Limits, ModelSpec, Strict
+from .options import HiresSpec, OutpaintSpec, OutputSpec, VariationSpec
 from .parts import ControlNetSpec, EmbeddingSpec, IpAdapterSpec, LoraSpec, RefinerSpec, VaeSpec
 from .schedulers import canonical_scheduler
 
 if TYPE_CHECKING:
-    from .convert import ConvertRequest
-    from .train import TrainRequest
+    pass
 
 Task = Literal["txt2img", "img2img", "inpaint", "train", "convert"]
 
@@ -52,87 +42,6 @@ def merge_style(style: str, prompt: str) -> str:
 
 # AUTOMATIC1111's extra-network tags (<lora:name:0.8>): names of files in its web UI's folders.
 _EXTRA_NETWORK = re.compile(r"<(?:lora|lyco|hypernet):[^>]{1,200}>", re.IGNORECASE)
-
-
-class OutputSpec(Strict):
-    """How images come back."""
-
-    format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
-    quality: int | None = Field(
-        None, ge=1, le=100, description="JPEG / WebP quality (default 90); PNG is lossless."
-    )
-    metadata: bool = Field(
-        False, description="Write how each image was made (prompt, seed, steps, ...) into the file, "
-        "as AUTOMATIC1111 does: a PNG text chunk `parameters`, or EXIF for JPEG / WebP.",
-    )
-    upload_url: S3Url | None = Field(
-        None,
-        max_length=4096,
-        description="Upload the images to s3://bucket/prefix/ (or s3:///bucket/prefix/) and answer with their "
-        "URLs instead of base64. Bare s3:// means the bucket of the job's s3Config.",
-    )
-
-
-class OutpaintSpec(Strict):
-    """Outpainting: the image's canvas grown by these margins, which are painted to match it."""
-
-    left: int = Field(0, ge=0, le=2048, description="Pixels added on the left.")
-    right: int = Field(0, ge=0, le=2048, description="Pixels added on the right.")
-    top: int = Field(0, ge=0, le=2048, description="Pixels added at the top.")
-    bottom: int = Field(0, ge=0, le=2048, description="Pixels added at the bottom.")
-    fill: Literal["edge", "reflect"] = Field(
-        "edge", description="What the margins start from before they are painted: the image's edge pixels "
-        "stretched out, or the image mirrored at its edges."
-    )
-
-    @model_validator(mode="after")
-    def _grows(self) -> OutpaintSpec:
-        if not (self.left or self.right or self.top or self.bottom):
-            raise ValueError("left: at least one of left, right, top, bottom must add pixels")
-        return self
-
-
-class VariationSpec(Strict):
-    """AUTOMATIC1111's variation seed: each image's starting noise turned, along the sphere, toward
-    a second seed's noise, so that small strengths give small variations of the same image."""
-
-    seed: int | None = Field(
-        None, ge=0, lt=2**63, description="The second seed (image i: seed + i); random when absent. Each image "
-        "reports its own as variation_seed."
-    )
-    strength: float = Field(
-        ..., ge=0, le=1, description="How far toward the variation seed's noise: 0 the seed's own image, 1 the "
-        "variation seed's."
-    )
-
-
-class HiresSpec(Strict):
-    """AUTOMATIC1111's hires fix: generate, upscale, then denoise again at the larger size."""
-
-    scale: float = Field(2.0, gt=1, le=4, description="Final size over the first pass's size.")
-    strength: float = Field(0.7, gt=0, le=1, description="How much the second pass changes the upscaled image.")
-    steps: int | None = Field(
-        None, ge=1, le=1000, description="Second-pass steps before strength (default: num_inference_steps)."
-    )
-    upscaler: Literal["latent", "lanczos"] = Field(
-        "latent", description="latent: resize the latents (bilinear); lanczos: decode, resize the image, encode."
-    )
-    prompt: str | None = Field(
-        None, min_length=1, max_length=20_000, description="The second pass's own prompt (default: the prompt), "
-        "AUTOMATIC1111's hires prompt: details to add at the larger size."
-    )
-    negative_prompt: str | None = Field(
-        None, max_length=20_000, description="The second pass's own negative prompt (default: the negative prompt)."
-    )
-
-    def final(self, width: int, height: int, multiple: int = 8) -> tuple[int, int]:
-        """The second pass's size: the first's times ``scale``, rounded down to a multiple of
-        ``multiple`` (8, the VAE's factor; 16 for SD3)."""
-        return int(width * self.scale) // multiple * multiple, int(height * self.scale) // multiple * multiple
-
-    def size(self, width: int, height: int, multiple: int = 8) -> int:
-        final = self.final(width, height, multiple)
-        return final[0] * final[1]
 
 
 class InferenceRequest(Strict):
@@ -301,10 +210,22 @@ class InferenceRequest(Strict):
 
     @model_validator(mode="after")
     def _check_together(self, info: ValidationInfo) -> InferenceRequest:
-        """Rules that involve several fields; each message names the fields it is about."""
+        """Rules that involve several fields, in this order; each message names the fields it is about."""
         limits: Limits = (info.context or {}).get("limits") or Limits()
         if "num_inference_steps" not in self.model_fields_set:
             self.num_inference_steps = min(self.num_inference_steps, limits.max_steps)
+        self._check_one_task()
+        if self.task is None:
+            self.task = "inpaint" if self.mask_image or self.outpaint else "img2img" if self.image else "txt2img"
+        self._check_task_inputs(limits)
+        self._apply_styles(limits)
+        self._check_prompts()
+        self._check_masking()
+        self._check_limits(limits)
+        return self
+
+    def _check_one_task(self) -> None:
+        """The fields of one task only: no train or convert parts here, one form of IP-Adapter."""
         if self.train is not None:
             raise ValueError("train: only with task 'train'")
         if self.convert is not None:
@@ -316,8 +237,8 @@ class InferenceRequest(Strict):
         if self.task in ("train", "convert"):  # parse_request sends those to their own models
             raise ValueError(f"task: {self.task!r} needs its own fields (see TrainRequest, ConvertRequest)")
 
-        if self.task is None:
-            self.task = "inpaint" if self.mask_image or self.outpaint else "img2img" if self.image else "txt2img"
+    def _check_task_inputs(self, limits: Limits) -> None:
+        """What the task takes: images for img2img and inpainting, hires and the refiner for txt2img."""
         if self.task == "txt2img":
             for name in ("image", "mask_image", "strength", "outpaint"):
                 if getattr(self, name) is not None:
@@ -351,6 +272,9 @@ class InferenceRequest(Strict):
                     f"strength: {self.strength} x num_inference_steps {self.num_inference_steps} "
                     "leaves no denoising step; raise either"
                 )
+
+    def _apply_styles(self, limits: Limits) -> None:
+        """The endpoint's styles (AUTOMATIC1111's) merged into the prompts, in order."""
         for i, name in enumerate(self.styles):
             if name not in limits.styles:
                 offered = ", ".join(sorted(limits.styles)[:20]) or "none"
@@ -363,6 +287,9 @@ class InferenceRequest(Strict):
                 self.hires.prompt = merge_style(style, self.hires.prompt)
             if self.hires and self.hires.negative_prompt:
                 self.hires.negative_prompt = merge_style(style_negative, self.hires.negative_prompt)
+
+    def _check_prompts(self) -> None:
+        """Variation seeds, AUTOMATIC1111's extra-network tags, and metadata that fits the format."""
         if self.variation is not None and self.task != "txt2img":
             raise ValueError(f"variation: only with task 'txt2img', not {self.task!r} (img2img and inpainting "
                              "draw their noise inside diffusers)")
@@ -379,6 +306,9 @@ class InferenceRequest(Strict):
             if units > JPEG_METADATA_CHARS:
                 raise ValueError(f"output.metadata: the prompts ({units} characters) do not fit in a JPEG's 64 KB of "
                                  f"EXIF (at most {JPEG_METADATA_CHARS}); send output.format png or webp")
+
+    def _check_masking(self) -> None:
+        """Resizing and masking options only where there is an image or a mask."""
         if "resize_mode" in self.model_fields_set and self.task == "txt2img" and not self.controlnets:
             raise ValueError("resize_mode: no image to resize (txt2img without controlnets)")
         if self.mask_invert and self.outpaint:
@@ -389,6 +319,8 @@ class InferenceRequest(Strict):
         if self.padding_mask_crop is not None and not self.keep_unmasked:
             raise ValueError("keep_unmasked: with padding_mask_crop the image outside the masked area is always kept")
 
+    def _check_limits(self, limits: Limits) -> None:
+        """The endpoint's caps (MAX_STEPS, MAX_IMAGES, MAX_PIXELS)."""
         if self.num_inference_steps > limits.max_steps:
             raise ValueError(
                 f"num_inference_steps: at most {limits.max_steps} on this endpoint, got {self.num_inference_steps}"
@@ -402,47 +334,3 @@ class InferenceRequest(Strict):
                 f"width x height: {self.width}x{self.height} is over this endpoint's "
                 f"{limits.max_pixels} pixels"
             )
-        return self
-
-
-class S3Config(BaseModel):
-    """RunPod's per-job bucket (the job's ``s3Config``, beside ``input``): where images are
-    uploaded, with its own credentials. Unknown keys are ignored: RunPod owns this shape."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    accessId: str = Field(..., min_length=1, max_length=1024)
-    accessSecret: SecretStr = Field(..., min_length=1, max_length=4096)
-    bucketName: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
-    endpointUrl: str = Field(..., pattern=r"^https?://", max_length=4096)
-
-
-def parse_request(data: Any, limits: Limits) -> InferenceRequest | ConvertRequest | TrainRequest:
-    """The request model for a job's input: by its ``task``; docker-diffusers-api and
-    AUTOMATIC1111 payloads are translated first (``legacy`` or ``a1111`` is then set, and the
-    answer takes that shape too)."""
-    from .a1111 import describe_a1111_error, echo, from_a1111, is_a1111
-    from .compat import RequestError, describe_legacy_error, from_legacy, is_legacy
-    from .convert import ConvertRequest
-    from .train import TrainRequest
-
-    if is_a1111(data):
-        try:
-            request = InferenceRequest.model_validate(from_a1111(data), context={"limits": limits})
-        except ValidationError as exc:
-            raise RequestError(describe_a1111_error(exc)) from None
-        request._a1111 = echo(data)
-        return request
-
-    if is_legacy(data):
-        translated = from_legacy(data)
-        model = TrainRequest if translated.get("task") == "train" else InferenceRequest
-        try:
-            request = model.model_validate(translated, context={"limits": limits})
-        except ValidationError as exc:
-            raise RequestError(describe_legacy_error(exc, data)) from None
-        request._legacy = True
-        return request
-    task = data.get("task") if isinstance(data, dict) else None
-    model = {"convert": ConvertRequest, "train": TrainRequest}.get(task, InferenceRequest)
-    return model.model_validate(data, context={"limits": limits})

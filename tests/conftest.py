@@ -36,16 +36,23 @@ def inpaint_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sdxl_dir(tmp_path_factory) -> Path:
-    from tests.sdxl import build_sdxl
+    from tests.fixtures.sdxl import build_sdxl
 
     return build_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
 
 
 @pytest.fixture(scope="session")
 def sd3_dir(tmp_path_factory) -> Path:
-    from tests.sd3 import build_sd3
+    from tests.fixtures.sd3 import build_sd3
 
     return build_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def refiner_dir(tmp_path_factory) -> Path:
+    from tests.fixtures.sdxl import build_sdxl_refiner
+
+    return build_sdxl_refiner(tmp_path_factory.mktemp("refiner") / "tiny-refiner")
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +74,23 @@ def run(engine):
         return engine.generate(request, events.append, cancelled), events
 
     return _run
+
+
+@pytest.fixture
+def runner(engine):
+    """The SDK's side of the worker (JobRunner) on the session's warm engine."""
+    from worker.jobs import JobRunner
+
+    return JobRunner(engine.settings, sdk_config={}, engine=engine)
+
+
+@pytest.fixture
+def fresh_runner(settings, models_dir):
+    """A JobRunner on a fresh worker, with the test's S3: nothing warm, nothing cached but the
+    embedded model."""
+    from worker.jobs import JobRunner
+
+    return JobRunner(settings.model_copy(update={"models_dir": models_dir}), sdk_config={})
 
 
 # --- Storage: a real S3 API over HTTP (moto's server) and a Range-capable HTTP server ---

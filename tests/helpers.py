@@ -205,6 +205,25 @@ class RangeServer(Loopback):
         super().__init__(Handler)
 
 
+def stream(runner, job: dict) -> list[dict]:
+    """Every item the streaming handler yields for ``job`` (``{"id", "input"}``), the result last."""
+    import asyncio
+
+    async def go():
+        return [item async for item in runner.stream(job)]
+
+    return asyncio.run(go())
+
+
+def stripes(size=(128, 64)) -> Image.Image:
+    """Coloured bands across the width: which part of it a model sees shows."""
+    image = Image.new("RGB", size)
+    for x in range(size[0]):
+        for y in range(size[1]):
+            image.putpixel((x, y), ((x * 37) % 256, (x * 11 + y * 3) % 256, 255 - (x * 5) % 256))
+    return image
+
+
 def generate(settings, model: dict, events: list | None = None):
     """One 2-step txt2img on a fresh engine (a new worker) with ``model``."""
     from schemas import InferenceRequest
@@ -233,7 +252,6 @@ def train_then_use(settings, s3, model_dir: Path, method: str, name: str, **trai
     """Train ``model_dir`` through the streaming handler (LoRA or DreamBooth, 64 px, published
     to s3://BUCKET/``name``), then draw with and without the result on the same worker:
     (the result answer, a LoRA's keys or [], the plain image result, the tuned one)."""
-    import asyncio
 
     from schemas import InferenceRequest
     from worker.jobs import JobRunner
@@ -245,10 +263,7 @@ def train_then_use(settings, s3, model_dir: Path, method: str, name: str, **trai
         "resolution": 64, "max_train_steps": 2, "learning_rate": 1e-2, "class_prompt": "a toy",
         "num_class_images": 1, "class_inference_steps": 2, "precision": "fp32", "dest_url": dest} | train}}
 
-    async def go():
-        return [item async for item in runner.stream(job)]
-
-    result = asyncio.run(go())[-1]
+    result = stream(runner, job)[-1]
     assert result.get("type") == "result", result
 
     def draw(**fields):

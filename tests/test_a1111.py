@@ -3,7 +3,6 @@ translation (torch-free), and whole jobs answered in that API's shape."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 
@@ -11,7 +10,7 @@ import pytest
 
 from schemas import InferenceRequest, Limits, parse_request
 from schemas.a1111 import is_a1111
-from tests.helpers import decode, png_b64
+from tests.helpers import decode, png_b64, stream
 from worker.errors import answer_for
 from worker.jobs import JobRunner
 
@@ -115,18 +114,10 @@ def test_a1111_errors_name_the_field_as_the_client_sent_it(change, expected):
     assert error_of(TXT2IMG | change).startswith(expected), error_of(TXT2IMG | change)
 
 
-@pytest.fixture
-def runner(engine):
-    runner = JobRunner(engine.settings, sdk_config={})
-    runner._engine = engine  # share the session's warm engine
-    return runner
 
 
 def answer(runner: JobRunner, job_input: dict) -> dict:
-    async def go():
-        return [item async for item in runner.stream({"id": "a1111", "input": job_input})]
-
-    return asyncio.run(go())[-1]
+    return stream(runner, {"id": "a1111", "input": job_input})[-1]
 
 
 def test_a1111_jobs_answer_in_a1111s_shape_with_the_same_images(runner):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.ldm import write_checkpoint
 from tests.helpers import BUCKET, generate, hub_cache
-from tests.ldm import write_checkpoint
 from worker.errors import ModelSourceError
 
 
@@ -222,7 +222,7 @@ def test_sd2_checkpoints_without_model_id_are_probed_for_what_they_predict(setti
     draws noise. The UNet here outputs a constant, which decides AUTOMATIC1111's probe."""
     import json
 
-    from tests.sd2 import build_sd2
+    from tests.fixtures.sd2 import build_sd2
 
     model_dir = build_sd2(tmp_path / "sd2", output_bias=output_bias)
     http.files["/sd2.safetensors"] = write_checkpoint(model_dir, tmp_path / "sd2.safetensors").read_bytes()

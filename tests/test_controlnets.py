@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import InferenceRequest, describe_validation_error
-from tests.controlnets import build_controlnet, write_original
+from tests.fixtures.controlnets import build_controlnet, write_original
 from tests.helpers import BLUE, RED, RangeServer, decode, hub_cache, png_b64
 from worker.errors import ModelSourceError, UserInputError
 
@@ -215,7 +215,7 @@ def test_depth_preprocessing_is_the_depth_models_map_at_the_output_size(settings
     from PIL import Image
     from transformers import pipeline
 
-    from tests.depth import build_depth_model
+    from tests.fixtures.depth import build_depth_model
     from worker.engine import Engine
 
     depth_dir = build_depth_model(tmp_path / "depth")
@@ -237,7 +237,7 @@ def test_depth_preprocessing_is_the_depth_models_map_at_the_output_size(settings
 
 
 def test_the_depth_model_comes_from_the_hub_cache_or_says_why_not(settings, nets, tmp_path):
-    from tests.depth import build_depth_model
+    from tests.fixtures.depth import build_depth_model
     from worker.engine import Engine
 
     control = {"id": str(nets["sd"]), "image": picture(), "preprocess": "depth"}
@@ -297,7 +297,7 @@ def test_openpose_preprocessing_draws_the_people_the_models_find(settings, nets,
     from PIL import Image
     from transformers import AutoImageProcessor, RTDetrForObjectDetection, VitPoseForPoseEstimation
 
-    from tests.pose import build_pose_models
+    from tests.fixtures.pose import build_pose_models
     from worker.engine import Engine
     from worker.parts.preprocess import draw_pose
 
@@ -345,7 +345,7 @@ def test_openpose_preprocessing_draws_the_people_the_models_find(settings, nets,
 
 
 def test_the_pose_models_come_from_the_hub_cache_or_say_why_not(settings, nets, tmp_path):
-    from tests.pose import build_pose_models
+    from tests.fixtures.pose import build_pose_models
     from worker.engine import Engine
 
     detector_dir, estimator_dir = build_pose_models(tmp_path / "pose")

@@ -11,8 +11,8 @@ import pytest
 import zstandard
 
 from schemas import ConvertRequest
+from tests.fixtures.ldm import write_checkpoint
 from tests.helpers import BUCKET, Loopback, generate, hub_cache
-from tests.ldm import write_checkpoint
 from worker.engine import Engine
 from worker.errors import ModelSourceError
 from worker.jobs import JobRunner

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from schemas import InferenceRequest
-from tests.controlnets import build_controlnet, build_sd3_controlnet
+from tests.fixtures.controlnets import build_controlnet, build_sd3_controlnet
+from tests.fixtures.ip_adapters import WEIGHTS, build_ip_adapter
 from tests.helpers import decode, png_b64
-from tests.ip_adapters import WEIGHTS, build_ip_adapter
 
 
 @pytest.mark.gpu
@@ -19,8 +19,8 @@ def test_everything_per_request_on_cuda_in_fp16(settings, tiny_dir, tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine")
-    from tests.depth import build_depth_model
-    from tests.pose import build_pose_models
+    from tests.fixtures.depth import build_depth_model
+    from tests.fixtures.pose import build_pose_models
     from worker.engine import Engine
 
     detector_dir, estimator_dir = build_pose_models(tmp_path / "pose")
@@ -68,7 +68,7 @@ def test_an_sdxl_refiner_takes_turns_with_its_model_on_cuda(settings, sdxl_dir, 
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine")
-    from tests.sdxl import build_sdxl_refiner
+    from tests.fixtures.sdxl import build_sdxl_refiner
     from worker.engine import Engine
 
     engine = Engine(settings.model_copy(update={"device": "cuda", "max_loaded_models": 1, "max_parked_models": 1}))

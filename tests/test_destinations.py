@@ -3,16 +3,14 @@ WRITE_DESTINATIONS says, never over an object, never a conventional name it does
 
 from __future__ import annotations
 
-import asyncio
 import re
 
 import pytest
 
 from schemas import ConvertRequest, TrainRequest
-from tests.helpers import BUCKET, generate, hub_cache, png_b64
+from tests.helpers import BUCKET, generate, hub_cache, png_b64, stream
 from worker.engine import Engine
 from worker.errors import UserInputError
-from worker.jobs import JobRunner
 from worker.settings import Settings
 from worker.sources.destinations import ObjectExists
 
@@ -196,7 +194,7 @@ def test_a_request_revision_cannot_stand_in_for_the_default_archive(settings, s3
 
 def test_auto_publish_goes_only_where_requests_may_write(settings, s3, tmp_path):
     from builder import tiny_model
-    from tests.ldm import write_checkpoint
+    from tests.fixtures.ldm import write_checkpoint
 
     sd_dir = tiny_model.ensure(tmp_path / "sd-layout", sd_layout=True)
     s3.put_object(Bucket=BUCKET, Key="src/auto.safetensors",
@@ -223,23 +221,17 @@ def test_the_operators_command_line_writes_anywhere_but_over_an_object(settings,
 # --- 5. Image uploads ---
 
 
-@pytest.fixture
-def runner(settings, models_dir):
-    return JobRunner(settings.model_copy(update={"models_dir": models_dir}), sdk_config={})
 
 
 def run_job(runner, job: dict) -> dict:
-    async def go():
-        return [item async for item in runner.stream(job)]
-
-    return asyncio.run(go())[-1]
+    return stream(runner, job)[-1]
 
 
-def test_uploads_never_overwrite_and_are_refused_before_the_work(runner, s3):
+def test_uploads_never_overwrite_and_are_refused_before_the_work(fresh_runner, s3):
     s3.put_object(Bucket=BUCKET, Key="renders/again-1.png", Body=b"yesterday's")
     job = {"id": "again", "input": {"prompt": "p", "num_inference_steps": 2, "num_images": 2, "stream": True,
                                     "output": {"upload_url": f"s3://{BUCKET}/renders/"}}}
-    answer = run_job(runner, job)
+    answer = run_job(fresh_runner, job)
     assert answer["error"] == ("output.upload_url: s3://models/renders/again-1.png already exists, and requests "
                                "never overwrite: choose another key (or delete it first)")
     assert body(s3, "renders/again-1.png") == b"yesterday's"
@@ -247,21 +239,21 @@ def test_uploads_never_overwrite_and_are_refused_before_the_work(runner, s3):
         "renders/again-1.png"]
 
 
-def test_the_callers_own_bucket_takes_images_anywhere_but_never_over_one(runner, s3, s3_endpoint):
+def test_the_callers_own_bucket_takes_images_anywhere_but_never_over_one(fresh_runner, s3, s3_endpoint):
     s3.create_bucket(Bucket="callers")
     s3.put_object(Bucket="callers", Key="theirs/j-0.png", Body=b"kept")
     config = {"accessId": "test", "accessSecret": "caller-secret", "bucketName": "callers", "endpointUrl": s3_endpoint}
     job = {"prompt": "p", "num_inference_steps": 2, "output": {"upload_url": "s3://callers/mine/"}}
-    assert run_job(runner, {"id": "j", "input": job, "s3Config": config})["type"] == "result"
-    answer = run_job(runner, {"id": "j", "input": job | {"output": {"upload_url": "s3://callers/theirs/"}},
+    assert run_job(fresh_runner, {"id": "j", "input": job, "s3Config": config})["type"] == "result"
+    answer = run_job(fresh_runner, {"id": "j", "input": job | {"output": {"upload_url": "s3://callers/theirs/"}},
                               "s3Config": config})
     assert answer["error"].startswith("output.upload_url: s3://callers/theirs/j-0.png already exists"), answer
     assert s3.get_object(Bucket="callers", Key="theirs/j-0.png")["Body"].read() == b"kept"
 
 
-def test_presigned_links_are_sigv4(runner, s3):
+def test_presigned_links_are_sigv4(fresh_runner, s3):
     job = {"id": "signed", "input": {"prompt": "p", "num_inference_steps": 2,
                                      "output": {"upload_url": f"s3://{BUCKET}/signed/"}}}
-    link = run_job(runner, job)["images"][0]["presigned_url"]
+    link = run_job(fresh_runner, job)["images"][0]["presigned_url"]
     assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in link and "AWSAccessKeyId=" not in link, link
 

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
+from tests.fixtures.jobserver import JobServer
 from tests.helpers import ROOT, ApiServer, decode, png_b64, worker_env
-from tests.jobserver import JobServer
 
 VALID = {"prompt": "a lighthouse", "num_inference_steps": 3, "seed": 11}
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from schemas import SCHEDULERS
-from tests.helpers import FileServer, assert_images_close, decode, png_b64
+from tests.helpers import FileServer, assert_images_close, decode, png_b64, stripes
 from worker.errors import JobCancelled, UserInputError
 
 STEPS = 3
@@ -93,15 +93,6 @@ def test_img2img_resizes_to_the_requested_size(run):
     assert decode(result.images[0].base64).size == (64, 96)
 
 
-def _stripes(size=(128, 64)) -> Image.Image:
-    """Coloured bands across the width: which part of it a model sees shows."""
-    image = Image.new("RGB", size)
-    for x in range(size[0]):
-        for y in range(size[1]):
-            image.putpixel((x, y), ((x * 37) % 256, (x * 11 + y * 3) % 256, 255 - (x * 5) % 256))
-    return image
-
-
 def _b64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -114,9 +105,9 @@ def test_resize_mode_decides_which_part_of_an_image_of_another_shape_is_used(run
     mask together) and ControlNet images."""
     from diffusers.image_processor import VaeImageProcessor
 
-    from tests.controlnets import build_controlnet
+    from tests.fixtures.controlnets import build_controlnet
 
-    wide = _stripes()
+    wide = stripes()
     centre = wide.crop((32, 0, 96, 64))
     job = {"prompt": "p", "seed": 5, "num_inference_steps": 2, "width": 64, "height": 64}
 
@@ -353,8 +344,8 @@ def test_more_images_than_max_batch_size_run_in_batches_each_image_as_alone(engi
 
 
 def test_metadata_names_the_vae_controlnet_and_ip_adapter(run, tiny_dir, tmp_path):
-    from tests.controlnets import build_controlnet
-    from tests.ip_adapters import WEIGHTS, build_ip_adapter
+    from tests.fixtures.controlnets import build_controlnet
+    from tests.fixtures.ip_adapters import WEIGHTS, build_ip_adapter
 
     net, adapter = build_controlnet(tiny_dir, tmp_path / "net"), build_ip_adapter(tiny_dir, tmp_path / "ip")
     result, _ = run(prompt="a fox", num_inference_steps=2, seed=1, output={"metadata": True},

@@ -24,11 +24,6 @@ REFUSED_VALUES = {
 NAMES = [family.name for family in families.FAMILIES]
 
 
-@pytest.fixture(scope="module")
-def refiner_dir(tmp_path_factory):
-    from tests.sdxl import build_sdxl_refiner
-
-    return build_sdxl_refiner(tmp_path_factory.mktemp("refiner") / "tiny-refiner")
 
 
 def family_and_model(request, name: str):

@@ -14,11 +14,11 @@ from tests.helpers import png_b64
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory, tiny_dir, sdxl_dir, sd3_dir, inpaint_dir):
-    from tests.controlnets import build_controlnet, build_sd3_controlnet
-    from tests.ip_adapters import WEIGHTS, build_ip_adapter
-    from tests.lora_files import make_lora
-    from tests.sd3 import make_sd3_lora
-    from tests.sdxl import build_sdxl_refiner
+    from tests.fixtures.controlnets import build_controlnet, build_sd3_controlnet
+    from tests.fixtures.ip_adapters import WEIGHTS, build_ip_adapter
+    from tests.fixtures.lora_files import make_lora
+    from tests.fixtures.sd3 import make_sd3_lora
+    from tests.fixtures.sdxl import build_sdxl_refiner
 
     root = tmp_path_factory.mktemp("fuzz")
     return {
@@ -148,8 +148,8 @@ def newer_fields(rng: random.Random, parts: dict, fields: dict) -> dict:
 
 @pytest.mark.parametrize("seed", [3, 4])
 def test_random_requests_with_the_newer_fields_run_or_name_the_field_at_fault(parts, models_dir, tmp_path, seed):
-    from tests.depth import build_depth_model
-    from tests.pose import build_pose_models
+    from tests.fixtures.depth import build_depth_model
+    from tests.fixtures.pose import build_pose_models
     from worker.engine import Engine
     from worker.settings import Settings
 

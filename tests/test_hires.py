@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import InferenceRequest, Limits, describe_validation_error
-from tests.controlnets import build_controlnet
+from tests.fixtures.controlnets import build_controlnet
 from tests.helpers import decode, png_b64
 from worker.errors import UserInputError
 

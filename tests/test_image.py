@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.ldm import write_checkpoint
 from tests.helpers import ROOT, RangeServer, worker_env
-from tests.ldm import write_checkpoint
 
 DOCKERFILES = ("Dockerfile", "Dockerfile.build-download")
 

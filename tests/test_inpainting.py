@@ -100,7 +100,7 @@ def test_only_masked_on_every_kind_of_model_and_batch(run, model, request):
 
 def test_the_control_image_is_cut_as_the_input_is(run, tmp_path_factory, tiny_dir):
     """With only masked, a ControlNet sees the same area of its image as the model of the input."""
-    from tests.controlnets import build_controlnet
+    from tests.fixtures.controlnets import build_controlnet
 
     net = str(build_controlnet(tiny_dir, tmp_path_factory.mktemp("net") / "sd"))
     picture, square = photo((128, 96)), mask((128, 96), (90, 10, 110, 30))

@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import InferenceRequest, describe_validation_error
+from tests.fixtures.ip_adapters import WEIGHTS, build_ip_adapter
 from tests.helpers import BLUE, RED, hub_cache
-from tests.ip_adapters import WEIGHTS, build_ip_adapter
 from worker.errors import JobCancelled, ModelSourceError, UserInputError
 
 BASE = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 4}
@@ -41,7 +41,7 @@ def test_a_reference_image_steers_for_that_request_only(run, adapters):
 
 
 def test_ip_adapters_with_hires_controlnets_and_on_sdxl(run, adapters, sdxl_dir, tiny_dir, tmp_path):
-    from tests.controlnets import build_controlnet
+    from tests.fixtures.controlnets import build_controlnet
 
     image = run(**BASE, hires={"scale": 1.5}, ip_adapter=reference(adapters["sd"]),
                 controlnets=[{"id": str(build_controlnet(tiny_dir, tmp_path / "net")), "image": BLUE}])[0].images[0]

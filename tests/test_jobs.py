@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from tests.helpers import stream
 from worker.errors import UserInputError, answer_for, redact
 from worker.jobs import JobRunner
 from worker.settings import Settings
@@ -15,19 +16,8 @@ from worker.settings import Settings
 VALID = {"prompt": "p", "num_inference_steps": 2, "seed": 1}
 
 
-@pytest.fixture
-def runner(engine):
-    settings = engine.settings.model_copy(update={"max_steps": 1000})
-    runner = JobRunner(settings, sdk_config={})
-    runner._engine = engine  # share the session's warm engine
-    return runner
-
-
 def collect(runner: JobRunner, job_input, job_id="job-1") -> list[dict]:
-    async def go():
-        return [item async for item in runner.stream({"id": job_id, "input": job_input})]
-
-    return asyncio.run(go())
+    return stream(runner, {"id": job_id, "input": job_input})
 
 
 def test_stream_yields_progress_only_when_asked(runner):
@@ -37,7 +27,13 @@ def test_stream_yields_progress_only_when_asked(runner):
     assert loud[-1]["type"] == "result" and {i["type"] for i in loud[:-1]} == {"progress"}
 
 
-def test_cancelled_job_stops_denoising_and_the_next_job_runs(runner, caplog):
+def uncapped(engine) -> JobRunner:
+    """A runner on the warm engine whose MAX_STEPS lets a job run 900 steps."""
+    return JobRunner(engine.settings.model_copy(update={"max_steps": 1000}), sdk_config={}, engine=engine)
+
+
+def test_cancelled_job_stops_denoising_and_the_next_job_runs(engine, caplog):
+    runner = uncapped(engine)
     caplog.set_level(logging.INFO, logger="worker.jobs")
 
     async def go():
@@ -73,15 +69,14 @@ class OutOfMemoryEngine:
 
 def test_out_of_memory_answers_then_asks_for_a_fresh_worker(engine):
     config: dict = {}
-    runner = JobRunner(engine.settings, sdk_config=config)
-    runner._engine = OutOfMemoryEngine()
+    runner = JobRunner(engine.settings, sdk_config=config, engine=OutOfMemoryEngine())
     [answer] = collect(runner, VALID)
     assert answer == {"error": "device: out of GPU memory; lower width, height or num_images"}
     assert config["refresh_worker"] is True  # the SDK stops this pod after the job
 
 
-def test_steps_beyond_the_schedulers_training_range_are_refused(runner):
-    [answer] = collect(runner, VALID | {"num_inference_steps": 1000, "scheduler": "DDIM"})
+def test_steps_beyond_the_schedulers_training_range_are_refused(engine):
+    [answer] = collect(uncapped(engine), VALID | {"num_inference_steps": 1000, "scheduler": "DDIM"})
     assert answer == {"error": "num_inference_steps: must be below 1000 for this model's scheduler, got 1000"}
 
 

@@ -8,8 +8,8 @@ import pickle
 import pytest
 from safetensors.torch import save_file
 
+from tests.fixtures.lora_files import make_lora
 from tests.helpers import BUCKET, RangeServer, assert_images_close, decode, hub_cache
-from tests.lora_files import make_lora
 from worker.errors import UserInputError
 
 BASE = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 3}

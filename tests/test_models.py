@@ -149,7 +149,7 @@ def test_switching_back_on_cuda_comes_from_cpu_ram(tmp_path, tiny_dir):
     engine = make_engine(tmp_path, max_loaded_models=1, max_parked_models=1)
     a, _ = generate(engine, model={"id": str(tiny_dir)})
     generate(engine, model={"id": str(other)})
-    parked = next(iter(engine.models._parked.values()))
+    [parked] = engine.models.parked()
     assert parked.pipeline.unet.device.type == "cpu"
     a_again, _ = generate(engine, model={"id": str(tiny_dir)})
     assert a_again.model.source == "memory" and a_again.images[0].base64 == a.images[0].base64

@@ -3,7 +3,6 @@ moto's S3 server over HTTP."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import time
 
@@ -11,7 +10,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.helpers import BUCKET, assert_images_close, decode
+from tests.helpers import BUCKET, assert_images_close, decode, stream
 from worker.jobs import JobRunner
 
 VALID = {"prompt": "a red barn", "num_inference_steps": 2, "seed": 11}
@@ -32,16 +31,12 @@ def small_results_engine(models_dir, s3_endpoint):
 
 @pytest.fixture
 def runner(small_results_engine):
-    runner = JobRunner(small_results_engine.settings, sdk_config={})
-    runner._engine = small_results_engine
-    return runner
+    """This module's runner: on the engine with a small result limit."""
+    return JobRunner(small_results_engine.settings, sdk_config={}, engine=small_results_engine)
 
 
 def run_job(runner: JobRunner, job: dict) -> list[dict]:
-    async def go():
-        return [item async for item in runner.stream(job)]
-
-    return asyncio.run(go())
+    return stream(runner, job)
 
 
 def stored(s3, bucket: str, key: str) -> tuple[Image.Image, str]:
@@ -112,8 +107,8 @@ def test_unusable_destinations_name_the_field(runner, s3, job, expected):
 
 
 def test_s3config_endpoint_on_a_private_address_is_refused_by_default(small_results_engine, s3_endpoint):
-    runner = JobRunner(small_results_engine.settings.model_copy(update={"allow_private_urls": False}), sdk_config={})
-    runner._engine = small_results_engine
+    runner = JobRunner(small_results_engine.settings.model_copy(update={"allow_private_urls": False}), sdk_config={},
+                       engine=small_results_engine)
     job = {"id": "j", "input": VALID, "s3Config": {
         "accessId": "a", "accessSecret": "caller-secret-value", "bucketName": BUCKET, "endpointUrl": s3_endpoint}}
     answer = run_job(runner, job)[-1]
@@ -180,8 +175,7 @@ def test_a_callers_endpoint_that_does_not_answer_cannot_hold_the_job(small_resul
 
     server = Loopback(Silent)
     settings = small_results_engine.settings.model_copy(update={"url_deadline_s": 1})
-    runner = JobRunner(settings, sdk_config={})
-    runner._engine = small_results_engine
+    runner = JobRunner(settings, sdk_config={}, engine=small_results_engine)
     try:
         job = {"id": "held", "input": VALID, "s3Config": {
             "accessId": "a", "accessSecret": "caller-secret-value", "bucketName": "theirs", "endpointUrl": server.url}}

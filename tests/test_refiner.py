@@ -7,15 +7,11 @@ from pydantic import ValidationError
 
 from schemas import InferenceRequest, describe_validation_error
 from tests.helpers import assert_images_close, circular, decode
-from tests.sdxl import build_sdxl_refiner
 from worker.errors import UserInputError
 
 BASE = {"prompt": "a lighthouse", "num_inference_steps": 4, "seed": 6}
 
 
-@pytest.fixture(scope="module")
-def refiner_dir(tmp_path_factory):
-    return build_sdxl_refiner(tmp_path_factory.mktemp("refiner") / "tiny-refiner")
 
 
 def test_the_refiner_runs_the_last_steps(run, sdxl_dir, refiner_dir):

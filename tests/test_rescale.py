@@ -39,7 +39,7 @@ def test_rescaled_guidance_draws_what_diffusers_draws(run, tiny_dir):
 
 
 def test_sdxl_rescales_in_img2img_and_the_refiner_too(run, sdxl_dir, tmp_path):
-    from tests.sdxl import build_sdxl_refiner
+    from tests.fixtures.sdxl import build_sdxl_refiner
 
     xl = BASE | {"model": {"id": str(sdxl_dir)}}
     for job in ({"image": png_b64()}, {"refiner": {"id": str(build_sdxl_refiner(tmp_path / "refiner"))}}):

@@ -95,7 +95,7 @@ def test_long_prompts_go_to_t5_and_weights_are_refused_by_name(run, sd3_dir):
 
 
 def test_a_lora_on_sd3_for_that_request_only(run, sd3_dir, tmp_path):
-    from tests.sd3 import make_sd3_lora
+    from tests.fixtures.sd3 import make_sd3_lora
 
     lora = make_sd3_lora(sd3_dir, tmp_path / "sd3-lora.safetensors")
     plain = sd3(run, sd3_dir)
@@ -105,8 +105,8 @@ def test_a_lora_on_sd3_for_that_request_only(run, sd3_dir, tmp_path):
 
 
 def test_loras_of_another_architecture_are_refused_and_the_model_stays_plain(run, sd3_dir, tmp_path, tiny_dir):
-    from tests.lora_files import make_lora
-    from tests.sd3 import make_sd3_lora
+    from tests.fixtures.lora_files import make_lora
+    from tests.fixtures.sd3 import make_sd3_lora
     from worker.errors import UserInputError
 
     plain = sd3(run, sd3_dir)
@@ -130,7 +130,7 @@ def test_parts_made_for_unet_models_are_refused_by_field(run, sd3_dir, field, va
 
 @pytest.fixture(scope="module")
 def sd3_nets(sd3_dir, tmp_path_factory):
-    from tests.controlnets import build_sd3_controlnet
+    from tests.fixtures.controlnets import build_sd3_controlnet
 
     root = tmp_path_factory.mktemp("sd3-controlnets")
     return [str(build_sd3_controlnet(sd3_dir, root / f"net{i}", seed=i)) for i in range(2)]
@@ -153,7 +153,7 @@ def test_sd3_controlnets_steer_txt2img(run, sd3_dir, sd3_nets):
 
 def test_controlnets_of_the_other_kind_and_what_sd3_ones_do_not_do_are_refused(run, sd3_dir, sd3_nets, tiny_dir,
                                                                                  tmp_path):
-    from tests.controlnets import build_controlnet
+    from tests.fixtures.controlnets import build_controlnet
     from worker.errors import UserInputError
 
     sd_net = str(build_controlnet(tiny_dir, tmp_path / "sd-net"))

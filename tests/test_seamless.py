@@ -72,7 +72,7 @@ def test_one_axis_wraps_and_the_other_does_not(tiny_dir):
 
 
 def test_a_controlnet_sent_twice_wraps_and_is_plain_after(run, tmp_path, tiny_dir):
-    from tests.controlnets import build_controlnet
+    from tests.fixtures.controlnets import build_controlnet
 
     net = {"id": str(build_controlnet(tiny_dir, tmp_path / "net")), "image": png_b64()}
     plain = pixels(run(**BASE, controlnets=[net, net])[0])

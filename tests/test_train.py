@@ -8,7 +8,7 @@ import hashlib
 import pytest
 from safetensors import safe_open
 
-from tests.helpers import BUCKET, assert_images_close, decode, png_b64
+from tests.helpers import BUCKET, assert_images_close, decode, png_b64, stream
 from worker.jobs import JobRunner
 
 SUBJECT = [png_b64((220, 40, 40)), png_b64((40, 40, 220), size=(96, 80))]
@@ -20,17 +20,10 @@ def train_input(model: dict | None = None, **train) -> dict:
         "max_train_steps": 2, "learning_rate": 1e-2, "dest_url": f"s3://{BUCKET}/trained/", **train}}
 
 
-@pytest.fixture
-def runner(settings, models_dir):
-    """A fresh worker: training must not need (or disturb) anything warm."""
-    return JobRunner(settings.model_copy(update={"models_dir": models_dir}), sdk_config={})
 
 
 def run_job(runner: JobRunner, job_input: dict, job_id: str = "job-1") -> list[dict]:
-    async def go():
-        return [item async for item in runner.stream({"id": job_id, "input": job_input})]
-
-    return asyncio.run(go())
+    return stream(runner, {"id": job_id, "input": job_input})
 
 
 def generate(runner: JobRunner, **fields) -> dict:
@@ -39,9 +32,9 @@ def generate(runner: JobRunner, **fields) -> dict:
     return answer
 
 
-def test_lora_training_publishes_a_lora_that_requests_can_use(runner, s3):
-    before = generate(runner)
-    items = run_job(runner, train_input(method="lora", rank=4, train_text_encoder=True), "lora-job")
+def test_lora_training_publishes_a_lora_that_requests_can_use(fresh_runner, s3):
+    before = generate(fresh_runner)
+    items = run_job(fresh_runner, train_input(method="lora", rank=4, train_text_encoder=True), "lora-job")
     result = items[-1]
     assert result.get("type") == "result", result
     out = result["train"]
@@ -55,25 +48,25 @@ def test_lora_training_publishes_a_lora_that_requests_can_use(runner, s3):
     for stage in ("load", "train", "save"):
         assert stage in result["timings"]
     # The file holds UNet and text-encoder layers, in the requested precision.
-    path = runner.settings.models_dir / "downloaded-lora.safetensors"
+    path = fresh_runner.settings.models_dir / "downloaded-lora.safetensors"
     path.write_bytes(body)
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
         assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
         assert f.get_tensor(keys[0]).dtype.__repr__() == "torch.float16"
     # The warm model was not trained: the same request draws the same image.
-    after = generate(runner)
+    after = generate(fresh_runner)
     assert after["images"][0]["base64"] == before["images"][0]["base64"]
     # And the LoRA, used from where it was published, changes the image.
-    styled = generate(runner, loras=[{"url": out["url"]}])
+    styled = generate(fresh_runner, loras=[{"url": out["url"]}])
     with pytest.raises(AssertionError):
         assert_images_close(decode(before["images"][0]["base64"]), decode(styled["images"][0]["base64"]),
                             "trained-lora")
 
 
-def test_dreambooth_publishes_a_model_that_loads_from_its_archive(runner, s3):
-    before = generate(runner)
-    result = run_job(runner, train_input(
+def test_dreambooth_publishes_a_model_that_loads_from_its_archive(fresh_runner, s3):
+    before = generate(fresh_runner)
+    result = run_job(fresh_runner, train_input(
         method="dreambooth", train_text_encoder=True, precision="fp32", class_prompt="a photo of a toy",
         num_class_images=2, class_inference_steps=2, dest_url=f"s3://{BUCKET}/trained/toy.tar.zst"), "db")[-1]
     assert result.get("type") == "result", result
@@ -82,29 +75,29 @@ def test_dreambooth_publishes_a_model_that_loads_from_its_archive(runner, s3):
     assert "class_images" in result["timings"] and "pack" in result["timings"]
     sidecar = s3.get_object(Bucket=BUCKET, Key="trained/toy.tar.zst.sha256")["Body"].read().decode()
     assert sidecar.split()[0] == out["sha256"]
-    tuned = generate(runner, model={"url": out["url"]})
+    tuned = generate(fresh_runner, model={"url": out["url"]})
     assert tuned["model"]["source"] == "url"
     with pytest.raises(AssertionError):
         assert_images_close(decode(before["images"][0]["base64"]), decode(tuned["images"][0]["base64"]), "dreambooth")
 
 
-def test_docker_diffusers_api_dreambooth_payload_trains_and_answers_in_its_shape(runner, s3):
+def test_docker_diffusers_api_dreambooth_payload_trains_and_answers_in_its_shape(fresh_runner, s3):
     payload = {"callInputs": {"train": "dreambooth", "dest_url": f"s3:///{BUCKET}/legacy/model.tar.zst"},
                "modelInputs": {"instance_prompt": "a photo of sks toy", "instance_images": SUBJECT,
                                "resolution": 64, "max_train_steps": 2, "mixed_precision": "fp16"}}
-    answer = run_job(runner, payload, "legacy")[-1]
+    answer = run_job(fresh_runner, payload, "legacy")[-1]
     assert answer.get("type") == "result", answer
     assert answer["train"]["method"] == "dreambooth" and answer["$timings"] == answer["timings"]
     assert s3.head_object(Bucket=BUCKET, Key="legacy/model.tar.zst")["ContentLength"] == answer["train"]["size_bytes"]
 
 
-def test_training_is_reproducible_with_its_seed(runner, s3):
+def test_training_is_reproducible_with_its_seed(fresh_runner, s3):
     images = SUBJECT * 3  # more than the VAE encodes at once
-    first = run_job(runner, train_input(instance_images=images, dest_url=f"s3://{BUCKET}/a.safetensors"), "a")[-1]
-    second = run_job(runner, train_input(instance_images=images, dest_url=f"s3://{BUCKET}/b.safetensors"), "b")[-1]
+    first, second = (run_job(fresh_runner, train_input(instance_images=images, dest_url=f"s3://{BUCKET}/{n}.safetensors"),
+                             n)[-1] for n in "ab")
     assert first["train"]["instance_images"] == 6
     assert first["train"]["sha256"] == second["train"]["sha256"] and first["train"]["loss"] == second["train"]["loss"]
-    other_seed = run_job(runner, train_input(instance_images=images, seed=1, dest_url=f"s3://{BUCKET}/c.safetensors"))
+    other_seed = run_job(fresh_runner, train_input(instance_images=images, seed=1, dest_url=f"s3://{BUCKET}/c.safetensors"))
     assert other_seed[-1]["train"]["sha256"] != first["train"]["sha256"]
 
 
@@ -118,9 +111,9 @@ def test_training_is_reproducible_with_its_seed(runner, s3):
     {"instance_captions": ["a red sks toy", "a blue sks toy on a table"]},
     {"random_flip": True},
 ], ids=["cosine", "warmup", "accumulation", "min-snr", "min-snr-with-prior", "captions", "flip"])
-def test_each_training_option_changes_what_is_learned(runner, s3, knob):
+def test_each_training_option_changes_what_is_learned(fresh_runner, s3, knob):
     def trained(name: str, **options) -> dict:
-        answer = run_job(runner, train_input(max_train_steps=3, dest_url=f"s3://{BUCKET}/knobs/{name}.safetensors",
+        answer = run_job(fresh_runner, train_input(max_train_steps=3, dest_url=f"s3://{BUCKET}/knobs/{name}.safetensors",
                                              **options))[-1]
         assert answer.get("type") == "result", answer
         return answer["train"]
@@ -132,10 +125,10 @@ def test_each_training_option_changes_what_is_learned(runner, s3, knob):
     assert tuned["steps"] == 3 and tuned["sha256"] != plain["sha256"]
 
 
-def test_each_image_trains_with_its_own_caption(runner, s3):
+def test_each_image_trains_with_its_own_caption(fresh_runner, s3):
     """Captions go with their images: swapped, they teach something else."""
     def trained(name: str, captions: list[str]) -> str:
-        answer = run_job(runner, train_input(max_train_steps=3, dest_url=f"s3://{BUCKET}/each/{name}.safetensors",
+        answer = run_job(fresh_runner, train_input(max_train_steps=3, dest_url=f"s3://{BUCKET}/each/{name}.safetensors",
                                              instance_captions=captions))[-1]
         assert answer.get("type") == "result", answer
         return answer["train"]["sha256"]
@@ -148,12 +141,12 @@ def test_random_flip_trains_on_mirror_images_half_the_time(tiny_dir):
     import torch
     from PIL import ImageOps
 
-    from tests.test_engine import _stripes
+    from tests.helpers import stripes
     from worker.sources.loading import load_pipeline
     from worker.train.data import latent_stats, sample
 
     pipe = load_pipeline(tiny_dir, "fp32", None, "cpu")
-    picture = _stripes((64, 64))
+    picture = stripes((64, 64))
     both = latent_stats(pipe, [picture], 64, mirrored=True)
     alone = latent_stats(pipe, [picture], 64)
     mirror = latent_stats(pipe, [ImageOps.mirror(picture)], 64)
@@ -184,18 +177,18 @@ def test_random_flip_trains_on_mirror_images_half_the_time(tiny_dir):
     ({"instance_captions": ["a red sks toy", ""]}, "train.instance_captions[1]: string should have at least 1"),
     ({"instance_captions": ["a", "sks toy " * 13]}, "train.instance_captions[1]: is 78 tokens; training reads"),
 ])
-def test_bad_training_requests_name_the_field(runner, change, expected):
-    items = run_job(runner, train_input(**change))
+def test_bad_training_requests_name_the_field(fresh_runner, change, expected):
+    items = run_job(fresh_runner, train_input(**change))
     assert items[-1].get("error", "").startswith(expected), items[-1]
     assert not [item for item in items if item.get("stage") == "train"]  # refused before training
 
 
-def test_a_cancelled_training_stops_at_the_next_step(runner):
+def test_a_cancelled_training_stops_at_the_next_step(fresh_runner):
     async def go():
         seen = asyncio.Event()
 
         async def consume():
-            async for item in runner.stream({"id": "long", "input": train_input(max_train_steps=2000)}):
+            async for item in fresh_runner.stream({"id": "long", "input": train_input(max_train_steps=2000)}):
                 if item.get("stage") == "train":
                     seen.set()
             raise AssertionError(f"training ended before it was cancelled: {item}")
@@ -206,7 +199,7 @@ def test_a_cancelled_training_stops_at_the_next_step(runner):
         with pytest.raises(asyncio.CancelledError):
             await task
         job = {"id": "next", "input": {"prompt": "p", "num_inference_steps": 2}}
-        return [item async for item in runner.stream(job)]
+        return [item async for item in fresh_runner.stream(job)]
 
     assert asyncio.run(go())[-1]["type"] == "result"
 
@@ -214,7 +207,7 @@ def test_a_cancelled_training_stops_at_the_next_step(runner):
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast", ["bf16", "fp16"])
 @pytest.mark.parametrize("architecture", ["sd", "sdxl", "sd3"])
-def test_mixed_precision_training_keeps_fp32_master_weights(runner, s3, monkeypatch, autocast, architecture,
+def test_mixed_precision_training_keeps_fp32_master_weights(fresh_runner, s3, monkeypatch, autocast, architecture,
                                                              request):
     """The GPU recipe, run by the CPU's autocast: frozen weights cast to half, trainable ones
     in fp32, fp16 with a gradient scaler (what failed in docker-diffusers-api with fp16
@@ -236,19 +229,19 @@ def test_mixed_precision_training_keeps_fp32_master_weights(runner, s3, monkeypa
     monkeypatch.setattr(worker.train.loop, "prepare", spy)
     model = {"id": str(request.getfixturevalue(f"{architecture}_dir"))} if architecture != "sd" else {}
     text = architecture != "sd3"  # SD3 trains its transformer only
-    generate(runner, model=model)  # a warm model, which training must set aside and leave untouched
+    generate(fresh_runner, model=model)  # a warm model, which training must set aside and leave untouched
     name = f"mixed-{architecture}-{autocast}"
-    lora = run_job(runner, train_input(method="lora", train_text_encoder=text, model=model,
+    lora = run_job(fresh_runner, train_input(method="lora", train_text_encoder=text, model=model,
                                        dest_url=f"s3://{BUCKET}/{name}.safetensors"))[-1]
     assert lora.get("type") == "result", lora
-    full = run_job(runner, train_input(method="dreambooth", train_text_encoder=text, num_class_images=1,
+    full = run_job(fresh_runner, train_input(method="dreambooth", train_text_encoder=text, num_class_images=1,
                                        class_prompt="a toy", class_inference_steps=2, model=model,
                                        dest_url=f"s3://{BUCKET}/{name}.tar.zst"))[-1]
     assert full.get("type") == "result", full
     assert seen == {"lora": ({torch.float32}, dtype), "dreambooth": ({torch.float32}, dtype)}
-    styled = generate(runner, model=model, loras=[{"url": lora["train"]["url"]}])
+    styled = generate(fresh_runner, model=model, loras=[{"url": lora["train"]["url"]}])
     assert styled["model"]["source"] == "memory"  # on CUDA: parked in CPU RAM while training ran
     if torch.cuda.is_available():
         assert styled["model"]["precision"] == "fp16"
-    tuned = generate(runner, model={"url": full["train"]["url"]})
+    tuned = generate(fresh_runner, model={"url": full["train"]["url"]})
     assert styled["type"] == tuned["type"] == "result" and tuned["model"]["source"] == "url"

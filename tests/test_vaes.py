@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.fixtures.ldm import vae_to_original
 from tests.helpers import RangeServer, hub_cache, png_b64
-from tests.ldm import vae_to_original
 from worker.errors import ModelSourceError, UserInputError
 
 BASE = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 8}

@@ -94,6 +94,10 @@ class ModelStore:
         """The pipelines on the device, least recently used first."""
         return list(self._loaded.values())
 
+    def parked(self) -> list[Loaded]:
+        """The pipelines parked in CPU RAM (CUDA), least recently used first."""
+        return list(self._parked.values())
+
     def clear_device(self) -> None:
         """Free the GPU for a job that needs all of it (training): warm pipelines are parked in
         CPU RAM (up to MAX_PARKED_MODELS), so the next inference gets them back without the disk."""

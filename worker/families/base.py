@@ -141,6 +141,11 @@ class Family:
         worker.prompts); only called where ``prompt_weighting``."""
         raise NotImplementedError
 
+    def load_lora(self, pipe: Any, path: Any, name: str) -> None:
+        """A LoRA file onto the pipeline's modules as the adapter ``name`` (diffusers' loader for
+        the family reads its own layouts and kohya's)."""
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+
     # --- Training ---
 
     def check_train(self, spec: Any) -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from schemas import LoraSpec, Progress
 
 from ..errors import UserInputError, first_line
+from ..families import Family
 from ..settings import Settings
 from ..sources.cache import DiskCache
 from ..sources.files import locate_file
@@ -60,7 +61,7 @@ def apply(loaded: Loaded, pipeline: Any, specs: list[LoraSpec], *, settings: Set
         if key not in resident:
             name = f"lora_{next(_names)}"
             with _plain_on_failure(pipeline, resident):
-                _load(pipeline, path, name, field)
+                _load(loaded.family, pipeline, path, name, field)
             resident[key] = name
             log.info("loaded LoRA %s as adapter %s", path.name, name)
         resident.move_to_end(key)
@@ -88,10 +89,10 @@ def _plain_on_failure(pipeline: Any, resident: OrderedDict) -> Iterator[None]:
         raise
 
 
-def _load(pipeline: Any, path: Path, name: str, field: str) -> None:
+def _load(family: Family, pipeline: Any, path: Path, name: str, field: str) -> None:
     try:
         with quiet_libraries():
-            pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+            family.load_lora(pipeline, path, name)
     except (ValueError, KeyError, RuntimeError, TypeError, OSError) as exc:
         detail = first_line(exc, 160)
         raise UserInputError(
