@@ -35,6 +35,22 @@ def test_every_family_has_a_tiny_model_here():
     assert set(MODELS) == set(NAMES)
 
 
+def test_a_family_refuses_the_tasks_it_does_not_run(request, run, tiny_dir):
+    """A family's ``tasks`` are what a request's task may ask of it (the SD family, told it
+    runs txt2img only, refuses img2img by field)."""
+    from schemas import InferenceRequest
+    from worker.families.sd import SD
+
+    class Txt2imgOnly(type(SD)):
+        tasks = ("txt2img",)
+
+    pipe = _loaded(request, run, tiny_dir).pipeline
+    img2img = InferenceRequest.model_validate({"prompt": "p", "image": png_b64()})
+    with pytest.raises(UserInputError, match=r"^task: m is an SD 1\.x/2\.x model; it runs txt2img, not img2img"):
+        Txt2imgOnly().check(img2img, "m", pipe)
+    SD.check(img2img, "m", pipe)  # the family as it is runs it
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_a_family_is_recognised_from_its_index_and_from_its_pipeline(request, name):
     from diffusers import DiffusionPipeline

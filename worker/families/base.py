@@ -89,6 +89,8 @@ class Family:
 
     def check(self, request: Any, model: str, pipe: Any) -> None:
         """Refuse, naming the field, what this model cannot do, before any work for it."""
+        if request.task not in self.tasks:
+            raise UserInputError("task", f"{model} is {self.kind}; it runs {', '.join(self.tasks)}, not {request.task}")
         multiple = self.multiple(pipe)
         for field in ("width", "height"):
             value = getattr(request, field)
