@@ -23,7 +23,7 @@ SEED = 20261126
 NAME = "tiny-sd"
 
 
-def _tokenizer():
+def clip_tokenizer():
     from transformers import CLIPTokenizer
 
     # A byte-level vocabulary with no merges: every UTF-8 byte is a token, so any prompt
@@ -113,7 +113,7 @@ def build(out_dir: str | os.PathLike, *, inpaint: bool = False, sd_layout: bool 
     pipe = cls(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=_tokenizer(),
+        tokenizer=clip_tokenizer(),
         unet=unet,
         scheduler=scheduler,
         safety_checker=None,

@@ -60,9 +60,15 @@ class InferenceRequest(Strict):
         None, ge=64, le=8192, description="Pixels, multiple of 8 (16 for SD3); default as `width`."
     )
     num_inference_steps: int = Field(
-        25, ge=1, le=1000, description="Denoising steps (default 25, or the endpoint's cap)."
+        25, ge=1, le=1000, description="Denoising steps (default 25, or the endpoint's cap; FLUX.1: its own, 28 for "
+        "dev, 4 for schnell)."
     )
-    guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off.")
+    guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off. FLUX.1 "
+                                  "dev: its embedded, distilled guidance (default 3.5; schnell has none).")
+    true_cfg_scale: float | None = Field(
+        None, ge=1, le=50, description="Real classifier-free guidance with `negative_prompt` (1: off), for FLUX.1, "
+        "whose guidance_scale is a distilled one; other families refuse it (their guidance_scale is real CFG)."
+    )
     guidance_rescale: float = Field(
         0, ge=0, le=1, description="CFG rescale φ (0.7 is usual): pulls strongly guided images back from washed-out, "
         "over-saturated colours; v-prediction and zero-terminal-SNR models need it. Where diffusers has it: SD 1.x / "
@@ -168,6 +174,8 @@ class InferenceRequest(Strict):
     _legacy: bool = PrivateAttr(False)
     # Set when it came as an AUTOMATIC1111 payload: that payload, without its images, to answer with.
     _a1111: dict | None = PrivateAttr(None)
+    # The fields the caller left out, which take the defaults of the model's family.
+    _left_out: frozenset[str] = PrivateAttr(frozenset())
 
     @property
     def legacy(self) -> bool:
@@ -176,6 +184,10 @@ class InferenceRequest(Strict):
     @property
     def a1111(self) -> dict | None:
         return self._a1111
+
+    def left_out(self, name: str) -> bool:
+        """Whether the caller left ``name`` out (the model's family may then fill it in)."""
+        return name in self._left_out
 
     def adapters(self) -> list[tuple[str, IpAdapterSpec]]:
         """The IP-Adapters, each with the field it answers for."""
@@ -212,6 +224,7 @@ class InferenceRequest(Strict):
     def _check_together(self, info: ValidationInfo) -> InferenceRequest:
         """Rules that involve several fields, in this order; each message names the fields it is about."""
         limits: Limits = (info.context or {}).get("limits") or Limits()
+        self._left_out = frozenset(type(self).model_fields) - self.model_fields_set
         if "num_inference_steps" not in self.model_fields_set:
             self.num_inference_steps = min(self.num_inference_steps, limits.max_steps)
         self._check_one_task()

@@ -49,6 +49,13 @@ def sd3_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory) -> Path:
+    from tests.fixtures.flux import build_flux
+
+    return build_flux(tmp_path_factory.mktemp("flux") / "tiny-flux")
+
+
+@pytest.fixture(scope="session")
 def refiner_dir(tmp_path_factory) -> Path:
     from tests.fixtures.sdxl import build_sdxl_refiner
 

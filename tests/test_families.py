@@ -4,6 +4,8 @@ cannot do by field, naming itself. A new family joins by adding its tiny model t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.helpers import assert_images_close, decode, png_b64
@@ -11,7 +13,8 @@ from worker import families
 from worker.errors import UserInputError
 
 # Each family's tiny model: the name of the session fixture that builds it.
-MODELS = {"SD 1.x/2.x": "tiny_dir", "SDXL": "sdxl_dir", "SDXL refiner": "refiner_dir", "SD3": "sd3_dir"}
+MODELS = {"SD 1.x/2.x": "tiny_dir", "SDXL": "sdxl_dir", "SDXL refiner": "refiner_dir", "SD3": "sd3_dir",
+          "FLUX.1": "flux_dir"}
 
 # A value for each request field some family refuses (they are refused before anything is fetched).
 REFUSED_VALUES = {
@@ -19,6 +22,10 @@ REFUSED_VALUES = {
     "ip_adapters": [{"id": "/adapters", "weight_name": "ip.safetensors", "image": png_b64()}],
     "embeddings": [{"id": "/embedding.safetensors"}],
     "tiling": True,
+    "clip_skip": 1,
+    "controlnets": [{"id": "/controlnet", "image": png_b64()}],
+    "hires": {"scale": 1.5},
+    "variation": {"seed": 1, "strength": 0.5},
 }
 
 NAMES = [family.name for family in families.FAMILIES]
@@ -107,3 +114,21 @@ def _loaded(request, run, model_dir):
     run(prompt="p", model={"id": str(model_dir)}, width=64, height=64, num_inference_steps=1)
     engine = request.getfixturevalue("engine")
     return next(loaded for loaded in engine.models.loaded() if loaded.ref.id == str(model_dir))
+
+
+def test_models_this_worker_cannot_run_are_refused_before_loading(run, tmp_path):
+    from worker.errors import ModelSourceError
+
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "model_index.json").write_text(json.dumps({
+        "_class_name": "QwenImagePipeline", "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }))  # and no weights at all: they are never read
+    with pytest.raises(ModelSourceError) as info:
+        run(prompt="p", num_inference_steps=1, model={"id": str(qwen)})
+    assert str(info.value) == (f"model.id: could not load {qwen}: it is a QwenImagePipeline model; this worker runs "
+                               "Stable Diffusion 1.x, 2.x, XL and 3 models and FLUX.1")
+    assert run(prompt="p", num_inference_steps=1)[0].images  # and the worker goes on
+

@@ -4,7 +4,6 @@ LoRAs, an archive round trip, and what it refuses by name."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -293,20 +292,3 @@ def test_what_sd3_training_does_not_do_is_refused_by_field(settings, s3, sd3_dir
         Engine(settings).train(request, lambda event: None, lambda: False, "job")
     assert str(info.value).startswith(message)
     assert not s3.list_objects_v2(Bucket=BUCKET).get("Contents")
-
-
-def test_models_this_worker_cannot_run_are_refused_before_loading(run, tmp_path):
-    from worker.errors import ModelSourceError
-
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({
-        "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    }))  # and no weights at all: they are never read
-    with pytest.raises(ModelSourceError) as info:
-        run(**BASE, model={"id": str(flux)})
-    assert str(info.value) == (f"model.id: could not load {flux}: it is a FluxPipeline model; this worker runs "
-                               "Stable Diffusion 1.x, 2.x, XL and 3 models")
-    assert run(**BASE)[0].images  # and the worker goes on

@@ -85,6 +85,7 @@ class Engine:
             loaded, source = self.models.get(ref, emit, timings)
             plan = Plan(request, ref, loaded, source, timings)
             plan.family.check(request, plan.name, plan.base)
+            request = plan.request = self._with_defaults(request, plan)
 
             # 2. Input images (control images too), sized to what will be generated.
             start = time.perf_counter()
@@ -124,6 +125,15 @@ class Engine:
         info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=ref.precision, device=self.device)
         return Result(task=request.task, images=images, timings=timings, model=info, refiner=refined)
 
+    def _with_defaults(self, request: InferenceRequest, plan: Plan) -> InferenceRequest:
+        """The request with what it left out taken from the model's family, where the family's
+        defaults differ (steps within this endpoint's cap)."""
+        defaults = plan.family.defaults(plan.base, request.task)
+        defaults = {name: value for name, value in defaults.items() if request.left_out(name)}
+        if "num_inference_steps" in defaults:
+            defaults["num_inference_steps"] = min(defaults["num_inference_steps"], self.settings.max_steps)
+        return request.model_copy(update=defaults) if defaults else request
+
     def _denoise(self, plan: Plan, batches: list, emit: Emit, cancelled: Callable[[], bool]) -> list:
         """The first pass (and the hires fix's second) over each batch; their outputs."""
         request, family, pipe, timings = plan.request, plan.family, plan.pipe, plan.timings
@@ -142,7 +152,7 @@ class Engine:
             rescale = pipelines.rescaled(request, pipe)
             for generators, variation_seeds in batches:
                 common = dict(guidance_scale=request.guidance_scale, num_images_per_prompt=len(generators),
-                              generator=generators, **reference, **rescale)
+                              generator=generators, **reference, **rescale, **family.call_options(request, pipe))
                 start = time.perf_counter()
                 noise = {}
                 if variation_seeds:

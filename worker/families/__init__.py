@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import ModelSourceError
 from .base import ControlNetKind, Family
+from .flux import FLUX
 from .sd import SD
 from .sd3 import SD3
 from .sdxl import SDXL, SDXL_REFINER
@@ -25,7 +26,7 @@ __all__ = ["FAMILIES", "ControlNetKind", "Family", "at", "checkpoint_lacks", "ch
 
 # Each family says no to the others' models: the order does not decide, except for checkpoints,
 # where SDXL's keys include its refiner's.
-FAMILIES: tuple[Family, ...] = (SD, SDXL, SDXL_REFINER, SD3)
+FAMILIES: tuple[Family, ...] = (SD, SDXL, SDXL_REFINER, SD3, FLUX)
 
 
 def from_components(components: dict[str, str | None]) -> Family | None:
@@ -61,7 +62,7 @@ def at(path: Path) -> Family | None:
     family = from_components(components(index))
     if family is None:
         raise ModelSourceError("model.id", f"it is a {index.get('_class_name', 'non-diffusers')} model; "
-                                           "this worker runs Stable Diffusion 1.x, 2.x, XL and 3 models")
+                                           "this worker runs Stable Diffusion 1.x, 2.x, XL and 3 models and FLUX.1")
     return family
 
 

@@ -40,6 +40,7 @@ class Family:
     takes_refiner = False  # an SDXL refiner may take over its last steps
     refines = False  # it is a refiner: a request's ``refiner``, never its ``model``
     prompt_weighting = True  # long and weighted prompts encoded here (CLIP families)
+    true_cfg = False  # takes true_cfg_scale: its guidance_scale is a distilled guidance, not real CFG
     # Its T5 text encoder and tokenizer, which ``model.t5: false`` leaves out (None: it has none).
     optional_t5: tuple[str, str] | None = None
     controlnet: ControlNetKind | None = None
@@ -101,6 +102,18 @@ class Family:
         for field, why in self.refused.items():
             if getattr(request, field):
                 raise UserInputError(field, f"{model} is {self.kind}; {why}")
+        if request.true_cfg_scale is not None and not self.true_cfg:
+            raise UserInputError("true_cfg_scale", f"{model} is {self.kind}: its guidance_scale is real "
+                                                   "classifier-free guidance already")
+
+    def defaults(self, pipe: Any, task: str) -> dict:
+        """What a request for ``task`` that leaves them out gets, where the family's pipelines
+        differ from the request's own defaults (FLUX.1: its pipelines' steps, guidance, strength)."""
+        return {}
+
+    def call_options(self, request: Any, pipe: Any) -> dict:
+        """Pipeline arguments of the family's own, for every pass of the job."""
+        return {}
 
     def pipeline_class(self, task: str) -> Any:
         """The diffusers pipeline that runs ``task`` (diffusers' AutoPipeline mapping picks the

@@ -1,0 +1,140 @@
+"""FLUX.1 (worker/families/flux.py) on a tiny random pipeline: what a request leaves out takes
+diffusers' defaults for the model ([dev]: 28 steps, guidance 3.5; [schnell]: 4 steps, T5 reading
+256 tokens); ``true_cfg_scale``; seeds in batches; img2img and inpainting; LoRAs for one request;
+what it refuses, by field."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+import torch
+
+from tests.helpers import assert_images_close, decode, stripes
+from worker.errors import UserInputError
+
+SIZE = {"width": 64, "height": 64}
+
+
+def diffusers_image(model_dir, cls: str = "FluxPipeline", seed: int = 1, **fields):
+    import diffusers
+
+    pipe = getattr(diffusers, cls).from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(**fields, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+
+
+def b64(picture) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def ours(result, i: int = 0):
+    return decode(result.images[i].base64)
+
+
+def test_txt2img_at_flux_defaults_is_diffusers_fluxpipeline_at_its_own(run, flux_dir):
+    """No steps, no guidance: FluxPipeline's own 28 steps and guidance 3.5, not SD's 25 and 7.5."""
+    result, events = run(prompt="a lighthouse", seed=1, model={"id": str(flux_dir)}, **SIZE)
+    assert [e.total for e in events if e.stage == "inference"][-1] == 28
+    expected = diffusers_image(flux_dir, prompt="a lighthouse", **SIZE)
+    assert_images_close(expected, ours(result), "flux-defaults", tolerance=0)
+
+
+def test_schnell_takes_its_own_steps_and_sequence_length(run, tmp_path):
+    from tests.fixtures.flux import build_flux
+
+    schnell = build_flux(tmp_path / "schnell", schnell=True)
+    result, events = run(prompt="a lighthouse", seed=1, model={"id": str(schnell)}, **SIZE)
+    assert [e.total for e in events if e.stage == "inference"][-1] == 4
+    expected = diffusers_image(schnell, prompt="a lighthouse", num_inference_steps=4, max_sequence_length=256, **SIZE)
+    assert_images_close(expected, ours(result), "flux-schnell", tolerance=0)
+    # What the request says wins.
+    result, events = run(prompt="a lighthouse", seed=1, model={"id": str(schnell)}, num_inference_steps=2, **SIZE)
+    assert [e.total for e in events if e.stage == "inference"][-1] == 2
+
+
+def test_true_cfg_with_a_negative_prompt_is_diffusers_own(run, flux_dir):
+    fields = dict(prompt="a lighthouse", negative_prompt="fog", num_inference_steps=3, guidance_scale=2.0, **SIZE)
+    result, _ = run(seed=2, model={"id": str(flux_dir)}, true_cfg_scale=4.0, **fields)
+    expected = diffusers_image(flux_dir, seed=2, true_cfg_scale=4.0, **fields)
+    assert_images_close(expected, ours(result), "flux-true-cfg", tolerance=0)
+    plain, _ = run(seed=2, model={"id": str(flux_dir)}, **fields)
+    assert plain.images[0].base64 != result.images[0].base64  # (1: off; diffusers' default)
+
+
+def test_true_cfg_scale_is_refused_where_guidance_is_real_cfg(run):
+    with pytest.raises(UserInputError, match=r"^true_cfg_scale: the embedded model is an SD 1\.x/2\.x model: its "):
+        run(prompt="p", true_cfg_scale=3.0, num_inference_steps=1)
+
+
+def test_each_image_of_a_batch_is_reproduced_alone_by_its_seed(run, flux_dir):
+    fields = dict(prompt="a lighthouse", num_inference_steps=2, model={"id": str(flux_dir)}, **SIZE)
+    batch, _ = run(seed=10, num_images=3, **fields)
+    alone, _ = run(seed=12, **fields)
+    assert batch.images[2].seed == 12
+    assert_images_close(ours(alone), ours(batch, 2), "flux-batch-seed")
+
+
+def test_img2img_is_diffusers_fluximg2img_at_the_inputs_size(run, flux_dir):
+    image = stripes((96, 64))
+    result, _ = run(prompt="a lighthouse", seed=3, num_inference_steps=4, strength=0.6, image=b64(image),
+                    model={"id": str(flux_dir)})
+    expected = diffusers_image(flux_dir, "FluxImg2ImgPipeline", seed=3, prompt="a lighthouse", num_inference_steps=4,
+                               strength=0.6, image=image, width=96, height=64)
+    assert_images_close(expected, ours(result), "flux-img2img", tolerance=0)
+    # An input off FLUX.1's multiple of 16 gives an answer at its size rounded down.
+    result, _ = run(prompt="a lighthouse", num_inference_steps=2, image=b64(stripes((100, 72))),
+                    model={"id": str(flux_dir)})
+    assert (result.images[0].width, result.images[0].height) == (96, 64)
+
+
+def test_inpainting_repaints_the_mask_and_keeps_the_rest(run, flux_dir):
+    import numpy as np
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # the left half is repainted
+
+    result, _ = run(prompt="a lighthouse", seed=4, num_inference_steps=3, image=b64(image), mask_image=b64(mask),
+                    mask_blur=0, model={"id": str(flux_dir)})
+    pixels = np.asarray(ours(result).convert("RGB")).astype(int)
+    assert (pixels[:, 40:] == (200, 30, 30)).all()  # kept exactly
+    assert np.abs(pixels[:, :24] - (200, 30, 30)).max() > 20  # repainted
+
+
+def test_a_lora_for_one_request_is_diffusers_own_and_gone_after(run, flux_dir, tmp_path):
+    import diffusers
+
+    from tests.fixtures.flux import make_flux_lora
+
+    lora = make_flux_lora(flux_dir, tmp_path / "flux-lora.safetensors")
+    fields = dict(prompt="a lighthouse", num_inference_steps=3, seed=5, model={"id": str(flux_dir)}, **SIZE)
+    plain, _ = run(**fields)
+    styled, _ = run(**fields, loras=[{"id": str(lora), "scale": 0.8}])
+    pipe = diffusers.FluxPipeline.from_pretrained(flux_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[0.8])
+    expected = pipe(prompt="a lighthouse", num_inference_steps=3, generator=torch.Generator().manual_seed(5),
+                    **SIZE).images[0]
+    assert_images_close(expected, ours(styled), "flux-lora", tolerance=1)
+    again, _ = run(**fields)
+    assert again.images[0].base64 == plain.images[0].base64  # the next request gets the plain model
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"prompt": "a (lighthouse:1.3)"}, "prompt: weights like (word:1.2), [word] and BREAK are read for SD 1.x, 2.x "
+                                       "and XL models, not FLUX.1 ones"),
+    ({"scheduler": "DDIM"}, "scheduler: DDIM cannot sample this model, a flow-matching model (FLUX.1)"),
+    ({"clip_skip": 1}, "clip_skip: {model} is a FLUX.1 model; its prompts are read by T5 as well as CLIP"),
+    ({"refiner": {"id": "/refiner"}}, "refiner: {model} is not an SDXL model"),
+    ({"width": 72}, "width: must be a multiple of 16 for {model}, got 72"),
+])
+def test_what_flux_does_not_take_is_refused_by_field(run, flux_dir, fields, message):
+    with pytest.raises(UserInputError) as info:
+        run(**{"prompt": "p", "num_inference_steps": 1, "model": {"id": str(flux_dir)}, **SIZE, **fields})
+    assert str(info.value).startswith(message.format(model=flux_dir)), str(info.value)

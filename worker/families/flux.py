@@ -1,0 +1,90 @@
+"""FLUX.1 ([dev], [schnell]): a rectified-flow transformer over packed latents, CLIP and T5-XXL
+text encoders, a 16-channel VAE.
+
+What FLUX users know: ``guidance_scale`` is [dev]'s embedded, distilled guidance (diffusers'
+default 3.5; [schnell] has no guidance embedding and ignores it), and ``true_cfg_scale`` with a
+``negative_prompt`` is real classifier-free guidance. What a request leaves out takes diffusers'
+defaults for the model: 28 steps for [dev], 4 for [schnell] (which was distilled for them), and
+T5 reading 512 tokens for [dev], 256 for [schnell]. Which one a model is, its transformer's
+config says (the guidance embedding). Its pipelines encode prompts themselves, so weighted
+prompts are refused; the parts made for a UNet and CLIP are refused by field.
+
+Served here so far: txt2img, img2img and inpaint (diffusers' Flux, FluxImg2Img and FluxInpaint
+pipelines) and LoRAs. Fill and Kontext models, FLUX ControlNets, single files and training are
+not yet, and are refused naming the family.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from ..errors import UserInputError
+from .base import Family
+
+_UNET_PARTS = "for SD 1.x, 2.x and XL models"
+_PIPELINES = {"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"}
+
+
+class Flux(Family):
+    name = "FLUX.1"
+    kind = "a FLUX.1 model"
+    denoiser = "transformer"
+    flow_matching = True
+    refused = {
+        "ip_adapter": f"IP-Adapters here are {_UNET_PARTS}",
+        "ip_adapters": f"IP-Adapters here are {_UNET_PARTS}",
+        "embeddings": f"textual-inversion embeddings here are {_UNET_PARTS}",
+        "tiling": f"seamless tiling needs a UNet ({_UNET_PARTS[4:]})",
+        "clip_skip": f"its prompts are read by T5 as well as CLIP; clip_skip is {_UNET_PARTS}",
+        "controlnets": "FLUX.1 ControlNets are not served by this worker yet",
+        "hires": f"the hires fix here is {_UNET_PARTS} and SD3",
+        "variation": "variation seeds are drawn here for unpacked latents (SD 1.x, 2.x, XL and SD3)",
+    }
+    prompt_weighting = False
+    true_cfg = True
+
+    def recognises(self, components: dict[str, str | None]) -> bool:
+        return components.get("transformer") == "FluxTransformer2DModel"
+
+    def multiple(self, pipe: Any) -> int:
+        return pipe.vae_scale_factor * 2  # latents are packed in 2x2 patches
+
+    def default_size(self, pipe: Any) -> int:
+        return pipe.default_sample_size * pipe.vae_scale_factor  # 1024
+
+    def check(self, request: Any, model: str, pipe: Any) -> None:
+        kind = type(pipe).__name__
+        if kind != "FluxPipeline":  # FluxFillPipeline, FluxKontextPipeline ...
+            raise UserInputError("model", f"{model} is a FLUX.1 model for {kind}, which this worker does not "
+                                          "serve yet (FLUX.1 [dev] and [schnell] models: FluxPipeline)")
+        super().check(request, model, pipe)
+
+    @staticmethod
+    def schnell(pipe: Any) -> bool:
+        """[schnell] (and other guidance-distilled-away models): no guidance embedding."""
+        return not pipe.transformer.config.guidance_embeds
+
+    def pipeline_class(self, task: str) -> Any:
+        import diffusers
+
+        return getattr(diffusers, _PIPELINES[task])
+
+    def defaults(self, pipe: Any, task: str) -> dict:
+        """Those of its diffusers pipeline for ``task``; [schnell]'s 4 steps."""
+        own = inspect.signature(self.pipeline_class(task).__call__).parameters
+        steps = 4 if self.schnell(pipe) else own["num_inference_steps"].default
+        defaults = {"num_inference_steps": steps, "guidance_scale": own["guidance_scale"].default}
+        return defaults | ({"strength": own["strength"].default} if "strength" in own else {})
+
+    def call_options(self, request: Any, pipe: Any) -> dict:
+        options = {"max_sequence_length": 256 if self.schnell(pipe) else 512}
+        if request.true_cfg_scale is not None:
+            options["true_cfg_scale"] = request.true_cfg_scale
+        return options
+
+    def img2img_size(self, width: int, height: int) -> dict:
+        return {"width": width, "height": height}
+
+
+FLUX = Flux()
