@@ -25,7 +25,7 @@ from .schedulers import canonical_scheduler
 if TYPE_CHECKING:
     pass
 
-Task = Literal["txt2img", "img2img", "inpaint", "train", "convert"]
+Task = Literal["txt2img", "img2img", "inpaint", "edit", "train", "convert"]
 
 # A JPEG's EXIF is one 64 KB segment and its metadata is UTF-16: room for the prompts, and
 # about 2,700 characters for the rest of the parameters.
@@ -48,7 +48,8 @@ class InferenceRequest(Strict):
     """txt2img, img2img or inpaint. `task` may be left out: `mask_image` means inpaint,
     `image` means img2img, neither means txt2img."""
 
-    task: Task | None = Field(None, description="What to run; inferred from the images when absent.")
+    task: Task | None = Field(None, description="What to run; inferred from the images when absent (never "
+                              "`edit`: instruction editing on a model made for it, FLUX.1 Kontext, is asked by name).")
     model: ModelSpec = Field(default_factory=ModelSpec, description="Weights to run.")
     prompt: str = Field(..., max_length=20_000, description="What to draw.")
     negative_prompt: str | None = Field(None, max_length=20_000, description="What to steer away from.")
@@ -251,7 +252,7 @@ class InferenceRequest(Strict):
             raise ValueError(f"task: {self.task!r} needs its own fields (see TrainRequest, ConvertRequest)")
 
     def _check_task_inputs(self, limits: Limits) -> None:
-        """What the task takes: images for img2img and inpainting, hires and the refiner for txt2img."""
+        """What the task takes: images for img2img, inpainting and editing, hires and the refiner for txt2img."""
         if self.task == "txt2img":
             for name in ("image", "mask_image", "strength", "outpaint"):
                 if getattr(self, name) is not None:
@@ -278,6 +279,11 @@ class InferenceRequest(Strict):
                 raise ValueError("mask_image: required for task 'inpaint' (or outpaint)")
             if self.task == "img2img" and self.mask_image is not None:
                 raise ValueError("mask_image: not used by task 'img2img' (send task 'inpaint')")
+            if self.task == "edit":  # the instruction is the prompt; the model keeps what it is not told to change
+                for name in ("mask_image", "strength"):
+                    if getattr(self, name) is not None:
+                        raise ValueError(f"{name}: not used by task 'edit' (the prompt says what to change)")
+                return
             if self.strength is None:
                 self.strength = 0.8
             if int(self.num_inference_steps * self.strength) < 1:

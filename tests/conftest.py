@@ -56,6 +56,13 @@ def flux_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def kontext_dir(tmp_path_factory) -> Path:
+    from tests.fixtures.flux import build_flux
+
+    return build_flux(tmp_path_factory.mktemp("kontext") / "tiny-kontext", kontext=True)
+
+
+@pytest.fixture(scope="session")
 def refiner_dir(tmp_path_factory) -> Path:
     from tests.fixtures.sdxl import build_sdxl_refiner
 

@@ -126,6 +126,31 @@ def test_a_lora_for_one_request_is_diffusers_own_and_gone_after(run, flux_dir, t
     assert again.images[0].base64 == plain.images[0].base64  # the next request gets the plain model
 
 
+def test_kontext_edits_at_the_inputs_size_as_diffusers_does_at_that_size(run, kontext_dir):
+    """``task: "edit"``: the prompt is the instruction, ``image`` the picture; the answer has the
+    input's size rounded down to 16 (or the requested one), never Kontext's own megapixel."""
+    image = stripes((96, 64))
+    result, _ = run(task="edit", prompt="make it snow", image=b64(image), seed=6, num_inference_steps=3,
+                    model={"id": str(kontext_dir)})
+    assert (result.images[0].width, result.images[0].height) == (96, 64)
+    expected = diffusers_image(kontext_dir, "FluxKontextPipeline", seed=6, image=image, prompt="make it snow",
+                               num_inference_steps=3, width=96, height=64, max_area=96 * 64, _auto_resize=False)
+    assert_images_close(expected, ours(result), "kontext-edit", tolerance=0)
+    asked, _ = run(task="edit", prompt="make it snow", image=b64(stripes((100, 72))), width=64, height=80,
+                   num_inference_steps=2, model={"id": str(kontext_dir)})
+    assert (asked.images[0].width, asked.images[0].height) == (64, 80)
+
+
+def test_edit_is_for_models_made_for_it(run, kontext_dir, flux_dir):
+    with pytest.raises(UserInputError, match=r"^task: .* is a FLUX\.1 model; it runs txt2img, img2img, inpaint, "
+                                             r"not edit"):
+        run(task="edit", prompt="make it snow", image=b64(stripes((64, 64))), num_inference_steps=2,
+            model={"id": str(flux_dir)})
+    with pytest.raises(UserInputError, match=r"^task: .* is a FLUX\.1 Kontext model; it runs txt2img, edit, "
+                                             r"not img2img"):
+        run(prompt="p", image=b64(stripes((64, 64))), num_inference_steps=2, model={"id": str(kontext_dir)})
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"prompt": "a (lighthouse:1.3)"}, "prompt: weights like (word:1.2), [word] and BREAK are read for SD 1.x, 2.x "
                                        "and XL models, not FLUX.1 ones"),
@@ -138,3 +163,14 @@ def test_what_flux_does_not_take_is_refused_by_field(run, flux_dir, fields, mess
     with pytest.raises(UserInputError) as info:
         run(**{"prompt": "p", "num_inference_steps": 1, "model": {"id": str(flux_dir)}, **SIZE, **fields})
     assert str(info.value).startswith(message.format(model=flux_dir)), str(info.value)
+
+
+def test_a_kontext_edit_through_the_streaming_handler(runner, kontext_dir):
+    from tests.helpers import stream
+
+    *progress, result = stream(runner, {"id": "edit-1", "input": {
+        "task": "edit", "prompt": "make it snow", "image": b64(stripes((80, 64))), "num_inference_steps": 2,
+        "stream": True, "model": {"id": str(kontext_dir)}}})
+    assert result.get("type") == "result" and result["task"] == "edit", result
+    assert (result["images"][0]["width"], result["images"][0]["height"]) == (80, 64)
+    assert [p["step"] for p in progress if p["stage"] == "inference"] == [1, 2]

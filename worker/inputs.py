@@ -48,8 +48,14 @@ class Inputs:
     def _images(self, plan: Plan) -> dict:
         request, family, base = plan.request, plan.family, plan.base
         if request.task == "txt2img":
-            return {k: v for k, v in (("width", request.width), ("height", request.height)) if v}
+            if not (request.width or request.height):
+                return {}  # the pipeline's own size
+            width, height = request.width or family.default_size(base), request.height or family.default_size(base)
+            return {"width": width, "height": height} | family.txt2img_size(width, height)
         image = load_image(request.image, "image", self.settings)
+        if request.task == "edit":
+            width, height = self.size_from(image, request, "image", family.multiple(base))
+            return {"image": fit(image, (width, height), request.resize_mode)} | family.edit_size(width, height)
         if request.task == "img2img":
             width, height = self.size_from(image, request, "image", family.multiple(base))
             args = {"image": fit(image, (width, height), request.resize_mode)}

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ModelSourceError
 from .base import ControlNetKind, Family
-from .flux import FLUX
+from .flux import FLUX, FLUX_KONTEXT
 from .sd import SD
 from .sd3 import SD3
 from .sdxl import SDXL, SDXL_REFINER
@@ -26,17 +26,18 @@ __all__ = ["FAMILIES", "ControlNetKind", "Family", "at", "checkpoint_lacks", "ch
 
 # Each family says no to the others' models: the order does not decide, except for checkpoints,
 # where SDXL's keys include its refiner's.
-FAMILIES: tuple[Family, ...] = (SD, SDXL, SDXL_REFINER, SD3, FLUX)
+FAMILIES: tuple[Family, ...] = (SD, SDXL, SDXL_REFINER, SD3, FLUX, FLUX_KONTEXT)
 
 
 def from_components(components: dict[str, str | None]) -> Family | None:
-    """The family of a model with these components (name -> class name); None if not ours."""
+    """The family of a model with these components (name -> class name, and its pipeline's
+    class as ``_class_name``); None if not ours."""
     return next((family for family in FAMILIES if family.recognises(components)), None)
 
 
 def of_pipeline(pipeline: Any) -> Family | None:
     return from_components({name: type(module).__name__ for name, module in pipeline.components.items()
-                            if module is not None})
+                            if module is not None} | {"_class_name": type(pipeline).__name__})
 
 
 def read_index(path: Path) -> dict | None:
@@ -48,8 +49,9 @@ def read_index(path: Path) -> dict | None:
 
 
 def components(index: dict) -> dict[str, str | None]:
-    """A ``model_index.json``'s components: name -> class name."""
-    return {k: v[1] for k, v in index.items() if isinstance(v, list) and len(v) == 2}
+    """A ``model_index.json``'s components: name -> class name, and ``_class_name``: its pipeline's."""
+    return {k: v[1] for k, v in index.items() if isinstance(v, list) and len(v) == 2} | {
+        "_class_name": index.get("_class_name")}
 
 
 def at(path: Path) -> Family | None:

@@ -54,7 +54,7 @@ class Family:
 
     def recognises(self, components: dict[str, str | None]) -> bool:
         """Whether a model with these components (name -> class name, as ``model_index.json``
-        lists them) is of this family."""
+        lists them, and its pipeline's class as ``_class_name``) is of this family."""
         raise NotImplementedError
 
     def checkpoint_reference(self, keys: set[str], inpaint: bool) -> str | None:
@@ -126,6 +126,15 @@ class Family:
     def control_images_as(self, task: str) -> str:
         """The pipeline argument that takes the control images for ``task``."""
         return "control_image"
+
+    def txt2img_size(self, width: int, height: int) -> dict:
+        """Arguments besides width and height that make its txt2img pipeline draw at exactly
+        that size ({}: none needed)."""
+        return {}
+
+    def edit_size(self, width: int, height: int) -> dict:
+        """Size arguments that make its edit pipeline answer at exactly ``width`` x ``height``."""
+        return {"width": width, "height": height}
 
     def img2img_size(self, width: int, height: int) -> dict:
         """Size arguments its img2img pipeline needs to keep the input's size ({}: it does)."""

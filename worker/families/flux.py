@@ -1,5 +1,5 @@
-"""FLUX.1 ([dev], [schnell]): a rectified-flow transformer over packed latents, CLIP and T5-XXL
-text encoders, a 16-channel VAE.
+"""FLUX.1 ([dev], [schnell], and Kontext): a rectified-flow transformer over packed latents,
+CLIP and T5-XXL text encoders, a 16-channel VAE.
 
 What FLUX users know: ``guidance_scale`` is [dev]'s embedded, distilled guidance (diffusers'
 default 3.5; [schnell] has no guidance embedding and ignores it), and ``true_cfg_scale`` with a
@@ -10,8 +10,9 @@ config says (the guidance embedding). Its pipelines encode prompts themselves, s
 prompts are refused; the parts made for a UNet and CLIP are refused by field.
 
 Served here so far: txt2img, img2img and inpaint (diffusers' Flux, FluxImg2Img and FluxInpaint
-pipelines) and LoRAs. Fill and Kontext models, FLUX ControlNets, single files and training are
-not yet, and are refused naming the family.
+pipelines), Kontext's txt2img and ``edit`` (FluxKontextPipeline, at the size asked), and LoRAs.
+FLUX ControlNets are refused by field; Fill models (FluxFillPipeline) are not recognised yet,
+and single files and training are not served yet.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from ..errors import UserInputError
 from .base import Family
 
 _UNET_PARTS = "for SD 1.x, 2.x and XL models"
@@ -44,21 +44,17 @@ class Flux(Family):
     prompt_weighting = False
     true_cfg = True
 
+    pipeline = "FluxPipeline"  # the model's own class, as its model_index.json names it
+
     def recognises(self, components: dict[str, str | None]) -> bool:
-        return components.get("transformer") == "FluxTransformer2DModel"
+        return (components.get("transformer") == "FluxTransformer2DModel"
+                and components.get("_class_name") == self.pipeline)
 
     def multiple(self, pipe: Any) -> int:
         return pipe.vae_scale_factor * 2  # latents are packed in 2x2 patches
 
     def default_size(self, pipe: Any) -> int:
         return pipe.default_sample_size * pipe.vae_scale_factor  # 1024
-
-    def check(self, request: Any, model: str, pipe: Any) -> None:
-        kind = type(pipe).__name__
-        if kind != "FluxPipeline":  # FluxFillPipeline, FluxKontextPipeline ...
-            raise UserInputError("model", f"{model} is a FLUX.1 model for {kind}, which this worker does not "
-                                          "serve yet (FLUX.1 [dev] and [schnell] models: FluxPipeline)")
-        super().check(request, model, pipe)
 
     @staticmethod
     def schnell(pipe: Any) -> bool:
@@ -87,4 +83,27 @@ class Flux(Family):
         return {"width": width, "height": height}
 
 
+class FluxKontext(Flux):
+    """FLUX.1 Kontext: instruction editing (``task: "edit"``, the prompt says what to change in
+    ``image``), and txt2img. The answer has the requested size, or the input's rounded down to
+    16: never Kontext's own resize to about a megapixel."""
+
+    name = "FLUX.1 Kontext"
+    kind = "a FLUX.1 Kontext model"
+    pipeline = "FluxKontextPipeline"
+    tasks = ("txt2img", "edit")
+
+    def pipeline_class(self, task: str) -> Any:
+        import diffusers
+
+        return diffusers.FluxKontextPipeline
+
+    def txt2img_size(self, width: int, height: int) -> dict:
+        return {"max_area": width * height}  # (else it draws at about a megapixel of the same shape)
+
+    def edit_size(self, width: int, height: int) -> dict:
+        return {"width": width, "height": height, "max_area": width * height, "_auto_resize": False}
+
+
 FLUX = Flux()
+FLUX_KONTEXT = FluxKontext()
