@@ -27,7 +27,7 @@ _OWN = {
     "alwayson_scripts", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "restore_faces",
     "inpaint_full_res", "inpaint_full_res_padding", "inpainting_fill", "inpainting_mask_invert",
     "refiner_checkpoint", "refiner_switch_at", "send_images", "save_images", "script_name", "script_args",
-    "subseed", "subseed_strength", "do_not_save_samples", "do_not_save_grid",
+    "subseed", "subseed_strength", "do_not_save_samples", "do_not_save_grid", "distilled_cfg_scale",
 }
 # Same meaning (A1111's -> ours).
 _SAME = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
@@ -39,7 +39,7 @@ _HANDLED = {"seed", "batch_size", "n_iter", "sampler_name", "scheduler", "init_i
             "denoising_strength", "resize_mode", "inpaint_full_res", "inpaint_full_res_padding", "enable_hr",
             "hr_scale", "hr_upscaler", "hr_second_pass_steps", "refiner_checkpoint", "refiner_switch_at",
             "override_settings", "alwayson_scripts", "subseed", "subseed_strength", "hr_resize_x", "hr_resize_y",
-            "hr_prompt", "hr_negative_prompt"}
+            "hr_prompt", "hr_negative_prompt", "distilled_cfg_scale"}
 # Accepted when they ask for nothing: what they would ask for is not built here.
 _ONLY_AS_DEFAULT = {
     "restore_faces": (False, None), "script_name": (None, ""),
@@ -83,6 +83,7 @@ def from_a1111(data: dict) -> dict:
             request[key] = value
         elif key not in _IGNORED and key not in _HANDLED:
             raise RequestError(f"{key}: not supported by this worker")
+    _distilled(data, request)
     seed = data.get("seed", -1)
     if seed not in (-1, None):
         request["seed"] = seed
@@ -104,6 +105,19 @@ def from_a1111(data: dict) -> dict:
     _override_settings(data.get("override_settings") or {}, request)
     _controlnets(data.get("alwayson_scripts") or {}, request)
     return request
+
+
+def _distilled(data: dict, request: dict) -> None:
+    """Forge's FLUX payloads: ``distilled_cfg_scale`` is FLUX.1 [dev]'s embedded guidance (our
+    ``guidance_scale``), and ``cfg_scale`` beside it real CFG (our ``true_cfg_scale``; 1: off)."""
+    if "distilled_cfg_scale" not in data:
+        return
+    request["guidance_scale"] = data["distilled_cfg_scale"]
+    cfg = data.get("cfg_scale", 1)
+    if cfg != 1:
+        request["true_cfg_scale"] = cfg
+    else:
+        request.pop("true_cfg_scale", None)
 
 
 def _count(value: Any, field: str) -> int:
@@ -244,6 +258,7 @@ def a1111_field(name: str) -> str:
         "clip_skip": "override_settings.CLIP_stop_at_last_layers", "vae.id": "override_settings.sd_vae",
         "model.id": "override_settings.sd_model_checkpoint",
         "variation": "subseed_strength", "variation.strength": "subseed_strength", "variation.seed": "subseed",
+        "true_cfg_scale": "cfg_scale",  # (Forge's, beside distilled_cfg_scale)
     }
     if name in ours:
         return ours[name]

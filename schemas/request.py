@@ -114,8 +114,9 @@ class InferenceRequest(Strict):
     )
     scheduler: str | None = Field(
         None, description="Scheduler name from the table (or its diffusers class name, or AUTOMATIC1111's sampler "
-        "name: `DPM++ 2M Karras`, `Euler a` ...); SD3 takes the FlowMatch ones only, the others the rest; default: "
-        "the model's."
+        "name: `DPM++ 2M Karras`, `Euler a` ...); flow-matching models (SD3, FLUX.1) take the FlowMatch ones only "
+        "(`Euler` and `Heun` there are read as their FlowMatch twins, as Forge and ComfyUI read them), the others "
+        "the rest; default: the model's."
     )
     schedule: Literal["karras", "exponential", "beta", "sgm_uniform", "simple"] | None = Field(
         None, description="How the steps' noise levels are spaced (AUTOMATIC1111's schedule type), for the "

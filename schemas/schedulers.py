@@ -73,6 +73,13 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 }
 
 
+# On a flow-matching model, the sampler names that have a flow-matching twin are read as it, as
+# Forge and ComfyUI read them ("Euler" on FLUX.1 is flow-matching Euler), and the schedules that
+# only space steps evenly are the model's own spacing.
+FLOW_TWINS = {"EulerDiscrete": "FlowMatchEulerDiscrete", "HeunDiscrete": "FlowMatchHeunDiscrete"}
+FLOW_PLAIN_SCHEDULES = {"simple", "sgm_uniform"}
+
+
 def is_flow_matching(cls: str) -> bool:
     """Whether a scheduler class samples a flow-matching model (SD3), which the others cannot."""
     return cls.startswith("FlowMatch")
@@ -98,7 +105,8 @@ def a1111_name(cls: str, config: dict[str, Any]) -> tuple[str, str | None]:
     if not candidates:
         return cls.removesuffix("Scheduler"), None
     name = max(candidates, key=lambda n: len(SCHEDULERS[n].config))  # DPM++ 2M SDE over DPM++ 2M
-    sampler = next((a1111 for a1111, table in A1111_SAMPLERS.items() if table == name), name)
+    twin = next((plain for plain, flow in FLOW_TWINS.items() if flow == name), name)  # (Euler, on FLUX.1 too)
+    sampler = next((a1111 for a1111, table in A1111_SAMPLERS.items() if table == twin), name)
     schedule = next((kind for kind, flags in SCHEDULES.items() if all(config.get(k) == v for k, v in flags.items())),
                     None)
     return sampler, {"karras": "Karras", "exponential": "Exponential", "beta": "Beta"}.get(

@@ -63,6 +63,13 @@ def kontext_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fill_dir(tmp_path_factory) -> Path:
+    from tests.fixtures.flux import build_flux
+
+    return build_flux(tmp_path_factory.mktemp("fill") / "tiny-fill", fill=True)
+
+
+@pytest.fixture(scope="session")
 def refiner_dir(tmp_path_factory) -> Path:
     from tests.fixtures.sdxl import build_sdxl_refiner
 

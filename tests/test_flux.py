@@ -174,3 +174,72 @@ def test_a_kontext_edit_through_the_streaming_handler(runner, kontext_dir):
     assert result.get("type") == "result" and result["task"] == "edit", result
     assert (result["images"][0]["width"], result["images"][0]["height"]) == (80, 64)
     assert [p["step"] for p in progress if p["stage"] == "inference"] == [1, 2]
+
+
+def test_fill_inpaints_as_diffusers_fluxfillpipeline_at_its_defaults(run, fill_dir):
+    """A FLUX.1 Fill model inpaints through FluxFillPipeline at its own defaults (50 steps,
+    guidance 30, strength 1) when the request leaves them out."""
+    from PIL import Image
+
+    image = stripes((64, 64))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    result, events = run(prompt="a window", seed=7, image=b64(image), mask_image=b64(mask), mask_blur=0,
+                         keep_unmasked=False, model={"id": str(fill_dir)})
+    assert [e.total for e in events if e.stage == "inference"][-1] == 50
+    expected = diffusers_image(fill_dir, "FluxFillPipeline", seed=7, prompt="a window", image=image,
+                               mask_image=mask, width=64, height=64)
+    assert_images_close(expected, ours(result), "flux-fill", tolerance=0)
+
+
+def test_fill_outpaints_keeping_the_image_and_painting_the_margins(run, fill_dir):
+    import numpy as np
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    result, _ = run(prompt="a wall", seed=8, image=b64(image), outpaint={"right": 32}, num_inference_steps=3,
+                    mask_blur=0, model={"id": str(fill_dir)})
+    assert (result.images[0].width, result.images[0].height) == (96, 64)
+    pixels = np.asarray(ours(result).convert("RGB")).astype(int)
+    assert (pixels[:, :56] == (200, 30, 30)).all()  # the image, kept
+    assert np.abs(pixels[:, 72:] - (200, 30, 30)).max() > 20  # the margin, painted
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({}, "task: {model} is a FLUX.1 Fill model; it runs inpaint, not txt2img"),
+    ({"image": True}, "task: {model} is a FLUX.1 Fill model; it runs inpaint, not img2img"),
+    ({"image": True, "mask_image": True, "negative_prompt": "fog"},
+     "negative_prompt: {model} is a FLUX.1 Fill model; FluxFillPipeline takes no negative prompt"),
+    ({"image": True, "mask_image": True, "true_cfg_scale": 3.0},
+     "true_cfg_scale: {model} is a FLUX.1 Fill model; FluxFillPipeline has no true classifier-free guidance"),
+])
+def test_what_fill_does_not_take_is_refused_by_field(run, fill_dir, fields, message):
+    pictures = {name: b64(stripes((64, 64))) for name in ("image", "mask_image") if fields.pop(name, None)}
+    with pytest.raises(UserInputError) as info:
+        run(prompt="p", num_inference_steps=2, model={"id": str(fill_dir)}, **pictures, **fields)
+    assert str(info.value).startswith(message.format(model=fill_dir)), str(info.value)
+
+
+def test_forge_payloads_distilled_cfg_scale_is_flux_guidance(runner, flux_dir):
+    """A Forge (AUTOMATIC1111) payload for FLUX.1: ``distilled_cfg_scale`` is the embedded
+    guidance and ``cfg_scale`` beside it real CFG, in the request and in the infotext."""
+    import json
+
+    from schemas import Limits, parse_request
+    from tests.helpers import stream
+
+    forge = {"prompt": "a lighthouse", "negative_prompt": "fog", "steps": 2, "cfg_scale": 3, "distilled_cfg_scale": 2.5,
+             "seed": 4, "width": 64, "height": 64, "sampler_name": "Euler", "scheduler": "Simple",
+             "override_settings": {"sd_model_checkpoint": str(flux_dir)}}
+    request = parse_request(forge, Limits())
+    assert (request.guidance_scale, request.true_cfg_scale) == (2.5, 3)
+    assert parse_request(forge | {"cfg_scale": 1}, Limits()).true_cfg_scale is None  # 1: off, as Forge's default
+    got = stream(runner, {"id": "forge", "input": forge})[-1]
+    assert "images" in got, got
+    infotext = json.loads(got["info"])["infotexts"][0]
+    assert "Sampler: Euler, CFG scale: 3.0, Distilled CFG Scale: 2.5, Seed: 4" in infotext, infotext
+    ours = stream(runner, {"id": "ours", "input": {
+        "prompt": "a lighthouse", "negative_prompt": "fog", "num_inference_steps": 2, "guidance_scale": 2.5,
+        "true_cfg_scale": 3, "seed": 4, "width": 64, "height": 64, "scheduler": "FlowMatchEulerDiscrete",
+        "model": {"id": str(flux_dir)}, "output": {"metadata": True}}})[-1]
+    assert got["images"][0] == ours["images"][0]["base64"]

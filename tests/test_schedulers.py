@@ -72,14 +72,26 @@ def test_sigma_schedules_replace_each_other():
     ("EulerAncestralDiscrete", SDXL, "beta",
      "schedule: EulerAncestralDiscrete (EulerAncestralDiscreteScheduler) has no"),
     ("DPMSolverMultistepKarras", SDXL, "exponential", "schedule: DPMSolverMultistepKarras comes with its own schedule"),
-    (None, diffusers.FlowMatchEulerDiscreteScheduler(), "sgm_uniform",
-     "schedule: this model's scheduler (FlowMatchEulerDiscreteScheduler) has no sgm_uniform schedule"),
+    ("FlowMatchHeunDiscrete", diffusers.FlowMatchEulerDiscreteScheduler(), "karras",
+     "schedule: FlowMatchHeunDiscrete (FlowMatchHeunDiscreteScheduler) has no karras schedule"),
 ])
 def test_a_schedule_a_scheduler_does_not_have_is_refused_by_name(name, base, schedule, message):
     """diffusers would take the option as an unknown config key, warn, and ignore it."""
     with pytest.raises(UserInputError) as info:
         make_scheduler(name, base, schedule, family=SD3 if "FlowMatch" in type(base).__name__ else XL)
     assert str(info.value).startswith(message), str(info.value)
+
+
+def test_on_a_flow_matching_model_euler_and_heun_are_their_flow_matching_twins():
+    """As Forge and ComfyUI read them: "Euler" on SD3 or FLUX.1 is flow-matching Euler, and
+    the simple / sgm_uniform schedules are the model's own spacing."""
+    flow = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    assert type(make_scheduler("EulerDiscrete", flow, family=SD3)).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert type(make_scheduler("HeunDiscrete", flow, family=SD3)).__name__ == "FlowMatchHeunDiscreteScheduler"
+    assert dict(make_scheduler("EulerDiscrete", flow, "simple", family=SD3).config) == dict(flow.config)
+    assert a1111_name("FlowMatchEulerDiscreteScheduler", flow.config) == ("Euler", None)
+    with pytest.raises(UserInputError, match=r"^scheduler: EulerAncestralDiscrete cannot sample this model"):
+        make_scheduler("EulerAncestralDiscrete", flow, family=SD3)
 
 
 def test_a1111_samplers_and_schedules_in_a_job(run, engine):

@@ -189,7 +189,8 @@ class Engine:
         encoded = [
             encode_image(image, fmt, request.output.quality,
                          request.output.metadata and infotext.parameters(
-                             request, seed, first_size or image.size, plan.ref.id, plan.pipe.scheduler, other))
+                             request, seed, first_size or image.size, plan.ref.id, plan.pipe.scheduler, other,
+                             distilled=plan.family.distilled_guidance))
             for image, seed, other in zip(generated, plan.seeds, variations)
         ]
         timings["encode"] = ms_since(start)
@@ -341,7 +342,7 @@ def _texts(family, pipe, request: InferenceRequest, prompt: str, negative: str |
     """The pipeline's prompt arguments: embeddings for long or weighted prompts (encoded here),
     else the text itself, which the pipeline encodes as diffusers does."""
     return prompts.encoded(family, pipe, prompt, negative, request.clip_skip, request.prompt_weighting) or {
-        "prompt": prompt, "negative_prompt": negative,
+        "prompt": prompt, **({"negative_prompt": negative} if family.negative_prompts else {}),
         **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
     }
 

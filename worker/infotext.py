@@ -11,9 +11,10 @@ from .errors import redact
 
 
 def parameters(request: InferenceRequest, seed: int, size: tuple[int, int], model_id: str, scheduler,
-                variation_seed: int | None = None) -> str:
+                variation_seed: int | None = None, distilled: bool = False) -> str:
     """How an image was made, in AUTOMATIC1111's "parameters" layout, which image viewers and
-    UIs parse: the prompt, the negative prompt, then "key: value" pairs."""
+    UIs parse: the prompt, the negative prompt, then "key: value" pairs. ``distilled``: the
+    model's guidance_scale is a distilled guidance (FLUX.1), written as Forge writes it."""
     lines = [request.prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
@@ -21,7 +22,11 @@ def parameters(request: InferenceRequest, seed: int, size: tuple[int, int], mode
     pairs = {"Steps": request.num_inference_steps, "Sampler": sampler}
     if schedule:
         pairs["Schedule type"] = schedule
-    pairs["CFG scale"] = request.guidance_scale
+    if distilled:  # Forge's: CFG scale is real CFG (1: off), beside the distilled one
+        pairs["CFG scale"] = request.true_cfg_scale or 1
+        pairs["Distilled CFG Scale"] = request.guidance_scale
+    else:
+        pairs["CFG scale"] = request.guidance_scale
     if request.guidance_rescale:  # as the CFG Rescale extension writes it
         pairs["CFG Rescale φ"] = request.guidance_rescale
     pairs.update({"Seed": seed, "Size": f"{size[0]}x{size[1]}", "Model": model_id})

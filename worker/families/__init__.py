@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ModelSourceError
 from .base import ControlNetKind, Family
-from .flux import FLUX, FLUX_KONTEXT
+from .flux import FLUX, FLUX_FILL, FLUX_KONTEXT
 from .sd import SD
 from .sd3 import SD3
 from .sdxl import SDXL, SDXL_REFINER
@@ -26,7 +26,7 @@ __all__ = ["FAMILIES", "ControlNetKind", "Family", "at", "checkpoint_lacks", "ch
 
 # Each family says no to the others' models: the order does not decide, except for checkpoints,
 # where SDXL's keys include its refiner's.
-FAMILIES: tuple[Family, ...] = (SD, SDXL, SDXL_REFINER, SD3, FLUX, FLUX_KONTEXT)
+FAMILIES: tuple[Family, ...] = (SD, SDXL, SDXL_REFINER, SD3, FLUX, FLUX_FILL, FLUX_KONTEXT)
 
 
 def from_components(components: dict[str, str | None]) -> Family | None:

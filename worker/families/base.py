@@ -41,6 +41,8 @@ class Family:
     refines = False  # it is a refiner: a request's ``refiner``, never its ``model``
     prompt_weighting = True  # long and weighted prompts encoded here (CLIP families)
     true_cfg = False  # takes true_cfg_scale: its guidance_scale is a distilled guidance, not real CFG
+    negative_prompts = True  # its pipelines take a negative prompt
+    distilled_guidance = False  # its guidance_scale is an embedded, distilled guidance (FLUX.1 [dev])
     # Its T5 text encoder and tokenizer, which ``model.t5: false`` leaves out (None: it has none).
     optional_t5: tuple[str, str] | None = None
     controlnet: ControlNetKind | None = None
@@ -102,7 +104,7 @@ class Family:
         for field, why in self.refused.items():
             if getattr(request, field):
                 raise UserInputError(field, f"{model} is {self.kind}; {why}")
-        if request.true_cfg_scale is not None and not self.true_cfg:
+        if request.true_cfg_scale is not None and not self.true_cfg and "true_cfg_scale" not in self.refused:
             raise UserInputError("true_cfg_scale", f"{model} is {self.kind}: its guidance_scale is real "
                                                    "classifier-free guidance already")
 

@@ -9,10 +9,9 @@ T5 reading 512 tokens for [dev], 256 for [schnell]. Which one a model is, its tr
 config says (the guidance embedding). Its pipelines encode prompts themselves, so weighted
 prompts are refused; the parts made for a UNet and CLIP are refused by field.
 
-Served here so far: txt2img, img2img and inpaint (diffusers' Flux, FluxImg2Img and FluxInpaint
-pipelines), Kontext's txt2img and ``edit`` (FluxKontextPipeline, at the size asked), and LoRAs.
-FLUX ControlNets are refused by field; Fill models (FluxFillPipeline) are not recognised yet,
-and single files and training are not served yet.
+Served here: txt2img, img2img and inpaint (diffusers' Flux, FluxImg2Img and FluxInpaint
+pipelines), Kontext's txt2img and ``edit`` (FluxKontextPipeline, at the size asked), Fill's
+inpaint and outpaint (FluxFillPipeline), and LoRAs.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ class Flux(Family):
     }
     prompt_weighting = False
     true_cfg = True
+    distilled_guidance = True
 
     pipeline = "FluxPipeline"  # the model's own class, as its model_index.json names it
 
@@ -83,6 +83,29 @@ class Flux(Family):
         return {"width": width, "height": height}
 
 
+class FluxFill(Flux):
+    """FLUX.1 Fill: a [dev] made for inpainting and outpainting (its transformer reads the masked
+    image and the mask beside the latents), through FluxFillPipeline, at its defaults (50 steps,
+    guidance 30, strength 1). No txt2img or img2img, no negative prompt, no true CFG: its
+    pipeline has none."""
+
+    name = "FLUX.1 Fill"
+    kind = "a FLUX.1 Fill model"
+    pipeline = "FluxFillPipeline"
+    tasks = ("inpaint",)
+    refused = Flux.refused | {
+        "negative_prompt": "FluxFillPipeline takes no negative prompt",
+        "true_cfg_scale": "FluxFillPipeline has no true classifier-free guidance",
+    }
+    negative_prompts = False
+    true_cfg = False
+
+    def pipeline_class(self, task: str) -> Any:
+        import diffusers
+
+        return diffusers.FluxFillPipeline
+
+
 class FluxKontext(Flux):
     """FLUX.1 Kontext: instruction editing (``task: "edit"``, the prompt says what to change in
     ``image``), and txt2img. The answer has the requested size, or the input's rounded down to
@@ -106,4 +129,5 @@ class FluxKontext(Flux):
 
 
 FLUX = Flux()
+FLUX_FILL = FluxFill()
 FLUX_KONTEXT = FluxKontext()

@@ -8,7 +8,7 @@ from typing import Any
 import diffusers
 
 from schemas import SCHEDULERS
-from schemas.schedulers import SCHEDULES, is_flow_matching
+from schemas.schedulers import FLOW_PLAIN_SCHEDULES, FLOW_TWINS, SCHEDULES, is_flow_matching
 
 from ..errors import UserInputError
 
@@ -19,9 +19,13 @@ def make_scheduler(name: str | None, model_scheduler: Any, schedule: str | None 
 
     Schedulers keep state between steps, so every job gets its own instance and nothing one
     request chose can leak into the next. A flow-matching ``family`` takes only flow-matching
-    schedulers, and the others only the others: a mismatch would denoise into garbage.
+    schedulers (Euler and Heun: their flow-matching twins), and the others only the others: a
+    mismatch would denoise into garbage.
     """
     cls, overrides = type(model_scheduler), {}
+    if family.flow_matching:
+        name = FLOW_TWINS.get(name, name)
+        schedule = None if schedule in FLOW_PLAIN_SCHEDULES else schedule
     if name is not None:
         spec = SCHEDULERS[name]
         flow = family.flow_matching
