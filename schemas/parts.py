@@ -93,6 +93,11 @@ class ControlNetSpec(_FileSource):
     scale: float = Field(1.0, ge=0, le=5, description="How strongly it steers (controlnet_conditioning_scale).")
     start: float = Field(0.0, ge=0, le=1, description="Fraction of the steps after which it starts steering.")
     end: float = Field(1.0, ge=0, le=1, description="Fraction of the steps after which it stops.")
+    mode: int | None = Field(
+        None, ge=0, le=63, description="A Union ControlNet's mode: which kind of control image this is, as the "
+        "model card numbers them (FLUX.1 Union by InstantX / Shakker-Labs: 0 canny, 1 tile, 2 depth, 3 blur, 4 pose, "
+        "5 gray, 6 low quality). Required by Union ControlNets, refused by the others.",
+    )
 
     @model_validator(mode="after")
     def _in_order(self) -> ControlNetSpec:

@@ -128,7 +128,7 @@ class Engine:
     def _with_defaults(self, request: InferenceRequest, plan: Plan) -> InferenceRequest:
         """The request with what it left out taken from the model's family, where the family's
         defaults differ (steps within this endpoint's cap)."""
-        defaults = plan.family.defaults(plan.base, request.task)
+        defaults = plan.family.defaults(plan.base, request.task, controlnets=bool(request.controlnets))
         defaults = {name: value for name, value in defaults.items() if request.left_out(name)}
         if "num_inference_steps" in defaults:
             defaults["num_inference_steps"] = min(defaults["num_inference_steps"], self.settings.max_steps)
@@ -342,7 +342,7 @@ def _texts(family, pipe, request: InferenceRequest, prompt: str, negative: str |
     """The pipeline's prompt arguments: embeddings for long or weighted prompts (encoded here),
     else the text itself, which the pipeline encodes as diffusers does."""
     return prompts.encoded(family, pipe, prompt, negative, request.clip_skip, request.prompt_weighting) or {
-        "prompt": prompt, **({"negative_prompt": negative} if family.negative_prompts else {}),
+        "prompt": prompt, **({"negative_prompt": negative} if pipelines.takes(pipe, "negative_prompt") else {}),
         **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
     }
 

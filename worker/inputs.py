@@ -105,12 +105,13 @@ class Inputs:
         def each(values: list) -> Any:
             return values[0] if len(values) == 1 else values
 
+        modes = [spec.mode for spec in request.controlnets]
         return size | {
             family.control_images_as(request.task): each(controls),
             "controlnet_conditioning_scale": each([spec.scale for spec in request.controlnets]),
             "control_guidance_start": each([spec.start for spec in request.controlnets]),
             "control_guidance_end": each([spec.end for spec in request.controlnets]),
-        }
+        } | ({"control_mode": each(modes)} if any(mode is not None for mode in modes) else {})
 
     def size_from(self, image, request: InferenceRequest, field: str, multiple: int) -> tuple[int, int]:
         """Output size: as asked, else the input's, rounded down to the model's ``multiple``."""

@@ -50,11 +50,19 @@ def for_task(plan: Plan, settings: Settings, nets: list, vae: Any) -> Any:
     if ships_checker and not use_checker:
         overrides.update(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = family.pipeline_class(request.task).from_pipe(base, **overrides)
+        pipe = family.pipeline_class(request.task, controlnets=bool(nets)).from_pipe(base, **overrides)
     except ValueError:
         raise UserInputError("task", f"{name} ({type(base).__name__}) cannot run {request.task}") from None
     pipe.set_progress_bar_config(disable=True)
+    for field in ("negative_prompt", "true_cfg_scale"):  # (FLUX.1's ControlNet img2img / inpaint have neither)
+        if getattr(request, field) and not takes(pipe, field):
+            raise UserInputError(field, f"diffusers' {type(pipe).__name__}, which runs this request, takes none")
     return pipe
+
+
+def takes(pipe: Any, argument: str) -> bool:
+    """Whether the pipeline's call takes ``argument``."""
+    return argument in inspect.signature(pipe.__call__).parameters
 
 
 def first_pass(pipe: Any, request: InferenceRequest) -> Any:

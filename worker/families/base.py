@@ -41,7 +41,6 @@ class Family:
     refines = False  # it is a refiner: a request's ``refiner``, never its ``model``
     prompt_weighting = True  # long and weighted prompts encoded here (CLIP families)
     true_cfg = False  # takes true_cfg_scale: its guidance_scale is a distilled guidance, not real CFG
-    negative_prompts = True  # its pipelines take a negative prompt
     distilled_guidance = False  # its guidance_scale is an embedded, distilled guidance (FLUX.1 [dev])
     # Its T5 text encoder and tokenizer, which ``model.t5: false`` leaves out (None: it has none).
     optional_t5: tuple[str, str] | None = None
@@ -108,18 +107,19 @@ class Family:
             raise UserInputError("true_cfg_scale", f"{model} is {self.kind}: its guidance_scale is real "
                                                    "classifier-free guidance already")
 
-    def defaults(self, pipe: Any, task: str) -> dict:
-        """What a request for ``task`` that leaves them out gets, where the family's pipelines
-        differ from the request's own defaults (FLUX.1: its pipelines' steps, guidance, strength)."""
+    def defaults(self, pipe: Any, task: str, controlnets: bool = False) -> dict:
+        """What a request for ``task`` (with ``controlnets`` or not) that leaves them out gets,
+        where the family's pipelines differ from the request's own defaults (FLUX.1: its
+        pipelines' steps, guidance, strength)."""
         return {}
 
     def call_options(self, request: Any, pipe: Any) -> dict:
         """Pipeline arguments of the family's own, for every pass of the job."""
         return {}
 
-    def pipeline_class(self, task: str) -> Any:
-        """The diffusers pipeline that runs ``task`` (diffusers' AutoPipeline mapping picks the
-        family's own class, with ControlNets when given them)."""
+    def pipeline_class(self, task: str, controlnets: bool = False) -> Any:
+        """The diffusers pipeline that runs ``task`` (with ``controlnets`` or not; diffusers'
+        AutoPipeline mapping picks the family's own class, with ControlNets when given them)."""
         import diffusers
 
         return getattr(diffusers, {"txt2img": "AutoPipelineForText2Image", "img2img": "AutoPipelineForImage2Image",

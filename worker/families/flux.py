@@ -11,7 +11,8 @@ prompts are refused; the parts made for a UNet and CLIP are refused by field.
 
 Served here: txt2img, img2img and inpaint (diffusers' Flux, FluxImg2Img and FluxInpaint
 pipelines), Kontext's txt2img and ``edit`` (FluxKontextPipeline, at the size asked), Fill's
-inpaint and outpaint (FluxFillPipeline), and LoRAs.
+inpaint and outpaint (FluxFillPipeline), ControlNets on [dev] / [schnell] (diffusers' FluxControlNet
+pipelines, Union ControlNets with a mode), and LoRAs.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .base import Family
+from .base import ControlNetKind, Family
 
 _UNET_PARTS = "for SD 1.x, 2.x and XL models"
-_PIPELINES = {"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"}
+# Its diffusers pipelines, by task, without and with ControlNets.
+_PIPELINES = {"txt2img": ("FluxPipeline", "FluxControlNetPipeline"),
+              "img2img": ("FluxImg2ImgPipeline", "FluxControlNetImg2ImgPipeline"),
+              "inpaint": ("FluxInpaintPipeline", "FluxControlNetInpaintPipeline")}
 
 
 class Flux(Family):
@@ -36,13 +40,17 @@ class Flux(Family):
         "embeddings": f"textual-inversion embeddings here are {_UNET_PARTS}",
         "tiling": f"seamless tiling needs a UNet ({_UNET_PARTS[4:]})",
         "clip_skip": f"its prompts are read by T5 as well as CLIP; clip_skip is {_UNET_PARTS}",
-        "controlnets": "FLUX.1 ControlNets are not served by this worker yet",
         "hires": f"the hires fix here is {_UNET_PARTS} and SD3",
         "variation": "variation seeds are drawn here for unpacked latents (SD 1.x, 2.x, XL and SD3)",
     }
     prompt_weighting = False
     true_cfg = True
     distilled_guidance = True
+    # InstantX's, Shakker-Labs' Union (control_mode), XLabs' ... as diffusers loads them.
+    controlnet = ControlNetKind(
+        "FluxControlNetModel", ("in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+                                "pooled_projection_dim"),
+        "FLUX.1", "FluxMultiControlNetModel")
 
     pipeline = "FluxPipeline"  # the model's own class, as its model_index.json names it
 
@@ -61,14 +69,14 @@ class Flux(Family):
         """[schnell] (and other guidance-distilled-away models): no guidance embedding."""
         return not pipe.transformer.config.guidance_embeds
 
-    def pipeline_class(self, task: str) -> Any:
+    def pipeline_class(self, task: str, controlnets: bool = False) -> Any:
         import diffusers
 
-        return getattr(diffusers, _PIPELINES[task])
+        return getattr(diffusers, _PIPELINES[task][controlnets])
 
-    def defaults(self, pipe: Any, task: str) -> dict:
+    def defaults(self, pipe: Any, task: str, controlnets: bool = False) -> dict:
         """Those of its diffusers pipeline for ``task``; [schnell]'s 4 steps."""
-        own = inspect.signature(self.pipeline_class(task).__call__).parameters
+        own = inspect.signature(self.pipeline_class(task, controlnets).__call__).parameters
         steps = 4 if self.schnell(pipe) else own["num_inference_steps"].default
         defaults = {"num_inference_steps": steps, "guidance_scale": own["guidance_scale"].default}
         return defaults | ({"strength": own["strength"].default} if "strength" in own else {})
@@ -94,13 +102,13 @@ class FluxFill(Flux):
     pipeline = "FluxFillPipeline"
     tasks = ("inpaint",)
     refused = Flux.refused | {
+        "controlnets": "diffusers has no FLUX.1 Fill ControlNet pipeline",
         "negative_prompt": "FluxFillPipeline takes no negative prompt",
         "true_cfg_scale": "FluxFillPipeline has no true classifier-free guidance",
     }
-    negative_prompts = False
     true_cfg = False
 
-    def pipeline_class(self, task: str) -> Any:
+    def pipeline_class(self, task: str, controlnets: bool = False) -> Any:
         import diffusers
 
         return diffusers.FluxFillPipeline
@@ -115,8 +123,9 @@ class FluxKontext(Flux):
     kind = "a FLUX.1 Kontext model"
     pipeline = "FluxKontextPipeline"
     tasks = ("txt2img", "edit")
+    refused = Flux.refused | {"controlnets": "diffusers has no FLUX.1 Kontext ControlNet pipeline"}
 
-    def pipeline_class(self, task: str) -> Any:
+    def pipeline_class(self, task: str, controlnets: bool = False) -> Any:
         import diffusers
 
         return diffusers.FluxKontextPipeline

@@ -7,9 +7,11 @@ one ``.safetensors`` file (by URL, hub id + ``weight_name``, or local path) in t
 layout (``control_model.*``, lllyasviel's ControlNet 1.1 files) or diffusers'. A single file
 carries no config: it is read as a copy of the model's own UNet encoder, which is what the
 standard ControlNets are. SD3's ControlNets (``SD3ControlNetModel``: Stability's and InstantX's
-for SD3 / SD3.5) come as diffusers directories only. Never a pickle. Loaded ones stay on the device in the dtype of the
-model they ran with, up to MAX_LOADED_CONTROLNETS, least recently used out first; a request
-without ``controlnets`` runs the plain pipeline.
+for SD3 / SD3.5) and FLUX.1's (``FluxControlNetModel``: InstantX's, Shakker-Labs' Union, whose
+``mode`` says which kind of control image it is given) come as diffusers directories only.
+Never a pickle. Loaded ones stay on the device in the dtype of the model they ran with, up to
+MAX_LOADED_CONTROLNETS, least recently used out first; a request without ``controlnets`` runs
+the plain pipeline.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class ControlNets:
             if wrong:
                 raise UserInputError(field, f"{redact(spec.url) if spec.url else spec.id} does not fit this model "
                                             f"(a ControlNet for another architecture: its {', '.join(wrong)} differ)")
+            _check_mode(spec, net, field)
             nets.append(net)
         self.warm.trim(max(self.settings.max_loaded_controlnets, len(specs)))
         if fresh:
@@ -74,6 +77,20 @@ class ControlNets:
     def clear(self) -> None:
         """Free the device (for training)."""
         self.warm.clear()
+
+
+def _check_mode(spec: ControlNetSpec, net: Any, field: str) -> None:
+    """A Union ControlNet (one net, several kinds of control image) is told which kind by
+    ``mode``; the others take none."""
+    modes = net.config.get("num_mode")
+    name = redact(spec.url) if spec.url else spec.id
+    if modes is None and spec.mode is not None:
+        raise UserInputError(f"{field}.mode", f"{name} is not a Union ControlNet: it takes no mode")
+    if modes is not None and spec.mode is None:
+        raise UserInputError(f"{field}.mode", f"{name} is a Union ControlNet: say which kind of control image "
+                                              f"this is (0 to {modes - 1}, as its model card numbers them)")
+    if modes is not None and spec.mode >= modes:
+        raise UserInputError(f"{field}.mode", f"{name} has modes 0 to {modes - 1}, got {spec.mode}")
 
 
 def _load(path: Path, family: Family, denoiser: Any, field: str) -> Any:
