@@ -283,6 +283,24 @@ def train_then_use(settings, s3, model_dir: Path, method: str, name: str, **trai
     return result, keys, plain, draw(loras=[{"url": dest}]) if method == "lora" else draw(model={"url": dest})
 
 
+def training_refusal(settings, s3, model_dir: Path, **fields) -> str:
+    """The error of a LoRA training request for ``model_dir`` with ``fields``, refused before
+    anything is published."""
+    from schemas import TrainRequest
+    from worker.engine import Engine
+    from worker.errors import UserInputError
+
+    request = TrainRequest.model_validate({"task": "train", "model": {"id": str(model_dir)}, "train": {
+        "method": "lora", "instance_prompt": "a photo of sks toy", "instance_images": [png_b64()],
+        "dest_url": f"s3://{BUCKET}/never.safetensors"} | fields})
+    try:
+        Engine(settings).train(request, lambda event: None, lambda: False, "job")
+    except UserInputError as error:
+        assert not s3.list_objects_v2(Bucket=BUCKET).get("Contents")
+        return str(error)
+    raise AssertionError(f"trained with {fields}")
+
+
 def hub_cache(root: Path, repo_id: str, source: Path, refs: dict[str, str]) -> Path:
     """Lay out ``source`` as huggingface_hub's cache does: models--org--name/{refs,snapshots}."""
     repo = root / ("models--" + repo_id.replace("/", "--"))

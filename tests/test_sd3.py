@@ -214,7 +214,7 @@ def test_sd3_converts_without_t5_to_an_archive_of_its_own(settings, s3, sd3_dir,
     """convert with model.t5 false: a lean archive (no T5 to fetch at a cold start), which a bare
     s3:// names apart from the full model's."""
     from schemas import ConvertRequest
-    from tests.helpers import BUCKET, generate, hub_cache
+    from tests.helpers import generate, hub_cache
     from worker.engine import Engine
 
     worker = settings.model_copy(update={"hf_hub_cache": hub_cache(tmp_path / "hub", "acme/sd3", sd3_dir,
@@ -281,14 +281,6 @@ def test_sd3_trains_and_the_result_is_usable(settings, s3, sd3_dir, method):
     ({"resolution": 72}, "train.resolution: must be a multiple of 16 for SD3 models, got 72"),
 ])
 def test_what_sd3_training_does_not_do_is_refused_by_field(settings, s3, sd3_dir, fields, message):
-    from schemas import TrainRequest
-    from worker.engine import Engine
-    from worker.errors import UserInputError
+    from tests.helpers import training_refusal
 
-    request = TrainRequest.model_validate({"task": "train", "model": {"id": str(sd3_dir)}, "train": {
-        "method": "lora", "instance_prompt": "a photo of sks toy", "instance_images": [png_b64()],
-        "dest_url": f"s3://{BUCKET}/never.safetensors"} | fields})
-    with pytest.raises(UserInputError) as info:
-        Engine(settings).train(request, lambda event: None, lambda: False, "job")
-    assert str(info.value).startswith(message)
-    assert not s3.list_objects_v2(Bucket=BUCKET).get("Contents")
+    assert training_refusal(settings, s3, sd3_dir, **fields).startswith(message)

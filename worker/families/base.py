@@ -50,6 +50,7 @@ class Family:
     training_pipeline: str | None = None
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
     lora_layers = "unet_lora_layers"  # the name save_lora_weights takes the denoiser's layers by
+    checkpoint_lora_training = False  # gradient checkpointing for LoRAs too, on GPUs (FLUX.1's activations)
 
     # --- Recognising it ---
 
@@ -192,6 +193,10 @@ class Family:
                             generator: Any) -> tuple[Any, Any, Any]:
         """Its objective: (the denoiser's prediction, its target, the timesteps)."""
         raise NotImplementedError
+
+    def unpacked(self, pipe: Any, latents: Any, resolution: int) -> Any:
+        """Latents its pipeline returned (``output_type="latent"``) as the VAE decodes them."""
+        return latents
 
     def lora_state(self, state: dict) -> dict:
         """A trained LoRA's peft state in the layout its diffusers loader reads."""

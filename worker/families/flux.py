@@ -12,7 +12,7 @@ prompts are refused; the parts made for a UNet and CLIP are refused by field.
 Served here: txt2img, img2img and inpaint (diffusers' Flux, FluxImg2Img and FluxInpaint
 pipelines), Kontext's txt2img and ``edit`` (FluxKontextPipeline, at the size asked), Fill's
 inpaint and outpaint (FluxFillPipeline), ControlNets on [dev] / [schnell] (diffusers' FluxControlNet
-pipelines, Union ControlNets with a mode), and LoRAs.
+pipelines, Union ControlNets with a mode), LoRAs, and LoRA training.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from ..errors import UserInputError
 from .base import ControlNetKind, Family
+from .sd3 import check_flow_training, flow_point
 
 _UNET_PARTS = "for SD 1.x, 2.x and XL models"
 # Its diffusers pipelines, by task, without and with ControlNets.
@@ -51,6 +53,13 @@ class Flux(Family):
         "FluxControlNetModel", ("in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
                                 "pooled_projection_dim"),
         "FLUX.1", "FluxMultiControlNetModel")
+    training_pipeline = "FluxPipeline"
+    # As diffusers' train_dreambooth_lora_flux.py: both streams' attention and feed-forwards.
+    lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                    "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                    "ff_context.net.2")
+    lora_layers = "transformer_lora_layers"
+    checkpoint_lora_training = True
 
     pipeline = "FluxPipeline"  # the model's own class, as its model_index.json names it
 
@@ -89,6 +98,55 @@ class Flux(Family):
 
     def img2img_size(self, width: int, height: int) -> dict:
         return {"width": width, "height": height}
+
+    # --- Training (diffusers' train_dreambooth_lora_flux.py) ---
+
+    def check_train(self, spec: Any) -> None:
+        if spec.method != "lora":
+            raise UserInputError("train.method", "FLUX.1 models train LoRAs here (a full fine-tune of its 12B "
+                                                 "transformer needs several GPUs' memory)")
+        check_flow_training(spec, self.name, "uniformly")
+
+    def train_text(self, pipe: Any, prompts: list[str]) -> tuple[Any, Any]:
+        """Its pipeline's own encoding (T5's states, CLIP's pooled text), T5 reading as many
+        tokens as in inference."""
+        states, pooled, _ = pipe.encode_prompt(prompts, prompts, device=pipe.text_encoder.device,
+                                               max_sequence_length=256 if self.schnell(pipe) else 512)
+        return states, pooled
+
+    def noise_scheduler(self, pipe: Any) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # unshifted sigmas, as trained
+
+    def training_prediction(self, pipe: Any, scheduler: Any, latents: Any, text: tuple, resolution: int,
+                            generator: Any) -> tuple[Any, Any, Any]:
+        """The flow-matching objective on packed latents, timesteps drawn uniformly: the
+        transformer sees 2x2 patches with their positions, [dev] also its guidance embedding
+        (at 3.5, as diffusers' recipe trains it); its velocity, unpacked, against noise - latents."""
+        import torch
+        from diffusers import FluxPipeline
+
+        states, pooled = text
+        noisy, noise, steps = flow_point(scheduler, latents, generator, "none")
+        count, channels, height, width = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, count, channels, height, width)
+        positions = FluxPipeline._prepare_latent_image_ids(count, height // 2, width // 2, latents.device,
+                                                           latents.dtype)
+        text_ids = torch.zeros(states.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        guidance = None if self.schnell(pipe) else torch.full((count,), 3.5, device=latents.device)
+        prediction = pipe.transformer(hidden_states=packed, timestep=steps / 1000, guidance=guidance,
+                                      pooled_projections=pooled, encoder_hidden_states=states, txt_ids=text_ids,
+                                      img_ids=positions, return_dict=False)[0]
+        factor = pipe.vae_scale_factor
+        prediction = FluxPipeline._unpack_latents(prediction, height * factor, width * factor, factor)
+        return prediction, noise - latents, steps
+
+    def unpacked(self, pipe: Any, latents: Any, resolution: int) -> Any:
+        return pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)
+
+    def lora_state(self, state: dict) -> dict:
+        return state  # its loader reads peft's own layout
 
 
 class FluxFill(Flux):

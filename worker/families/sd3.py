@@ -87,13 +87,7 @@ class StableDiffusion3(Family):
     # --- Training ---
 
     def check_train(self, spec: Any) -> None:
-        if spec.train_text_encoder:
-            raise UserInputError("train.train_text_encoder", "SD3 models train their transformer only here")
-        if spec.snr_gamma is not None:
-            raise UserInputError("train.snr_gamma", "Min-SNR weighting is for diffusion models; SD3 (flow matching) "
-                                                    "samples its timesteps logit-normally instead")
-        if spec.resolution % 16:
-            raise UserInputError("train.resolution", f"must be a multiple of 16 for SD3 models, got {spec.resolution}")
+        check_flow_training(spec, self.name, "logit-normally")
 
     def train_text(self, pipe: Any, prompts: list[str]) -> tuple[Any, Any]:
         """Its pipeline's own encoding (CLIP and T5), and the pooled CLIP text."""
@@ -110,23 +104,41 @@ class StableDiffusion3(Family):
                             generator: Any) -> tuple[Any, Any, Any]:
         """A point on the straight path from the latents (sigma 0) to noise (1), timesteps
         drawn logit-normally, the transformer predicting the velocity noise - latents."""
-        import torch
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
         states, pooled = text
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        u = compute_density_for_timestep_sampling("logit_normal", latents.shape[0], logit_mean=0.0, logit_std=1.0,
-                                                  generator=generator)
-        index = (u * scheduler.config.num_train_timesteps).long()
-        steps = scheduler.timesteps[index].to(latents.device)
-        sigmas = scheduler.sigmas[index].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
-        noisy = (1 - sigmas) * latents + sigmas * noise
+        noisy, noise, steps = flow_point(scheduler, latents, generator, "logit_normal")
         prediction = pipe.transformer(hidden_states=noisy, timestep=steps, encoder_hidden_states=states,
                                       pooled_projections=pooled, return_dict=False)[0]
         return prediction, noise - latents, steps
 
     def lora_state(self, state: dict) -> dict:
         return state  # its loader reads peft's own layout (and would skip attention layers in the other)
+
+
+def check_flow_training(spec: Any, name: str, sampled: str) -> None:
+    """What training a flow-matching transformer family (SD3, FLUX.1) does not do here."""
+    if spec.train_text_encoder:
+        raise UserInputError("train.train_text_encoder", f"{name} models train their transformer only here")
+    if spec.snr_gamma is not None:
+        raise UserInputError("train.snr_gamma", f"Min-SNR weighting is for diffusion models; {name} (flow matching) "
+                                                f"samples its timesteps {sampled} instead")
+    if spec.resolution % 16:
+        raise UserInputError("train.resolution", f"must be a multiple of 16 for {name} models, got {spec.resolution}")
+
+
+def flow_point(scheduler: Any, latents: Any, generator: Any, scheme: str) -> tuple[Any, Any, Any]:
+    """The flow-matching training input (diffusers' train_dreambooth_lora_sd3 / _flux recipe): a
+    point on the straight path from ``latents`` (sigma 0) to noise (1) at a timestep drawn by
+    ``scheme`` (``logit_normal``, or ``none``: uniformly); (that point, the noise, the timesteps)."""
+    import torch
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    u = compute_density_for_timestep_sampling(scheme, latents.shape[0], logit_mean=0.0, logit_std=1.0,
+                                              generator=generator)
+    index = (u * scheduler.config.num_train_timesteps).long()
+    steps = scheduler.timesteps[index].to(latents.device)
+    sigmas = scheduler.sigmas[index].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
+    return (1 - sigmas) * latents + sigmas * noise, noise, steps
 
 
 SD3 = StableDiffusion3()

@@ -1,5 +1,5 @@
-"""DreamBooth fine-tuning (``task: "train"``) of SD 1.x / 2.x, XL and 3, shaped like diffusers'
-train_dreambooth(_lora)(_sdxl|_sd3).py.
+"""DreamBooth fine-tuning (``task: "train"``) of SD 1.x / 2.x, XL and 3, and LoRAs of FLUX.1,
+shaped like diffusers' train_dreambooth(_lora)(_sdxl|_sd3|_flux).py.
 
 ``train()`` runs on the engine thread, which holds the GPU for the whole run:
 
@@ -14,11 +14,13 @@ train_dreambooth(_lora)(_sdxl|_sd3).py.
    forward pass runs under autocast, bf16 where the GPU has it, else fp16 with a gradient
    scaler, and the frozen parts are cast to that dtype to save memory. fp32 trainable weights
    are what fix docker-diffusers-api's "Attempting to unscale FP16 gradients".
-5. Each step: noise, a random timestep, the UNet's prediction (SDXL's also conditioned on both
-   text encoders, the pooled text and the image size), MSE against the noise (or the velocity
-   for v-prediction models); for SD3, a point on the straight path from latents to noise at a
-   logit-normal timestep and its transformer's velocity (train_dreambooth_lora_sd3.py's
-   recipe, without preconditioning); plus the weighted prior loss; gradients clipped at 1.0,
+5. Each step: noise, a random timestep, the UNet's prediction (SDXL's also conditioned on
+   both text encoders, the pooled text and the image size), MSE against the noise (or the
+   velocity for v-prediction models); for SD3, a point on the straight path from latents to
+   noise at a logit-normal timestep and its transformer's velocity
+   (train_dreambooth_lora_sd3.py's recipe, without preconditioning); for FLUX.1 the same at a
+   uniform timestep, on packed latents, with [dev]'s guidance embedding at 3.5
+   (train_dreambooth_lora_flux.py's); plus the weighted prior loss; gradients clipped at 1.0,
    then AdamW under the chosen learning-rate schedule (gradient accumulation and Min-SNR
    weighting if asked). A progress event per step carries the loss; a cancelled job stops at
    the next step.
@@ -75,7 +77,7 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     prior = None
     if spec.num_class_images:
         start = time.perf_counter()
-        images = data.class_images(pipe, spec, device, autocast_dtype, emit, cancelled)
+        images = data.class_images(pipe, family, spec, device, autocast_dtype, emit, cancelled)
         prior = data.latent_stats(pipe, images, spec.resolution)
         timings["class_images"] = ms_since(start)
 

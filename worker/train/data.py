@@ -81,7 +81,7 @@ def batch(encoded: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torc
     return states, pooled
 
 
-def class_images(pipe, spec: TrainSpec, device: str, autocast_dtype, emit: Callable[[Progress], None],
+def class_images(pipe, family, spec: TrainSpec, device: str, autocast_dtype, emit: Callable[[Progress], None],
                  cancelled: Callable[[], bool]) -> list:
     # Without the safety checker: a blacked-out image would teach the model black squares.
     no_checker = {"safety_checker": None, "requires_safety_checker": False} if hasattr(pipe, "safety_checker") else {}
@@ -101,6 +101,7 @@ def class_images(pipe, spec: TrainSpec, device: str, autocast_dtype, emit: Calla
                     output_type="latent",
                 ).images
             # Decoded in fp32, outside autocast: SDXL's VAE overflows in fp16.
+            latents = family.unpacked(pipe, latents, spec.resolution)
             latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + shift(pipe)
             decoded = pipe.vae.decode(latents).sample
         images += drawer.image_processor.postprocess(decoded.float(), output_type="pil")

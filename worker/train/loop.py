@@ -53,6 +53,8 @@ def prepare(pipe, family, spec: TrainSpec, autocast_dtype: torch.dtype | None) -
         for p in params:
             p.data = p.data.float()
             p.requires_grad_(True)
+        if autocast_dtype is not None and family.checkpoint_lora_training:
+            trained.enable_gradient_checkpointing()  # a 12B transformer's activations: the memory hog
     else:
         trained.requires_grad_(True)
         params = list(trained.parameters())
