@@ -104,6 +104,7 @@ class Engine:
             # 4. Exactly this request's LoRAs active; none: the plain model.
             loras.apply(loaded, plan.pipe, request.loras, settings=self.settings, disk=self.models.disk, emit=emit,
                         timings=timings)
+            pipelines.offload(plan.pipe, self.settings.offload, self.device)  # (OFFLOAD: its hooks, after LoRAs)
 
             # 5. Denoise, batch by batch, with this request's embeddings and IP-Adapters,
             #    reporting every step and stopping if RunPod cancelled the job.
@@ -122,7 +123,8 @@ class Engine:
         # 7. Outside the lock (the GPU is free for the next job): the images encoded, with how
         #    they were made, then uploaded or inlined.
         images = self._answer(plan, outputs, outbox, emit)
-        info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=ref.precision, device=self.device)
+        info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=loaded.precision,
+                         device=self.device)
         return Result(task=request.task, images=images, timings=timings, model=info, refiner=refined)
 
     def _with_defaults(self, request: InferenceRequest, plan: Plan) -> InferenceRequest:
@@ -293,6 +295,7 @@ class Engine:
                                      family=refiner.family))
         pipe.set_progress_bar_config(disable=True)
         loras.apply(refiner, pipe, [], settings=self.settings, disk=self.models.disk, emit=emit, timings={})
+        pipelines.offload(pipe, self.settings.offload, self.device)
         pixels = latents.shape[-1] * latents.shape[-2] * pipe.vae_scale_factor**2
         tiled = seamless.axes(request.tiling)
         self._vae_memory(pipe.vae, request.num_images, pixels, tiled)
@@ -303,7 +306,7 @@ class Engine:
                           guidance_scale=request.guidance_scale, num_images_per_prompt=len(generators),
                           generator=generators, callback_on_step_end=on_step, **pipelines.rescaled(request, pipe))
         _add_ms(timings, "refiner", start)
-        return output, ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=ref.precision,
+        return output, ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=refiner.precision,
                                  device=self.device)
 
     def _vae_memory(self, vae, images: int, pixels: int, seamless_axes: str) -> None:

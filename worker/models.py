@@ -24,7 +24,7 @@ from .families import Family
 from .settings import Settings
 from .sources.loading import check_t5, load_pipeline
 from .sources.locate import FETCHED_NOW, Locator
-from .sources.refs import ModelRef
+from .sources.refs import ModelRef, load_precision
 from .timing import ms_since
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class Loaded:
     ref: ModelRef
     pipeline: Any  # a diffusers DiffusionPipeline
     family: Family  # worked out once, at load
+    precision: str  # what it runs in (its family's own, unless one was chosen)
     # LoRAs resident on its modules, least recently used first: file identity -> adapter name.
     loras: OrderedDict[str, str] = field(default_factory=OrderedDict)
 
@@ -78,7 +79,8 @@ class ModelStore:
             self._evict()
         if parked is not None:
             loaded = parked
-            loaded.pipeline.to(self.device)
+            if not self.offloaded:
+                loaded.pipeline.to(self.device)
         else:
             loaded = self._load(path, ref)
         timings["load"] = ms_since(start)
@@ -89,6 +91,11 @@ class ModelStore:
             self._evict()
         log.info("loaded %s from %s in %.0f ms", ref.id, source, timings["load"])
         return loaded, source
+
+    @property
+    def offloaded(self) -> bool:
+        """OFFLOAD: pipelines stay in CPU RAM, and each job's moves their weights as it runs."""
+        return self.settings.offload != "none"
 
     def loaded(self) -> list[Loaded]:
         """The pipelines on the device, least recently used first."""
@@ -109,7 +116,8 @@ class ModelStore:
         """Move the least recently used pipeline off the device: parked in CPU RAM, or dropped."""
         ref, loaded = self._loaded.popitem(last=False)
         if self.device != "cpu" and self.settings.max_parked_models > 0:
-            loaded.pipeline.to("cpu")
+            if not self.offloaded:  # (offloaded, its weights are in CPU RAM already)
+                loaded.pipeline.to("cpu")
             self._parked[ref] = loaded
             while len(self._parked) > self.settings.max_parked_models:
                 self._parked.popitem(last=False)
@@ -129,12 +137,13 @@ class ModelStore:
         except ModelSourceError as exc:
             raise failed(exc) from None
         check_t5(ref, family)
+        precision = load_precision(ref, family)
         try:
-            pipeline = load_pipeline(path, ref.precision, ref.variant, self.device, ref.t5)
+            pipeline = load_pipeline(path, precision, ref.variant, self.device, ref.t5, self.offloaded)
         except ModelSourceError as exc:
             raise failed(exc) from None
         family = families.of_pipeline(pipeline)
         if family is None:  # its index named classes of ours, but what loaded is not one of our models
             raise ModelSourceError("model.id", f"could not load {ref.id}: {type(pipeline).__name__} is not a model "
                                                "this worker runs")
-        return Loaded(ref, pipeline, family)
+        return Loaded(ref, pipeline, family, precision)

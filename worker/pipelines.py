@@ -54,10 +54,25 @@ def for_task(plan: Plan, settings: Settings, nets: list, vae: Any) -> Any:
     except ValueError:
         raise UserInputError("task", f"{name} ({type(base).__name__}) cannot run {request.task}") from None
     pipe.set_progress_bar_config(disable=True)
+    if settings.offload != "none":
+        pipe.remove_all_hooks()  # the last job's offload hooks (on the shared modules): LoRAs load without them
     for field in ("negative_prompt", "true_cfg_scale"):  # (FLUX.1's ControlNet img2img / inpaint have neither)
         if getattr(request, field) and not takes(pipe, field):
             raise UserInputError(field, f"diffusers' {type(pipe).__name__}, which runs this request, takes none")
     return pipe
+
+
+def offload(pipe: Any, mode: str, device: str) -> None:
+    """OFFLOAD: the job's pipeline (ControlNets included) moves the weights to ``device`` as it
+    runs them: a component at a time (``model``: diffusers' model CPU offload), or a layer at a
+    time (``sequential``: diffusers' leaf-level group offloading, which on CUDA copies the next
+    layer on a side stream while this one runs; accelerate's sequential offload fails with
+    torch 2.13)."""
+    if mode == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode == "sequential":
+        pipe.enable_group_offload(onload_device=torch.device(device), offload_type="leaf_level",
+                                  use_stream=device == "cuda")
 
 
 def takes(pipe: Any, argument: str) -> bool:

@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     model_revision: str | None = Field(None, description="Hub revision (branch, tag, commit) of MODEL_ID.")
     model_variant: str | None = Field(None, description="Weight variant of MODEL_ID, e.g. `fp16`.")
     model_precision: Literal["fp32", "fp16", "bf16"] | None = Field(
-        None, description="dtype every model runs in unless a request says; unset: fp16 on CUDA, fp32 on CPU."
+        None, description="dtype every model runs in unless a request says; unset: on CUDA the family's own (bf16 for "
+        "FLUX.1, fp16 for the others), fp32 on CPU."
     )
     model_t5: bool = Field(True, description="SD3 models load their T5-XXL text encoder (a request's model.t5 wins).")
     model_url: str | None = Field(None, description="Archive of the default model (forms as model.url); trusted.")
@@ -86,6 +87,12 @@ class Settings(BaseSettings):
 
     # --- How the worker runs. ---
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Where models run; auto: CUDA if visible.")
+    offload: Literal["none", "model", "sequential"] = Field(
+        "none", description="For GPUs too small for a model (FLUX.1 on 24 GB cards): its weights stay in CPU RAM and "
+        "move to the GPU as they are used: `model` a component at a time (diffusers' model CPU offload: a little "
+        "slower), `sequential` a layer at a time (diffusers' leaf-level group offloading, with the next layer copied "
+        "while one runs: the least memory, slower); `none`: all on the GPU."
+    )
     max_loaded_models: int = Field(1, ge=1, description="Pipelines kept on the device across jobs.")
     max_loaded_gb: float | None = Field(None, gt=0, description="Cap on the weights kept on the device.")
     max_parked_models: int = Field(

@@ -60,6 +60,7 @@ class Flux(Family):
                     "ff_context.net.2")
     lora_layers = "transformer_lora_layers"
     checkpoint_lora_training = True
+    cuda_precision = "bf16"  # (its activations overflow fp16)
 
     pipeline = "FluxPipeline"  # the model's own class, as its model_index.json names it
 

@@ -21,8 +21,10 @@ def check_t5(ref: ModelRef, family: Family | None) -> None:
         raise ModelSourceError("model.t5", f"{ref.id} has no T5 encoder to leave out (only {with_t5} models do)")
 
 
-def load_pipeline(path: Path, precision: str, variant: str | None, device: str, t5: bool = True) -> Any:
-    """``t5``: false leaves the model's T5 out, where its family has one to leave."""
+def load_pipeline(path: Path, precision: str, variant: str | None, device: str, t5: bool = True,
+                  offload: bool = False) -> Any:
+    """``t5``: false leaves the model's T5 out, where its family has one to leave; ``offload``:
+    the weights stay in CPU RAM (each job's pipeline moves them to ``device`` as it runs)."""
     from diffusers import DiffusionPipeline
 
     family = families.at(path)
@@ -35,7 +37,8 @@ def load_pipeline(path: Path, precision: str, variant: str | None, device: str, 
         detail = first_line(exc)
         with_variant = f" (variant {variant!r})" if variant else ""
         raise ModelSourceError("model.id", f"{type(exc).__name__}{with_variant}: {detail}") from None
-    pipeline.to(device)
+    if not offload:
+        pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     _text_model_alias(pipeline)
     return pipeline

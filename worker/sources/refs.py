@@ -26,6 +26,8 @@ class ModelRef:
     url: str | None = None  # an archive to fetch; ``id`` then names it
     checkpoint_url: str | None = None  # a single file to convert; ``id`` gives the configs, unless url:NAME
     t5: bool = True  # SD3's T5-XXL text encoder loaded (false: left on disk, or never fetched)
+    # Nobody chose the precision: on CUDA the model's family picks its own (FLUX.1: bf16).
+    precision_default: bool = False
     # The operator's MODEL_URL may point at private addresses; a request's may not.
     from_env: bool = field(default=False, compare=False)
     # A request's t5: false on a model without T5 is a mistake to answer; MODEL_T5's is not.
@@ -40,7 +42,14 @@ def model_ref(spec: ModelSpec, settings: Settings, device: str) -> ModelRef:
     """
     precision = spec.precision or settings.model_precision or ("fp16" if device == "cuda" else "fp32")
     t5 = settings.model_t5 if spec.t5 is None else spec.t5
-    return replace(_model_ref(spec, settings, precision), t5=t5, t5_asked=spec.t5 is not None)
+    chosen = bool(spec.precision or settings.model_precision)
+    return replace(_model_ref(spec, settings, precision), t5=t5, t5_asked=spec.t5 is not None,
+                   precision_default=device == "cuda" and not chosen)
+
+
+def load_precision(ref: ModelRef, family) -> str:
+    """What ``ref``'s model loads in: as chosen, else (on CUDA) its family's own precision."""
+    return family.cuda_precision if ref.precision_default and family is not None else ref.precision
 
 
 def _model_ref(spec: ModelSpec, settings: Settings, precision: str) -> ModelRef:
