@@ -386,3 +386,26 @@ def test_flux_lora_training_in_mixed_precision_keeps_fp32_lora_weights(settings,
     result, _, plain, tuned = train_then_use(settings, s3, flux_dir, "lora", "flux/mixed-lora")
     assert seen == {"trained": {torch.float32}, "frozen": torch.bfloat16, "checkpointing": True}
     assert tuned.images[0].base64 != plain.images[0].base64
+
+
+@pytest.mark.parametrize("layout", ["kohya", "xlabs"])
+def test_kohya_and_xlabs_loras_load_as_diffusers_loads_them(run, flux_dir, tmp_path, layout):
+    """LoRAs as sd-scripts / ai-toolkit and XLabs save them (Black Forest Labs' key names, q, k
+    and v fused) are read by diffusers' FLUX loader: the image is the one diffusers draws."""
+    import diffusers
+
+    from tests.fixtures.flux import make_flux_lora_other_layout
+
+    lora = make_flux_lora_other_layout(tmp_path / f"{layout}.safetensors", layout)
+    fields = dict(prompt="a lighthouse", num_inference_steps=3, seed=6, model={"id": str(flux_dir)}, **SIZE)
+    plain, _ = run(**fields)
+    styled, _ = run(**fields, loras=[{"id": str(lora), "scale": 0.7}])
+    pipe = diffusers.FluxPipeline.from_pretrained(flux_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[0.7])
+    expected = pipe(prompt="a lighthouse", num_inference_steps=3, generator=torch.Generator().manual_seed(6),
+                    **SIZE).images[0]
+    assert_images_close(expected, ours(styled), f"flux-{layout}-lora", tolerance=1)
+    assert styled.images[0].base64 != plain.images[0].base64
+    assert run(**fields)[0].images[0].base64 == plain.images[0].base64
