@@ -106,21 +106,26 @@ def test_inpainting_repaints_the_mask_and_keeps_the_rest(run, flux_dir):
     assert np.abs(pixels[:, :24] - (200, 30, 30)).max() > 20  # repainted
 
 
-def test_a_lora_for_one_request_is_diffusers_own_and_gone_after(run, flux_dir, tmp_path):
+def diffusers_lora_image(model_dir, lora, scale: float, seed: int):
+    """What diffusers draws (3 steps, 64 px) with ``lora`` loaded at ``scale``."""
     import diffusers
 
+    pipe = diffusers.FluxPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[scale])
+    return pipe(prompt="a lighthouse", num_inference_steps=3, generator=torch.Generator().manual_seed(seed),
+                **SIZE).images[0]
+
+
+def test_a_lora_for_one_request_is_diffusers_own_and_gone_after(run, flux_dir, tmp_path):
     from tests.fixtures.flux import make_flux_lora
 
     lora = make_flux_lora(flux_dir, tmp_path / "flux-lora.safetensors")
     fields = dict(prompt="a lighthouse", num_inference_steps=3, seed=5, model={"id": str(flux_dir)}, **SIZE)
     plain, _ = run(**fields)
     styled, _ = run(**fields, loras=[{"id": str(lora), "scale": 0.8}])
-    pipe = diffusers.FluxPipeline.from_pretrained(flux_dir)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
-    pipe.set_adapters(["x"], adapter_weights=[0.8])
-    expected = pipe(prompt="a lighthouse", num_inference_steps=3, generator=torch.Generator().manual_seed(5),
-                    **SIZE).images[0]
+    expected = diffusers_lora_image(flux_dir, lora, 0.8, seed=5)
     assert_images_close(expected, ours(styled), "flux-lora", tolerance=1)
     again, _ = run(**fields)
     assert again.images[0].base64 == plain.images[0].base64  # the next request gets the plain model
@@ -392,7 +397,6 @@ def test_flux_lora_training_in_mixed_precision_keeps_fp32_lora_weights(settings,
 def test_kohya_and_xlabs_loras_load_as_diffusers_loads_them(run, flux_dir, tmp_path, layout):
     """LoRAs as sd-scripts / ai-toolkit and XLabs save them (Black Forest Labs' key names, q, k
     and v fused) are read by diffusers' FLUX loader: the image is the one diffusers draws."""
-    import diffusers
 
     from tests.fixtures.flux import make_flux_lora_other_layout
 
@@ -400,12 +404,7 @@ def test_kohya_and_xlabs_loras_load_as_diffusers_loads_them(run, flux_dir, tmp_p
     fields = dict(prompt="a lighthouse", num_inference_steps=3, seed=6, model={"id": str(flux_dir)}, **SIZE)
     plain, _ = run(**fields)
     styled, _ = run(**fields, loras=[{"id": str(lora), "scale": 0.7}])
-    pipe = diffusers.FluxPipeline.from_pretrained(flux_dir)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
-    pipe.set_adapters(["x"], adapter_weights=[0.7])
-    expected = pipe(prompt="a lighthouse", num_inference_steps=3, generator=torch.Generator().manual_seed(6),
-                    **SIZE).images[0]
+    expected = diffusers_lora_image(flux_dir, lora, 0.7, seed=6)
     assert_images_close(expected, ours(styled), f"flux-{layout}-lora", tolerance=1)
     assert styled.images[0].base64 != plain.images[0].base64
     assert run(**fields)[0].images[0].base64 == plain.images[0].base64
