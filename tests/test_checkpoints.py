@@ -281,3 +281,47 @@ def test_a_file_that_is_not_a_model_checkpoint_says_what_it_is(settings, http, t
     http.files["/file.safetensors"] = (tmp_path / "file.safetensors").read_bytes()
     with pytest.raises(ModelSourceError, match=rf"^model\.checkpoint_url: {message}"):
         generate(settings, {"checkpoint_url": http.url + "/file.safetensors"})
+
+
+def test_a_flux_transformer_file_takes_the_text_encoders_and_vae_of_its_reference_model(settings, http, flux_dir,
+                                                                                     tmp_path):
+    """A FLUX.1 transformer as one file (a fine-tune from Civitai): recognised by its keys
+    ([dev]: a guidance embedding), converted with the reference model's configs, which lends its
+    CLIP, T5 and VAE; the image is the source model's. (This file is in diffusers' layout: the
+    converter for Black Forest Labs' layout is exact at FLUX.1's real width only.)"""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(flux_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    save_file(weights, tmp_path / "flux-finetune.safetensors")
+    http.files["/flux-finetune.safetensors"] = (tmp_path / "flux-finetune.safetensors").read_bytes()
+    lender = tmp_path / "lender"  # the reference model, without a transformer worth the name
+    shutil.copytree(flux_dir, lender, ignore=lambda folder, names: [
+        n for n in names if n.endswith(".safetensors") and Path(folder).name == "transformer"])
+    hub = hub_cache(tmp_path / "hub", "black-forest-labs/FLUX.1-dev", lender, {"main": "9" * 40})
+    request = {"checkpoint_url": http.url + "/flux-finetune.safetensors"}
+    result = generate(settings.model_copy(update={"hf_hub_cache": hub}), request)
+    assert (result.model.id, result.model.source) == ("url:flux-finetune.safetensors", "checkpoint")
+    assert result.images[0].base64 == generate(settings, {"id": str(flux_dir)}).images[0].base64
+    # With model.id, that model's configs and parts.
+    named = generate(settings, {"id": str(flux_dir)} | request)
+    assert named.images[0].base64 == result.images[0].base64
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_flux_transformer_files_are_told_apart_by_their_keys(tmp_path, prefix):
+    """Black Forest Labs' layout (and Civitai's, with ComfyUI's prefix): [dev] has a guidance
+    embedding, [schnell] none; either lacks the text encoders and the VAE."""
+    import torch
+    from safetensors.torch import save_file
+
+    from worker.sources.checkpoints import missing_parts, reference_model
+
+    block = {f"{prefix}double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}
+    schnell, dev = tmp_path / "schnell.safetensors", tmp_path / "dev.safetensors"
+    save_file(block, schnell)
+    save_file(block | {f"{prefix}guidance_in.in_layer.weight": torch.zeros(2, 2)}, dev)
+    assert reference_model(dev, "model.checkpoint_url") == "black-forest-labs/FLUX.1-dev"
+    assert reference_model(schnell, "model.checkpoint_url") == "black-forest-labs/FLUX.1-schnell"
+    assert missing_parts(dev) == ["text_encoder", "text_encoder_2", "vae"]

@@ -11,8 +11,10 @@ prompts are refused; the parts made for a UNet and CLIP are refused by field.
 
 Served here: txt2img, img2img and inpaint (diffusers' Flux, FluxImg2Img and FluxInpaint
 pipelines), Kontext's txt2img and ``edit`` (FluxKontextPipeline, at the size asked), Fill's
-inpaint and outpaint (FluxFillPipeline), ControlNets on [dev] / [schnell] (diffusers' FluxControlNet
-pipelines, Union ControlNets with a mode), LoRAs, and LoRA training.
+inpaint and outpaint (FluxFillPipeline), transformer files (Black Forest Labs' and Civitai's
+layout, or diffusers') with the text encoders and VAE of their reference model, ControlNets on
+[dev] / [schnell] (diffusers' FluxControlNet pipelines, Union ControlNets with a mode), LoRAs,
+and LoRA training.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from .base import ControlNetKind, Family
 from .sd3 import check_flow_training, flow_point
 
 _UNET_PARTS = "for SD 1.x, 2.x and XL models"
+# A transformer file's keys: Black Forest Labs' layout (Civitai's too, with ComfyUI's prefix), or diffusers'.
+_PREFIX = "model.diffusion_model."
+_BFL, _DIFFUSERS = "double_blocks.0.img_attn.qkv.weight", "single_transformer_blocks.0.proj_out.weight"
+_GUIDANCE = ("guidance_in.in_layer.weight", "time_text_embed.guidance_embedder.linear_1.weight")
 # Its diffusers pipelines, by task, without and with ControlNets.
 _PIPELINES = {"txt2img": ("FluxPipeline", "FluxControlNetPipeline"),
               "img2img": ("FluxImg2ImgPipeline", "FluxControlNetImg2ImgPipeline"),
@@ -67,6 +73,18 @@ class Flux(Family):
     def recognises(self, components: dict[str, str | None]) -> bool:
         return (components.get("transformer") == "FluxTransformer2DModel"
                 and components.get("_class_name") == self.pipeline)
+
+    def checkpoint_reference(self, keys: set[str], inpaint: bool) -> str | None:
+        """A FLUX.1 transformer file: [dev]'s configs if it has a guidance embedding, else
+        [schnell]'s (a Fill or Kontext file needs its model.id)."""
+        keys = {k.removeprefix(_PREFIX) for k in keys}
+        if _BFL not in keys and _DIFFUSERS not in keys:
+            return None
+        return "flux-dev" if any(k in keys for k in _GUIDANCE) else "flux-schnell"
+
+    def checkpoint_lacks(self, keys: set[str], t5: bool) -> list[str]:
+        # Transformer files: the text encoders and the VAE come from the configs' model.
+        return ["text_encoder", "text_encoder_2", "vae"] if self.checkpoint_reference(keys, False) else []
 
     def multiple(self, pipe: Any) -> int:
         return pipe.vae_scale_factor * 2  # latents are packed in 2x2 patches
@@ -158,6 +176,8 @@ class FluxFill(Flux):
 
     name = "FLUX.1 Fill"
     kind = "a FLUX.1 Fill model"
+    checkpoint_reference = Family.checkpoint_reference  # (FLUX.1's answers for transformer files)
+    checkpoint_lacks = Family.checkpoint_lacks
     pipeline = "FluxFillPipeline"
     tasks = ("inpaint",)
     refused = Flux.refused | {
@@ -180,6 +200,8 @@ class FluxKontext(Flux):
 
     name = "FLUX.1 Kontext"
     kind = "a FLUX.1 Kontext model"
+    checkpoint_reference = Family.checkpoint_reference  # (FLUX.1's answers for transformer files)
+    checkpoint_lacks = Family.checkpoint_lacks
     pipeline = "FluxKontextPipeline"
     tasks = ("txt2img", "edit")
     refused = Flux.refused | {"controlnets": "diffusers has no FLUX.1 Kontext ControlNet pipeline"}
