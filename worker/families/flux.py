@@ -1,4 +1,4 @@
-"""FLUX.1 ([dev], [schnell], and Kontext): a rectified-flow transformer over packed latents,
+"""FLUX.1 ([dev], [schnell], Fill and Kontext): a rectified-flow transformer over packed latents,
 CLIP and T5-XXL text encoders, a 16-channel VAE.
 
 What FLUX users know: ``guidance_scale`` is [dev]'s embedded, distilled guidance (diffusers'
