@@ -2,7 +2,7 @@
 # The GPU figures, after tools/gpu_check.sh has installed the wheels in /tmp/site (same call):
 # the handler's overhead on an SD 1.5-sized UNet in fp16 at 512 px, and the cold start from an
 # archive with the load onto CUDA, at the default 8 connections on an 800 MB/s link and at 16
-# on a 1600 MB/s one. Logs land in $OUT. With the device tool:
+# on a 1600 MB/s one; a FLUX.1-dev-shaped pipeline per OFFLOAD mode. Logs land in $OUT. With the device tool:
 #   carry [".whl"], command "bash tools/gpu_check.sh; bash tools/gpu_bench.sh"
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,3 +16,6 @@ timeout 200 python3 -m bench.coldstart --rounds 3 --link-mbps 1600 --concurrency
   2>&1 | tee "$out/coldstart-1600.log"
 timeout 200 python3 -m bench.coldstart --rounds 3 --link-mbps 800 --device cuda --work $work \
   2>&1 | tee "$out/coldstart-800.log"
+# FLUX.1-dev-shaped (random weights, bf16) at 1024 px: load, peak memory and s/step per OFFLOAD mode.
+timeout 420 python3 -m bench.flux_memory --device cuda --size 1024 --steps 4 \
+  2>&1 | grep -v -i -E "warn|torchvision" | tee "$out/flux-memory.log"
