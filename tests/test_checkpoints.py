@@ -325,3 +325,51 @@ def test_flux_transformer_files_are_told_apart_by_their_keys(tmp_path, prefix):
     assert reference_model(dev, "model.checkpoint_url") == "black-forest-labs/FLUX.1-dev"
     assert reference_model(schnell, "model.checkpoint_url") == "black-forest-labs/FLUX.1-schnell"
     assert missing_parts(dev) == ["text_encoder", "text_encoder_2", "vae"]
+
+
+def test_a_gguf_flux_transformer_runs_quantized_beside_its_models_text_encoders(settings, http, flux_dir, tmp_path):
+    """A GGUF-quantized FLUX.1 transformer (Q8_0), as city96 publishes them: installed as it
+    is, read with diffusers' GGUF quantizer, its image within Q8_0's error of the source
+    model's; a second worker loads it from the cache. Convert refuses it: diffusers cannot save
+    GGUF weights as safetensors."""
+    import numpy as np
+
+    from tests.fixtures.flux import write_flux_gguf
+    from tests.helpers import decode
+
+    http.files["/flux-Q8_0.gguf"] = write_flux_gguf(flux_dir, tmp_path / "flux-Q8_0.gguf").read_bytes()
+    model = {"id": str(flux_dir), "checkpoint_url": http.url + "/flux-Q8_0.gguf"}
+    result = generate(settings, model)
+    assert result.model.source == "checkpoint"
+    [installed] = (settings.models_dir / "checkpoints").glob("*/transformer/transformer.gguf")
+    assert not list(installed.parent.glob("*.safetensors"))  # the quantized weights, not a dequantized copy
+    source = np.asarray(decode(generate(settings, {"id": str(flux_dir)}).images[0].base64)).astype(int)
+    quantized = np.asarray(decode(result.images[0].base64)).astype(int)
+    assert np.abs(source - quantized).max() <= 8
+    again = generate(settings.model_copy(update={"max_loaded_models": 1}), model)
+    assert (again.model.source, again.images[0].base64) == ("cache", result.images[0].base64)
+
+    from schemas import ConvertRequest
+    from worker.engine import Engine
+
+    request = ConvertRequest.model_validate({"task": "convert", "model": model, "convert": {
+        "dest_url": f"s3://{BUCKET}/flux-gguf.tar.zst", "precision": "fp32"}})
+    with pytest.raises(ModelSourceError, match=r"^convert\.dest_url: the model's transformer is GGUF-quantized"):
+        Engine(settings).convert(request, lambda event: None, lambda: False)
+
+
+def test_gguf_flux_files_are_told_apart_by_their_tensor_names(tmp_path):
+    import gguf
+    import numpy as np
+
+    from worker.sources.checkpoints import missing_parts, reference_model
+
+    writer = gguf.GGUFWriter(str(tmp_path / "dev.gguf"), "flux")
+    for name in ("double_blocks.0.img_attn.qkv.weight", "guidance_in.in_layer.weight"):
+        writer.add_tensor(name, np.zeros((2, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert reference_model(tmp_path / "dev.gguf", "model.checkpoint_url") == "black-forest-labs/FLUX.1-dev"
+    assert missing_parts(tmp_path / "dev.gguf") == ["text_encoder", "text_encoder_2", "vae"]

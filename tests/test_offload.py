@@ -60,7 +60,14 @@ def test_on_cuda_a_model_runs_in_its_familys_precision_unless_one_is_chosen():
     assert load_precision(model_ref(ModelSpec(id="org/flux"), settings, "cpu"), FLUX) == "fp32"
 
 
-def test_the_answer_names_the_precision_the_model_runs_in(run, flux_dir):
-    result, _ = run(prompt="p", num_inference_steps=1, width=64, height=64,
-                    model={"id": str(flux_dir), "precision": "bf16"})
-    assert result.model.precision == "bf16"
+def test_the_answer_names_the_precision_the_model_runs_in_and_jobs_keep_it(run, engine, flux_dir):
+    """(diffusers' from_pipe casts every shared module to fp32 unless told: the warm bf16 model
+    would be upcast in place by its first job, to twice the memory.)"""
+    import torch
+
+    for task in ({}, {"image": png_b64()}, {"image": png_b64(), "mask_image": png_b64()}):
+        result, _ = run(prompt="p", num_inference_steps=2, width=64, height=64, **task,
+                        model={"id": str(flux_dir), "precision": "bf16"})
+        assert result.model.precision == "bf16"
+        [pipe] = [loaded.pipeline for loaded in engine.models.loaded() if loaded.precision == "bf16"]
+        assert {module.dtype for module in (pipe.transformer, pipe.text_encoder_2, pipe.vae)} == {torch.bfloat16}

@@ -50,8 +50,8 @@ def for_task(plan: Plan, settings: Settings, nets: list, vae: Any) -> Any:
     if ships_checker and not use_checker:
         overrides.update(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = family.pipeline_class(request.task, controlnets=bool(nets)).from_pipe(base, **overrides)
-    except ValueError:
+        pipe = share(family.pipeline_class(request.task, controlnets=bool(nets)), base, **overrides)
+    except (ValueError, TypeError):
         raise UserInputError("task", f"{name} ({type(base).__name__}) cannot run {request.task}") from None
     pipe.set_progress_bar_config(disable=True)
     if settings.offload != "none":
@@ -80,6 +80,19 @@ def takes(pipe: Any, argument: str) -> bool:
     return argument in inspect.signature(pipe.__call__).parameters
 
 
+def share(cls: Any, base: Any, **overrides) -> Any:
+    """A ``cls`` pipeline on ``base``'s components, ``overrides`` replacing some: diffusers'
+    ``from_pipe`` without its cast of every shared module to one dtype (fp32 unless told, which
+    would upcast a warm bf16 / fp16 model in place; quantized modules refuse any cast). The
+    AutoPipeline classes build theirs without one."""
+    if not hasattr(cls, "_get_signature_keys"):  # an AutoPipeline: it picks the class, and does not cast
+        return cls.from_pipe(base, **overrides)
+    modules, options = cls._get_signature_keys(cls)
+    arguments = {k: v for k, v in base.components.items() if k in modules}
+    arguments |= {k: base.config[k] for k in options if k in base.config}
+    return cls(**arguments | overrides)
+
+
 def first_pass(pipe: Any, request: InferenceRequest) -> Any:
     """The pipeline of the first pass: ``pipe``; for a refiner, one that stops at its switch
     and hands over the latents; for the hires fix one that hands over its latents
@@ -93,7 +106,7 @@ def first_pass(pipe: Any, request: InferenceRequest) -> Any:
     if hires.upscaler == "latent":
         return functools.partial(pipe, output_type="latent")
     if getattr(pipe, "safety_checker", None) is not None:
-        return type(pipe).from_pipe(pipe, safety_checker=None, requires_safety_checker=False)
+        return share(type(pipe), pipe, safety_checker=None, requires_safety_checker=False)
     return pipe
 
 

@@ -8,7 +8,8 @@ checkpoint's keys tell its family and architecture (each family in worker/famili
 own; inpainting or not), and the configs are those of the reference model diffusers names for it
 (SD 2.x's probed for what its UNet predicts). Checkpoints without text encoders (SD3.5's, as
 Stability ships them) borrow them from that model, and FLUX.1 transformer files their text
-encoders and VAE.
+encoders and VAE. A GGUF-quantized FLUX.1 transformer (``.gguf``) is installed as it is beside
+them, and dequantized layer by layer as it runs.
 
 A ``.ckpt`` is a pickle: it is read only with ``torch.load(weights_only=True)``, which refuses
 anything but tensors and plain containers, and rewritten as safetensors before diffusers sees
@@ -43,11 +44,28 @@ _SAFETENSORS_MAX_HEADER = 100 * 2**20
 def missing_parts(weights: Path, t5: bool = True) -> list[str]:
     """The components a checkpoint comes without, which the model giving its configs must
     supply whole (its family says: SD3's may lack text encoders; T5 only if ``t5``)."""
+    return families.checkpoint_lacks(checkpoint_keys(weights), t5)
+
+
+def checkpoint_keys(weights: Path) -> set[str]:
+    """The tensor names of a safetensors or GGUF file."""
+    if is_gguf(weights):
+        from gguf import GGUFReader
+
+        return {tensor.name for tensor in GGUFReader(weights).tensors}
     from safetensors import safe_open
 
     with safe_open(weights, "pt") as f:
-        keys = set(f.keys())
-    return families.checkpoint_lacks(keys, t5)
+        return set(f.keys())
+
+
+def is_gguf(path: Path) -> bool:
+    """A GGUF file (llama.cpp's format, which city96's FLUX quantizations use) starts with GGUF."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def fetch_checkpoint(
@@ -84,7 +102,10 @@ def fetch_checkpoint(
         # 2. Plain weights only: a pickle becomes safetensors without running anything in it.
         #    (diffusers picks its reader by the file's extension.)
         weights = staging / "weights.safetensors"
-        if is_safetensors(raw):
+        if is_gguf(raw):  # quantized weights: kept as they are (diffusers dequantizes them as it runs)
+            weights = staging / "transformer.gguf"
+            raw.rename(weights)
+        elif is_safetensors(raw):
             raw.rename(weights)
         else:
             _pickle_to_safetensors(raw, weights, field)
@@ -143,9 +164,11 @@ def reference_model(weights: Path, field: str) -> str:
     from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS
     from safetensors import safe_open
 
-    with safe_open(weights, "pt") as f:
-        keys = set(f.keys())
-        inpaint = UNET_INPUT in keys and f.get_slice(UNET_INPUT).get_shape()[1] == 9
+    keys = checkpoint_keys(weights)
+    inpaint = False
+    if UNET_INPUT in keys:
+        with safe_open(weights, "pt") as f:
+            inpaint = f.get_slice(UNET_INPUT).get_shape()[1] == 9
 
     kind = families.checkpoint_reference(keys, inpaint)
     if kind is None and UNET_INPUT not in keys:
@@ -202,10 +225,36 @@ def _parts(weights: Path, config_dir: Path, index: dict, dtype, field: str, t5: 
     return parts
 
 
+def _install_gguf(weights: Path, config_dir: Path, out: Path, field: str) -> None:
+    """A GGUF-quantized denoiser cannot be saved again as safetensors (diffusers does not
+    serialize GGUF weights): installed as the configs' model with the file in its denoiser's
+    folder, which the loader reads with diffusers' GGUF quantizer."""
+    import os
+    import shutil
+
+    index = json.loads((config_dir / "model_index.json").read_text())
+    family = families.from_components(families.components(index))
+    if family is None or family.denoiser != "transformer":
+        raise ModelSourceError(field, "is a GGUF file: this worker reads GGUF transformers of FLUX.1 only")
+
+    def link(source: str, target: str) -> None:  # (the lent text encoders: gigabytes, not copied)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    shutil.copytree(config_dir, out, copy_function=link, ignore=lambda folder, names: [
+        n for n in names if Path(folder).name == "transformer" and n.endswith((".safetensors", ".bin", ".json"))
+        and n != "config.json"])
+    weights.rename(out / "transformer" / "transformer.gguf")
+
+
 def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: str, t5: bool = True,
              guessed: bool = False) -> None:
     import diffusers
 
+    if is_gguf(weights):
+        return _install_gguf(weights, config_dir, out, field)
     index = json.loads((config_dir / "model_index.json").read_text())
     class_name = index["_class_name"]
     pipeline_class = getattr(diffusers, class_name, None)

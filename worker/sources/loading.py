@@ -31,8 +31,9 @@ def load_pipeline(path: Path, precision: str, variant: str | None, device: str, 
     leave_out = family.without_t5() if family and not t5 else {}
     dtype = precision_dtype(precision)
     try:
+        quantized = _gguf_denoiser(path, family, dtype)
         pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True,
-                                                     **leave_out)
+                                                     **leave_out, **quantized)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         detail = first_line(exc)
         with_variant = f" (variant {variant!r})" if variant else ""
@@ -42,6 +43,25 @@ def load_pipeline(path: Path, precision: str, variant: str | None, device: str, 
     pipeline.set_progress_bar_config(disable=True)
     _text_model_alias(pipeline)
     return pipeline
+
+
+def quantized(path: Path) -> bool:
+    """Whether the model in ``path`` has a GGUF-quantized denoiser (from a ``.gguf`` checkpoint)."""
+    return any((path / "transformer").glob("*.gguf"))
+
+
+def _gguf_denoiser(path: Path, family: Family | None, dtype: Any) -> dict:
+    """A GGUF-quantized transformer, read with diffusers' GGUF quantizer (computing in ``dtype``)."""
+    if family is None or not quantized(path):
+        return {}
+    import diffusers
+    from diffusers import GGUFQuantizationConfig
+
+    index = families.read_index(path) or {}
+    cls = getattr(diffusers, index[family.denoiser][1])
+    [file] = (path / "transformer").glob("*.gguf")
+    return {family.denoiser: cls.from_single_file(str(file), quantization_config=GGUFQuantizationConfig(
+        compute_dtype=dtype), config=str(path), subfolder=family.denoiser, local_files_only=True, dtype=dtype)}
 
 
 def _text_model_alias(pipeline: Any) -> None:

@@ -145,8 +145,11 @@ def export(source_dir: Path, variant: str | None, location: Location, precision:
 
     Returns the saved directory (ready to install as the archive's cache entry) and what was
     published. The CPU does this so the GPU and the models warm on it are left alone."""
-    from .loading import load_pipeline
+    from .loading import load_pipeline, quantized
 
+    if quantized(source_dir):
+        raise ModelSourceError(field, "the model's transformer is GGUF-quantized, which diffusers cannot save as "
+                                      "safetensors: publish its .gguf file and use it as model.checkpoint_url")
     start = time.perf_counter()
     emit(Progress(stage="load", step=0, total=1))
     pipeline = load_pipeline(source_dir, precision, variant, "cpu", t5)

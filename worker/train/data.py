@@ -10,6 +10,7 @@ import torch
 from schemas import Progress, TrainSpec
 
 from ..errors import JobCancelled, UserInputError
+from ..pipelines import share
 
 _VAE_BATCH = 4
 
@@ -85,7 +86,7 @@ def class_images(pipe, family, spec: TrainSpec, device: str, autocast_dtype, emi
                  cancelled: Callable[[], bool]) -> list:
     # Without the safety checker: a blacked-out image would teach the model black squares.
     no_checker = {"safety_checker": None, "requires_safety_checker": False} if hasattr(pipe, "safety_checker") else {}
-    drawer = type(pipe).from_pipe(pipe, **no_checker)
+    drawer = share(type(pipe), pipe, **no_checker)
     drawer.set_progress_bar_config(disable=True)
     images = []
     for i in range(spec.num_class_images):
