@@ -408,3 +408,12 @@ def test_kohya_and_xlabs_loras_load_as_diffusers_loads_them(run, flux_dir, tmp_p
     assert_images_close(expected, ours(styled), f"flux-{layout}-lora", tolerance=1)
     assert styled.images[0].base64 != plain.images[0].base64
     assert run(**fields)[0].images[0].base64 == plain.images[0].base64
+
+
+def test_flux_converts_to_an_archive_and_serves_from_it(settings, s3, flux_dir):
+    """task convert publishes a FLUX.1 model as a safetensors archive; a fresh worker with an
+    empty cache serves the same image from it."""
+    from tests.helpers import convert_and_serve
+
+    direct, served = convert_and_serve(settings, flux_dir, "flux/tiny.tar.zst")
+    assert served.model.source == "url" and served.images[0].base64 == direct.images[0].base64
