@@ -373,3 +373,18 @@ def test_gguf_flux_files_are_told_apart_by_their_tensor_names(tmp_path):
     writer.close()
     assert reference_model(tmp_path / "dev.gguf", "model.checkpoint_url") == "black-forest-labs/FLUX.1-dev"
     assert missing_parts(tmp_path / "dev.gguf") == ["text_encoder", "text_encoder_2", "vae"]
+
+
+def test_a_flux_transformer_in_black_forest_labs_layout_converts_exactly(settings, http, tmp_path):
+    """flux1-dev.safetensors' layout (fused q, k, v; Black Forest Labs' names), at FLUX.1's
+    real width (diffusers' converter assumes it) with one block of each kind: converted with
+    model.id's configs and parts, it draws the source model's image."""
+    from tests.fixtures.flux import build_wide_flux, write_bfl_checkpoint
+
+    wide = build_wide_flux(tmp_path / "wide-flux")
+    bfl = write_bfl_checkpoint(wide, tmp_path / "bfl.safetensors")
+    http.files["/flux1-dev-finetune.safetensors"] = bfl.read_bytes()
+    small = settings.model_copy(update={"max_loaded_models": 1})
+    converted = generate(small, {"id": str(wide), "checkpoint_url": http.url + "/flux1-dev-finetune.safetensors"})
+    assert converted.model.source == "checkpoint"
+    assert converted.images[0].base64 == generate(small, {"id": str(wide)}).images[0].base64
