@@ -4,7 +4,7 @@ from .common import Limits, ModelSpec
 from .compat import RequestError
 from .convert import ConvertRequest, ConvertSpec
 from .errors import describe_validation_error
-from .options import HiresSpec, OutpaintSpec, OutputSpec, VariationSpec
+from .options import CacheSpec, HiresSpec, OutpaintSpec, OutputSpec, VariationSpec
 from .parse import S3Config, parse_request
 from .parts import ControlNetSpec, EmbeddingSpec, IpAdapterSpec, LoraSpec, RefinerSpec, VaeSpec
 from .request import InferenceRequest
@@ -25,6 +25,7 @@ __all__ = [
     "HiresSpec",
     "VariationSpec",
     "OutpaintSpec",
+    "CacheSpec",
     "IpAdapterSpec",
     "VaeSpec",
     "EmbeddingSpec",

@@ -90,3 +90,31 @@ class HiresSpec(Strict):
     def size(self, width: int, height: int, multiple: int = 8) -> int:
         final = self.final(width, height, multiple)
         return final[0] * final[1]
+
+
+class CacheSpec(Strict):
+    """Lossy step caching for one request (diffusers' cache hooks): parts of some steps are
+    reused or predicted instead of computed, for speed at a small cost in fidelity; off again
+    after the job."""
+
+    method: Literal["first_block", "taylorseer", "magcache", "faster"] = Field(
+        ..., description="`first_block`: skip the rest of a step when its first block changed little; "
+        "`taylorseer`: compute every `interval`-th step, predict the others from a Taylor series; `magcache`: skip "
+        "steps by the model's calibrated residual magnitudes (FLUX.1's ship with diffusers); `faster`: FasterCache "
+        "(attention outputs reused across steps)."
+    )
+    threshold: float | None = Field(
+        None, gt=0, le=1, description="first_block (default 0.05) and magcache (default 0.06): how small a change "
+        "counts as reusable; higher is faster and less faithful."
+    )
+    interval: int | None = Field(
+        None, ge=1, le=20, description="taylorseer: steps between full computations (default 5)."
+    )
+
+    @model_validator(mode="after")
+    def _options_of_its_method(self) -> CacheSpec:
+        if self.threshold is not None and self.method not in ("first_block", "magcache"):
+            raise ValueError(f"threshold: for first_block and magcache, not {self.method}")
+        if self.interval is not None and self.method != "taylorseer":
+            raise ValueError(f"interval: for taylorseer, not {self.method}")
+        return self

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from .common import ImageSource, Limits, ModelSpec, Strict
-from .options import HiresSpec, OutpaintSpec, OutputSpec, VariationSpec
+from .options import CacheSpec, HiresSpec, OutpaintSpec, OutputSpec, VariationSpec
 from .parts import ControlNetSpec, EmbeddingSpec, IpAdapterSpec, LoraSpec, RefinerSpec, VaeSpec
 from .schedulers import canonical_scheduler
 
@@ -155,6 +155,10 @@ class InferenceRequest(Strict):
         default_factory=list, max_length=4, description="ControlNets steering this request, each with its image."
     )
     hires: HiresSpec | None = Field(None, description="txt2img: a second, larger pass (AUTOMATIC1111's hires fix).")
+    cache: CacheSpec | None = Field(
+        None, description="Lossy step caching for this request (diffusers' cache hooks: first_block, taylorseer, "
+        "magcache, faster), for models whose denoiser has them (FLUX.1); off again after the job."
+    )
     variation: VariationSpec | None = Field(
         None, description="txt2img: variations of the seed's image, from its noise blended with a second seed's "
         "(AUTOMATIC1111's variation seed)."

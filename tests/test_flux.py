@@ -417,3 +417,30 @@ def test_flux_converts_to_an_archive_and_serves_from_it(settings, s3, flux_dir):
 
     direct, served = convert_and_serve(settings, flux_dir, "flux/tiny.tar.zst")
     assert served.model.source == "url" and served.images[0].base64 == direct.images[0].base64
+
+
+@pytest.mark.parametrize("cache", [{"method": "first_block", "threshold": 0.5}, {"method": "taylorseer", "interval": 2},
+                                   {"method": "magcache", "threshold": 0.5}, {"method": "faster"}])
+def test_step_caching_is_on_for_its_job_only(run, flux_dir, cache):
+    """``cache``: diffusers' cache hooks on the transformer for this job (the image changes a
+    little); the next job without it is the uncached image bit for bit."""
+    fields = dict(prompt="a lighthouse", seed=3, num_inference_steps=8, model={"id": str(flux_dir)}, **SIZE)
+    plain, _ = run(**fields)
+    cached, _ = run(**fields, cache=cache)
+    assert cached.images[0].base64 != plain.images[0].base64
+    assert run(**fields)[0].images[0].base64 == plain.images[0].base64
+
+
+def test_step_caching_is_refused_where_the_denoiser_has_no_cache_hooks(run):
+    with pytest.raises(UserInputError, match=r"^cache: the embedded model is an SD 1\.x/2\.x model: its "
+                                             r"UNet2DConditionModel has no diffusers cache hooks"):
+        run(prompt="p", num_inference_steps=2, cache={"method": "first_block"})
+
+
+def test_a_cache_option_of_another_method_is_refused_by_field():
+    from pydantic import ValidationError
+
+    from schemas import InferenceRequest
+
+    with pytest.raises(ValidationError, match=r"threshold: for first_block and magcache, not taylorseer"):
+        InferenceRequest.model_validate({"prompt": "p", "cache": {"method": "taylorseer", "threshold": 0.1}})

@@ -27,7 +27,7 @@ from .images import encode_image
 from .inputs import Inputs, vae_pixels
 from .models import ModelStore
 from .outputs import Outbox, deliver
-from .parts import embeddings, loras, prompts, seamless, variation
+from .parts import caching, embeddings, loras, prompts, seamless, variation
 from .parts.controlnets import ControlNets
 from .parts.ip_adapters import IpAdapters
 from .parts.schedulers import make_scheduler
@@ -144,7 +144,8 @@ class Engine:
         with embeddings.added(pipe, family, request.embeddings, settings=self.settings, disk=self.models.disk,
                               emit=emit, timings=timings), \
                 self.ip_adapters.applied(pipe, request.adapters(), emit, timings) as reference, \
-                seamless.wrapping(family.convolutional(pipe), seamless.axes(request.tiling)):
+                seamless.wrapping(family.convolutional(pipe), seamless.axes(request.tiling)), \
+                caching.applied(family.denoiser_of(pipe), request.cache, request.num_inference_steps, family, pipe):
             texts = _texts(family, pipe, request, prompt, negative)
             hires_texts, hires = texts, request.hires
             if hires and (hires.prompt or hires.negative_prompt):  # the second pass's own prompts

@@ -105,9 +105,16 @@ class Family:
         for field, why in self.refused.items():
             if getattr(request, field):
                 raise UserInputError(field, f"{model} is {self.kind}; {why}")
+        if request.cache and not hasattr(self.denoiser_of(pipe), "enable_cache"):
+            raise UserInputError("cache", f"{model} is {self.kind}: its {type(self.denoiser_of(pipe)).__name__} has "
+                                          "no diffusers cache hooks (FLUX.1's transformer has)")
         if request.true_cfg_scale is not None and not self.true_cfg and "true_cfg_scale" not in self.refused:
             raise UserInputError("true_cfg_scale", f"{model} is {self.kind}: its guidance_scale is real "
                                                    "classifier-free guidance already")
+
+    def mag_ratios(self) -> Any:
+        """MagCache's calibration for its denoiser (None: diffusers has none)."""
+        return None
 
     def defaults(self, pipe: Any, task: str, controlnets: bool = False) -> dict:
         """What a request for ``task`` (with ``controlnets`` or not) that leaves them out gets,

@@ -86,6 +86,11 @@ class Flux(Family):
         # Transformer files: the text encoders and the VAE come from the configs' model.
         return ["text_encoder", "text_encoder_2", "vae"] if self.checkpoint_reference(keys, False) else []
 
+    def mag_ratios(self) -> Any:
+        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+        return FLUX_MAG_RATIOS
+
     def multiple(self, pipe: Any) -> int:
         return pipe.vae_scale_factor * 2  # latents are packed in 2x2 patches
 
