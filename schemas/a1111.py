@@ -116,8 +116,6 @@ def _distilled(data: dict, request: dict) -> None:
     cfg = data.get("cfg_scale", 1)
     if cfg != 1:
         request["true_cfg_scale"] = cfg
-    else:
-        request.pop("true_cfg_scale", None)
 
 
 def _count(value: Any, field: str) -> int:

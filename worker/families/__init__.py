@@ -81,8 +81,10 @@ def checkpoint_reference(keys: set[str], inpaint: bool) -> str | None:
 
 
 def checkpoint_lacks(keys: set[str], t5: bool) -> list[str]:
-    """The components a checkpoint with these keys comes without (see Family.checkpoint_lacks)."""
-    return [part for family in FAMILIES for part in family.checkpoint_lacks(keys, t5)]
+    """The components a checkpoint with these keys comes without, as the family that knows its
+    layout says (see Family.checkpoint_lacks)."""
+    family = next((family for family in FAMILIES if family.checkpoint_reference(keys, False)), None)
+    return family.checkpoint_lacks(keys, t5) if family else []
 
 
 def trained() -> str:

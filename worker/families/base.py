@@ -108,7 +108,7 @@ class Family:
         if request.cache and not hasattr(self.denoiser_of(pipe), "enable_cache"):
             raise UserInputError("cache", f"{model} is {self.kind}: its {type(self.denoiser_of(pipe)).__name__} has "
                                           "no diffusers cache hooks (FLUX.1's transformer has)")
-        if request.true_cfg_scale is not None and not self.true_cfg and "true_cfg_scale" not in self.refused:
+        if request.true_cfg_scale is not None and not self.true_cfg:
             raise UserInputError("true_cfg_scale", f"{model} is {self.kind}: its guidance_scale is real "
                                                    "classifier-free guidance already")
 
@@ -192,10 +192,13 @@ class Family:
         raise NotImplementedError
 
     def noise_scheduler(self, pipe: Any) -> Any:
-        """The scheduler that noises the training latents."""
-        from diffusers import DDPMScheduler
+        """The scheduler that noises the training latents: DDPM's, or for flow matching the
+        model's FlowMatchEuler with every timestep (its sigmas unshifted where it shifts them
+        per image size, as diffusers' training scripts take them)."""
+        from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-        return DDPMScheduler.from_config(pipe.scheduler.config)
+        cls = FlowMatchEulerDiscreteScheduler if self.flow_matching else DDPMScheduler
+        return cls.from_config(pipe.scheduler.config)
 
     def training_prediction(self, pipe: Any, scheduler: Any, latents: Any, text: tuple, resolution: int,
                             generator: Any) -> tuple[Any, Any, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import UserInputError
 from .base import ControlNetKind, Family
-from .sd3 import check_flow_training, flow_point
+from .flow import check_flow_training, flow_point
 
 _UNET_PARTS = "for SD 1.x, 2.x and XL models"
 # A transformer file's keys: Black Forest Labs' layout (Civitai's too, with ComfyUI's prefix), or diffusers'.
@@ -138,11 +138,6 @@ class Flux(Family):
                                                max_sequence_length=256 if self.schnell(pipe) else 512)
         return states, pooled
 
-    def noise_scheduler(self, pipe: Any) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # unshifted sigmas, as trained
-
     def training_prediction(self, pipe: Any, scheduler: Any, latents: Any, text: tuple, resolution: int,
                             generator: Any) -> tuple[Any, Any, Any]:
         """The flow-matching objective on packed latents, timesteps drawn uniformly: the
@@ -181,8 +176,6 @@ class FluxFill(Flux):
 
     name = "FLUX.1 Fill"
     kind = "a FLUX.1 Fill model"
-    checkpoint_reference = Family.checkpoint_reference  # (FLUX.1's answers for transformer files)
-    checkpoint_lacks = Family.checkpoint_lacks
     pipeline = "FluxFillPipeline"
     tasks = ("inpaint",)
     refused = Flux.refused | {
@@ -205,8 +198,6 @@ class FluxKontext(Flux):
 
     name = "FLUX.1 Kontext"
     kind = "a FLUX.1 Kontext model"
-    checkpoint_reference = Family.checkpoint_reference  # (FLUX.1's answers for transformer files)
-    checkpoint_lacks = Family.checkpoint_lacks
     pipeline = "FluxKontextPipeline"
     tasks = ("txt2img", "edit")
     refused = Flux.refused | {"controlnets": "diffusers has no FLUX.1 Kontext ControlNet pipeline"}

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import UserInputError
 from .base import ControlNetKind, Family
+from .flow import check_flow_training, flow_point
 
 _MMDIT = "model.diffusion_model.joint_blocks."
 # What each text encoder's keys start with in a checkpoint that has it.
@@ -95,11 +96,6 @@ class StableDiffusion3(Family):
                                                   do_classifier_free_guidance=False)
         return states, pooled
 
-    def noise_scheduler(self, pipe: Any) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # its sigmas, every timestep
-
     def training_prediction(self, pipe: Any, scheduler: Any, latents: Any, text: tuple, resolution: int,
                             generator: Any) -> tuple[Any, Any, Any]:
         """A point on the straight path from the latents (sigma 0) to noise (1), timesteps
@@ -112,33 +108,6 @@ class StableDiffusion3(Family):
 
     def lora_state(self, state: dict) -> dict:
         return state  # its loader reads peft's own layout (and would skip attention layers in the other)
-
-
-def check_flow_training(spec: Any, name: str, sampled: str) -> None:
-    """What training a flow-matching transformer family (SD3, FLUX.1) does not do here."""
-    if spec.train_text_encoder:
-        raise UserInputError("train.train_text_encoder", f"{name} models train their transformer only here")
-    if spec.snr_gamma is not None:
-        raise UserInputError("train.snr_gamma", f"Min-SNR weighting is for diffusion models; {name} (flow matching) "
-                                                f"samples its timesteps {sampled} instead")
-    if spec.resolution % 16:
-        raise UserInputError("train.resolution", f"must be a multiple of 16 for {name} models, got {spec.resolution}")
-
-
-def flow_point(scheduler: Any, latents: Any, generator: Any, scheme: str) -> tuple[Any, Any, Any]:
-    """The flow-matching training input (diffusers' train_dreambooth_lora_sd3 / _flux recipe): a
-    point on the straight path from ``latents`` (sigma 0) to noise (1) at a timestep drawn by
-    ``scheme`` (``logit_normal``, or ``none``: uniformly); (that point, the noise, the timesteps)."""
-    import torch
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    u = compute_density_for_timestep_sampling(scheme, latents.shape[0], logit_mean=0.0, logit_std=1.0,
-                                              generator=generator)
-    index = (u * scheduler.config.num_train_timesteps).long()
-    steps = scheduler.timesteps[index].to(latents.device)
-    sigmas = scheduler.sigmas[index].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
-    return (1 - sigmas) * latents + sigmas * noise, noise, steps
 
 
 SD3 = StableDiffusion3()
