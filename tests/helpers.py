@@ -26,8 +26,14 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 
 def png_b64(color=(200, 30, 30), size=(64, 64), mode="RGB") -> str:
+    """A plain image of one color, as base64 PNG."""
+    return image_b64(Image.new(mode, size, color))
+
+
+def image_b64(picture: Image.Image) -> str:
+    """A picture as a request sends it: base64 PNG."""
     buffer = io.BytesIO()
-    Image.new(mode, size, color).save(buffer, format="PNG")
+    picture.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
 
 

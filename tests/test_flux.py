@@ -1,17 +1,15 @@
 """FLUX.1 (worker/families/flux.py) on a tiny random pipeline: what a request leaves out takes
 diffusers' defaults for the model ([dev]: 28 steps, guidance 3.5; [schnell]: 4 steps, T5 reading
-256 tokens); ``true_cfg_scale``; seeds in batches; img2img and inpainting; LoRAs for one request;
-what it refuses, by field."""
+256 tokens); ``true_cfg_scale``; seeds in batches; img2img and inpainting; Kontext's edit; Fill;
+Forge's payloads; LoRAs for one request (three layouts); step caching; what it refuses, by field.
+ControlNets and training have their own modules (test_flux_controlnets, test_flux_training)."""
 
 from __future__ import annotations
-
-import base64
-import io
 
 import pytest
 import torch
 
-from tests.helpers import assert_images_close, decode, png_b64, stripes
+from tests.helpers import assert_images_close, decode, image_b64, stripes
 from worker.errors import UserInputError
 
 SIZE = {"width": 64, "height": 64}
@@ -24,11 +22,6 @@ def diffusers_image(model_dir, cls: str = "FluxPipeline", seed: int = 1, **field
     pipe.set_progress_bar_config(disable=True)
     return pipe(**fields, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
 
-
-def b64(picture) -> str:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def ours(result, i: int = 0):
@@ -80,13 +73,13 @@ def test_each_image_of_a_batch_is_reproduced_alone_by_its_seed(run, flux_dir):
 
 def test_img2img_is_diffusers_fluximg2img_at_the_inputs_size(run, flux_dir):
     image = stripes((96, 64))
-    result, _ = run(prompt="a lighthouse", seed=3, num_inference_steps=4, strength=0.6, image=b64(image),
+    result, _ = run(prompt="a lighthouse", seed=3, num_inference_steps=4, strength=0.6, image=image_b64(image),
                     model={"id": str(flux_dir)})
     expected = diffusers_image(flux_dir, "FluxImg2ImgPipeline", seed=3, prompt="a lighthouse", num_inference_steps=4,
                                strength=0.6, image=image, width=96, height=64)
     assert_images_close(expected, ours(result), "flux-img2img", tolerance=0)
     # An input off FLUX.1's multiple of 16 gives an answer at its size rounded down.
-    result, _ = run(prompt="a lighthouse", num_inference_steps=2, image=b64(stripes((100, 72))),
+    result, _ = run(prompt="a lighthouse", num_inference_steps=2, image=image_b64(stripes((100, 72))),
                     model={"id": str(flux_dir)})
     assert (result.images[0].width, result.images[0].height) == (96, 64)
 
@@ -99,8 +92,8 @@ def test_inpainting_repaints_the_mask_and_keeps_the_rest(run, flux_dir):
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))  # the left half is repainted
 
-    result, _ = run(prompt="a lighthouse", seed=4, num_inference_steps=3, image=b64(image), mask_image=b64(mask),
-                    mask_blur=0, model={"id": str(flux_dir)})
+    result, _ = run(prompt="a lighthouse", seed=4, num_inference_steps=3, image=image_b64(image),
+                    mask_image=image_b64(mask), mask_blur=0, model={"id": str(flux_dir)})
     pixels = np.asarray(ours(result).convert("RGB")).astype(int)
     assert (pixels[:, 40:] == (200, 30, 30)).all()  # kept exactly
     assert np.abs(pixels[:, :24] - (200, 30, 30)).max() > 20  # repainted
@@ -135,13 +128,13 @@ def test_kontext_edits_at_the_inputs_size_as_diffusers_does_at_that_size(run, ko
     """``task: "edit"``: the prompt is the instruction, ``image`` the picture; the answer has the
     input's size rounded down to 16 (or the requested one), never Kontext's own megapixel."""
     image = stripes((96, 64))
-    result, _ = run(task="edit", prompt="make it snow", image=b64(image), seed=6, num_inference_steps=3,
+    result, _ = run(task="edit", prompt="make it snow", image=image_b64(image), seed=6, num_inference_steps=3,
                     model={"id": str(kontext_dir)})
     assert (result.images[0].width, result.images[0].height) == (96, 64)
     expected = diffusers_image(kontext_dir, "FluxKontextPipeline", seed=6, image=image, prompt="make it snow",
                                num_inference_steps=3, width=96, height=64, max_area=96 * 64, _auto_resize=False)
     assert_images_close(expected, ours(result), "kontext-edit", tolerance=0)
-    asked, _ = run(task="edit", prompt="make it snow", image=b64(stripes((100, 72))), width=64, height=80,
+    asked, _ = run(task="edit", prompt="make it snow", image=image_b64(stripes((100, 72))), width=64, height=80,
                    num_inference_steps=2, model={"id": str(kontext_dir)})
     assert (asked.images[0].width, asked.images[0].height) == (64, 80)
 
@@ -149,11 +142,11 @@ def test_kontext_edits_at_the_inputs_size_as_diffusers_does_at_that_size(run, ko
 def test_edit_is_for_models_made_for_it(run, kontext_dir, flux_dir):
     with pytest.raises(UserInputError, match=r"^task: .* is a FLUX\.1 model; it runs txt2img, img2img, inpaint, "
                                              r"not edit"):
-        run(task="edit", prompt="make it snow", image=b64(stripes((64, 64))), num_inference_steps=2,
+        run(task="edit", prompt="make it snow", image=image_b64(stripes((64, 64))), num_inference_steps=2,
             model={"id": str(flux_dir)})
     with pytest.raises(UserInputError, match=r"^task: .* is a FLUX\.1 Kontext model; it runs txt2img, edit, "
                                              r"not img2img"):
-        run(prompt="p", image=b64(stripes((64, 64))), num_inference_steps=2, model={"id": str(kontext_dir)})
+        run(prompt="p", image=image_b64(stripes((64, 64))), num_inference_steps=2, model={"id": str(kontext_dir)})
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -174,7 +167,7 @@ def test_a_kontext_edit_through_the_streaming_handler(runner, kontext_dir):
     from tests.helpers import stream
 
     *progress, result = stream(runner, {"id": "edit-1", "input": {
-        "task": "edit", "prompt": "make it snow", "image": b64(stripes((80, 64))), "num_inference_steps": 2,
+        "task": "edit", "prompt": "make it snow", "image": image_b64(stripes((80, 64))), "num_inference_steps": 2,
         "stream": True, "model": {"id": str(kontext_dir)}}})
     assert result.get("type") == "result" and result["task"] == "edit", result
     assert (result["images"][0]["width"], result["images"][0]["height"]) == (80, 64)
@@ -189,7 +182,7 @@ def test_fill_inpaints_as_diffusers_fluxfillpipeline_at_its_defaults(run, fill_d
     image = stripes((64, 64))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
-    result, events = run(prompt="a window", seed=7, image=b64(image), mask_image=b64(mask), mask_blur=0,
+    result, events = run(prompt="a window", seed=7, image=image_b64(image), mask_image=image_b64(mask), mask_blur=0,
                          keep_unmasked=False, model={"id": str(fill_dir)})
     assert [e.total for e in events if e.stage == "inference"][-1] == 50
     expected = diffusers_image(fill_dir, "FluxFillPipeline", seed=7, prompt="a window", image=image,
@@ -202,7 +195,7 @@ def test_fill_outpaints_keeping_the_image_and_painting_the_margins(run, fill_dir
     from PIL import Image
 
     image = Image.new("RGB", (64, 64), (200, 30, 30))
-    result, _ = run(prompt="a wall", seed=8, image=b64(image), outpaint={"right": 32}, num_inference_steps=3,
+    result, _ = run(prompt="a wall", seed=8, image=image_b64(image), outpaint={"right": 32}, num_inference_steps=3,
                     mask_blur=0, model={"id": str(fill_dir)})
     assert (result.images[0].width, result.images[0].height) == (96, 64)
     pixels = np.asarray(ours(result).convert("RGB")).astype(int)
@@ -219,7 +212,7 @@ def test_fill_outpaints_keeping_the_image_and_painting_the_margins(run, fill_dir
      "true_cfg_scale: {model} is a FLUX.1 Fill model; FluxFillPipeline has no true classifier-free guidance"),
 ])
 def test_what_fill_does_not_take_is_refused_by_field(run, fill_dir, fields, message):
-    pictures = {name: b64(stripes((64, 64))) for name in ("image", "mask_image") if fields.pop(name, None)}
+    pictures = {name: image_b64(stripes((64, 64))) for name in ("image", "mask_image") if fields.pop(name, None)}
     with pytest.raises(UserInputError) as info:
         run(prompt="p", num_inference_steps=2, model={"id": str(fill_dir)}, **pictures, **fields)
     assert str(info.value).startswith(message.format(model=fill_dir)), str(info.value)
@@ -250,149 +243,6 @@ def test_forge_payloads_distilled_cfg_scale_is_flux_guidance(runner, flux_dir):
     assert got["images"][0] == ours["images"][0]["base64"]
 
 
-@pytest.fixture(scope="module")
-def flux_nets(flux_dir, tmp_path_factory):
-    from tests.fixtures.flux import build_flux_controlnet
-
-    root = tmp_path_factory.mktemp("flux-controlnets")
-    return {"plain": str(build_flux_controlnet(flux_dir, root / "net")),
-            "union": str(build_flux_controlnet(flux_dir, root / "union", seed=1, modes=3))}
-
-
-def diffusers_controlnet_image(model_dir, net, seed: int, **fields):
-    import diffusers
-
-    pipe = diffusers.FluxControlNetPipeline.from_pretrained(
-        model_dir, controlnet=diffusers.FluxControlNetModel.from_pretrained(net))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(**fields, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
-
-
-def test_a_controlnet_steers_as_diffusers_fluxcontrolnetpipeline_at_its_defaults(run, flux_dir, flux_nets):
-    """FluxControlNetPipeline's own defaults (28 steps, guidance 7) where the request leaves them
-    out; the answer at the control image's size."""
-    control = stripes((64, 64))
-    net = {"id": flux_nets["plain"], "image": b64(control)}
-    result, events = run(prompt="a lighthouse", seed=3, controlnets=[net], model={"id": str(flux_dir)})
-    assert [e.total for e in events if e.stage == "inference"][-1] == 28
-    expected = diffusers_controlnet_image(flux_dir, flux_nets["plain"], 3, prompt="a lighthouse", control_image=control,
-                                          width=64, height=64)
-    assert_images_close(expected, ours(result), "flux-controlnet", tolerance=0)
-    plain, _ = run(prompt="a lighthouse", seed=3, num_inference_steps=28, guidance_scale=7.0,
-                   model={"id": str(flux_dir)}, **SIZE)
-    assert plain.images[0].base64 != result.images[0].base64
-
-
-def test_a_union_controlnet_is_told_its_mode(run, flux_dir, flux_nets):
-    control = stripes((64, 64))
-    fields = dict(prompt="a lighthouse", seed=4, num_inference_steps=3, model={"id": str(flux_dir)})
-    depth, _ = run(**fields, controlnets=[{"id": flux_nets["union"], "image": b64(control), "mode": 2}])
-    expected = diffusers_controlnet_image(flux_dir, flux_nets["union"], 4, prompt="a lighthouse", control_image=control,
-                                          control_mode=2, num_inference_steps=3, width=64, height=64)
-    assert_images_close(expected, ours(depth), "flux-union", tolerance=0)
-    canny, _ = run(**fields, controlnets=[{"id": flux_nets["union"], "image": b64(control), "mode": 0}])
-    assert canny.images[0].base64 != depth.images[0].base64
-    # Two at once (FluxMultiControlNetModel), a Union one among them.
-    both, _ = run(**fields, controlnets=[{"id": flux_nets["union"], "image": b64(control), "mode": 2},
-                                         {"id": flux_nets["plain"], "image": b64(control), "scale": 0.5}])
-    assert both.images[0].base64 not in (depth.images[0].base64, canny.images[0].base64)
-
-
-def test_img2img_and_inpainting_take_controlnets_too(run, flux_dir, flux_nets):
-    image = stripes((64, 64))
-    fields = dict(prompt="a lighthouse", seed=5, num_inference_steps=4, image=b64(image), model={"id": str(flux_dir)})
-    net = [{"id": flux_nets["plain"], "image": b64(image.rotate(90))}]
-    for task in ({}, {"mask_image": png_b64((255, 255, 255))}):
-        plain, _ = run(**fields, **task)
-        steered, _ = run(**fields, **task, controlnets=net)
-        assert steered.images[0].base64 != plain.images[0].base64
-
-
-@pytest.mark.parametrize("net, mode, message", [
-    ("union", None, "controlnets[0].mode: {net} is a Union ControlNet: say which kind of control image this is "
-                    "(0 to 2, as its model card numbers them)"),
-    ("union", 3, "controlnets[0].mode: {net} has modes 0 to 2, got 3"),
-    ("plain", 1, "controlnets[0].mode: {net} is not a Union ControlNet: it takes no mode"),
-])
-def test_a_union_controlnets_mode_is_checked_by_field(run, flux_dir, flux_nets, net, mode, message):
-    spec = {"id": flux_nets[net], "image": png_b64()} | ({} if mode is None else {"mode": mode})
-    with pytest.raises(UserInputError) as info:
-        run(prompt="p", num_inference_steps=1, controlnets=[spec], model={"id": str(flux_dir)})
-    assert str(info.value) == message.format(net=flux_nets[net])
-
-
-def test_controlnets_of_other_families_are_refused_on_flux(run, flux_dir, flux_nets, tiny_dir, tmp_path):
-    from tests.fixtures.controlnets import build_controlnet
-
-    sd_net = str(build_controlnet(tiny_dir, tmp_path / "sd-net"))
-    with pytest.raises(UserInputError, match=r"^controlnets\[0\]: .* is a ControlNet for SD 1\.x, 2\.x or XL models"):
-        run(prompt="p", num_inference_steps=1, controlnets=[{"id": sd_net, "image": png_b64()}],
-            model={"id": str(flux_dir)})
-    with pytest.raises(UserInputError, match=r"^controlnets\[0\]: .* is a ControlNet for FLUX\.1 models"):
-        run(prompt="p", num_inference_steps=1, controlnets=[{"id": flux_nets["plain"], "image": png_b64()}])
-
-
-def test_what_fluxs_controlnet_img2img_pipeline_lacks_is_refused_by_field(run, flux_dir, flux_nets):
-    image = b64(stripes((64, 64)))
-    net = {"id": flux_nets["plain"], "image": image}
-    for field, value in (("negative_prompt", "fog"), ("true_cfg_scale", 2.0)):
-        with pytest.raises(UserInputError, match=rf"^{field}: diffusers' FluxControlNetImg2ImgPipeline, which runs "
-                                                 "this request, takes none"):
-            run(prompt="p", num_inference_steps=2, image=image, controlnets=[net], model={"id": str(flux_dir)},
-                **{field: value})
-
-
-def test_lora_training_on_flux_publishes_a_lora_a_later_request_uses(settings, s3, flux_dir):
-    """train_dreambooth_lora_flux.py's recipe (flow matching on packed latents, [dev]'s guidance
-    embedding, prompts encoded once), with prior preservation and mirrored images: a LoRA of
-    both streams' attention and feed-forwards, which changes the image of a later request."""
-    from tests.helpers import train_then_use
-
-    result, keys, plain, tuned = train_then_use(settings, s3, flux_dir, "lora", "flux/trained-lora",
-                                                max_train_steps=3, random_flip=True)
-    assert result["train"]["steps"] == 3 and result["train"]["loss"] > 0
-    assert {key.split(".")[0] for key in keys} == {"transformer"}
-    for layer in ("attn.to_q", "attn.add_q_proj", "attn.to_add_out", "ff.net.2", "ff_context.net.2"):
-        assert any(f".{layer}.lora_A." in key for key in keys), layer
-    assert any(key.startswith("transformer.single_transformer_blocks.") for key in keys)
-    assert tuned.images[0].base64 != plain.images[0].base64
-
-
-@pytest.mark.parametrize("fields, message", [
-    ({"method": "dreambooth"}, "train.method: FLUX.1 models train LoRAs here"),
-    ({"train_text_encoder": True}, "train.train_text_encoder: FLUX.1 models train their transformer only here"),
-    ({"snr_gamma": 5.0}, "train.snr_gamma: Min-SNR weighting is for diffusion models"),
-    ({"resolution": 72}, "train.resolution: must be a multiple of 16 for FLUX.1 models, got 72"),
-])
-def test_what_flux_training_does_not_do_is_refused_by_field(settings, s3, flux_dir, fields, message):
-    from tests.helpers import training_refusal
-
-    assert training_refusal(settings, s3, flux_dir, **fields).startswith(message)
-
-
-@pytest.mark.gpu
-def test_flux_lora_training_in_mixed_precision_keeps_fp32_lora_weights(settings, s3, flux_dir, monkeypatch):
-    """The GPU recipe (bf16 autocast, frozen weights in bf16, LoRA weights in fp32, gradient
-    checkpointing), run by the CPU's autocast here; on a GPU machine on CUDA."""
-    import worker.train.loop
-    from tests.helpers import train_then_use
-
-    monkeypatch.setattr(worker.train.loop, "autocast_dtype", lambda device: torch.bfloat16)
-    seen = {}
-    prepare = worker.train.loop.prepare
-
-    def spy(pipe, family, spec, autocast_dtype):
-        params = prepare(pipe, family, spec, autocast_dtype)
-        seen.update(trained={p.dtype for p in params}, frozen=pipe.transformer.x_embedder.weight.dtype,
-                    checkpointing=pipe.transformer.is_gradient_checkpointing)
-        return params
-
-    monkeypatch.setattr(worker.train.loop, "prepare", spy)
-    result, _, plain, tuned = train_then_use(settings, s3, flux_dir, "lora", "flux/mixed-lora")
-    assert seen == {"trained": {torch.float32}, "frozen": torch.bfloat16, "checkpointing": True}
-    assert tuned.images[0].base64 != plain.images[0].base64
-
-
 @pytest.mark.parametrize("layout", ["kohya", "xlabs"])
 def test_kohya_and_xlabs_loras_load_as_diffusers_loads_them(run, flux_dir, tmp_path, layout):
     """LoRAs as sd-scripts / ai-toolkit and XLabs save them (Black Forest Labs' key names, q, k
@@ -408,15 +258,6 @@ def test_kohya_and_xlabs_loras_load_as_diffusers_loads_them(run, flux_dir, tmp_p
     assert_images_close(expected, ours(styled), f"flux-{layout}-lora", tolerance=1)
     assert styled.images[0].base64 != plain.images[0].base64
     assert run(**fields)[0].images[0].base64 == plain.images[0].base64
-
-
-def test_flux_converts_to_an_archive_and_serves_from_it(settings, s3, flux_dir):
-    """task convert publishes a FLUX.1 model as a safetensors archive; a fresh worker with an
-    empty cache serves the same image from it."""
-    from tests.helpers import convert_and_serve
-
-    direct, served = convert_and_serve(settings, flux_dir, "flux/tiny.tar.zst")
-    assert served.model.source == "url" and served.images[0].base64 == direct.images[0].base64
 
 
 @pytest.mark.parametrize("cache", [{"method": "first_block", "threshold": 0.5}, {"method": "taylorseer", "interval": 2},

@@ -3,22 +3,14 @@ own pixels kept outside the mask, and only the masked area repainted at the work
 
 from __future__ import annotations
 
-import base64
-import io
-
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from tests.helpers import assert_images_close, decode, pixels, png_b64
+from tests.helpers import assert_images_close, decode, image_b64, pixels, png_b64
 
 BASE = {"prompt": "a red door", "num_inference_steps": 2, "seed": 11}
 
-
-def b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def photo(size=(64, 64)) -> Image.Image:
@@ -34,7 +26,7 @@ def mask(size=(64, 64), box=(16, 16, 48, 48)) -> Image.Image:
 
 def test_outside_the_mask_the_answer_is_the_input_itself(run):
     picture, square = photo(), mask()
-    job = BASE | {"image": b64(picture), "mask_image": b64(square)}
+    job = BASE | {"image": image_b64(picture), "mask_image": image_b64(square)}
     raw = pixels(run(**job, keep_unmasked=False, mask_blur=0)[0])  # diffusers' image: the VAE's pixels everywhere
     hard = pixels(run(**job, mask_blur=0)[0])
     inside = np.asarray(square) == 255
@@ -58,7 +50,7 @@ def test_only_the_masked_area_is_repainted_as_diffusers_does_it(run, engine, tin
     from diffusers import AutoPipelineForInpainting
 
     picture, square = photo((160, 96)), mask((160, 96), (100, 30, 123, 53))
-    job = BASE | {"image": b64(picture), "mask_image": b64(square), "padding_mask_crop": 8, "width": 96,
+    job = BASE | {"image": image_b64(picture), "mask_image": image_b64(square), "padding_mask_crop": 8, "width": 96,
                   "height": 96, "output": {"metadata": True}}
     result, _ = run(**job)
     image = decode(result.images[0].base64)
@@ -89,8 +81,8 @@ def test_only_the_masked_area_is_repainted_as_diffusers_does_it(run, engine, tin
 @pytest.mark.parametrize("model", ["sdxl_dir", "sd3_dir", "inpaint_dir"])
 def test_only_masked_on_every_kind_of_model_and_batch(run, model, request):
     picture, square = photo((96, 80)), mask((96, 80), (40, 20, 60, 40))
-    result, _ = run(**(BASE | {"model": {"id": str(request.getfixturevalue(model))}, "image": b64(picture),
-                               "mask_image": b64(square), "padding_mask_crop": 4, "width": 64, "height": 64,
+    result, _ = run(**(BASE | {"model": {"id": str(request.getfixturevalue(model))}, "image": image_b64(picture),
+                               "mask_image": image_b64(square), "padding_mask_crop": 4, "width": 64, "height": 64,
                                "num_images": 2}))
     first, second = (np.asarray(decode(i.base64).convert("RGB")) for i in result.images)
     assert first.shape == second.shape == (80, 96, 3)
@@ -110,9 +102,9 @@ def test_the_control_image_is_cut_as_the_input_is(run, tmp_path_factory, tiny_di
     assert (x1 - x0) * (y1 - y0) < 128 * 96 / 4
     control = Image.new("RGB", (128, 96), (0, 0, 0))
     ImageDraw.Draw(control).rectangle((x0, y0, x1 - 1, y1 - 1), fill=(255, 255, 255))  # white just there
-    job = BASE | {"image": b64(picture), "mask_image": b64(square), "padding_mask_crop": 4, "width": 64,
+    job = BASE | {"image": image_b64(picture), "mask_image": image_b64(square), "padding_mask_crop": 4, "width": 64,
                   "height": 64}
-    near = pixels(run(**job, controlnets=[{"id": net, "image": b64(control)}])[0])
+    near = pixels(run(**job, controlnets=[{"id": net, "image": image_b64(control)}])[0])
     white = pixels(run(**job, controlnets=[{"id": net, "image": png_b64((255, 255, 255), (128, 96))}])[0])
     black = pixels(run(**job, controlnets=[{"id": net, "image": png_b64((0, 0, 0), (128, 96))}])[0])
     assert (near == white).all() and (near != black).any()  # all of the area it sees is white
@@ -120,9 +112,10 @@ def test_the_control_image_is_cut_as_the_input_is(run, tmp_path_factory, tiny_di
 
 def test_mask_invert_repaints_the_black_of_the_mask(run):
     picture, square = photo(), mask()
-    job = BASE | {"image": b64(picture), "mask_blur": 0}
-    inverted = run(**(job | {"mask_image": b64(square), "mask_invert": True}))[0]
-    assert pixels(inverted).tolist() == pixels(run(**(job | {"mask_image": b64(ImageOps.invert(square))}))[0]).tolist()
+    job = BASE | {"image": image_b64(picture), "mask_blur": 0}
+    inverted = run(**(job | {"mask_image": image_b64(square), "mask_invert": True}))[0]
+    plain = run(**(job | {"mask_image": image_b64(ImageOps.invert(square))}))[0]
+    assert pixels(inverted).tolist() == pixels(plain).tolist()
     inside = np.asarray(square) == 255
     assert (pixels(inverted)[inside] == np.asarray(picture)[inside]).all()  # the white square kept
 
@@ -131,7 +124,7 @@ def test_masking_fields_are_checked(run, engine):
     from schemas import parse_request
     from worker.errors import UserInputError, answer_for
 
-    image, hole = png_b64(size=(64, 64)), b64(mask())
+    image, hole = png_b64(size=(64, 64)), image_b64(mask())
     for fields, message in [
         ({"mask_blur": 2}, "mask_blur: only with task 'inpaint', not 'txt2img'"),
         ({"image": image, "padding_mask_crop": 8}, "padding_mask_crop: only with task 'inpaint', not 'img2img'"),
@@ -149,7 +142,7 @@ def test_masking_fields_are_checked(run, engine):
                        match="^mask_image: is black all over: no area to repaint for padding_mask_crop"):
         run(**(BASE | {"image": image, "mask_image": png_b64((0, 0, 0)), "padding_mask_crop": 8}))
     # Without only masked, a black mask repaints nothing: the input comes back.
-    result, _ = run(**(BASE | {"image": b64(photo()), "mask_image": png_b64((0, 0, 0))}))
+    result, _ = run(**(BASE | {"image": image_b64(photo()), "mask_image": png_b64((0, 0, 0))}))
     assert (pixels(result) == np.asarray(photo())).all()
 
 
@@ -157,7 +150,7 @@ def test_outpainting_paints_margins_that_continue_the_image(run, engine, inpaint
     """outpaint: the same as inpainting the grown canvas under the margins' mask; the image itself
     comes back as it was, away from the blended seam."""
     picture = photo((64, 64))
-    result, _ = run(**(BASE | {"image": b64(picture), "outpaint": {"right": 32, "top": 8},
+    result, _ = run(**(BASE | {"image": image_b64(picture), "outpaint": {"right": 32, "top": 8},
                                "output": {"metadata": True}}))
     assert result.task == "inpaint"
     image = decode(result.images[0].base64)
@@ -168,16 +161,16 @@ def test_outpainting_paints_margins_that_continue_the_image(run, engine, inpaint
     canvas = np.pad(np.asarray(picture), ((8, 0), (0, 32), (0, 0)), mode="edge")
     margins = mask((96, 72), (64, 0, 95, 71))
     margins.paste(255, (0, 0, 96, 8))
-    by_hand, _ = run(**(BASE | {"image": b64(Image.fromarray(canvas)), "mask_image": b64(margins)}))
+    by_hand, _ = run(**(BASE | {"image": image_b64(Image.fromarray(canvas)), "mask_image": image_b64(margins)}))
     assert pixels(by_hand).tolist() == out.tolist()
     assert (out[40:, 80:] != canvas[40:, 80:]).any()  # the margin was painted, not left stretched
     assert 'Outpaint: "left 0, right 32, top 8, bottom 0, fill edge"' in image.text["parameters"]
 
-    mirrored, _ = run(**(BASE | {"image": b64(picture), "outpaint": {"right": 32, "top": 8, "fill": "reflect"}}))
+    mirrored, _ = run(**(BASE | {"image": image_b64(picture), "outpaint": {"right": 32, "top": 8, "fill": "reflect"}}))
     assert pixels(mirrored).tolist() != out.tolist()
     # On an inpainting model, and only the margin's area at the model's size.
     for fields in ({"model": {"id": str(inpaint_dir)}}, {"padding_mask_crop": 8}):
-        grown, _ = run(**(BASE | {"image": b64(picture), "outpaint": {"left": 40}} | fields))
+        grown, _ = run(**(BASE | {"image": image_b64(picture), "outpaint": {"left": 40}} | fields))
         assert decode(grown.images[0].base64).size == (104, 64)
 
 
@@ -185,7 +178,7 @@ def test_outpainting_fields_are_checked(run, engine):
     from schemas import parse_request
     from worker.errors import answer_for
 
-    image = b64(photo())
+    image = image_b64(photo())
     for fields, message in [
         ({"image": image, "outpaint": {}}, "outpaint.left: at least one of left, right, top, bottom must add pixels"),
         ({"image": image, "outpaint": {"right": 8}, "mask_image": image},

@@ -35,9 +35,13 @@ class Loaded:
     ref: ModelRef
     pipeline: Any  # a diffusers DiffusionPipeline
     family: Family  # worked out once, at load
-    precision: str  # what it runs in (its family's own, unless one was chosen)
     # LoRAs resident on its modules, least recently used first: file identity -> adapter name.
     loras: OrderedDict[str, str] = field(default_factory=OrderedDict)
+
+    @property
+    def precision(self) -> str:
+        """What it runs in: its family's own, unless one was chosen."""
+        return load_precision(self.ref, self.family)
 
 
 def _weight_bytes(loaded: Loaded) -> int:
@@ -146,4 +150,4 @@ class ModelStore:
         if family is None:  # its index named classes of ours, but what loaded is not one of our models
             raise ModelSourceError("model.id", f"could not load {ref.id}: {type(pipeline).__name__} is not a model "
                                                "this worker runs")
-        return Loaded(ref, pipeline, family, precision)
+        return Loaded(ref, pipeline, family)
