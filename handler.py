@@ -40,9 +40,11 @@ Start-up (nothing heavy happens at import):
 1. read Settings from the environment;
 2. pick the handler: ``local`` when the SDK will run one test job (``python handler.py``,
    ``--test_input``), else ``stream`` (a generator), or ``plain`` with STREAMING=false;
-3. outside local tests, load the default model while the SDK starts (PRELOAD_MODEL): its
-   archive, if it has one, streams in on one thread while torch imports on another;
-4. hand over to ``runpod.serverless.start``.
+3. import the engine (torch, diffusers) on the engine thread while the SDK imports; outside
+   local tests, load the default model next (PRELOAD_MODEL): its archive, if it has one,
+   streams in on a thread of its own meanwhile;
+4. hand over to ``runpod.serverless.start``. A job's ``model.url`` starts fetching the moment
+   the job is read, and loads while it arrives (docs/models.md, cold starts).
 """
 
 from __future__ import annotations
@@ -59,26 +61,28 @@ def _runs_one_local_job(argv: list[str], settings) -> bool:
 
 
 def main() -> None:
-    import runpod
-    from runpod.serverless.modules.rp_logger import RunPodLogger
-
     from worker.jobs import JobRunner
     from worker.settings import Settings
 
     settings = Settings()
+    config: dict = {"return_aggregate_stream": True}
+    runner = JobRunner(settings, config)
+    local = _runs_one_local_job(sys.argv, settings)
+    # The engine (torch, diffusers) imports on its own thread while the SDK imports here.
+    runner.start(warm_up=settings.preload_model and not local)
+
+    import runpod
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
     # force: importing runpod already installed a root handler of its own.
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     RunPodLogger().set_level(settings.runpod_log_level)
-    config: dict = {"return_aggregate_stream": True}
-    runner = JobRunner(settings, config)
-    if _runs_one_local_job(sys.argv, settings):
+    if local:
         config["handler"] = runner.local
     else:
         config["handler"] = runner.stream if settings.streaming else runner.plain
-        if settings.preload_model:
-            runner.start_warm_up()
     runpod.serverless.start(config)
 
 

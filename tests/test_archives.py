@@ -164,9 +164,10 @@ def test_request_urls_cannot_reach_private_addresses(settings, http, archive):
 
 
 def test_two_workers_fetch_one_model_once(settings, http, archive):
-    """Two model stores (as two workers sharing a volume) ask for one archive at once."""
+    """Two workers sharing a volume (each with its own fetches in flight) ask for one archive at once."""
     from schemas import ModelSpec
-    from worker.sources.locate import Locator
+    from worker.sources.cache import DiskCache
+    from worker.sources.locate import fetch_archive
     from worker.sources.refs import model_ref
 
     http.files["/tiny.tar.zst"] = archive
@@ -175,7 +176,7 @@ def test_two_workers_fetch_one_model_once(settings, http, archive):
 
     def worker():
         try:
-            results.append(Locator(settings).locate(ref, lambda event: None)[1])
+            results.append(fetch_archive(ref, settings, DiskCache(settings), lambda event: None)[1])
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -211,7 +212,7 @@ def test_cold_start_fetches_the_default_archive_while_torch_imports(tmp_path, ht
         "from worker.jobs import JobRunner\n"
         "from worker.settings import Settings\n"
         "runner = JobRunner(Settings(), {})\n"
-        "runner.start_warm_up()\n"
+        "runner.start(warm_up=True)\n"
         "archives = Path(sys.argv[1]) / 'archives'\n"
         "while not (archives.is_dir() and any(archives.iterdir())):\n"
         "    time.sleep(0.005)\n"
@@ -241,7 +242,7 @@ def test_baked_model_loads_without_network(settings, tmp_path, archive):
     from worker.jobs import JobRunner
 
     asked = len(server.requests)
-    JobRunner(runtime, {}).prefetch()  # start-up must not fetch what is baked
+    JobRunner(runtime, {})._prefetch(None)  # start-up must not fetch what is baked
     assert len(server.requests) == asked
     server.close()  # from here on, any fetch would fail
 

@@ -47,6 +47,7 @@ class JobRunner:
         self._engine = engine
         self._engine_lock = threading.Lock()
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._startup_ms: float | None = None  # importing the engine at start(), told the first job
 
     # --- The engine, created on first use (it imports torch) ---
 
@@ -58,24 +59,41 @@ class JobRunner:
                 self._engine = Engine(self.settings)
             return self._engine
 
-    def start_warm_up(self) -> None:
-        """Load the default model before the first job; jobs queue behind it.
+    def start(self, warm_up: bool) -> None:
+        """Get ready for the first job before it comes: torch, diffusers and the engine import
+        on the engine thread now (while the SDK imports and starts); with ``warm_up``, the
+        default model is loaded next, its archive (MODEL_URL) streaming in meanwhile.
 
-        Cold start costs about max(import, fetch) + load rather than their sum: the default
-        model's archive streams into MODELS_DIR on its own thread while the engine thread
-        imports torch and diffusers; the engine then finds it installed (the cache's lock
-        makes it wait if the fetch is still running)."""
-        threading.Thread(target=self.prefetch, name="prefetch", daemon=True).start()
-        self._gpu.submit(self._warm_up)
+        Jobs queue behind this on the engine thread; the first one's timings say what start-up
+        cost (``startup``) and how long it waited (``wait``)."""
+        self._gpu.submit(self._start_engine)
+        if warm_up:
+            self._prefetch(None)
+            self._gpu.submit(self._warm_up)
 
-    def prefetch(self) -> None:
-        """Fetch the default model's archive now, torch-free (see start_warm_up)."""
-        from .sources.locate import prefetch_default
-
+    def _start_engine(self) -> None:
+        start = time.perf_counter()
         try:
-            prefetch_default(self.settings)
-        except Exception as exc:  # the warm-up or the first job will report it
-            log.warning("prefetch failed: %s", answer_for(exc, self.settings.secrets())[0])
+            self.engine()
+        except Exception as exc:  # the first job will retry, and answer with the reason
+            log.warning("start-up failed: %s", answer_for(exc, self.settings.secrets())[0])
+        self._startup_ms = ms_since(start)
+
+    def _prefetch(self, request: Request | None) -> None:
+        """Start fetching the archive the request's model (None: the default model) comes in,
+        torch-free, unless it is installed already (worker/sources/fetches.py); the engine
+        joins the fetch when it gets to the job. What fails here, the job reports."""
+        from schemas import ModelSpec
+
+        from .sources.locate import prefetch
+
+        spec = ModelSpec() if request is None else getattr(request, "model", None)
+        if not isinstance(spec, ModelSpec):
+            return
+        try:
+            prefetch(spec, self.settings)
+        except Exception as exc:
+            log.debug("prefetch skipped: %s", answer_for(exc, self.settings.secrets())[0])
 
     def _warm_up(self) -> None:
         try:
@@ -134,6 +152,7 @@ class JobRunner:
         work = request = None
         try:
             request = parse_request(job.get("input"), self.settings.limits)
+            self._prefetch(request)
             emit = _to_loop(loop, events) if wants_progress(request) else _ignore
             work = loop.run_in_executor(self._gpu, self._generate, job, request, emit, cancel, start)
             work.add_done_callback(lambda _: events.put_nowait(None))
@@ -171,6 +190,8 @@ class JobRunner:
             start = time.perf_counter()
             self.engine()
             phases["startup"] = ms_since(start)
+        elif self._startup_ms is not None:  # imported at start(), while this job was on its way
+            phases["startup"], self._startup_ms = self._startup_ms, None
         engine = self.engine()
         if isinstance(request, ConvertRequest):
             result = engine.convert(request, emit, cancel.is_set)

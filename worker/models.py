@@ -73,19 +73,22 @@ class ModelStore:
         # Taken out of the parked set first: making room below parks other pipelines, and with
         # MAX_PARKED_MODELS reached that would drop the very one this job is switching back to.
         parked = self._parked.pop(ref, None)
-        path, source = (None, "memory") if parked is not None else self.locator.locate(ref, emit)
-        if source in FETCHED_NOW:  # for archives, extraction overlaps the download
-            timings["download"] = ms_since(start)
-            start = time.perf_counter()
-        # Make room once the weights are found (a bad request must not evict the warm model),
-        # and before loading (next to a model about to leave, it could run out of memory).
-        while len(self._loaded) >= self.settings.max_loaded_models:
-            self._evict()
+        fetch = self.locator.fetching(ref) if parked is None else None
         if parked is not None:
-            loaded = parked
+            loaded, source = parked, "memory"
+            self._make_room()
             if not self.offloaded:
                 loaded.pipeline.to(self.device)
+        elif fetch is not None and (streamed := self._stream(fetch, ref, emit)) is not None:
+            loaded, source, arrived = streamed  # loaded while it arrived: what is left after is "load"
+            timings["download"] = ms_since(start) - ms_since(arrived)
+            start = arrived
         else:
+            path, source = self.locator.locate(ref, emit)
+            if source in FETCHED_NOW:  # for archives, extraction overlaps the download
+                timings["download"] = ms_since(start)
+                start = time.perf_counter()
+            self._make_room()
             loaded = self._load(path, ref)
         timings["load"] = ms_since(start)
         emit(Progress(stage="load", step=1, total=1))
@@ -116,6 +119,13 @@ class ModelStore:
             while self._loaded:
                 self._evict()
 
+    def _make_room(self) -> None:
+        """Room for one more pipeline. Called once the weights are found (a bad request must not
+        evict the warm model), and before loading (next to a model about to leave, it could run
+        out of memory)."""
+        while len(self._loaded) >= self.settings.max_loaded_models:
+            self._evict()
+
     def _evict(self) -> None:
         """Move the least recently used pipeline off the device: parked in CPU RAM, or dropped."""
         ref, loaded = self._loaded.popitem(last=False)
@@ -132,22 +142,45 @@ class ModelStore:
 
             torch.cuda.empty_cache()
 
-    def _load(self, path: Path, ref: ModelRef) -> Loaded:
-        def failed(exc: ModelSourceError) -> ModelSourceError:
-            return ModelSourceError(exc.field, f"could not load {ref.id}: {str(exc).partition(': ')[2]}")
+    def _stream(self, fetch, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Loaded, str, float] | None:
+        """Load while the archive arrives (worker/sources/streaming.py); None if it turned out
+        missing on S3 (the locator builds and publishes it)."""
+        from .sources.storage import ObjectMissing
+        from .sources.streaming import load_streaming
 
+        try:
+            pipeline, _, source, arrived = load_streaming(fetch, ref, self.device, self.offloaded, emit,
+                                                          self._make_room)
+        except ObjectMissing:
+            return None
+        except ModelSourceError as exc:
+            if exc.field != "model.id":
+                raise
+            raise _could_not_load(ref, exc) from None
+        self._make_room()  # (done already, unless its index came last)
+        return self._checked(pipeline, ref), source, arrived
+
+    def _load(self, path: Path, ref: ModelRef) -> Loaded:
         try:
             family = families.at(path)  # a model this worker cannot run is refused before loading
         except ModelSourceError as exc:
-            raise failed(exc) from None
+            raise _could_not_load(ref, exc) from None
         check_t5(ref, family)
         precision = load_precision(ref, family)
         try:
             pipeline = load_pipeline(path, precision, ref.variant, self.device, ref.t5, self.offloaded)
         except ModelSourceError as exc:
-            raise failed(exc) from None
+            raise _could_not_load(ref, exc) from None
+        return self._checked(pipeline, ref)
+
+    @staticmethod
+    def _checked(pipeline: Any, ref: ModelRef) -> Loaded:
         family = families.of_pipeline(pipeline)
         if family is None:  # its index named classes of ours, but what loaded is not one of our models
             raise ModelSourceError("model.id", f"could not load {ref.id}: {type(pipeline).__name__} is not a model "
                                                "this worker runs")
         return Loaded(ref, pipeline, family)
+
+
+def _could_not_load(ref: ModelRef, exc: ModelSourceError) -> ModelSourceError:
+    return ModelSourceError(exc.field, f"could not load {ref.id}: {str(exc).partition(': ')[2]}")

@@ -90,6 +90,9 @@ def byte_progress(emit: Callable[[Progress], None], stage: str, total: int | Non
     return on_bytes
 
 
+Watch = Callable[[str, int, int, bool], None]  # (member name, bytes written, its size, done)
+
+
 def extract(
     chunks: Iterator[bytes],
     dest: Path,
@@ -100,9 +103,11 @@ def extract(
     max_bytes: int,
     max_members: int,
     on_bytes: Callable[[int], None],
+    watch: Watch | None = None,
 ) -> None:
     """Extract a .tar or .tar.zst arriving as ``chunks`` into ``dest``, checking its sha256
-    against ``expected_sha256`` when given."""
+    against ``expected_sha256`` when given. ``watch`` hears of each regular file as it is
+    written, block by block, and when it is complete (a loader can follow the files as they land)."""
     raw = _ChunkReader(chunks, on_bytes, hashing=bool(expected_sha256))
     try:
         buffered = io.BufferedReader(raw, buffer_size=_BLOCK)
@@ -110,7 +115,7 @@ def extract(
         if buffered.peek(4)[:4] == _ZSTD_MAGIC:
             stream = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True, closefd=False)
         try:
-            members = _unpack(stream, dest, field, max_bytes, max_members)
+            members = _unpack(stream, dest, field, max_bytes, max_members, watch)
             # Read to the end, so the digest and size cover every byte: the tar's trailing
             # blocks, the rest of the zstd frame, anything after it.
             while stream.read(_BLOCK):
@@ -129,13 +134,35 @@ def extract(
         raise ModelSourceError(field, "archive is empty")
 
 
-def _unpack(stream, dest: Path, field: str, max_bytes: int, max_members: int) -> int:
+class _WatchedTar(tarfile.TarFile):
+    """A tar whose regular files are written in blocks of ``copybufsize``, each reported to ``watch``."""
+
+    watch: Watch | None = None
+
+    def makefile(self, tarinfo: tarfile.TarInfo, targetpath: str) -> None:
+        if self.watch is None or tarinfo.sparse is not None:
+            return super().makefile(tarinfo, targetpath)
+        self.fileobj.seek(tarinfo.offset_data)
+        written = 0
+        with open(targetpath, "wb") as target:
+            while written < tarinfo.size:
+                block = self.fileobj.read(min(self.copybufsize, tarinfo.size - written))
+                if not block:
+                    raise tarfile.ReadError("unexpected end of data")
+                target.write(block)
+                target.flush()  # (what is reported written is readable from the file)
+                written += len(block)
+                self.watch(tarinfo.name, written, tarinfo.size, False)
+
+
+def _unpack(stream, dest: Path, field: str, max_bytes: int, max_members: int, watch: Watch | None = None) -> int:
     """The members of the tar ``stream``, checked and written under ``dest``; returns their count."""
     members = extracted = 0
     # Read and write in 1 MiB blocks: tarfile's defaults (10 KiB reads from the stream, 16 KiB
     # writes) cost a Python call and a system call per few KiB of weights.
-    with tarfile.open(fileobj=stream, mode="r|", bufsize=_BLOCK) as tar:
+    with _WatchedTar.open(fileobj=stream, mode="r|", bufsize=_BLOCK) as tar:
         tar.copybufsize = _BLOCK
+        tar.watch = watch
         for member in tar:
             members += 1
             extracted += member.size
@@ -148,6 +175,8 @@ def _unpack(stream, dest: Path, field: str, max_bytes: int, max_members: int) ->
                 if member.name.startswith("/") or ".." in PurePosixPath(member.name).parts:
                     raise tarfile.OutsideDestinationError(member, member.name)
                 tar.extract(member, dest, filter="data")
+                if watch is not None and member.isreg():
+                    watch(member.name, member.size, member.size, True)
             except tarfile.FilterError as exc:
                 raise ModelSourceError(
                     field, f"archive member {member.name!r} refused: {_why(exc)}; nothing was installed"

@@ -22,18 +22,21 @@ def check_t5(ref: ModelRef, family: Family | None) -> None:
 
 
 def load_pipeline(path: Path, precision: str, variant: str | None, device: str, t5: bool = True,
-                  offload: bool = False) -> Any:
+                  offload: bool = False, prebuilt: dict[str, Any] | None = None) -> Any:
     """``t5``: false leaves the model's T5 out, where its family has one to leave; ``offload``:
-    the weights stay in CPU RAM (each job's pipeline moves them to ``device`` as it runs)."""
+    the weights stay in CPU RAM (each job's pipeline moves them to ``device`` as it runs);
+    ``prebuilt``: components loaded already (worker/sources/streaming.py), by name."""
     from diffusers import DiffusionPipeline
 
     family = families.at(path)
     leave_out = family.without_t5() if family and not t5 else {}
     dtype = precision_dtype(precision)
     try:
-        quantized = _gguf_denoiser(path, family, dtype)
+        components = leave_out | (prebuilt or {})
+        if family is None or family.denoiser not in components:
+            components |= _gguf_denoiser(path, family, dtype)
         pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True,
-                                                     **leave_out, **quantized)
+                                                     **components)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         detail = first_line(exc)
         with_variant = f" (variant {variant!r})" if variant else ""

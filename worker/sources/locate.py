@@ -29,7 +29,7 @@ from schemas import ModelSpec, Progress
 from .. import families
 from ..errors import ModelSourceError
 from ..settings import Settings
-from . import archives, hub
+from . import archives, fetches, hub
 from .cache import DiskCache, entry_key
 from .checkpoints import fetch_checkpoint, missing_parts, reference_model
 from .refs import EMBEDDED_ID, ModelRef, model_ref
@@ -69,20 +69,25 @@ def archive_location(ref: ModelRef, settings: Settings) -> Location:
 Publisher = Callable[[Path, Location], tuple[Path, str]]
 
 
+def archive_key(ref: ModelRef, settings: Settings) -> str:
+    """The archive's entry in MODELS_DIR/archives: its location and digest."""
+    location = archive_location(ref, settings)
+    return entry_key(location.name, f"{location.display}#{location.sha256 or ''}")
+
+
 def fetch_archive(
     ref: ModelRef, settings: Settings, disk: DiskCache, emit: Callable[[Progress], None],
-    publish_missing: Publisher | None = None,
+    publish_missing: Publisher | None = None, watch: Callable[[Path, int, int, bool], None] | None = None,
 ) -> tuple[Path, str]:
     """The installed directory of ``ref.url``'s archive, fetching it first if needed.
 
     If the archive does not exist on S3 and ``publish_missing`` is given, that builds and
     uploads it into the staging directory (docker-diffusers-api's flow) and the result is
-    installed like a download; the source reported is where its weights came from.
+    installed like a download; the source reported is where its weights came from. ``watch``
+    hears of each file as it is written (its path in the staging directory).
     Torch-free without a publisher, so start-up can run it while torch imports."""
     field = "MODEL_URL" if ref.from_env else "model.url"
     location = archive_location(ref, settings)
-    key = entry_key(location.name, f"{location.display}#{location.sha256 or ''}")
-
     source = "url"
 
     def build(staging: Path) -> Path:
@@ -101,11 +106,25 @@ def fetch_archive(
                 download.chunks(), staging, field=field, expected_sha256=expected, expected_size=download.size,
                 max_bytes=settings.max_archive_bytes, max_members=settings.max_archive_members,
                 on_bytes=archives.byte_progress(emit, "download", download.size),
+                watch=watch and (lambda name, written, size, done: watch(staging / name, written, size, done)),
             )
         return archives.model_root(staging, field)
 
-    path, fetched = disk.obtain("archives", key, build)
+    path, fetched = disk.obtain("archives", archive_key(ref, settings), build)
     return path, source if fetched else "cache"
+
+
+def start_fetch(ref: ModelRef, settings: Settings, disk: DiskCache) -> fetches.Fetch | None:
+    """The fetch of ``ref``'s archive, joined if in flight, else started (torch-free, on its own
+    thread); None when there is nothing to fetch: no archive, baked, or installed already."""
+    if not ref.url or find_baked(ref, read_baked(settings.baked_dir), settings.baked_dir):
+        return None
+    key = archive_key(ref, settings)
+
+    def run(fetch: fetches.Fetch) -> tuple[Path, str]:
+        return fetch_archive(ref, settings, disk, fetch.emit, watch=fetch.watch)
+
+    return fetches.begin(key, run, installed=disk.path("archives", key).is_dir)
 
 
 class Locator:
@@ -120,7 +139,14 @@ class Locator:
         if baked := find_baked(ref, self.baked, self.settings.baked_dir):
             return baked, "baked"
         if ref.url:
-            return fetch_archive(ref, self.settings, self.disk, emit, self._publisher(ref, emit))
+            if fetch := self.fetching(ref):
+                try:
+                    return self.outcome(fetch, emit)
+                except ObjectMissing:  # built from the model's other source, if it has one
+                    if (publisher := self._publisher(ref, emit)) is None:
+                        raise
+                    return fetch_archive(ref, self.settings, self.disk, emit, publisher)
+            return fetch_archive(ref, self.settings, self.disk, emit)
         if ref.checkpoint_url:
             field = "CHECKPOINT_URL" if ref.from_env else "model.checkpoint_url"
             if ref.id.startswith("url:"):
@@ -158,6 +184,19 @@ class Locator:
                 raise ModelSourceError("model.id", f"no diffusers model at {ref.id} (model_index.json missing)")
             return path, "local"
         return self._from_hub(ref, emit)
+
+    def fetching(self, ref: ModelRef) -> fetches.Fetch | None:
+        """The fetch of ``ref``'s archive, in flight or started now; None if there is none to run."""
+        return start_fetch(ref, self.settings, self.disk)
+
+    @staticmethod
+    def outcome(fetch: fetches.Fetch, emit: Callable[[Progress], None]) -> tuple[Path, str]:
+        """Wait for ``fetch``, hearing its progress: the installed directory and its source."""
+        fetch.listen(emit)
+        try:
+            return fetch.result()
+        finally:
+            fetches.joined(fetch)
 
     def _configs(self, ref: ModelRef, emit: Callable[[Progress], None], parts: list[str] = ()) -> Path:
         """A diffusers directory with ``ref``'s configs, and the weights of ``parts`` (what a
@@ -219,18 +258,13 @@ class Locator:
         return hub.snapshot(ref.id, "model.id", self.settings, usable=usable, emit=emit, **options)
 
 
-def prefetch_default(settings: Settings) -> None:
-    """Fetch the endpoint's default model archive (MODEL_URL) into MODELS_DIR, torch-free, so
-    start-up can run it while torch imports; nothing if baked, or if which archive depends on
-    the device (known only after torch). A missing archive is left to the warm-up, which
-    builds and publishes it."""
-    # Which device we get is known only after importing torch; the precision default
-    # depends on it, and so does a bare s3:// name. Prefetch only what both would use.
-    on_gpu, on_cpu = (model_ref(ModelSpec(), settings, device) for device in ("cuda", "cpu"))
-    if not on_gpu.url or find_baked(on_gpu, read_baked(settings.baked_dir), settings.baked_dir):
-        return
-    if archive_location(on_gpu, settings) == archive_location(on_cpu, settings):
-        try:
-            fetch_archive(on_gpu, settings, DiskCache(settings), lambda event: None)
-        except ObjectMissing:
-            pass
+def prefetch(spec: ModelSpec, settings: Settings, disk: DiskCache | None = None) -> fetches.Fetch | None:
+    """Start fetching the archive of ``spec`` (a request's ``model``, or the default model's
+    MODEL_URL) now, torch-free, so it arrives while torch imports; the job that needs it joins
+    the fetch. Nothing if there is no archive, it is baked or installed, or which archive it is
+    depends on the device (known only after torch: the precision default, and with it a bare
+    s3:// name). A missing archive is left to the job, which builds and publishes it."""
+    on_gpu, on_cpu = (model_ref(spec, settings, device) for device in ("cuda", "cpu"))
+    if not on_gpu.url or archive_location(on_gpu, settings) != archive_location(on_cpu, settings):
+        return None
+    return start_fetch(on_gpu, settings, disk or DiskCache(settings))

@@ -3,7 +3,9 @@
 Used by ``task: "convert"`` and by auto-publish (an inference request whose ``model.url``
 names an S3 archive that does not exist yet, with a source to build it from). The archive is
 deterministic (sorted members, zeroed times and owners), so the same weights give the same
-bytes and the same sha256. The upload is multipart through boto3's transfer manager, which
+bytes and the same sha256. Its members come in the order a cold start loads best from: the
+index, configs, tokenizers and scheduler first, then the weights, so a worker knows what each
+weight file belongs to before its first byte arrives (worker/sources/streaming.py). The upload is multipart through boto3's transfer manager, which
 aborts the multipart upload if any part fails, so nothing is left behind; the digest goes into
 the object's metadata and into a ``.sha256`` object beside it, which fetches verify against.
 """
@@ -52,6 +54,14 @@ def _normalized(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
+_WEIGHTS = (".safetensors", ".bin", ".gguf", ".ckpt", ".pt", ".pth")
+
+
+def _member_order(path: Path) -> tuple[bool, Path]:
+    """What describes the model first (model_index.json before all), then the weights."""
+    return (path.is_file() and path.name.endswith(_WEIGHTS), path)
+
+
 def pack(model_dir: Path, out: Path, compression: str) -> tuple[str, int]:
     """Write ``model_dir``'s files to ``out`` as a deterministic .tar(.zst); return (sha256, size)."""
     with open(out, "wb") as raw:
@@ -63,7 +73,7 @@ def pack(model_dir: Path, out: Path, compression: str) -> tuple[str, int]:
         else:
             sink = hashed
         with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for path in sorted(model_dir.rglob("*")):
+            for path in sorted(model_dir.rglob("*"), key=_member_order):
                 tar.add(path, arcname=path.relative_to(model_dir).as_posix(), recursive=False, filter=_normalized)
         if sink is not hashed:
             sink.close()

@@ -1,0 +1,114 @@
+"""Cold starts: a model's archive starts fetching as its job is read, and loads while it arrives.
+
+Each test fetches a real archive over HTTP on loopback (the Range server) into a fresh
+MODELS_DIR. A pipeline loaded while its archive arrived draws exactly what the same model draws
+when loaded from the installed directory by ``DiffusionPipeline.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+import zstandard
+
+from tests.helpers import generate, pack
+from worker.sources.publish import pack as converter_pack
+
+
+def _image(result) -> np.ndarray:
+    from tests.helpers import decode
+
+    return np.asarray(decode(result.images[0].base64))
+
+
+def _converter_archive(model_dir, tmp_path) -> bytes:
+    out = tmp_path / "model.tar.zst"
+    converter_pack(model_dir, out, "zstd")
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("precision", [None, "bf16"])
+def test_sd_loaded_while_it_arrives_draws_what_from_pretrained_draws(settings, http, tiny_dir, tmp_path, caplog,
+                                                                     precision):
+    """fp32 as stored, and converted to bf16 tensor by tensor as the bytes land."""
+    http.files["/tiny.tar.zst"] = _converter_archive(tiny_dir, tmp_path)
+    model = {"url": http.url + "/tiny.tar.zst"} | ({"precision": precision} if precision else {})
+    events: list = []
+    with caplog.at_level(logging.INFO, logger="worker.sources.streaming"):
+        streamed = generate(settings, model, events)
+    assert streamed.model.source == "url"
+    assert "loaded text_encoder, unet, vae while the archive arrived" in caplog.text
+    assert any(e.stage == "download" for e in events)
+    assert set(streamed.timings) >= {"download", "load"}
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="worker.sources.streaming"):
+        from_disk = generate(settings, model)  # a new worker: the installed directory, from_pretrained
+    assert from_disk.model.source == "cache" and "while the archive arrived" not in caplog.text
+    assert np.array_equal(_image(streamed), _image(from_disk))
+
+
+def test_flux_loaded_while_it_arrives_draws_what_from_pretrained_draws(settings, http, flux_dir, tmp_path, caplog):
+    """Two text encoders (CLIP, T5 with its fp32 feed-forward outputs) and a transformer, in bf16."""
+    http.files["/flux.tar.zst"] = _converter_archive(flux_dir, tmp_path)
+    model = {"url": http.url + "/flux.tar.zst", "precision": "bf16"}
+    with caplog.at_level(logging.INFO, logger="worker.sources.streaming"):
+        streamed = generate(settings, model)
+    assert "text_encoder, text_encoder_2, transformer, vae while the archive arrived" in caplog.text
+    from_disk = generate(settings, model)
+    assert from_disk.model.source == "cache"
+    assert np.array_equal(_image(streamed), _image(from_disk))
+
+
+def test_an_archive_with_its_index_last_draws_the_same(settings, http, tiny_dir):
+    """Archives from other tools need not put model_index.json first (the weights are read once it lands)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        paths = sorted(tiny_dir.rglob("*"), key=lambda p: p.name == "model_index.json")
+        for path in paths:
+            tar.add(path, arcname=path.relative_to(tiny_dir).as_posix(), recursive=False)
+    http.files["/last.tar.zst"] = zstandard.ZstdCompressor().compress(buffer.getvalue())
+    http.files["/first.tar.zst"] = pack(tiny_dir, folder=None)
+    late = generate(settings, {"url": http.url + "/last.tar.zst"})
+    assert late.model.source == "url"
+    assert np.array_equal(_image(late), _image(generate(settings, {"url": http.url + "/first.tar.zst"})))
+
+
+def test_jobs_arriving_during_a_fetch_wait_for_the_one_fetch(settings, http, tiny_dir):
+    """Two jobs for one archive at once, in one worker: one download, both answered."""
+    from worker.engine import Engine
+    from worker.sources import fetches
+
+    http.files["/tiny.tar.zst"] = pack(tiny_dir)
+    model = {"url": http.url + "/tiny.tar.zst"}
+    spec_fetch = None
+    from schemas import ModelSpec
+    from worker.sources.locate import prefetch
+
+    spec_fetch = prefetch(ModelSpec(**model), settings)  # as the job is read, before the engine
+    assert isinstance(spec_fetch, fetches.Fetch)
+    engine = Engine(settings)
+    results, errors = [], []
+
+    def job():
+        from schemas import InferenceRequest
+
+        request = InferenceRequest.model_validate({"prompt": "p", "num_inference_steps": 2, "seed": 4, "model": model})
+        try:
+            results.append(engine.generate(request, lambda e: None, lambda: False))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sorted(r.model.source for r in results) == ["memory", "url"]
+    assert [r for _, r in http.requests].count(f"bytes=0-{2**20 - 1}") == 1  # fetched once

@@ -1,0 +1,135 @@
+"""Archive fetches in flight: one per archive, however many jobs ask, followed as they land.
+
+A fetch starts the moment its model is known, torch-free, on a thread of its own: the default
+model's archive (MODEL_URL) at start-up, a job's ``model.url`` as soon as the job is read, both
+while torch and diffusers import. Whoever then needs the model joins the fetch in flight: it
+hears the download's progress, gets its outcome, and can follow each file as it is written
+(``Fetch.landed``), which is how a pipeline loads while its archive still arrives
+(worker/sources/streaming.py). A second job for the same model waits for the one fetch.
+
+A finished fetch stays here until a job has joined it (its source is ``url`` for that job),
+for at most a few minutes; later jobs find the model installed in MODELS_DIR.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from schemas import Progress
+
+from ..errors import answer_for
+
+log = logging.getLogger(__name__)
+
+_KEPT_S = 300  # how long a finished fetch waits to be joined
+
+
+@dataclass
+class Landed:
+    """One file of the archive, as far as it has been written."""
+
+    path: Path  # where it is being written (in the cache's staging directory)
+    written: int
+    size: int
+    done: bool
+
+
+class Fetch:
+    """One archive on its way into MODELS_DIR (see the module's docstring)."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.landed: dict[Path, Landed] = {}
+        self.installed: Path | None = None  # the model's directory, once installed
+        self.source: str | None = None  # url, cache (installed meanwhile by another worker)
+        self.error: BaseException | None = None
+        self.done = False
+        self.finished_at = 0.0
+        self.version = 0  # counts changes, for wait()
+        self._changed = threading.Condition()
+        self._listeners: list[Callable[[Progress], None]] = []
+
+    # --- The fetching side ---
+
+    def emit(self, event: Progress) -> None:
+        for listener in list(self._listeners):
+            listener(event)
+
+    def watch(self, path: Path, written: int, size: int, done: bool) -> None:
+        with self._changed:
+            self.landed[path] = Landed(path, written, size, done)
+            self.version += 1
+            self._changed.notify_all()
+
+    def finish(self, installed: Path | None, source: str | None, error: BaseException | None) -> None:
+        with self._changed:
+            self.installed, self.source, self.error = installed, source, error
+            self.done, self.finished_at = True, time.monotonic()
+            self.version += 1
+            self._changed.notify_all()
+
+    # --- The joining side ---
+
+    def listen(self, emit: Callable[[Progress], None]) -> None:
+        """Send this fetch's download progress to ``emit`` too."""
+        self._listeners.append(emit)
+
+    def wait(self, version: int, timeout: float | None = None) -> int:
+        """Until something changed since ``version`` (or the fetch ended); the current version."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.version != version or self.done, timeout)
+            return self.version
+
+    def snapshot(self) -> list[Landed]:
+        with self._changed:
+            return list(self.landed.values())
+
+    def result(self) -> tuple[Path, str]:
+        """The installed directory and its source, once the fetch has ended; or its error."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.done)
+        if self.error is not None:
+            raise self.error
+        return self.installed, self.source
+
+
+_lock = threading.Lock()
+_fetches: dict[str, Fetch] = {}
+
+
+def begin(key: str, run: Callable[[Fetch], tuple[Path, str]], installed: Callable[[], bool]) -> Fetch | None:
+    """The fetch of ``key`` in flight (or finished and not yet joined); else None if
+    ``installed()``; else a new one, running ``run(fetch)`` on its own thread."""
+    with _lock:
+        now = time.monotonic()
+        for old in [k for k, f in _fetches.items() if f.done and now - f.finished_at > _KEPT_S]:
+            del _fetches[old]
+        if (fetch := _fetches.get(key)) is not None:
+            return fetch
+        if installed():
+            return None
+        fetch = _fetches[key] = Fetch(key)
+
+    def fetching() -> None:
+        try:
+            installed, source = run(fetch)
+        except BaseException as exc:  # noqa: BLE001 (handed to whoever joins)
+            fetch.finish(None, None, exc)
+            log.info("fetch of %s failed: %s", key, answer_for(exc, [])[0])
+        else:
+            fetch.finish(installed, source, None)
+
+    threading.Thread(target=fetching, name=f"fetch-{key[:24]}", daemon=True).start()
+    return fetch
+
+
+def joined(fetch: Fetch) -> None:
+    """A job has taken the fetch's outcome: later ones find the model installed (or fetch anew)."""
+    with _lock:
+        if _fetches.get(fetch.key) is fetch and fetch.done:
+            del _fetches[fetch.key]
