@@ -159,11 +159,15 @@ class RangeServer(Loopback):
     """A real HTTP server on loopback with Range support, for archives.
 
     ``files`` maps paths to bytes. ``drop[path] = n`` makes the next response for ``path``
-    close the connection after ``n`` bytes of body, once. ``requests`` records (path, Range)."""
+    close the connection after ``n`` bytes of body, once. ``busy[path] = [False, True, ...]``
+    answers the next requests for ``path`` in turn: 503 Slow Down where True. ``pause[path]``
+    waits that many seconds before each body. ``requests`` records (path, Range)."""
 
     def __init__(self, files: dict[str, bytes] | None = None, *, ranges: bool = True):
         self.files = dict(files or {})
         self.drop: dict[str, int] = {}
+        self.busy: dict[str, list[bool]] = {}
+        self.pause: dict[str, float] = {}
         self.requests: list[tuple[str, str | None]] = []
         outer = self
 
@@ -175,6 +179,14 @@ class RangeServer(Loopback):
                 header = self.headers.get("Range")
                 outer.requests.append((path, header))
                 body = outer.files.get(path)
+                if outer.busy.get(path) and outer.busy[path].pop(0):
+                    slow_down = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(slow_down)))
+                    self.end_headers()
+                    self.wfile.write(slow_down)
+                    return
+                time.sleep(outer.pause.get(path, 0))
                 if body is None:
                     self.send_response(404)
                     self.send_header("Content-Length", "0")

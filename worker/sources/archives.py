@@ -7,8 +7,10 @@ capped. The digest is checked after the last byte, before the caller installs th
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import tarfile
 import time
 from collections import deque
@@ -22,6 +24,7 @@ from schemas import Progress
 
 from ..errors import ModelSourceError
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _BLOCK = 1 << 20
 
@@ -124,6 +127,11 @@ def extract(
                 pass
         except (tarfile.ReadError, tarfile.HeaderError, zstandard.ZstdError, EOFError) as exc:
             raise ModelSourceError(field, f"archive is truncated or corrupt ({type(exc).__name__})") from None
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            raise ModelSourceError(field, f"no room left in MODELS_DIR to extract the archive "
+                                   f"({os.strerror(exc.errno)}); nothing was installed") from None
         if expected_size is not None and raw.count != expected_size:
             raise ModelSourceError(field, f"download ended after {raw.count} of {expected_size} bytes")
         if expected_sha256 and (digest := raw.hexdigest()) != expected_sha256:

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,7 +25,6 @@ from ..settings import Settings
 log = logging.getLogger(__name__)
 
 KINDS = ("archives", "checkpoints", "loras", "embeddings", "controlnets", "vaes")
-_STALE_STAGING_S = 6 * 3600  # older staging dirs are a crashed run's leftovers
 
 
 def entry_key(name: str, identity: str) -> str:
@@ -76,17 +74,26 @@ class DiskCache:
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
-        """A fresh directory on the cache's filesystem, removed afterwards whatever happens."""
+        """A fresh directory on the cache's filesystem, removed afterwards whatever happens.
+
+        Its owner holds ``<dir>.owner`` locked while it works: a worker killed mid-download
+        lets go of it with its life, and the next one to stage removes what it left."""
         self._staging.mkdir(parents=True, exist_ok=True)
         self._remove_stale_staging()
         if not self._swept:
             self._swept = True
             self._remove_stale_locks()
-        path = Path(tempfile.mkdtemp(dir=self._staging))
+        fd, name = tempfile.mkstemp(dir=self._staging, suffix=".owner")
+        owner = os.fdopen(fd, "a")
+        fcntl.flock(owner, fcntl.LOCK_EX)  # before the directory exists: a sweeper finds it owned
+        path = Path(name.removesuffix(".owner"))
+        path.mkdir()
         try:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+            Path(name).unlink(missing_ok=True)
+            owner.close()
 
     def obtain(self, kind: str, key: str, build: Callable[[Path], Path]) -> tuple[Path, bool]:
         """The installed entry, built first if absent; True when this call built it.
@@ -141,11 +148,18 @@ class DiskCache:
                 pass  # held: its holder removes it; not held: removed now
 
     def _remove_stale_staging(self) -> None:
-        now = time.time()
+        """Staging directories whose owner is gone (killed, or crashed)."""
         for path in self._staging.iterdir():
+            if path.name.endswith(".owner"):
+                continue
             try:
-                if now - path.stat().st_mtime > _STALE_STAGING_S:
+                with open(path.with_name(path.name + ".owner"), "a") as owner:
+                    try:
+                        fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:  # someone is working in it
+                        continue
                     shutil.rmtree(path, ignore_errors=True)
+                    Path(owner.name).unlink(missing_ok=True)
             except FileNotFoundError:
                 pass
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -100,6 +101,10 @@ def fetch_archive(
             saved, source = publish_missing(staging, location)
             return saved
         with download:
+            free = shutil.disk_usage(staging).free
+            if download.size and download.size > free:  # (it extracts to at least its own size)
+                raise ModelSourceError(field, f"the archive is {download.size / 1e9:.2f} GB and MODELS_DIR has "
+                                       f"{free / 1e9:.2f} GB free")
             expected = location.sha256 or download.sidecar_sha256()
             log.info("fetching %s (%s bytes, sha256 %s)", location.display, download.size, expected or "unknown")
             archives.extract(

@@ -5,7 +5,8 @@ names an S3 archive that does not exist yet, with a source to build it from). Th
 deterministic (sorted members, zeroed times and owners), so the same weights give the same
 bytes and the same sha256. Its members come in the order a cold start loads best from: the
 index, configs, tokenizers and scheduler first, then the weights, so a worker knows what each
-weight file belongs to before its first byte arrives (worker/sources/streaming.py). The upload is multipart through boto3's transfer manager, which
+weight file belongs to before its first byte arrives (worker/sources/streaming.py). The
+upload is multipart through boto3's transfer manager, which
 aborts the multipart upload if any part fails, so nothing is left behind; the digest goes into
 the object's metadata and into a ``.sha256`` object beside it, which fetches verify against.
 """
@@ -58,7 +59,7 @@ _WEIGHTS = (".safetensors", ".bin", ".gguf", ".ckpt", ".pt", ".pth")
 
 
 def _member_order(path: Path) -> tuple[bool, Path]:
-    """What describes the model first (model_index.json before all), then the weights."""
+    """What describes the model first (index, configs, tokenizers), then the weights."""
     return (path.is_file() and path.name.endswith(_WEIGHTS), path)
 
 

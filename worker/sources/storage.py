@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import re
 import threading
 import time
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 import urllib3
 
-from ..errors import ModelSourceError
+from ..errors import ModelSourceError, UserInputError
 from ..settings import Settings
 from .urls import Deadline, open_url, read_body, session_for
 
@@ -34,6 +35,16 @@ log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _RETRYABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+_BUSY = {429, 500, 502, 503, 504}  # a store that is busy or briefly unwell: asked again, after a pause
+
+
+class _Busy(Exception):
+    """A reply worth asking again (``_BUSY``)."""
+
+
+def backoff(failures: int) -> None:
+    """The pause before retry number ``failures``: exponential, capped, with jitter."""
+    time.sleep(min(0.2 * 2 ** (failures - 1), 8.0) * random.uniform(0.5, 1.0))
 
 
 class ObjectMissing(ModelSourceError):
@@ -144,18 +155,10 @@ class HttpDownload:
         self.deadline = deadline.__enter__()  # from the first connection to close()
         self.session = session_for(allow_private, pool_size=settings.download_concurrency + 2, deadline=deadline)
         try:
-            # The first range doubles as the probe: presigned URLs allow GET but not HEAD.
-            first = open_url(
-                self.session, location.url, field, allow_private=allow_private, timeout=settings.url_timeout_s,
-                headers={"Range": f"bytes=0-{self.chunk - 1}"}, deadline=deadline,
-            )
+            first = self._probe(location, allow_private)
         except BaseException:
             self.close()
             raise
-        if first.status_code not in (200, 206):
-            first.close()
-            self.close()
-            raise ModelSourceError(field, f"{location.display}: HTTP {first.status_code}")
         self.url = first.url  # after redirects: the ranges go straight there
         self._first = first
         self.ranged = first.status_code == 206
@@ -163,6 +166,34 @@ class HttpDownload:
             self.size = int(first.headers["Content-Range"].rpartition("/")[2])
         else:
             self.size = int(first.headers["Content-Length"]) if "Content-Length" in first.headers else None
+
+    def _probe(self, location: Location, allow_private: bool):
+        """The first range, which doubles as the probe (presigned URLs allow GET but not HEAD);
+        asked again while the server is busy (503, SlowDown...) or the connection fails."""
+        failures = 0
+        while True:
+            try:
+                first = open_url(
+                    self.session, location.url, self.field, allow_private=allow_private,
+                    timeout=self.settings.url_timeout_s, headers={"Range": f"bytes=0-{self.chunk - 1}"},
+                    deadline=self.deadline,
+                )
+                if first.status_code in (200, 206):
+                    return first
+                first.close()
+                if first.status_code not in _BUSY:
+                    raise ModelSourceError(self.field, f"{location.display}: HTTP {first.status_code}")
+                why = f"HTTP {first.status_code}"
+            except UserInputError as exc:
+                if not isinstance(exc.__context__, _RETRYABLE):  # (a refused address is not retried)
+                    raise
+                why = type(exc.__context__).__name__
+            failures += 1
+            if failures > self.settings.download_retries:
+                raise ModelSourceError(self.field, f"{location.display}: download failed after "
+                                       f"{self.settings.download_retries} retries ({why})")
+            log.info("%s: %s; asking again", location.display, why)
+            backoff(failures)
 
     def chunks(self) -> Iterator[bytes]:
         try:
@@ -216,6 +247,8 @@ class HttpDownload:
                     )
                 with response:
                     content_range = response.headers.get("Content-Range", "")
+                    if response.status_code in _BUSY:
+                        raise _Busy(f"HTTP {response.status_code}")
                     if response.status_code != 206 or not content_range.startswith(f"bytes {offset}-"):
                         raise ModelSourceError(self.field, f"bad ranged reply (HTTP {response.status_code})")
                     # Blocks of 256 KiB: when a connection breaks, only the block being read is
@@ -223,18 +256,17 @@ class HttpDownload:
                     for block in read_body(response, self.deadline, 1 << 18):
                         got += block
                 response = None
-            except _RETRYABLE as exc:
+            except (*_RETRYABLE, _Busy) as exc:
                 self.deadline.check()
                 response = None
                 failures += 1
+                why = str(exc) if isinstance(exc, _Busy) else type(exc).__name__
                 if failures > self.settings.download_retries:
                     raise ModelSourceError(
-                        self.field, f"download failed after {self.settings.download_retries} retries "
-                        f"({type(exc).__name__})"
+                        self.field, f"download failed after {self.settings.download_retries} retries ({why})"
                     ) from None
-                log.info("range %d-%d dropped at byte %d (%s); resuming", start, end, start + len(got),
-                         type(exc).__name__)
-                time.sleep(min(0.1 * 2**failures, 5))
+                log.info("range %d-%d stopped at byte %d (%s); resuming", start, end, start + len(got), why)
+                backoff(failures)
         del got[end - start + 1:]  # in place: the range's bytes are not copied again
         return got
 
