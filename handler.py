@@ -60,6 +60,26 @@ def _runs_one_local_job(argv: list[str], settings) -> bool:
     return any(arg.startswith("--test_input") for arg in argv) or not settings.on_runpod
 
 
+def _local_job(argv: list[str]) -> dict | None:
+    """The job the SDK will run locally, as it finds it: ``--test_input JSON``, else test_input.json."""
+    import json
+    from pathlib import Path
+
+    for i, arg in enumerate(argv):
+        text = arg.partition("=")[2] if arg.startswith("--test_input=") else None
+        if arg == "--test_input" and i + 1 < len(argv):
+            text = argv[i + 1]
+        if text is not None:
+            break
+    else:
+        path = Path("test_input.json")
+        text = path.read_text() if path.is_file() else None
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None  # the SDK will say so
+
+
 def main() -> None:
     from worker.jobs import JobRunner
     from worker.settings import Settings
@@ -68,6 +88,8 @@ def main() -> None:
     config: dict = {"return_aggregate_stream": True}
     runner = JobRunner(settings, config)
     local = _runs_one_local_job(sys.argv, settings)
+    if local and (job := _local_job(sys.argv)) is not None:
+        runner.read_ahead(job)  # its model starts fetching now, before the SDK has even imported
     # The engine (torch, diffusers) imports on its own thread while the SDK imports here.
     runner.start(warm_up=settings.preload_model and not local)
 

@@ -13,6 +13,7 @@ measures, in a fresh cache dir:
 Medians of --rounds rounds, as ratios to the baseline and as a fraction of the link rate.
 
     .venv/bin/python -m bench.coldstart --rounds 3
+    .venv/bin/python -m bench.coldstart --whole-process --rounds 3 --conn-mbps 60 --link-mbps 300
     python -m bench.coldstart --rounds 3 --link-mbps 1600 --concurrency 16 --device cuda   # a GPU worker
 """
 
@@ -231,10 +232,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="our DOWNLOAD_CONCURRENCY (the default: 8)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides load the model")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-coldstart"))
+    parser.add_argument("--whole-process", action="store_true",
+                        help="process start to first image, against download-then-load (bench/coldstart_process.py)")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
     model = make_model(args.work / "sd15-random")
+    if args.whole_process:
+        from bench.coldstart_process import run
+
+        return run(args, model)
     archives = {"tar.zst": pack(model, args.work / "sd15.tar.zst", zstd=True),
                 "tar": pack(model, args.work / "sd15.tar", zstd=False)}
     server = ServerProcess({f"/bench/{p.name}": p for p in archives.values()},

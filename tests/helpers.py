@@ -180,7 +180,7 @@ class RangeServer(Loopback):
                 outer.requests.append((path, header))
                 body = outer.files.get(path)
                 if outer.busy.get(path) and outer.busy[path].pop(0):
-                    slow_down = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    slow_down = b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
                     self.send_response(503)
                     self.send_header("Content-Length", str(len(slow_down)))
                     self.end_headers()

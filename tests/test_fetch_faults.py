@@ -79,7 +79,8 @@ def test_a_full_disk_fails_the_job_and_leaves_nothing(settings, http, archive, t
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     failed, then = done.stdout.strip().splitlines()[-2:]
-    assert failed == "model.url: no room left in MODELS_DIR to extract the archive (File too large); nothing was installed"
+    assert failed == ("model.url: no room left in MODELS_DIR to extract the archive (File too large); "
+                      "nothing was installed")
     assert then == "embedded"
     assert installed(settings) == [] and staged(settings) == []
 

@@ -79,6 +79,13 @@ class JobRunner:
             log.warning("start-up failed: %s", answer_for(exc, self.settings.secrets())[0])
         self._startup_ms = ms_since(start)
 
+    def read_ahead(self, job: dict) -> None:
+        """A job known before the SDK hands it over (a local test's): its model starts fetching now."""
+        try:
+            self._prefetch(parse_request(job.get("input"), self.settings.limits))
+        except Exception:  # noqa: BLE001 (the job itself will answer with the reason)
+            pass
+
     def _prefetch(self, request: Request | None) -> None:
         """Start fetching the archive the request's model (None: the default model) comes in,
         torch-free, unless it is installed already (worker/sources/fetches.py); the engine

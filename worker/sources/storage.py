@@ -29,7 +29,7 @@ import urllib3
 
 from ..errors import ModelSourceError, UserInputError
 from ..settings import Settings
-from .urls import Deadline, open_url, read_body, session_for
+from .urls import Deadline, PrivateAddress, caused_by, open_url, read_body, session_for
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,8 @@ class HttpDownload:
                     raise ModelSourceError(self.field, f"{location.display}: HTTP {first.status_code}")
                 why = f"HTTP {first.status_code}"
             except UserInputError as exc:
-                if not isinstance(exc.__context__, _RETRYABLE):  # (a refused address is not retried)
+                cause = exc.__context__
+                if not isinstance(cause, _RETRYABLE) or caused_by(cause, PrivateAddress):  # (refused: not retried)
                     raise
                 why = type(exc.__context__).__name__
             failures += 1
