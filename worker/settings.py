@@ -81,7 +81,8 @@ class Settings(BaseSettings):
     # --- Downloads of archives and checkpoints. ---
     download_concurrency: int = Field(8, ge=1, le=64, description="Parallel ranged requests per download.")
     download_chunk_mb: int = Field(16, ge=1, le=1024, description="Size of each ranged request.")
-    download_retries: int = Field(5, ge=0, le=50, description="Retries per range after a dropped connection.")
+    download_retries: int = Field(5, ge=0, le=50, description="Retries per request after a dropped connection "
+                                  "or a busy store (429, 5xx), with exponential backoff.")
     max_archive_bytes: int = Field(200 * 2**30, ge=1, description="Cap on the bytes an archive may extract to.")
     max_archive_members: int = Field(100_000, ge=1, description="Cap on the files an archive may hold.")
 
