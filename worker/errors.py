@@ -29,6 +29,9 @@ class UserInputError(WorkerError):
         super().__init__(f"{field}: {message}")
         self.field = field
 
+    def __reduce__(self):  # (raised in a fetching process, re-raised in the worker's)
+        return type(self), (self.field, str(self).partition(": ")[2])
+
 
 class ModelSourceError(UserInputError):
     """The requested model could not be found, fetched or loaded."""

@@ -119,6 +119,12 @@ def fetch_archive(
     return path, source if fetched else "cache"
 
 
+def _fetch_here(ref: ModelRef, settings: Settings, *, emit: Callable[[Progress], None],
+                watch: Callable[[Path, int, int, bool], None]) -> tuple[Path, str]:
+    """fetch_archive in a fetching process (fetches.in_child)."""
+    return fetch_archive(ref, settings, DiskCache(settings), emit, watch=watch)
+
+
 def start_fetch(ref: ModelRef, settings: Settings, disk: DiskCache) -> fetches.Fetch | None:
     """The fetch of ``ref``'s archive, joined if in flight, else started (torch-free, on its own
     thread); None when there is nothing to fetch: no archive, baked, or installed already."""
@@ -127,7 +133,7 @@ def start_fetch(ref: ModelRef, settings: Settings, disk: DiskCache) -> fetches.F
     key = archive_key(ref, settings)
 
     def run(fetch: fetches.Fetch) -> tuple[Path, str]:
-        return fetch_archive(ref, settings, disk, fetch.emit, watch=fetch.watch)
+        return fetches.in_child(fetch, _fetch_here, ref, settings)
 
     return fetches.begin(key, run, installed=disk.path("archives", key).is_dir)
 
