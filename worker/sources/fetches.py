@@ -32,6 +32,7 @@ from ..errors import answer_for
 log = logging.getLogger(__name__)
 
 _KEPT_S = 300  # how long a finished fetch waits to be joined
+_TELL_EVERY = 8 * 2**20  # a fetching process tells how far a file is written every this many bytes
 
 
 @dataclass
@@ -133,11 +134,20 @@ def in_child(fetch: Fetch, target: Callable, *args) -> tuple[Path, str]:
 
 
 def _child(conn, target: Callable, args: tuple) -> None:
+    import os
+
+    # Below the worker's own process: the first job's imports and inference come first, and the
+    # download keeps what CPU is left (on a GPU worker's many cores, plenty).
+    os.nice(10)
     def emit(event: Progress) -> None:
         conn.send(("emit", event))
 
+    told: dict[Path, int] = {}
+
     def watch(path: Path, written: int, size: int, done: bool) -> None:
-        conn.send(("watch", (path, written, size, done)))
+        if done or written - told.get(path, 0) >= _TELL_EVERY:  # (a message per MiB would queue up)
+            told[path] = written
+            conn.send(("watch", (path, written, size, done)))
 
     try:
         conn.send(("done", target(*args, emit=emit, watch=watch)))

@@ -61,11 +61,17 @@ class _File:
 class _Component:
     name: str
     library: str  # diffusers | transformers
-    cls: Any
+    class_name: str
     files: dict[Path, _File] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     skeleton: Any = None
     broken: str | None = None  # why it is loaded from disk after all
+
+    @property
+    def cls(self) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self.library), self.class_name)
 
 
 class _Follower:
@@ -110,17 +116,9 @@ class _Follower:
         self.root = root
         self.dtype = precision_dtype(load_precision(self.ref, family))
         left_out = family.without_t5() if family and not self.ref.t5 else {}
-        import diffusers
-        import transformers
-
-        for name, spec in index.items():
-            if name.startswith("_") or not isinstance(spec, list) or name in left_out:
-                continue
-            library, class_name = spec
-            module = {"diffusers": diffusers, "transformers": transformers}.get(library)
-            cls = getattr(module, class_name, None) if module else None
-            if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
-                self.components[name] = _Component(name, library, cls)
+        for name, spec in index.items():  # (classes resolved when needed: diffusers may still be importing)
+            if isinstance(spec, list) and spec[0] in ("diffusers", "transformers") and name not in left_out:
+                self.components[name] = _Component(name, *spec)
         self.before_load()
 
     def _component_of(self, path: Path) -> _Component | None:
