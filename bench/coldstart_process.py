@@ -9,8 +9,8 @@ own; by default 60 MB/s per connection and 300 MB/s in all). Each round, in a fr
   timed from the process's start to the image written (its "wrote" line), with the job's own
   ``timings``;
 - **baseline**: a process that does what users do today: boto3 ``download_file``, then
-  ``tarfile`` extraction, then ``import diffusers`` and ``from_pretrained`` (fp32 on the CPU, as
-  the worker loads there), then the same image;
+  ``tarfile`` extraction, then ``import diffusers`` and ``from_pretrained`` (as the worker loads:
+  fp32 on the CPU, fp16 on CUDA with ``--device cuda``), then the same image;
 - **link**: the archive's bytes alone, through the same connections, thrown away;
 - **image**: one image, the first of a pipeline loaded from disk in a warm process.
 
@@ -46,10 +46,11 @@ def _job(url: str) -> dict:
                       "num_inference_steps": 1, "seed": 1}}
 
 
-def ours(url: str, work: Path) -> tuple[float, dict]:
+def ours(url: str, work: Path, concurrency: int) -> tuple[float, dict]:
     models = work / "models"
+    path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))
     env = dict(os.environ, MODELS_DIR=str(models), ALLOW_PRIVATE_URLS="1", LOCAL_OUTPUT_DIR=str(work / "out"),
-               PYTHONPATH=str(ROOT))
+               PYTHONPATH=path, DOWNLOAD_CONCURRENCY=str(concurrency))
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "handler.py", "--test_input", json.dumps(_job(url))], cwd=ROOT,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -71,7 +72,7 @@ _BASELINE = """
 import sys, tarfile, time
 from pathlib import Path
 import boto3, zstandard
-endpoint, key, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+endpoint, key, work, device = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
                       region_name="us-east-1")
 archive = work / "model.tar.zst"
@@ -82,17 +83,18 @@ with open(archive, "rb") as raw:
 archive.unlink()
 import torch
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(work / "model", dtype=torch.float32)
+pipe = DiffusionPipeline.from_pretrained(work / "model", dtype=torch.float16 if device == "cuda" else torch.float32)
+pipe.to(device)
 image = pipe("a lighthouse", width=64, height=64, num_inference_steps=1,
              generator=torch.Generator().manual_seed(1)).images[0]
 image.save(work / "baseline.png")
 """
 
 
-def baseline(endpoint: str, key: str, work: Path) -> float:
+def baseline(endpoint: str, key: str, work: Path, device: str) -> float:
     start = time.perf_counter()
     with open(work.parent / f"{work.name}.log", "w") as log:
-        process = subprocess.Popen([sys.executable, "-c", _BASELINE, endpoint, key, str(work)], stdout=log,
+        process = subprocess.Popen([sys.executable, "-c", _BASELINE, endpoint, key, str(work), device], stdout=log,
                                    stderr=log, text=True)
         while process.poll() is None and not (work / "baseline.png").is_file():
             time.sleep(0.01)
@@ -118,13 +120,14 @@ def link(url: str, concurrency: int) -> float:
     return time.perf_counter() - start
 
 
-def one_image(model: Path) -> float:
+def one_image(model: Path, device: str) -> float:
     """The first image of a pipeline freshly loaded from disk (imports done): what the worker's first
     job must compute once its weights are in."""
     import torch
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float16 if device == "cuda" else torch.float32)
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
     pipe("a lighthouse", width=64, height=64, num_inference_steps=1, generator=torch.Generator().manual_seed(1))
@@ -140,7 +143,8 @@ def run(args, model: Path) -> None:
     server = ServerProcess({f"/bench/{archive.name}": archive}, args.conn_mbps * 1e6, args.link_mbps * 1e6)
     url = f"{server.url}/bench/{archive.name}"
     print(f"archive {archive.stat().st_size / 1e9:.2f} GB (converter's order); link {args.link_mbps:.0f} MB/s, "
-          f"{args.conn_mbps:.0f} MB/s per connection; {args.rounds} rounds; whole processes, 64 px, 1 step, CPU")
+          f"{args.conn_mbps:.0f} MB/s per connection; {args.rounds} rounds; whole processes, 64 px, 1 step, "
+          f"{args.device}")
     rows: dict[str, list[float]] = {"ours": [], "baseline": [], "link": [], "image": []}
     phases: list[dict] = []
     for round_ in range(args.rounds):
@@ -149,14 +153,14 @@ def run(args, model: Path) -> None:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             if name == "ours":
-                elapsed, timings = ours(url, work)
+                elapsed, timings = ours(url, work, args.concurrency)
                 phases.append(timings)
             else:
-                elapsed = baseline(server.url, f"{archive.name}", work)
+                elapsed = baseline(server.url, f"{archive.name}", work, args.device)
             rows[name].append(elapsed)
             shutil.rmtree(work, ignore_errors=True)
         rows["link"].append(link(url, args.concurrency))
-        rows["image"].append(one_image(model))
+        rows["image"].append(one_image(model, args.device))
         print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in rows.items())
               + f"; ours' timings {phases[-1]}")
     server.close()

@@ -16,6 +16,9 @@ timeout 200 python3 -m bench.coldstart --rounds 3 --link-mbps 1600 --concurrency
   2>&1 | tee "$out/coldstart-1600.log"
 timeout 200 python3 -m bench.coldstart --rounds 3 --link-mbps 800 --device cuda --work $work \
   2>&1 | tee "$out/coldstart-800.log"
+# Whole process, python handler.py to the first image, against download-then-load (issue 15).
+timeout 300 python3 -m bench.coldstart --whole-process --rounds 3 --conn-mbps 90 --link-mbps 1600 --device cuda \
+  --work $work 2>&1 | tee "$out/coldstart-process.log"
 # FLUX.1-dev-shaped (random weights, bf16) at 1024 px: load, peak memory and s/step per OFFLOAD mode.
 timeout 420 python3 -m bench.flux_memory --device cuda --size 1024 --steps 4 \
   2>&1 | grep -v -i -E "warn|torchvision" | tee "$out/flux-memory.log"
