@@ -112,3 +112,45 @@ def test_jobs_arriving_during_a_fetch_wait_for_the_one_fetch(settings, http, tin
     assert not errors
     assert sorted(r.model.source for r in results) == ["memory", "url"]
     assert [r for _, r in http.requests].count(f"bytes=0-{2**20 - 1}") == 1  # fetched once
+
+
+def test_a_fresh_worker_process_fetches_while_it_imports_and_says_where_time_went(http, tiny_dir,
+                                                                                              tmp_path):
+    """``python handler.py --test_input`` naming an archive: fetched (in a process of its own) while the
+    worker imports, and the job's timings show the start-up it waited for, the download, the load after
+    the last byte and the image. (So small an archive has landed whole before the imports end.)"""
+    import ast
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, worker_env
+
+    http.files["/tiny.tar.zst"] = _converter_archive(tiny_dir, tmp_path)
+    job = {"input": {"prompt": "p", "num_inference_steps": 1, "width": 64, "height": 64,
+                     "model": {"url": http.url + "/tiny.tar.zst"}}}
+    done = subprocess.run([sys.executable, str(ROOT / "handler.py"), "--test_input", json.dumps(job)], cwd=tmp_path,
+                          env=worker_env(tmp_path / "models", ALLOW_PRIVATE_URLS="1"), capture_output=True, text=True,
+                          timeout=180)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "'source': 'url'" in output
+    timings = ast.literal_eval(re.search(r"'timings': (\{[^}]*\})", output).group(1))
+    assert {"startup", "download", "load", "inference"} <= set(timings)
+    assert (tmp_path / "output" / "local_test-0.png").is_file()
+
+
+def test_while_a_worker_starts_its_fetch_runs_in_a_process_of_its_own(settings, http, tiny_dir, tmp_path,
+                                                                      monkeypatch):
+    """(Beside the imports, a fetching thread would starve.) Its files, progress and errors cross over."""
+    from worker.errors import ModelSourceError
+    from worker.sources import fetches
+
+    monkeypatch.setattr(fetches, "still_starting", lambda: True)
+    http.files["/tiny.tar.zst"] = _converter_archive(tiny_dir, tmp_path)
+    events: list = []
+    result = generate(settings, {"url": http.url + "/tiny.tar.zst"}, events)
+    assert result.model.source == "url" and any(e.stage == "download" for e in events)
+    with pytest.raises(ModelSourceError, match=r"^model\.url: .*/missing\.tar\.zst: HTTP 404$"):
+        generate(settings, {"url": http.url + "/missing.tar.zst"})

@@ -35,6 +35,7 @@ from .parts.vaes import Vaes
 from .plan import Plan
 from .precision import pick_device
 from .settings import Settings
+from .sources import fetches
 from .sources.destinations import check_writable, hub_names
 from .sources.loading import check_t5
 from .sources.locate import FETCHED_NOW
@@ -62,6 +63,7 @@ class Engine:
         self.ip_adapters = IpAdapters(settings)
         self.inputs = Inputs(settings, self.device)
         self._lock = threading.Lock()  # one job on the GPU at a time
+        fetches.started()  # the heavy imports are done: archives fetch on threads now
 
     def warm_up(self) -> None:
         """Load the default model so the first job finds it in memory."""

@@ -47,7 +47,7 @@ class JobRunner:
         self._engine = engine
         self._engine_lock = threading.Lock()
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._startup_ms: float | None = None  # importing the engine at start(), told the first job
+        self._startup: tuple[float, float] | None = None  # start()'s import: how long, when done
 
     # --- The engine, created on first use (it imports torch) ---
 
@@ -77,7 +77,7 @@ class JobRunner:
             self.engine()
         except Exception as exc:  # the first job will retry, and answer with the reason
             log.warning("start-up failed: %s", answer_for(exc, self.settings.secrets())[0])
-        self._startup_ms = ms_since(start)
+        self._startup = (ms_since(start), time.perf_counter())
 
     def read_ahead(self, job: dict) -> None:
         """A job known before the SDK hands it over (a local test's): its model starts fetching now."""
@@ -197,8 +197,10 @@ class JobRunner:
             start = time.perf_counter()
             self.engine()
             phases["startup"] = ms_since(start)
-        elif self._startup_ms is not None:  # imported at start(), while this job was on its way
-            phases["startup"], self._startup_ms = self._startup_ms, None
+        elif self._startup is not None:  # imported at start(): told the first job, if it waited for it
+            if received < self._startup[1]:
+                phases["startup"] = self._startup[0]
+            self._startup = None
         engine = self.engine()
         if isinstance(request, ConvertRequest):
             result = engine.convert(request, emit, cancel.is_set)

@@ -7,10 +7,11 @@ hears the download's progress, gets its outcome, and can follow each file as it 
 (``Fetch.landed``), which is how a pipeline loads while its archive still arrives
 (worker/sources/streaming.py). A second job for the same model waits for the one fetch.
 
-The bytes are fetched and extracted in a process of its own (``in_child``): on a thread, they
-would share the interpreter's lock with the imports and the loading that run meanwhile, and a
-thread doing pure Python starves I/O threads (fetching 1.5 GB beside one busy thread took 91 s
-instead of 6 s on two cores).
+While the process is still starting, the bytes are fetched and extracted in a process of their
+own (``in_child``): on a thread, they would share the interpreter's lock with the imports of
+torch and diffusers, and a thread running pure Python starves I/O threads (fetching 1.5 GB
+beside one busy thread took 91 s instead of 6 s on two cores). Once the engine has imported
+(``started``), a thread does: spawning a process costs more than it saves there.
 
 A finished fetch stays here until a job has joined it (its source is ``url`` for that job),
 for at most a few minutes; later jobs find the model installed in MODELS_DIR.
@@ -102,6 +103,18 @@ class Fetch:
         if self.error is not None:
             raise self.error
         return self.installed, self.source
+
+
+_started = threading.Event()
+
+
+def started() -> None:
+    """The worker's heavy imports are done: fetches run on threads from now on."""
+    _started.set()
+
+
+def still_starting() -> bool:
+    return not _started.is_set()
 
 
 def in_child(fetch: Fetch, target: Callable, *args) -> tuple[Path, str]:

@@ -133,7 +133,9 @@ def start_fetch(ref: ModelRef, settings: Settings, disk: DiskCache) -> fetches.F
     key = archive_key(ref, settings)
 
     def run(fetch: fetches.Fetch) -> tuple[Path, str]:
-        return fetches.in_child(fetch, _fetch_here, ref, settings)
+        if fetches.still_starting():  # (see fetches: imports would starve a fetching thread)
+            return fetches.in_child(fetch, _fetch_here, ref, settings)
+        return fetch_archive(ref, settings, disk, fetch.emit, watch=fetch.watch)
 
     return fetches.begin(key, run, installed=disk.path("archives", key).is_dir)
 
