@@ -174,6 +174,16 @@ class RangeServer(Loopback):
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def do_HEAD(self):  # (enough for boto3, with this server as an S3 endpoint: /bucket/key)
+                path = self.path.split("?")[0]
+                outer.requests.append((path, "HEAD"))
+                body = outer.files.get(path)
+                busy = bool(outer.busy.get(path)) and outer.busy[path].pop(0)
+                self.send_response(503 if busy else 404 if body is None else 200)
+                self.send_header("Content-Length", str(len(body) if body is not None and not busy else 0))
+                self.send_header("ETag", '"range-server"')
+                self.end_headers()
+
             def do_GET(self):
                 path = self.path.split("?")[0]
                 header = self.headers.get("Range")
@@ -203,6 +213,7 @@ class RangeServer(Loopback):
                         return
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+                    self.send_header("ETag", '"range-server"')
                 else:
                     self.send_response(200)
                 self.send_header("Content-Length", str(end - start + 1))

@@ -114,3 +114,14 @@ def test_a_worker_killed_mid_download_leaves_nothing_the_next_one_loads(settings
     result = generate(settings, {"url": http.url + "/tiny.tar.zst"})
     assert result.model.source == "url"  # fetched again from the start, not found half there
     assert len(installed(settings)) == 1 and staged(settings) == []
+
+
+def test_an_s3_store_saying_slow_down_is_asked_again(settings, http, archive):
+    """boto3's standard retries, as the worker configures them (DOWNLOAD_RETRIES), on HEAD and on a part."""
+    http.files["/models/tiny.tar.zst"] = archive
+    http.busy["/models/tiny.tar.zst"] = [True, False, False, True]  # the first HEAD, and a GET after
+    store = settings.model_copy(update={"aws_s3_endpoint_url": http.url, "download_chunk_mb": 8})
+    result = generate(store, {"url": "s3://models/tiny.tar.zst"})
+    assert result.model.source == "url"
+    assert [p for p, _ in http.requests].count("/models/tiny.tar.zst") >= 4  # both refusals asked again
+    assert http.busy["/models/tiny.tar.zst"] == []
