@@ -42,7 +42,7 @@ Start-up (nothing heavy happens at import):
    ``--test_input``), else ``stream`` (a generator), or ``plain`` with STREAMING=false;
 3. import the engine (torch, diffusers) on the engine thread while the SDK imports; outside
    local tests, load the default model next (PRELOAD_MODEL): its archive, if it has one,
-   streams in on a thread of its own meanwhile;
+   streams in meanwhile, fetched by a process of its own (worker/sources/fetches.py);
 4. hand over to ``runpod.serverless.start``. A job's ``model.url`` starts fetching the moment
    the job is read, and loads while it arrives (docs/models.md, cold starts).
 """
