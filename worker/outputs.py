@@ -39,7 +39,8 @@ from schemas import ImageOut, Progress, S3Config
 from .errors import UserInputError
 from .settings import Settings
 from .sources.destinations import NoOverwrite, check_key, check_writable, refuse_existing
-from .sources.storage import Location, s3_client, s3_error
+from .sources.s3 import s3_client, s3_error
+from .sources.storage import Location
 from .sources.urls import Deadline, PrivateAddress, caused_by, check_url, private_message, session_for
 from .timing import ms_since
 

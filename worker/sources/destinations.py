@@ -31,7 +31,8 @@ from urllib.parse import urlsplit
 
 from ..errors import UserInputError
 from ..settings import Settings
-from .storage import Location, conventional_name, error_code
+from .s3 import error_code
+from .storage import Location, conventional_name
 
 log = logging.getLogger(__name__)
 

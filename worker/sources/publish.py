@@ -27,7 +27,8 @@ from ..settings import Settings
 from ..timing import ms_since
 from .archives import byte_progress
 from .destinations import NoOverwrite, refuse_existing
-from .storage import Location, s3_client, s3_error
+from .s3 import s3_client, s3_error
+from .storage import Location
 
 _LEVEL = 3  # fp16 weights barely compress: a fast level loses next to nothing
 
