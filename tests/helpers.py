@@ -244,6 +244,29 @@ def stream(runner, job: dict) -> list[dict]:
     return asyncio.run(go())
 
 
+def at_once(work, times: int = 2) -> list:
+    """``work()`` run on ``times`` threads at once: their results (in the order they finished); the
+    first error, if any, raised."""
+    import threading
+
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(work())
+        except Exception as exc:  # raised below, on the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(times)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 def stripes(size=(128, 64)) -> Image.Image:
     """Coloured bands across the width: which part of it a model sees shows."""
     image = Image.new("RGB", size)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import BUCKET, RangeServer, generate, pack
+from tests.helpers import BUCKET, RangeServer, at_once, generate, pack
 from worker.errors import ModelSourceError, UserInputError
 from worker.settings import Settings
 
@@ -172,20 +172,8 @@ def test_two_workers_fetch_one_model_once(settings, http, archive):
 
     http.files["/tiny.tar.zst"] = archive
     ref = model_ref(ModelSpec(url=http.url + "/tiny.tar.zst"), settings, "cpu")
-    results, errors = [], []
-
-    def worker():
-        try:
-            results.append(fetch_archive(ref, settings, DiskCache(settings), lambda event: None)[1])
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors and sorted(results) == ["cache", "url"]
+    results = at_once(lambda: fetch_archive(ref, settings, DiskCache(settings), lambda event: None)[1])
+    assert sorted(results) == ["cache", "url"]
     assert [r for _, r in http.requests].count(f"bytes=0-{2**20 - 1}") == 1  # fetched once
 
 

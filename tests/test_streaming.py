@@ -10,13 +10,12 @@ from __future__ import annotations
 import io
 import logging
 import tarfile
-import threading
 
 import numpy as np
 import pytest
 import zstandard
 
-from tests.helpers import generate, pack
+from tests.helpers import at_once, generate, pack
 from worker.sources.publish import pack as converter_pack
 
 
@@ -81,35 +80,17 @@ def test_an_archive_with_its_index_last_draws_the_same(settings, http, tiny_dir)
 
 def test_jobs_arriving_during_a_fetch_wait_for_the_one_fetch(settings, http, tiny_dir):
     """Two jobs for one archive at once, in one worker: one download, both answered."""
+    from schemas import InferenceRequest, ModelSpec
     from worker.engine import Engine
     from worker.sources import fetches
+    from worker.sources.locate import prefetch
 
     http.files["/tiny.tar.zst"] = pack(tiny_dir)
     model = {"url": http.url + "/tiny.tar.zst"}
-    spec_fetch = None
-    from schemas import ModelSpec
-    from worker.sources.locate import prefetch
-
-    spec_fetch = prefetch(ModelSpec(**model), settings)  # as the job is read, before the engine
-    assert isinstance(spec_fetch, fetches.Fetch)
+    assert isinstance(prefetch(ModelSpec(**model), settings), fetches.Fetch)  # as the job is read, before the engine
     engine = Engine(settings)
-    results, errors = [], []
-
-    def job():
-        from schemas import InferenceRequest
-
-        request = InferenceRequest.model_validate({"prompt": "p", "num_inference_steps": 2, "seed": 4, "model": model})
-        try:
-            results.append(engine.generate(request, lambda e: None, lambda: False))
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=job) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
+    request = InferenceRequest.model_validate({"prompt": "p", "num_inference_steps": 2, "seed": 4, "model": model})
+    results = at_once(lambda: engine.generate(request, lambda e: None, lambda: False))
     assert sorted(r.model.source for r in results) == ["memory", "url"]
     assert [r for _, r in http.requests].count(f"bytes=0-{2**20 - 1}") == 1  # fetched once
 

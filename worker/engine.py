@@ -33,7 +33,6 @@ from .parts.ip_adapters import IpAdapters
 from .parts.schedulers import make_scheduler
 from .parts.vaes import Vaes
 from .plan import Plan
-from .precision import pick_device
 from .settings import Settings
 from .sources import fetches
 from .sources.destinations import check_writable, hub_names
@@ -45,6 +44,14 @@ from .sources.storage import Location, conventional_name, parse_location
 from .timing import ms_since
 
 Emit = Callable[[Progress], None]
+
+
+def pick_device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DEVICE=cuda but no CUDA device is visible")
+    return choice
 
 
 class Engine:

@@ -79,8 +79,8 @@ class ModelStore:
             self._make_room()
             if not self.offloaded:
                 loaded.pipeline.to(self.device)
-        elif fetch is not None and (streamed := self._stream(fetch, ref, emit)) is not None:
-            loaded, source, arrived = streamed  # loaded while it arrived: what is left after is "load"
+        elif fetch is not None:
+            loaded, source, arrived = self._stream(fetch, ref, emit)  # what is left after the last byte: "load"
             timings["download"] = ms_since(start) - ms_since(arrived)
             start = arrived
         else:
@@ -142,25 +142,23 @@ class ModelStore:
 
             torch.cuda.empty_cache()
 
-    def _stream(self, fetch, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Loaded, str, float] | None:
-        """Load while the archive arrives (worker/sources/streaming.py); None if it turned out
-        missing on S3 (the locator builds and publishes it)."""
+    def _stream(self, fetch, ref: ModelRef, emit: Callable[[Progress], None]) -> tuple[Loaded, str, float]:
+        """Load while the archive arrives (worker/sources/streaming.py): the model, its source, and
+        when the last byte came. An archive missing on S3 is built from the model's other source."""
         from .sources.storage import ObjectMissing
-        from .sources.streaming import load_streaming
+        from .sources.streaming import follow
 
         try:
-            pipeline, _, source, arrived = load_streaming(fetch, ref, self.device, self.offloaded, emit,
-                                                          self._make_room)
-        except ObjectMissing:
-            return None
-        except ModelSourceError as exc:
-            if exc.field != "model.id":
-                raise
-            raise _could_not_load(ref, exc) from None
-        self._make_room()  # (done already, unless its index came last)
-        return self._checked(pipeline, ref), source, arrived
+            built, path, source, arrived = follow(fetch, ref, "cpu" if self.offloaded else self.device, emit,
+                                                  self._make_room)
+        except ObjectMissing as missing:
+            path, source = self.locator.build_missing(ref, emit, missing)
+            built, arrived = {}, time.perf_counter()
+        self._make_room()  # (done already, if the weights were read as they landed)
+        return self._load(path, ref, built), source, arrived
 
-    def _load(self, path: Path, ref: ModelRef) -> Loaded:
+    def _load(self, path: Path, ref: ModelRef, prebuilt: dict[str, Any] | None = None) -> Loaded:
+        """``prebuilt``: components loaded already, by name (worker/sources/streaming.py)."""
         try:
             family = families.at(path)  # a model this worker cannot run is refused before loading
         except ModelSourceError as exc:
@@ -168,7 +166,7 @@ class ModelStore:
         check_t5(ref, family)
         precision = load_precision(ref, family)
         try:
-            pipeline = load_pipeline(path, precision, ref.variant, self.device, ref.t5, self.offloaded)
+            pipeline = load_pipeline(path, precision, ref.variant, self.device, ref.t5, self.offloaded, prebuilt)
         except ModelSourceError as exc:
             raise _could_not_load(ref, exc) from None
         return self._checked(pipeline, ref)

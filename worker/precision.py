@@ -12,13 +12,3 @@ def dtype(precision: str) -> Any:
 
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
-
-def pick_device(choice: str) -> str:
-    """The device to run on: DEVICE's choice, ``auto`` being CUDA where there is one."""
-    import torch
-
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("DEVICE=cuda but no CUDA device is visible")
-    return choice

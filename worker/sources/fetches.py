@@ -13,7 +13,7 @@ torch and diffusers, and a thread running pure Python starves I/O threads (fetch
 beside one busy thread took 91 s instead of 6 s on two cores). Once the engine has imported
 (``started``), a thread does: spawning a process costs more than it saves there.
 
-A finished fetch stays here until a job has joined it (its source is ``url`` for that job),
+A finished fetch stays here until a job has taken its outcome (its source is ``url`` for that job),
 for at most a few minutes; later jobs find the model installed in MODELS_DIR.
 """
 
@@ -96,10 +96,14 @@ class Fetch:
         with self._changed:
             return list(self.landed.values())
 
-    def result(self) -> tuple[Path, str]:
-        """The installed directory and its source, once the fetch has ended; or its error."""
+    def take(self) -> tuple[Path, str]:
+        """The installed directory and its source, once the fetch has ended, or its error: taken
+        by a job, so later jobs find the model installed (or fetch it anew)."""
         with self._changed:
             self._changed.wait_for(lambda: self.done)
+        with _lock:
+            if _fetches.get(self.key) is self:
+                del _fetches[self.key]
         if self.error is not None:
             raise self.error
         return self.installed, self.source
@@ -202,9 +206,3 @@ def begin(key: str, run: Callable[[Fetch], tuple[Path, str]], installed: Callabl
     threading.Thread(target=fetching, name=f"fetch-{key[:24]}", daemon=True).start()
     return fetch
 
-
-def joined(fetch: Fetch) -> None:
-    """A job has taken the fetch's outcome: later ones find the model installed (or fetch anew)."""
-    with _lock:
-        if _fetches.get(fetch.key) is fetch and fetch.done:
-            del _fetches[fetch.key]

@@ -125,10 +125,14 @@ def _fetch_here(ref: ModelRef, settings: Settings, *, emit: Callable[[Progress],
     return fetch_archive(ref, settings, DiskCache(settings), emit, watch=watch)
 
 
-def start_fetch(ref: ModelRef, settings: Settings, disk: DiskCache) -> fetches.Fetch | None:
-    """The fetch of ``ref``'s archive, joined if in flight, else started (torch-free, on its own
-    thread); None when there is nothing to fetch: no archive, baked, or installed already."""
-    if not ref.url or find_baked(ref, read_baked(settings.baked_dir), settings.baked_dir):
+def start_fetch(
+    ref: ModelRef, settings: Settings, disk: DiskCache, baked: list[dict] | None = None,
+) -> fetches.Fetch | None:
+    """The fetch of ``ref``'s archive, joined if in flight, else started (torch-free; see fetches
+    for where it runs); None when there is nothing to fetch: no archive, baked, or installed already."""
+    if not ref.url:
+        return None
+    if find_baked(ref, read_baked(settings.baked_dir) if baked is None else baked, settings.baked_dir):
         return None
     key = archive_key(ref, settings)
 
@@ -154,11 +158,10 @@ class Locator:
         if ref.url:
             if fetch := self.fetching(ref):
                 try:
-                    return self.outcome(fetch, emit)
-                except ObjectMissing:  # built from the model's other source, if it has one
-                    if (publisher := self._publisher(ref, emit)) is None:
-                        raise
-                    return fetch_archive(ref, self.settings, self.disk, emit, publisher)
+                    fetch.listen(emit)
+                    return fetch.take()
+                except ObjectMissing as missing:
+                    return self.build_missing(ref, emit, missing)
             return fetch_archive(ref, self.settings, self.disk, emit)
         if ref.checkpoint_url:
             field = "CHECKPOINT_URL" if ref.from_env else "model.checkpoint_url"
@@ -200,16 +203,15 @@ class Locator:
 
     def fetching(self, ref: ModelRef) -> fetches.Fetch | None:
         """The fetch of ``ref``'s archive, in flight or started now; None if there is none to run."""
-        return start_fetch(ref, self.settings, self.disk)
+        return start_fetch(ref, self.settings, self.disk, self.baked)
 
-    @staticmethod
-    def outcome(fetch: fetches.Fetch, emit: Callable[[Progress], None]) -> tuple[Path, str]:
-        """Wait for ``fetch``, hearing its progress: the installed directory and its source."""
-        fetch.listen(emit)
-        try:
-            return fetch.result()
-        finally:
-            fetches.joined(fetch)
+    def build_missing(self, ref: ModelRef, emit: Callable[[Progress], None],
+                      missing: ObjectMissing) -> tuple[Path, str]:
+        """An archive ``missing`` on S3: built from the model's other source and published there,
+        then installed (docker-diffusers-api's flow); ``missing`` raised if it has no other source."""
+        if (publisher := self._publisher(ref, emit)) is None:
+            raise missing
+        return fetch_archive(ref, self.settings, self.disk, emit, publisher)
 
     def _configs(self, ref: ModelRef, emit: Callable[[Progress], None], parts: list[str] = ()) -> Path:
         """A diffusers directory with ``ref``'s configs, and the weights of ``parts`` (what a

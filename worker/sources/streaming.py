@@ -1,7 +1,7 @@
 """Load a pipeline while its archive still arrives: each weight as soon as its bytes land.
 
 The fetch (worker/sources/fetches.py) writes the archive's files into the cache's staging
-directory and says how far each one has been written. ``load_streaming`` follows it: once
+directory and says how far each one has been written. ``follow`` follows it: once
 ``model_index.json`` has landed it knows the model's family and precision; each tensor of a
 component's safetensors files is read the moment its bytes are on disk (from the page cache:
 they were just written), converted to the precision the model runs in and, on CUDA, copied to
@@ -33,8 +33,8 @@ from schemas import Progress
 from .. import families
 from ..errors import ModelSourceError
 from ..precision import dtype as precision_dtype
-from .fetches import Fetch, joined
-from .loading import check_t5, load_pipeline
+from .fetches import Fetch
+from .loading import check_t5
 from .refs import ModelRef, load_precision
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class _Follower:
         self.dtype: torch.dtype | None = None
         self.components: dict[str, _Component] = {}
         self.installed: Path | None = None
-        self.refused: ModelSourceError | None = None  # the model is not one this worker runs
+        self.refused = False  # it is not a model this worker follows: nothing streams
 
     def follow(self, landed: list) -> None:
         """Read whatever has landed since the last call."""
@@ -95,11 +95,10 @@ class _Follower:
                 return
             try:
                 self._start(index.path.parent)
-            except ModelSourceError as exc:  # told once the fetch has ended: its own error comes first
-                self.refused = exc
-                return
-            except (OSError, ValueError):  # gone with a failed fetch, or not an index: loaded from disk if at all
-                self.root = None
+            except (ModelSourceError, OSError, ValueError):
+                # Not a model of ours (refused once installed, as from disk), an index gone with a
+                # failed fetch, or not an index at all: nothing streams.
+                self.refused = True
                 return
         for file in landed:
             component = self._component_of(file.path)
@@ -196,7 +195,7 @@ class _Follower:
             return path
         return self.installed / path.relative_to(self.root)
 
-    def assemble(self, installed: Path) -> dict[str, Any]:
+    def assemble(self) -> dict[str, Any]:
         """The streamed components, complete and in place, by name; the rest load from disk."""
         built = {}
         for component in self.components.values():
@@ -207,7 +206,7 @@ class _Follower:
                     raise ValueError(component.broken)
                 if any(file.fd != -1 for file in component.files.values()):
                     raise ValueError("a file was not read whole")
-                built[component.name] = self._place(component, installed / component.name)
+                built[component.name] = self._place(component, self.installed / component.name)
             except Exception as exc:  # noqa: BLE001 (loaded from disk instead, exactly)
                 log.info("%s not streamed (%s): loading it from disk", component.name, exc)
             component.tensors = {}
@@ -245,15 +244,16 @@ def _is_weights(name: str, variant: str | None) -> bool:
     return re.fullmatch(rf"(diffusion_pytorch_model|model){middle}(-\d+-of-\d+)?\.safetensors", name) is not None
 
 
-def load_streaming(fetch: Fetch, ref: ModelRef, device: str, offload: bool, emit: Callable[[Progress], None],
-                   before_load: Callable[[], None]) -> tuple[Any, Path, str, float]:
-    """The pipeline of the archive ``fetch`` brings, loaded while it arrives (see the module's
-    docstring): the pipeline, its installed directory, its source, and when the last byte came
-    (``time.perf_counter()``). The fetch's error, if it fails; the model's refusal, if no family
-    of ours runs it."""
+def follow(fetch: Fetch, ref: ModelRef, device: str, emit: Callable[[Progress], None],
+           before_load: Callable[[], None]) -> tuple[dict[str, Any], Path, str, float]:
+    """Follow the archive ``fetch`` brings until it is installed, reading its weights as they land
+    onto ``device`` (see the module's docstring): the components built from them, by name (the
+    rest load from disk), the installed directory, its source, and when the last byte came
+    (``time.perf_counter()``); or the fetch's error. ``before_load`` runs once the model is known
+    to be one this worker runs, before any weight is read."""
     import time
 
-    follower = _Follower(ref, "cpu" if offload else device, before_load)
+    follower = _Follower(ref, device, before_load)
     fetch.listen(emit)
     try:
         version = 0
@@ -261,19 +261,12 @@ def load_streaming(fetch: Fetch, ref: ModelRef, device: str, offload: bool, emit
             follower.follow(fetch.snapshot())
             version = fetch.wait(version, timeout=1.0)
         arrived = time.perf_counter()
-        try:
-            installed, source = fetch.result()
-        finally:
-            joined(fetch)
-        if follower.refused:
-            raise follower.refused
+        installed, source = fetch.take()
         built = {}
-        if follower.root is not None:  # (else its index came last, or it was installed already)
+        if follower.root is not None:  # (else its index came last, or it is not a model of ours)
             follower.installed = installed
             follower.follow(fetch.snapshot())  # what landed since the last look
-            built = follower.assemble(installed)
+            built = follower.assemble()
     finally:
         follower.close()
-    precision = load_precision(ref, families.at(installed))
-    pipeline = load_pipeline(installed, precision, ref.variant, device, ref.t5, offload, prebuilt=built)
-    return pipeline, installed, source, arrived
+    return built, installed, source, arrived
