@@ -8,7 +8,7 @@ from .options import CacheSpec, HiresSpec, OutpaintSpec, OutputSpec, VariationSp
 from .parse import S3Config, parse_request
 from .parts import ControlNetSpec, EmbeddingSpec, IpAdapterSpec, LoraSpec, RefinerSpec, VaeSpec
 from .request import InferenceRequest
-from .result import ConvertOut, ImageOut, ModelInfo, Progress, Result, TrainOut
+from .result import CacheOut, ConvertOut, ImageOut, ModelInfo, Progress, Result, TrainOut
 from .schedulers import SCHEDULERS, a1111_name, canonical_scheduler
 from .train import TrainRequest, TrainSpec
 
@@ -26,6 +26,7 @@ __all__ = [
     "VariationSpec",
     "OutpaintSpec",
     "CacheSpec",
+    "CacheOut",
     "IpAdapterSpec",
     "VaeSpec",
     "EmbeddingSpec",

@@ -155,9 +155,10 @@ class InferenceRequest(Strict):
         default_factory=list, max_length=4, description="ControlNets steering this request, each with its image."
     )
     hires: HiresSpec | None = Field(None, description="txt2img: a second, larger pass (AUTOMATIC1111's hires fix).")
-    cache: CacheSpec | None = Field(
+    cache: CacheSpec | Literal[False] | None = Field(
         None, description="Lossy step caching for this request (diffusers' cache hooks: first_block, taylorseer, "
-        "magcache, faster), for models whose denoiser has them (FLUX.1); off again after the job."
+        "magcache, faster), for models whose denoiser has them (FLUX.1); off again after the job. Absent: the "
+        "endpoint's CACHE, if set; `false`: none."
     )
     variation: VariationSpec | None = Field(
         None, description="txt2img: variations of the seed's image, from its noise blended with a second seed's "

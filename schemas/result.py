@@ -35,6 +35,15 @@ class ModelInfo(_Out):
     revision: str | None = None
     precision: str
     device: str
+    compile: str | None = Field(None, description="COMPILE as the denoiser ran: `regional` or `full` (absent: eager).")
+    quantize: str | None = Field(None, description="QUANTIZE as applied to the denoiser's weights: `fp8` or `int8`.")
+
+
+class CacheOut(_Out):
+    method: str = Field(description="The step cache the job ran with (the request's `cache`, or the endpoint's).")
+    passes: int = Field(description="Passes of the denoiser (a step takes one, two with true CFG).")
+    approximated: int = Field(description="Of those, passes the cache approximated (reused or predicted) in part "
+                                          "or whole instead of computing.")
 
 
 class ConvertOut(_Out):
@@ -66,6 +75,7 @@ class Result(_Out):
     timings: dict[str, float] = Field(description="Milliseconds per phase that ran, and total_ms.")
     model: ModelInfo
     refiner: ModelInfo | None = Field(None, description="With a refiner: where its weights came from.")
+    cache: CacheOut | None = Field(None, description="With step caching: what it approximated.")
 
 
 class Progress(_Out):

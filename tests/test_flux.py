@@ -269,6 +269,8 @@ def test_step_caching_is_on_for_its_job_only(run, flux_dir, cache):
     plain, _ = run(**fields)
     cached, _ = run(**fields, cache=cache)
     assert cached.images[0].base64 != plain.images[0].base64
+    assert cached.cache.method == cache["method"] and cached.cache.passes == 8  # what the answer says of it
+    assert 0 < cached.cache.approximated < 8
     assert run(**fields)[0].images[0].base64 == plain.images[0].base64
 
 

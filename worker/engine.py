@@ -8,6 +8,7 @@ per-job values arrive as arguments, and an inference job's decisions travel in i
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -25,9 +26,9 @@ from . import families, infotext, pipelines
 from .errors import JobCancelled, UserInputError
 from .images import encode_image
 from .inputs import Inputs, vae_pixels
-from .models import ModelStore
+from .models import Loaded, ModelStore
 from .outputs import Outbox, deliver
-from .parts import caching, embeddings, loras, prompts, seamless, variation
+from .parts import caching, compiling, embeddings, loras, prompts, seamless, variation
 from .parts.controlnets import ControlNets
 from .parts.ip_adapters import IpAdapters
 from .parts.schedulers import make_scheduler
@@ -44,6 +45,7 @@ from .sources.storage import Location, conventional_name, parse_location
 from .timing import ms_since
 
 Emit = Callable[[Progress], None]
+log = logging.getLogger(__name__)
 
 
 def pick_device(choice: str) -> str:
@@ -73,9 +75,16 @@ class Engine:
         fetches.started()  # the heavy imports are done: archives fetch on threads now
 
     def warm_up(self) -> None:
-        """Load the default model so the first job finds it in memory."""
+        """Load the default model so the first job finds it in memory; with COMPILE, draw an image
+        of its own size too, so the first job finds that shape compiled (the kernels read from
+        MODELS_DIR/compile if an earlier worker compiled them)."""
         with self._lock:
-            self.models.get(model_ref(ModelSpec(), self.settings, self.device), lambda _: None, {})
+            loaded, _ = self.models.get(model_ref(ModelSpec(), self.settings, self.device), lambda _: None, {})
+        if loaded.compiled:
+            start = time.perf_counter()
+            self.generate(InferenceRequest(prompt="warm-up", num_inference_steps=2), lambda _: None, lambda: False)
+            log.info("COMPILE=%s: %s warmed up at its own size in %.1f s", loaded.compiled, loaded.ref.id,
+                     time.perf_counter() - start)
 
     def generate(self, request: InferenceRequest, emit: Emit, cancelled: Callable[[], bool],
                  outbox: Outbox | None = None) -> Result:
@@ -125,15 +134,27 @@ class Engine:
         # 7. Outside the lock (the GPU is free for the next job): the images encoded, with how
         #    they were made, then uploaded or inlined.
         images = self._answer(plan, outputs, outbox, emit)
-        info = ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=loaded.precision,
-                         device=self.device)
-        return Result(task=request.task, images=images, timings=timings, model=info, refiner=refined)
+        return Result(task=request.task, images=images, timings=timings, refiner=refined,
+                      model=self._info(loaded, source, eager=bool(plan.cached)),
+                      cache=plan.cached and plan.cached.out())
+
+    def _info(self, loaded: Loaded, source: str, eager: bool = False) -> ModelInfo:
+        """Which model ran, from where, and how (precision, device, COMPILE, QUANTIZE); ``eager``:
+        the job ran its denoiser eagerly (step caching)."""
+        ref = loaded.ref
+        ran_compiled = not eager and loaded.compiled and compiling.compiled(loaded.family.denoiser_of(loaded.pipeline))
+        return ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=loaded.precision,
+                         device=self.device, compile=loaded.compiled if ran_compiled else None,
+                         quantize=loaded.quantized)
 
     def _with_defaults(self, request: InferenceRequest, plan: Plan) -> InferenceRequest:
         """The request with what it left out taken from the model's family, where the family's
         defaults differ (steps within this endpoint's cap)."""
         defaults = plan.family.defaults(plan.base, request.task, controlnets=bool(request.controlnets))
         defaults = {name: value for name, value in defaults.items() if request.left_out(name)}
+        cache = self.settings.cache  # the endpoint's step cache, where this model's denoiser takes it
+        if cache and request.left_out("cache") and caching.supports(plan.family, plan.base, cache):
+            defaults["cache"] = cache
         if "num_inference_steps" in defaults:
             defaults["num_inference_steps"] = min(defaults["num_inference_steps"], self.settings.max_steps)
         return request.model_copy(update=defaults) if defaults else request
@@ -147,7 +168,8 @@ class Engine:
                               emit=emit, timings=timings), \
                 self.ip_adapters.applied(pipe, request.adapters(), emit, timings) as reference, \
                 seamless.wrapping(family.convolutional(pipe), seamless.axes(request.tiling)), \
-                caching.applied(family.denoiser_of(pipe), request.cache, request.num_inference_steps, family, pipe):
+                caching.applied(family.denoiser_of(pipe), request.cache or None, request.num_inference_steps, family,
+                                pipe) as plan.cached:
             texts = _texts(family, pipe, request, prompt, negative)
             hires_texts, hires = texts, request.hires
             if hires and (hires.prompt or hires.negative_prompt):  # the second pass's own prompts
@@ -309,8 +331,7 @@ class Engine:
                           guidance_scale=request.guidance_scale, num_images_per_prompt=len(generators),
                           generator=generators, callback_on_step_end=on_step, **pipelines.rescaled(request, pipe))
         _add_ms(timings, "refiner", start)
-        return output, ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=refiner.precision,
-                                 device=self.device)
+        return output, self._info(refiner, source)
 
     def _vae_memory(self, vae, images: int, pixels: int, seamless_axes: str) -> None:
         """A batch through the VAE one image at a time, large images in tiles, except for a

@@ -30,6 +30,7 @@ class Plan:
     # One generator per image, so that each image's seed reproduces it alone (the refiner goes
     # on with them where the first pass left them).
     generators: list = field(default_factory=list)
+    cached: Any = None  # with step caching: its tally (worker/parts/caching.py)
 
     def __post_init__(self) -> None:
         import torch

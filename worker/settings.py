@@ -7,14 +7,15 @@ environment. docs/configuration.md's table is generated from the fields here
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from schemas import Limits
+from schemas import CacheSpec, Limits
 
 RUNPOD_VOLUME = Path("/runpod-volume")
 
@@ -93,6 +94,21 @@ class Settings(BaseSettings):
         "move to the GPU as they are used: `model` a component at a time (diffusers' model CPU offload: a little "
         "slower), `sequential` a layer at a time (diffusers' leaf-level group offloading, with the next layer copied "
         "while one runs: the least memory, slower); `none`: all on the GPU."
+    )
+    compile: Literal["off", "regional", "full"] | None = Field(
+        None, description="torch.compile of the denoiser: `regional` one repeated block, reused for the others "
+        "(diffusers' compile_repeated_blocks); `full` the whole denoiser; unset: regional on CUDA, off on CPU. Each "
+        "size compiles once per endpoint: the kernels are kept in MODELS_DIR/compile for every later worker."
+    )
+    quantize: Literal["none", "fp8", "int8"] = Field(
+        "none", description="torchao weight quantization of DiT denoisers (SD3, FLUX.1), once at load: `fp8` weights "
+        "and activations in fp8 on GPUs that have it (compute capability 8.9+), int8 weight-only elsewhere; `int8` "
+        "int8 weight-only. GGUF models run as they are."
+    )
+    cache: Annotated[CacheSpec | None, NoDecode] = Field(
+        None, description="Step caching for requests that leave `cache` out, on models whose denoiser takes it: a "
+        "method (`first_block`) or a request's `cache` object as JSON (`{\"method\": \"first_block\", "
+        "\"threshold\": 0.08}`)."
     )
     max_loaded_models: int = Field(1, ge=1, description="Pipelines kept on the device across jobs.")
     max_loaded_gb: float | None = Field(None, gt=0, description="Cap on the weights kept on the device.")
@@ -189,6 +205,20 @@ class Settings(BaseSettings):
         if self.write_destinations is None:
             return [(self.aws_s3_default_bucket, "")] if self.aws_s3_default_bucket else []
         return [_place(item) for item in self.write_destinations.replace(",", " ").split() if item != "none"]
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _read_cache(cls, value: object) -> object:
+        """CACHE: a method's name, or a request's ``cache`` object as JSON."""
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("{"):
+                try:
+                    return json.loads(value)
+                except ValueError:
+                    raise ValueError("CACHE: not a JSON object") from None
+            return {"method": value} if value and value not in ("off", "none") else None
+        return value
 
     @model_validator(mode="after")
     def _read_places(self) -> Settings:

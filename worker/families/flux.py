@@ -41,6 +41,7 @@ class Flux(Family):
     name = "FLUX.1"
     kind = "a FLUX.1 model"
     denoiser = "transformer"
+    quantizable = True
     flow_matching = True
     refused = {
         "ip_adapter": f"IP-Adapters here are {_UNET_PARTS}",

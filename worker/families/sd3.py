@@ -26,6 +26,7 @@ class StableDiffusion3(Family):
     name = "SD3"
     kind = "an SD3 model"
     denoiser = "transformer"
+    quantizable = True
     flow_matching = True
     refused = {
         "ip_adapter": "IP-Adapters here are for SD 1.x, 2.x and XL models",

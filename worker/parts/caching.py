@@ -1,28 +1,85 @@
-"""Step caching for one request (``cache``): diffusers' cache hooks on the denoiser for the
-job, off again after it, so the next job's image is the uncached one bit for bit."""
+"""Step caching for one request (``cache``, or the endpoint's ``CACHE``): diffusers' cache hooks
+on the denoiser for the job, off again after it, so the next job's image is the uncached one bit
+for bit. The answer says how many of the denoiser's passes were approximated: every hook of
+diffusers' calls the module it wraps only when it computes, so a pass in which some hooked
+module did not is one the cache approximated."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
-from schemas import CacheSpec
+from schemas import CacheOut, CacheSpec
 
 from ..errors import UserInputError
+from . import compiling
 from .components import quiet_libraries
 
 
+@dataclass
+class Tally:
+    """The denoiser's passes in a job, and those the cache approximated."""
+
+    method: str
+    passes: int = 0
+    approximated: int = 0
+    _calls: int = 0  # calls of hooked modules in the pass under way
+    _computed: int = 0  # of which computed
+
+    def close_pass(self) -> None:
+        if self._calls:
+            self.passes += 1
+            self.approximated += self._computed < self._calls
+        self._calls = self._computed = 0
+
+    def out(self) -> CacheOut:
+        self.close_pass()
+        return CacheOut(method=self.method, passes=self.passes, approximated=self.approximated)
+
+
+def supports(family: Any, pipe: Any, spec: CacheSpec) -> bool:
+    """Whether the model's denoiser takes ``spec`` (an endpoint default applies only where it does)."""
+    return hasattr(family.denoiser_of(pipe), "enable_cache") and (spec.method != "magcache"
+                                                                   or family.mag_ratios() is not None)
+
+
 @contextmanager
-def applied(denoiser: Any, spec: CacheSpec | None, steps: int, family: Any, pipe: Any) -> Iterator[None]:
+def applied(denoiser: Any, spec: CacheSpec | None, steps: int, family: Any, pipe: Any) -> Iterator[Tally | None]:
     if spec is None:
-        yield
+        yield None
         return
     with quiet_libraries():  # (FasterCache warns at every job that it is experimental)
         denoiser.enable_cache(_config(spec, steps, family, pipe))
+    tally = Tally(spec.method)
+    handle = denoiser.register_forward_pre_hook(lambda *_: tally.close_pass())
     try:
-        yield
+        _count(denoiser, tally)
+        with compiling.suspended(denoiser):  # (COMPILE: the hooks decide in Python, step by step)
+            yield tally
     finally:
-        denoiser.disable_cache()
+        handle.remove()
+        denoiser.disable_cache()  # (the hooks go, and the counting wrapped in them with them)
+
+
+def _count(denoiser: Any, tally: Tally) -> None:
+    """Wrap each cache hook's calls: every call of the hooked module, and the calls through to
+    the module itself (made only when it computes)."""
+    for module in denoiser.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in (registry.hooks.values() if registry else ()):
+            ref = hook.fn_ref
+            if ref.original_forward is not None:
+                ref.forward = _counted(ref.forward, tally, "_calls")
+                ref.original_forward = _counted(ref.original_forward, tally, "_computed")
+
+
+def _counted(function: Callable, tally: Tally, counter: str) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        setattr(tally, counter, getattr(tally, counter) + 1)
+        return function(*args, **kwargs)
+
+    return call
 
 
 def _config(spec: CacheSpec, steps: int, family: Any, pipe: Any) -> Any:

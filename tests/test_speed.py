@@ -1,0 +1,132 @@
+"""COMPILE, QUANTIZE and the step cache as a caller and an operator see them: a compiled job
+draws the eager image, a second worker on the same MODELS_DIR loads the kernels instead of
+compiling, a compile that fails leaves the job eager; the endpoint's step cache, reported, and
+off for the request that says so; quantized DiT denoisers that run, report themselves and take
+LoRAs. (How much faster each is: bench/speed.py.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from schemas import CacheSpec
+from tests.helpers import ROOT, assert_images_close, decode, worker_env
+
+# One job in a fresh process (a worker of the endpoint): its result, and what Inductor did.
+PROBE = r"""
+import json, sys
+from torch._dynamo.utils import counters
+from schemas import parse_request
+from worker.engine import Engine
+from worker.settings import Settings
+
+settings = Settings()
+engine = Engine(settings)
+engine.warm_up()
+warm = dict(counters["inductor"])
+result = engine.generate(parse_request(json.loads(sys.argv[1]), settings.limits), lambda _: None, lambda: False)
+print(json.dumps({"result": result.dump(), "warm_up": warm, "after": dict(counters["inductor"])}))
+"""
+
+JOB = {"prompt": "a lighthouse", "num_inference_steps": 3, "seed": 7}  # the embedded model's own size
+
+
+def probe(models_dir, **env: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(JOB)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=worker_env(models_dir, DEVICE="cpu", **env))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_compiled_jobs_draw_the_eager_image_and_a_second_worker_loads_the_kernels(run, tmp_path):
+    """COMPILE=regional: the warm-up compiles the default model's own size (the first job finds
+    it compiled), and the kernels stay in MODELS_DIR/compile, where the next worker finds them."""
+    eager, _ = run(**JOB)
+    first = probe(tmp_path, COMPILE="regional")
+    assert first["result"]["model"]["compile"] == "regional"
+    assert first["warm_up"].get("fxgraph_cache_miss", 0) >= 1  # compiled at start-up ...
+    assert first["after"] == first["warm_up"]  # ... and the job compiled nothing more
+    assert_images_close(decode(eager.images[0].base64), decode(first["result"]["images"][0]["base64"]),
+                        "compiled", tolerance=2)
+    [kernels] = (tmp_path / "compile").iterdir()
+    assert kernels.name.startswith("torch-2.") and kernels.name.endswith("-cpu-x86_64")
+
+    second = probe(tmp_path, COMPILE="regional")
+    assert second["warm_up"].get("fxgraph_cache_hit", 0) >= 1 and "fxgraph_cache_miss" not in second["warm_up"]
+    assert second["result"]["images"] == first["result"]["images"]
+
+
+def test_a_compile_that_fails_leaves_the_job_eager_with_one_log_line(run, tmp_path):
+    """No working C++ compiler: the job still answers, with the eager image, and says nothing of
+    compiling; the log says why once, without a traceback."""
+    eager, _ = run(**JOB)
+    done = subprocess.run([sys.executable, str(ROOT / "handler.py"), "--test_input", json.dumps({"input": JOB})],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=worker_env(tmp_path / "models", DEVICE="cpu", COMPILE="regional", CXX="/nonexistent/c++"))
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert log.count("COMPILE=regional failed for embedded:tiny-sd, which runs eagerly from now on: ") == 1
+    assert "No working C++ compiler" in log and "Traceback" not in log
+    assert "'compile'" not in log.split("Job result:")[1]
+    written = (tmp_path / "output" / "local_test-0.png").read_bytes()
+    assert_images_close(decode(eager.images[0].base64), decode(__import__("base64").b64encode(written)),
+                        "fallback", tolerance=0)
+
+
+# --- Step caching: the endpoint's default, and what the answer says of it ---
+
+SIZE = {"width": 64, "height": 64}
+
+
+def draw(engine, **fields):
+    from schemas import InferenceRequest
+
+    return engine.generate(InferenceRequest.model_validate(fields), lambda _: None, lambda: False)
+
+
+def test_the_endpoints_cache_applies_where_a_request_leaves_it_out(settings, flux_dir):
+    from worker.engine import Engine
+
+    plain_endpoint = Engine(settings)
+    cached_endpoint = Engine(settings.model_copy(update={"cache": CacheSpec(method="first_block", threshold=0.5)}))
+    fields = dict(prompt="a lighthouse", seed=3, num_inference_steps=8, model={"id": str(flux_dir)}, **SIZE)
+    plain = draw(plain_endpoint, **fields)
+    assert plain.cache is None
+    cached = draw(cached_endpoint, **fields)
+    assert cached.cache.method == "first_block" and cached.cache.passes == 8 and 0 < cached.cache.approximated < 8
+    assert cached.images[0].base64 != plain.images[0].base64
+    off = draw(cached_endpoint, **fields, cache=False)  # a request may say no
+    assert off.cache is None and off.images[0].base64 == plain.images[0].base64
+    # Where the model's denoiser has no cache hooks, the endpoint's default does not apply (nor fail).
+    sd = draw(cached_endpoint, prompt="p", num_inference_steps=2)
+    assert sd.cache is None and sd.images
+
+
+# --- QUANTIZE ---
+
+def test_int8_quantized_flux_runs_reports_itself_and_takes_loras(settings, flux_dir, tmp_path):
+    """QUANTIZE=int8: the transformer's linear layers in int8, once at load; close to the bf16 /
+    fp32 image; a LoRA on top for one request, gone after. fp8 on a machine without fp8 is int8."""
+    from tests.fixtures.flux import make_flux_lora
+    from worker.engine import Engine
+
+    lora = make_flux_lora(flux_dir, tmp_path / "flux-lora.safetensors")
+    fields = dict(prompt="a lighthouse", seed=3, num_inference_steps=4, model={"id": str(flux_dir)}, **SIZE)
+    plain = draw(Engine(settings), **fields)
+    quantized_endpoint = Engine(settings.model_copy(update={"quantize": "fp8"}))
+    quantized = draw(quantized_endpoint, **fields)
+    assert quantized.model.quantize == "int8"  # (this CPU has no fp8 matrix multiply)
+    transformer = quantized_endpoint.models.loaded()[0].pipeline.transformer
+    assert type(transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
+    assert_images_close(decode(plain.images[0].base64), decode(quantized.images[0].base64), "int8", tolerance=8)
+    styled = draw(quantized_endpoint, **fields, loras=[{"id": str(lora), "scale": 0.8}])
+    assert styled.images[0].base64 != quantized.images[0].base64
+    assert draw(quantized_endpoint, **fields).images[0].base64 == quantized.images[0].base64
+
+
+def test_quantize_leaves_unet_models_as_they_are(settings):
+    from worker.engine import Engine
+
+    result = draw(Engine(settings.model_copy(update={"quantize": "int8"})), prompt="p", num_inference_steps=2)
+    assert result.model.quantize is None and result.images

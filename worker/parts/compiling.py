@@ -1,0 +1,135 @@
+"""COMPILE: ``torch.compile`` of a loaded model's denoiser, compiled once per endpoint.
+
+``regional`` compiles one of the denoiser's repeated blocks and reuses it for the others
+(diffusers' ``compile_repeated_blocks``: seconds, not minutes, and most of the gain); ``full``
+compiles the whole denoiser (a little faster, a longer compile). Every image size and batch is
+a shape of its own (``dynamic=False``: the fastest kernels), compiled the first time it is met.
+
+What Inductor compiles lands in its cache directory, which lives on the network volume:
+``MODELS_DIR/compile/<torch, diffusers, device>``. Inductor's caches are keyed by the graph
+(the model's architecture, not its weights) and the shapes, so a later worker of the endpoint
+loads the kernels instead of compiling them again (on CPU a fresh process's first image took 14 %
+of the cold compile's time; docs/models.md). torch's portable "mega-cache" artefacts are not kept
+besides: they hold a subset of that directory, and on CPU leave the C++ kernels to be rebuilt.
+
+A compile that fails (no compiler, an unsupported operation, a graph break) never fails the job:
+the call runs eagerly, the model stays eager, and one log line says why. A job with step caching
+runs its denoiser eagerly (``suspended``): diffusers' cache hooks decide in Python at each step
+whether to compute, which a whole graph cannot hold (compiled with graph breaks instead, a cached
+job recompiled each time and ran no faster).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..errors import first_line
+
+log = logging.getLogger(__name__)
+
+SIZES = 32  # shapes (size x batch) compiled per block before dynamo leaves new ones eager
+
+
+def mode(setting: str | None, device: str, offload: str) -> str:
+    """What ``COMPILE`` means on this worker: unset, regional on CUDA and off elsewhere (on CPU a
+    compile costs more than most jobs gain); off under sequential offload, whose per-layer hooks
+    the compiled graph cannot hold."""
+    chosen = setting or ("regional" if device == "cuda" else "off")
+    if chosen != "off" and offload == "sequential":
+        log.info("COMPILE=%s is not used with OFFLOAD=sequential: the denoiser runs eagerly", chosen)
+        return "off"
+    return chosen
+
+
+def cache_dir(models_dir: Path, device: str) -> Path:
+    """Where Inductor keeps what it compiles: per torch and diffusers version and device."""
+    import diffusers
+    import torch
+
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        where = f"cuda-sm{major}{minor}-{torch.cuda.get_device_name()}"
+    else:
+        where = f"{device}-{platform.machine()}"
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", f"torch-{torch.__version__}-diffusers-{diffusers.__version__}-{where}")
+    return models_dir / "compile" / key
+
+
+def configure(models_dir: Path, device: str) -> Path:
+    """Point Inductor at the cache on the volume (unless the operator pointed it elsewhere)."""
+    import torch._dynamo
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    torch._dynamo.config.cache_size_limit = SIZES
+    # (Inductor writes its default into the environment when first asked, as imports may do.)
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+        path = cache_dir(models_dir, device)
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def compile_denoiser(denoiser: Any, chosen: str, name: str) -> str | None:
+    """Compile ``denoiser`` in place (``regional`` falls back to ``full`` for a model without
+    repeated blocks); what was applied, or None. Compiling is lazy: the first call of each shape
+    compiles, under the guard that runs it eagerly if that fails."""
+    if chosen == "off":
+        return None
+    if chosen == "regional" and not getattr(denoiser, "_repeated_blocks", None):
+        chosen = "full"
+    if chosen == "regional":
+        denoiser.compile_repeated_blocks(fullgraph=True, dynamic=False)
+    else:
+        denoiser.compile(fullgraph=True, dynamic=False)
+    compiled = [module for module in denoiser.modules() if module._compiled_call_impl is not None]
+
+    def to_eager(exc: BaseException) -> None:
+        log.warning("COMPILE=%s failed for %s, which runs eagerly from now on: %s: %s", chosen, name,
+                    type(exc).__name__, first_line(exc, 300))
+        for module in compiled:
+            module._compiled_call_impl = None
+
+    for module in compiled:
+        module._compiled_call_impl = _guarded(module._compiled_call_impl, module, to_eager)
+    return chosen
+
+
+def compiled(denoiser: Any) -> bool:
+    """Whether the denoiser still runs compiled (not fallen back to eager)."""
+    return any(module._compiled_call_impl is not None for module in denoiser.modules())
+
+
+@contextmanager
+def suspended(denoiser: Any) -> Iterator[None]:
+    """The denoiser eager for a while, compiled again after."""
+    saved = [(module, module._compiled_call_impl) for module in denoiser.modules()
+             if module._compiled_call_impl is not None]
+    for module, _ in saved:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, call in saved:
+            module._compiled_call_impl = call
+
+
+def _guarded(compiled_call: Callable, module: Any, to_eager: Callable[[BaseException], None]) -> Callable:
+    """The compiled call; if compiling fails, the same call eagerly (nothing has run yet: a
+    compile fails before its graph runs), and the model eager from then on."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compiled_call(*args, **kwargs)
+        except TorchDynamoException as exc:
+            to_eager(exc)
+            return module._call_impl(*args, **kwargs)
+
+    return call
+
