@@ -103,6 +103,30 @@ def test_the_endpoints_cache_applies_where_a_request_leaves_it_out(settings, flu
     assert sd.cache is None and sd.images
 
 
+def test_a_cached_job_on_a_compiled_model_computes_compiled_and_leaves_it_as_it_was(settings, flux_dir):
+    """COMPILE with a step cache: where the cache's hooks wrap whole blocks (first_block), the
+    blocks compute compiled under them, drawing the eager cached image; where they wrap parts of
+    blocks (TaylorSeer's attention layers), the job runs eagerly and says so; the next plain job
+    is the compiled one bit for bit."""
+    from worker.engine import Engine
+
+    fields = dict(prompt="a lighthouse", seed=3, num_inference_steps=8, model={"id": str(flux_dir)}, **SIZE)
+    first_block = {"method": "first_block", "threshold": 0.5}
+    eager_cached = draw(Engine(settings), **fields, cache=first_block)
+    compiled_endpoint = Engine(settings.model_copy(update={"compile": "regional"}))
+    plain = draw(compiled_endpoint, **fields)
+    cached = draw(compiled_endpoint, **fields, cache=first_block)
+    assert cached.model.compile == "regional" and cached.cache.approximated == eager_cached.cache.approximated > 0
+    assert_images_close(decode(eager_cached.images[0].base64), decode(cached.images[0].base64), "compiled-cached",
+                        tolerance=2)
+    taylor = draw(compiled_endpoint, **fields, cache={"method": "taylorseer", "interval": 2})
+    assert taylor.model.compile is None and taylor.cache.approximated > 0
+    again = draw(compiled_endpoint, **fields)
+    assert again.model.compile == "regional" and again.images[0].base64 == plain.images[0].base64
+    blocks = compiled_endpoint.models.loaded()[0].pipeline.transformer.transformer_blocks
+    assert all(block.forward == type(block).forward.__get__(block) for block in blocks)  # no wrapper left behind
+
+
 # --- QUANTIZE ---
 
 def test_int8_quantized_flux_runs_reports_itself_and_takes_loras(settings, flux_dir, tmp_path):

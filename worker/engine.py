@@ -135,12 +135,12 @@ class Engine:
         #    they were made, then uploaded or inlined.
         images = self._answer(plan, outputs, outbox, emit)
         return Result(task=request.task, images=images, timings=timings, refiner=refined,
-                      model=self._info(loaded, source, eager=bool(plan.cached)),
+                      model=self._info(loaded, source, eager=bool(plan.cached and not plan.cached.compiled)),
                       cache=plan.cached and plan.cached.out())
 
     def _info(self, loaded: Loaded, source: str, eager: bool = False) -> ModelInfo:
         """Which model ran, from where, and how (precision, device, COMPILE, QUANTIZE); ``eager``:
-        the job ran its denoiser eagerly (step caching)."""
+        its step cache left the job's denoiser eager (worker/parts/compiling.py)."""
         ref = loaded.ref
         ran_compiled = not eager and loaded.compiled and compiling.compiled(loaded.family.denoiser_of(loaded.pipeline))
         return ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=loaded.precision,

@@ -177,6 +177,13 @@ class ModelStore:
             raise _could_not_load(ref, exc) from None
         return self._faster(self._checked(pipeline, ref))
 
+    def add(self, ref: ModelRef, pipeline: Any) -> Loaded:
+        """Serve a pipeline built in memory (bench/speed.py) as the model ``ref``, with QUANTIZE
+        and COMPILE applied as to one loaded from disk."""
+        self._make_room()
+        loaded = self._loaded[ref] = self._faster(self._checked(pipeline, ref))
+        return loaded
+
     def _faster(self, loaded: Loaded) -> Loaded:
         """QUANTIZE, then COMPILE, applied once to the denoiser of a model just loaded."""
         denoiser = loaded.family.denoiser_of(loaded.pipeline)

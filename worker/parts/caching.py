@@ -26,6 +26,7 @@ class Tally:
     approximated: int = 0
     _calls: int = 0  # calls of hooked modules in the pass under way
     _computed: int = 0  # of which computed
+    compiled: bool = False  # COMPILE: the hooked blocks computed compiled
 
     def close_pass(self) -> None:
         if self._calls:
@@ -53,25 +54,39 @@ def applied(denoiser: Any, spec: CacheSpec | None, steps: int, family: Any, pipe
         denoiser.enable_cache(_config(spec, steps, family, pipe))
     tally = Tally(spec.method)
     handle = denoiser.register_forward_pre_hook(lambda *_: tally.close_pass())
+    wrapped: list = []
     try:
-        _count(denoiser, tally)
-        with compiling.suspended(denoiser):  # (COMPILE: the hooks decide in Python, step by step)
+        with compiling.suspended(denoiser) as units:  # (COMPILE: each hooked unit compiled under its hook)
+            wrapped = _count(denoiser, tally, units)
             yield tally
     finally:
         handle.remove()
-        denoiser.disable_cache()  # (the hooks go, and the counting wrapped in them with them)
+        for ref, forward, original in wrapped:  # (removing a hook puts back what it calls: its own)
+            ref.forward, ref.original_forward = forward, original
+        denoiser.disable_cache()
 
 
-def _count(denoiser: Any, tally: Tally) -> None:
+def _count(denoiser: Any, tally: Tally, compiled_units: list) -> list:
     """Wrap each cache hook's calls: every call of the hooked module, and the calls through to
-    the module itself (made only when it computes)."""
-    for module in denoiser.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        for hook in (registry.hooks.values() if registry else ()):
+    the module itself (made only when it computes), compiled where the module is a compiled unit
+    with no hooks inside it; what was wrapped, to be put back: (reference, forward, original)."""
+    hooked = [module for module in denoiser.modules()  # (a registry stays behind, empty, when its hooks go)
+              if getattr(module, "_diffusers_hook", None) and module._diffusers_hook.hooks]
+    wrapped = []
+    for module in hooked:
+        for hook in module._diffusers_hook.hooks.values():
             ref = hook.fn_ref
-            if ref.original_forward is not None:
-                ref.forward = _counted(ref.forward, tally, "_calls")
-                ref.original_forward = _counted(ref.original_forward, tally, "_computed")
+            if ref.original_forward is None:
+                continue
+            wrapped.append((ref, ref.forward, ref.original_forward))
+            forward = ref.original_forward
+            if any(module is unit for unit in compiled_units) and not any(
+                    inner is not module and inner in hooked for inner in module.modules()):
+                forward = compiling.under_hook(denoiser, module, forward)
+                tally.compiled = True
+            ref.forward = _counted(ref.forward, tally, "_calls")
+            ref.original_forward = _counted(forward, tally, "_computed")
+    return wrapped
 
 
 def _counted(function: Callable, tally: Tally, counter: str) -> Callable:

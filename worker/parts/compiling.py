@@ -13,10 +13,14 @@ of the cold compile's time; docs/models.md). torch's portable "mega-cache" artef
 besides: they hold a subset of that directory, and on CPU leave the C++ kernels to be rebuilt.
 
 A compile that fails (no compiler, an unsupported operation, a graph break) never fails the job:
-the call runs eagerly, the model stays eager, and one log line says why. A job with step caching
-runs its denoiser eagerly (``suspended``): diffusers' cache hooks decide in Python at each step
-whether to compute, which a whole graph cannot hold (compiled with graph breaks instead, a cached
-job recompiled each time and ran no faster).
+the call runs eagerly, the model stays eager, and one log line says why.
+
+Step caching: diffusers' cache hooks decide in Python, at each step, whether a block computes,
+which one whole graph cannot hold (compiled with graph breaks instead, a cached job recompiled
+each time and ran no faster). So for a cached job the compiled blocks step aside (``suspended``)
+and each block a hook wraps runs its own forward compiled, under the hook (``under_hook``): the
+decisions stay eager, the computing stays compiled. Where a hook wraps something else (FasterCache:
+attention layers; ``full``: the one compiled unit is the whole denoiser), the job runs eagerly.
 """
 
 from __future__ import annotations
@@ -87,41 +91,80 @@ def compile_denoiser(denoiser: Any, chosen: str, name: str) -> str | None:
         denoiser.compile_repeated_blocks(fullgraph=True, dynamic=False)
     else:
         denoiser.compile(fullgraph=True, dynamic=False)
-    compiled = [module for module in denoiser.modules() if module._compiled_call_impl is not None]
+    units = [module for module in denoiser.modules() if module._compiled_call_impl is not None]
+    failed: list[bool] = []
 
     def to_eager(exc: BaseException) -> None:
         log.warning("COMPILE=%s failed for %s, which runs eagerly from now on: %s: %s", chosen, name,
                     type(exc).__name__, first_line(exc, 300))
-        for module in compiled:
+        failed.append(True)
+        for module in units:
             module._compiled_call_impl = None
 
-    for module in compiled:
+    for module in units:
         module._compiled_call_impl = _guarded(module._compiled_call_impl, module, to_eager)
+    denoiser._compiled = _Compiled(units, failed, to_eager)
     return chosen
 
 
+class _Compiled:
+    """What compiling did to a denoiser: its compiled units, whether it fell back to eager, and
+    each unit's forward compiled for running under a cache hook."""
+
+    def __init__(self, units: list, failed: list[bool], to_eager: Callable[[BaseException], None]):
+        self.units, self.failed, self.to_eager = units, failed, to_eager
+        self.forwards: dict[int, tuple[Callable, Callable]] = {}  # id(unit) -> (its forward, compiled)
+
+
+def undo(denoiser: Any) -> None:
+    """The denoiser eager again, as if never compiled (bench/speed.py compares both)."""
+    for module in denoiser.modules():
+        module._compiled_call_impl = None
+    denoiser.__dict__.pop("_compiled", None)
+
+
 def compiled(denoiser: Any) -> bool:
-    """Whether the denoiser still runs compiled (not fallen back to eager)."""
-    return any(module._compiled_call_impl is not None for module in denoiser.modules())
+    """Whether the denoiser runs compiled (compiled at load, and not fallen back to eager)."""
+    state = getattr(denoiser, "_compiled", None)
+    return bool(state and not state.failed)
 
 
 @contextmanager
-def suspended(denoiser: Any) -> Iterator[None]:
-    """The denoiser eager for a while, compiled again after."""
-    saved = [(module, module._compiled_call_impl) for module in denoiser.modules()
-             if module._compiled_call_impl is not None]
-    for module, _ in saved:
+def suspended(denoiser: Any) -> Iterator[list]:
+    """The compiled units eager for a while (a cached job), compiled again after; yields them."""
+    if not compiled(denoiser):
+        yield []
+        return
+    units = denoiser._compiled.units
+    saved = [module._compiled_call_impl for module in units]
+    for module in units:
         module._compiled_call_impl = None
     try:
-        yield
+        yield units
     finally:
-        for module, call in saved:
-            module._compiled_call_impl = call
+        if compiled(denoiser):  # (unless compiling failed meanwhile)
+            for module, call in zip(units, saved):
+                module._compiled_call_impl = call
 
 
-def _guarded(compiled_call: Callable, module: Any, to_eager: Callable[[BaseException], None]) -> Callable:
-    """The compiled call; if compiling fails, the same call eagerly (nothing has run yet: a
-    compile fails before its graph runs), and the model eager from then on."""
+def under_hook(denoiser: Any, unit: Any, forward: Callable) -> Callable:
+    """``unit``'s own ``forward`` (what a cache hook calls when the unit computes), compiled;
+    kept, so that each job's hooks find the same compiled function."""
+    import torch
+
+    state = denoiser._compiled
+    kept = state.forwards.get(id(unit))
+    if kept is None or kept[0] != forward:
+        kept = state.forwards[id(unit)] = (forward, _guarded(torch.compile(forward, fullgraph=True, dynamic=False),
+                                                             None, state.to_eager, eager=forward))
+    return kept[1]
+
+
+def _guarded(compiled_call: Callable, module: Any, to_eager: Callable[[BaseException], None],
+             eager: Callable | None = None) -> Callable:
+    """The compiled call; if compiling fails, the same call eagerly (``eager``, or the module's
+    own; nothing has run yet: a whole graph compiles before it runs), and the model eager from
+    then on."""
     from torch._dynamo.exc import TorchDynamoException
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -129,7 +172,7 @@ def _guarded(compiled_call: Callable, module: Any, to_eager: Callable[[BaseExcep
             return compiled_call(*args, **kwargs)
         except TorchDynamoException as exc:
             to_eager(exc)
-            return module._call_impl(*args, **kwargs)
+            return (eager or module._call_impl)(*args, **kwargs)
 
     return call
 
