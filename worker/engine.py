@@ -112,7 +112,9 @@ class Engine:
             plan.pipe = pipelines.for_task(plan, self.settings, nets, vae)
             self._vae_memory(plan.pipe.vae, request.num_images, vae_pixels(plan), seamless.axes(request.tiling))
 
-            # 4. Exactly this request's LoRAs active; none: the plain model.
+            # 4. Exactly this request's LoRAs active; none: the plain model (with COMPILE, its
+            #    fused attention projections where neither LoRAs nor IP-Adapters need them apart).
+            compiling.fused(plan.family.denoiser_of(plan.base), not (request.loras or request.adapters()))
             loras.apply(loaded, plan.pipe, request.loras, settings=self.settings, disk=self.models.disk, emit=emit,
                         timings=timings)
             pipelines.offload(plan.pipe, self.settings.offload, self.device)  # (OFFLOAD: its hooks, after LoRAs)

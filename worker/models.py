@@ -189,6 +189,8 @@ class ModelStore:
         denoiser = loaded.family.denoiser_of(loaded.pipeline)
         loaded.quantized = quantizing.quantize(denoiser, self.settings.quantize, self.device, loaded.family.quantizable,
                                                loaded.ref.id)
+        if self.compile != "off" and loaded.family.fuses_qkv:
+            compiling.fuse(denoiser, self.device)
         loaded.compiled = compiling.compile_denoiser(denoiser, self.compile, loaded.ref.id)
         return loaded
 

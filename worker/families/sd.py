@@ -40,6 +40,7 @@ class StableDiffusion(Family):
     kind = "an SD 1.x/2.x model"
     controlnet = UNET_CONTROLNET
     training_pipeline = "StableDiffusionPipeline"
+    fuses_qkv = True
 
     def recognises(self, components: dict[str, str | None]) -> bool:
         return clip_slots(components) == (True, False)

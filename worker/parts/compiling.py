@@ -116,6 +116,27 @@ class _Compiled:
         self.forwards: dict[int, tuple[Callable, Callable]] = {}  # id(unit) -> (its forward, compiled)
 
 
+def fuse(denoiser: Any, device: str) -> None:
+    """A UNet's fast layout, with COMPILE: channels-last activations (tensor cores' layout for
+    convolutions, CUDA only: on CPU it is slower), and each attention's q, k and v projections
+    fused into one matmul (diffusers' ``fuse_qkv_projections``), used by the jobs that
+    ``fused`` says may use them."""
+    import torch
+
+    if device == "cuda":
+        denoiser.to(memory_format=torch.channels_last)
+    denoiser.fuse_qkv_projections()  # (keeps the separate projections, and their processors)
+    denoiser._fused_processors = denoiser.attn_processors
+
+
+def fused(denoiser: Any, on: bool) -> None:
+    """Fused q, k, v projections for this job, or the separate ones: a LoRA or an IP-Adapter
+    works on the separate ones (their layers wrap ``to_q``, ``to_k``, ``to_v``)."""
+    processors = getattr(denoiser, "_fused_processors", None)
+    if processors is not None:  # (set_attn_processor empties the dict it is given: a copy)
+        denoiser.set_attn_processor(dict(processors if on else denoiser.original_attn_processors))
+
+
 def undo(denoiser: Any) -> None:
     """The denoiser eager again, as if never compiled (bench/speed.py compares both)."""
     for module in denoiser.modules():
