@@ -7,8 +7,8 @@ one. Then the compile time of a fresh process, cold (an empty Inductor cache) an
 artefacts the first left (the same cache directory, as a later worker finds MODELS_DIR/compile).
 
     .venv/bin/python -m bench.speed                     # CPU: a FLUX.1-shaped transformer, 256 px, 20 steps
-    python -m bench.speed --device cuda --model flux-dev --size 1024 --steps 28 --quantize fp8   # tools/gpu_bench.sh
-    python -m bench.speed --device cuda --model sd15 --size 512 --steps 30
+    python -m bench.speed --device cuda --model sd15 --size 512 --steps 30 --precision fp16   # tools/gpu_bench.sh
+    python -m bench.speed --device cuda --model flux-dev --size 1024 --steps 28 --quantize fp8 --no-full
 
 Models, random weights at the shapes that set the speed: ``mid`` a FLUX.1 transformer of 2 double
 and 4 single blocks at width 512 with the tests' tiny text encoders and VAE (on CPU the
@@ -35,7 +35,8 @@ import torch
 
 from worker.parts import compiling
 
-MODEL_ID = "bench/model"  # (a hub-style name; the engine finds it in memory)
+MODEL_ID = "bench/model"  # (hub-style names; the engines find them in memory)
+BASELINE_ID = "bench/eager"
 # Random weights change more from step to step than a trained model's, so first_block's threshold
 # is higher here than the 0.05-0.1 used with FLUX.1 [dev]; each row says how many passes it skipped.
 STEP_CACHES = {"first_block": {"method": "first_block", "threshold": 0.5},
@@ -80,24 +81,33 @@ def _mid(out: Path) -> Path:
     return out
 
 
-def engine_for(pipe, device: str, compile: str = "off", quantize: str = "none"):
-    """A worker engine serving ``pipe`` as the model MODEL_ID, with QUANTIZE and COMPILE applied."""
+def engine_for(pipe, device: str, compile: str = "off", quantize: str = "none", model_id: str = MODEL_ID,
+               denoiser_copy: bool = False):
+    """A worker engine serving ``pipe`` as ``model_id``, with QUANTIZE and COMPILE applied;
+    ``denoiser_copy``: with a denoiser of its own (the other components shared)."""
+    import copy
+
     from schemas import ModelSpec
+    from worker import families
     from worker.engine import Engine
     from worker.settings import Settings
     from worker.sources.refs import model_ref
 
+    if denoiser_copy:
+        name = families.of_pipeline(pipe).denoiser
+        pipe = type(pipe)(**(pipe.components | {name: copy.deepcopy(getattr(pipe, name))}))
+        pipe.set_progress_bar_config(disable=True)
     engine = Engine(Settings(device=device, compile=compile, quantize=quantize, safety_checker=False,
                              max_steps=1000))
-    engine.models.add(model_ref(ModelSpec(id=MODEL_ID), engine.settings, device), pipe)
+    engine.models.add(model_ref(ModelSpec(id=model_id), engine.settings, device), pipe)
     return engine
 
 
-def draw(engine, size: int, steps: int, cache: dict | None) -> tuple[float, np.ndarray, dict]:
+def draw(engine, size: int, steps: int, cache: dict | None, model_id: str = MODEL_ID) -> tuple[float, np.ndarray, dict]:
     from schemas import InferenceRequest
 
     request = InferenceRequest.model_validate(
-        {"prompt": "a lighthouse at dusk", "model": {"id": MODEL_ID}, "width": size, "height": size,
+        {"prompt": "a lighthouse at dusk", "model": {"id": model_id}, "width": size, "height": size,
          "num_inference_steps": steps, "seed": 1, "cache": cache or False, "output": {"format": "png"}})
     start = time.perf_counter()
     result = engine.generate(request, lambda _: None, lambda: False)
@@ -130,27 +140,37 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 def rows(args) -> list[dict]:
     """Each setting's figures, in order: eager and the caches, then compiled, then quantized
-    (in place, last: the weights change), then quantized and compiled."""
+    (in place, last: the weights change), then quantized and compiled. Each timed image of a
+    setting follows one of the eager baseline (a copy of the denoiser that stays eager and
+    unquantized): the speed-up is the median of those pairs' ratios, so that the machine's
+    drift over minutes weighs on both sides alike."""
     pipe = build(args.model, args.device, args.work, args.precision)
-    caches = STEP_CACHES if args.model != "sd15" else {}  # (UNet denoisers have no cache hooks)
+    baseline = engine_for(pipe, args.device, model_id=BASELINE_ID, denoiser_copy=True)
+    caches = {name: STEP_CACHES[name] for name in args.caches} if args.model != "sd15" else {}  # (UNets have none)
     quantize = args.quantize if args.model != "sd15" else "none"
-    phases = [("", "off", "none"), ("compile", "regional", "none"), ("compile full", "full", "none")]
+    phases = [("", "off", "none"), ("compile", "regional", "none")]
+    if args.full:
+        phases.append(("compile full", "full", "none"))
     if quantize != "none":
         phases += [(quantize, "off", quantize), (f"{quantize} + compile", "regional", "already")]
-    table, eager = [], None
+    draw(baseline, args.size, args.steps, None, BASELINE_ID)  # warm-up
+    eager_image = draw(baseline, args.size, args.steps, None, BASELINE_ID)[1]
+    table = []
     for label, compile, quantizing in phases:
         engine = engine_for(pipe, args.device, compile, "none" if quantizing == "already" else quantizing)
         for cache_name, cache in [(None, None), *caches.items()]:
             name = " + ".join(part for part in (label or ("eager" if not cache else ""), cache_name) if part)
             draw(engine, args.size, args.steps, cache)  # warm-up: compiles, fills the allocator
-            timed = [draw(engine, args.size, args.steps, cache) for _ in range(args.runs)]
-            seconds = statistics.median(t for t, _, _ in timed)
-            image, result = timed[0][1], timed[0][2]
-            eager = eager if eager is not None else (seconds, image)
+            pairs = [(draw(baseline, args.size, args.steps, None, BASELINE_ID)[0],
+                      draw(engine, args.size, args.steps, cache)) for _ in range(args.runs)]
+            seconds = statistics.median(t for _, (t, _, _) in pairs)
+            speedup = statistics.median(base / t for base, (t, _, _) in pairs)
+            image, result = pairs[0][1][1], pairs[0][1][2]
             row = {"setting": name, "s_per_image": round(seconds, 3), "s_per_step": round(seconds / args.steps, 4),
-                   "speedup": round(eager[0] / seconds, 2), "psnr_db": round(psnr(eager[1], image), 1),
-                   "ssim": round(ssim(eager[1], image), 4), "compile": result["model"].get("compile"),
-                   "quantize": quantize if quantizing != "none" else None, "cache": result.get("cache")}
+                   "it_per_s": round(args.steps / seconds, 1), "speedup": round(speedup, 2),
+                   "psnr_db": round(psnr(eager_image, image), 1), "ssim": round(ssim(eager_image, image), 4),
+                   "compile": result["model"].get("compile"), "quantize": quantize if quantizing != "none" else None,
+                   "cache": result.get("cache")}
             print(json.dumps(row), flush=True)
             table.append(row)
         if compile != "off":  # the next phase starts eager
@@ -187,6 +207,10 @@ def main() -> None:
                         help="bf16 (on this CPU 2.3x fp32's speed), fp16 for sd15 on CUDA")
     parser.add_argument("--quantize", choices=["none", "int8", "fp8"], default="int8")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench-speed")
+    parser.add_argument("--caches", nargs="*", choices=list(STEP_CACHES), default=list(STEP_CACHES))
+    parser.add_argument("--no-full", dest="full", action="store_false", help="leave out COMPILE=full's rows")
+    parser.add_argument("--no-probe", dest="probe", action="store_false",
+                        help="leave out the compile times of fresh processes (each builds the model again)")
     parser.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -195,6 +219,8 @@ def main() -> None:
     print(json.dumps({"model": args.model, "device": args.device, "size": args.size, "steps": args.steps,
                       "torch": torch.__version__, "threads": torch.get_num_threads()}))
     rows(args)
+    if not args.probe:
+        return
     with tempfile.TemporaryDirectory() as cache_dir:
         cold = compile_seconds(args, Path(cache_dir))
         warm = compile_seconds(args, Path(cache_dir))

@@ -135,3 +135,24 @@ def test_while_a_worker_starts_its_fetch_runs_in_a_process_of_its_own(settings, 
     assert result.model.source == "url" and any(e.stage == "download" for e in events)
     with pytest.raises(ModelSourceError, match=r"^model\.url: .*/missing\.tar\.zst: HTTP 404$"):
         generate(settings, {"url": http.url + "/missing.tar.zst"})
+
+
+def test_a_model_warm_in_memory_is_not_fetched_again_when_its_job_is_read(settings, http, tiny_dir):
+    """Its archive gone from MODELS_DIR (the disk budget evicted it): the next job for it is
+    read without starting a download it would not use, and is answered from memory."""
+    import shutil
+
+    from schemas import parse_request
+    from worker.jobs import JobRunner
+
+    http.files["/tiny.tar.zst"] = pack(tiny_dir)
+    job = {"prompt": "p", "num_inference_steps": 2, "seed": 4, "model": {"url": http.url + "/tiny.tar.zst"}}
+    runner = JobRunner(settings, sdk_config={})
+    request = parse_request(job, settings.limits)
+    runner._prefetch(request)
+    assert runner.engine().generate(request, lambda e: None, lambda: False).model.source == "url"
+    shutil.rmtree(settings.models_dir / "archives")
+    asked = len(http.requests)
+    runner._prefetch(request)
+    assert runner.engine().generate(request, lambda e: None, lambda: False).model.source == "memory"
+    assert len(http.requests) == asked

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 names='diffusers|transformers|huggingface.hub|httpx2|peft|pydantic|pydantic.core|pydantic.settings|annotated.types'
 names+='|typing.inspection|python.dotenv|zstandard|boto3|botocore|s3transfer|jmespath|moto|flask|flask.cors|blinker'
 names+='|itsdangerous|xmltodict|responses|cryptography|cffi|pycparser|importlib.metadata|regex|werkzeug'
-names+='|httpcore2|truststore|h11'
+names+='|httpcore2|truststore|h11|torchao'
 pins=$(.venv/bin/python -m pip freeze | grep -i -E "^($names)==")
 platforms=()
 for tag in manylinux_2_17 manylinux2014 manylinux_2_24 manylinux_2_27 manylinux_2_28 manylinux_2_34 manylinux_2_35 manylinux1; do

@@ -97,8 +97,9 @@ class JobRunner:
         spec = ModelSpec() if request is None else getattr(request, "model", None)
         if not isinstance(spec, ModelSpec):
             return
+        engine = self._engine
         try:
-            prefetch(spec, self.settings)
+            prefetch(spec, self.settings, warm=engine.models.holds if engine is not None else None)
         except Exception as exc:
             log.debug("prefetch skipped: %s", answer_for(exc, self.settings.secrets())[0])
 

@@ -110,6 +110,10 @@ class ModelStore:
         """OFFLOAD: pipelines stay in CPU RAM, and each job's moves their weights as it runs."""
         return self.settings.offload != "none"
 
+    def holds(self, ref: ModelRef) -> bool:
+        """Whether ``ref`` is in memory, on the device or parked (asked from other threads too)."""
+        return ref in self._loaded or ref in self._parked
+
     def loaded(self) -> list[Loaded]:
         """The pipelines on the device, least recently used first."""
         return list(self._loaded.values())
@@ -191,7 +195,7 @@ class ModelStore:
                                                loaded.ref.id)
         if self.compile != "off" and loaded.family.fuses_qkv:
             compiling.fuse(denoiser, self.device)
-        loaded.compiled = compiling.compile_denoiser(denoiser, self.compile, loaded.ref.id)
+        loaded.compiled = compiling.compile_denoiser(denoiser, self.compile, loaded.ref.id, loaded.family.fuses_qkv)
         return loaded
 
     @staticmethod

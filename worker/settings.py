@@ -148,7 +148,8 @@ class Settings(BaseSettings):
     vae_tiling_pixels: int = Field(
         1536 * 1536, ge=0, description="Images over this many pixels go through the VAE in tiles (less GPU memory)."
     )
-    preload_model: bool = Field(True, description="Load the default model at start-up, before the first job.")
+    preload_model: bool = Field(True, description="Load the default model at start-up, before the first job (with "
+                                "COMPILE, and draw one image of its own size, compiling that shape).")
     streaming: bool = Field(True, description="false: the plain handler (a result dict; progress via "
                             "progress_update), for clients of docker-diffusers-api and RunPod's official workers.")
     safety_checker: bool = Field(True, description="Run a model's safety checker when it ships one.")

@@ -51,7 +51,9 @@ class Family:
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
     lora_layers = "unet_lora_layers"  # the name save_lora_weights takes the denoiser's layers by
     quantizable = False  # QUANTIZE applies: a DiT denoiser, made of linear layers
-    fuses_qkv = False  # COMPILE: its denoiser's attention runs q, k, v as one matmul (and channels-last on CUDA)
+    # COMPILE: a UNet, compiled whole (its repeated blocks are a small part of its work), its
+    # attention's q, k, v run as one matmul, channels-last on CUDA.
+    fuses_qkv = False
     cuda_precision = "fp16"  # what it runs in on CUDA when nobody says (MODEL_PRECISION, model.precision)
     checkpoint_lora_training = False  # gradient checkpointing for LoRAs too, on GPUs (FLUX.1's activations)
 

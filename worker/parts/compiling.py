@@ -2,15 +2,18 @@
 
 ``regional`` compiles one of the denoiser's repeated blocks and reuses it for the others
 (diffusers' ``compile_repeated_blocks``: seconds, not minutes, and most of the gain); ``full``
-compiles the whole denoiser (a little faster, a longer compile). Every image size and batch is
-a shape of its own (``dynamic=False``: the fastest kernels), compiled the first time it is met.
+compiles the whole denoiser (a little faster, a longer compile), as ``regional`` does a UNet,
+whose repeated (transformer) blocks are a small part of its work; a UNet also gets ``fuse``'s
+layout. Every image size and batch is a shape of its own (``dynamic=False``: the fastest
+kernels), compiled the first time it is met.
 
 What Inductor compiles lands in its cache directory, which lives on the network volume:
 ``MODELS_DIR/compile/<torch, diffusers, device>``. Inductor's caches are keyed by the graph
 (the model's architecture, not its weights) and the shapes, so a later worker of the endpoint
-loads the kernels instead of compiling them again (on CPU a fresh process's first image took 14 %
-of the cold compile's time; docs/models.md). torch's portable "mega-cache" artefacts are not kept
-besides: they hold a subset of that directory, and on CPU leave the C++ kernels to be rebuilt.
+loads the kernels instead of compiling them again (bench/README.md: on CPU a fresh process
+compiled from them in under a fifth of the cold time). torch's portable "mega-cache" artefacts
+are not kept besides: they hold a subset of that directory, and on CPU leave the C++ kernels
+to be rebuilt.
 
 A compile that fails (no compiler, an unsupported operation, a graph break) never fails the job:
 the call runs eagerly, the model stays eager, and one log line says why.
@@ -79,13 +82,15 @@ def configure(models_dir: Path, device: str) -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-def compile_denoiser(denoiser: Any, chosen: str, name: str) -> str | None:
-    """Compile ``denoiser`` in place (``regional`` falls back to ``full`` for a model without
-    repeated blocks); what was applied, or None. Compiling is lazy: the first call of each shape
-    compiles, under the guard that runs it eagerly if that fails."""
+def compile_denoiser(denoiser: Any, chosen: str, name: str, whole: bool = False) -> str | None:
+    """Compile ``denoiser`` in place; ``regional`` compiles it whole (``full``) where it has no
+    repeated blocks, or where they are a small part of its work (``whole``: a UNet's
+    convolutions are outside its transformer blocks). What was applied, or None. Compiling is
+    lazy: the first call of each shape compiles, under the guard that runs it eagerly if that
+    fails."""
     if chosen == "off":
         return None
-    if chosen == "regional" and not getattr(denoiser, "_repeated_blocks", None):
+    if chosen == "regional" and (whole or not getattr(denoiser, "_repeated_blocks", None)):
         chosen = "full"
     if chosen == "regional":
         denoiser.compile_repeated_blocks(fullgraph=True, dynamic=False)

@@ -273,13 +273,17 @@ class Locator:
         return hub.snapshot(ref.id, "model.id", self.settings, usable=usable, emit=emit, **options)
 
 
-def prefetch(spec: ModelSpec, settings: Settings, disk: DiskCache | None = None) -> fetches.Fetch | None:
+def prefetch(spec: ModelSpec, settings: Settings, disk: DiskCache | None = None,
+             warm: Callable[[ModelRef], bool] | None = None) -> fetches.Fetch | None:
     """Start fetching the archive of ``spec`` (a request's ``model``, or the default model's
     MODEL_URL) now, torch-free, so it arrives while torch imports; the job that needs it joins
-    the fetch. Nothing if there is no archive, it is baked or installed, or which archive it is
+    the fetch. Nothing if there is no archive, it is baked or installed, the model is ``warm``
+    in memory (its archive may have left the disk: it is not needed), or which archive it is
     depends on the device (known only after torch: the precision default, and with it a bare
     s3:// name). A missing archive is left to the job, which builds and publishes it."""
     on_gpu, on_cpu = (model_ref(spec, settings, device) for device in ("cuda", "cpu"))
     if not on_gpu.url or archive_location(on_gpu, settings) != archive_location(on_cpu, settings):
+        return None
+    if warm and (warm(on_gpu) or warm(on_cpu)):
         return None
     return start_fetch(on_gpu, settings, disk or DiskCache(settings))
