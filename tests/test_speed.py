@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from schemas import CacheSpec
 from tests.helpers import ROOT, assert_images_close, decode, worker_env
@@ -182,3 +183,42 @@ def test_quantize_leaves_unet_models_as_they_are(settings):
 
     result = draw(Engine(settings.model_copy(update={"quantize": "int8"})), prompt="p", num_inference_steps=2)
     assert result.model.quantize is None and result.images
+
+
+# --- On CUDA (pytest -m gpu on a GPU machine; skipped elsewhere) ---
+
+@pytest.mark.gpu
+def test_compile_fp8_and_a_cache_on_cuda(settings, flux_dir, tiny_dir):
+    """CUDA's defaults: COMPILE regional (Triton kernels), QUANTIZE=fp8 where the GPU has it,
+    a step cache computing compiled; each close to the eager image. A UNet compiled whole,
+    fused and channels-last, in fp16."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    from worker.engine import Engine
+
+    def psnr(a, b) -> float:
+        a, b = (np.asarray(decode(r.images[0].base64), dtype=float) for r in (a, b))
+        return float(10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-9)))
+
+    cuda = settings.model_copy(update={"device": "cuda"})
+    fields = dict(prompt="a lighthouse", seed=3, num_inference_steps=8, model={"id": str(flux_dir)}, **SIZE)
+    eager = draw(Engine(cuda.model_copy(update={"compile": "off"})), **fields)
+    fast_endpoint = Engine(cuda.model_copy(update={"quantize": "fp8"}))
+    fast = draw(fast_endpoint, **fields)
+    has_fp8 = torch.cuda.get_device_capability() >= (8, 9)
+    assert (fast.model.compile, fast.model.quantize) == ("regional", "fp8" if has_fp8 else "int8")
+    assert psnr(eager, fast) > 20
+    cached = draw(fast_endpoint, **fields, cache={"method": "first_block", "threshold": 0.5})
+    assert cached.model.compile == "regional" and 0 < cached.cache.approximated < 8
+    assert draw(fast_endpoint, **fields).images[0].base64 == fast.images[0].base64
+
+    sd = dict(prompt="a lighthouse", seed=5, num_inference_steps=3)
+    sd_eager = draw(Engine(cuda.model_copy(update={"compile": "off"})), **sd)
+    sd_endpoint = Engine(cuda)
+    sd_fast = draw(sd_endpoint, **sd)
+    assert (sd_fast.model.compile, sd_fast.model.precision) == ("full", "fp16")
+    unet = sd_endpoint.models.loaded()[0].pipeline.unet
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert psnr(sd_eager, sd_fast) > 30
