@@ -33,13 +33,14 @@ print(json.dumps({"result": result.dump(), "warm_up": warm, "after": dict(counte
 """
 
 JOB = {"prompt": "a lighthouse", "num_inference_steps": 3, "seed": 7}  # the embedded model's own size
+SIZE = {"width": 64, "height": 64}
 
 
-def probe(models_dir, **env: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(JOB)], cwd=ROOT, capture_output=True, text=True,
+def probe(models_dir, job: dict = JOB, **env: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(job)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=worker_env(models_dir, DEVICE="cpu", **env))
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {"log": done.stderr}
 
 
 def test_compiled_jobs_draw_the_eager_image_and_a_second_worker_loads_the_kernels(run, tmp_path):
@@ -77,9 +78,17 @@ def test_a_compile_that_fails_leaves_the_job_eager_with_one_log_line(run, tmp_pa
                         "fallback", tolerance=0)
 
 
-# --- Step caching: the endpoint's default, and what the answer says of it ---
+def test_a_compile_failing_under_a_cache_hook_leaves_the_job_eager_with_one_log_line(flux_dir, tmp_path):
+    """The blocks a first_block hook computes fail to compile (no C++ compiler): the job still
+    answers, eagerly, and the log says so once, not once per block."""
+    job = dict(prompt="a lighthouse", seed=3, num_inference_steps=4, model={"id": str(flux_dir)}, **SIZE,
+               cache={"method": "first_block", "threshold": 0.5})
+    done = probe(tmp_path, job, COMPILE="regional", CXX="/nonexistent/c++")
+    assert "compile" not in done["result"]["model"] and done["result"]["cache"]["approximated"] > 0
+    assert done["log"].count(f"COMPILE=regional failed for {flux_dir}, which runs eagerly from now on") == 1
 
-SIZE = {"width": 64, "height": 64}
+
+# --- Step caching: the endpoint's default, and what the answer says of it ---
 
 
 def draw(engine, **fields):

@@ -100,14 +100,15 @@ def compile_denoiser(denoiser: Any, chosen: str, name: str, whole: bool = False)
     failed: list[bool] = []
 
     def to_eager(exc: BaseException) -> None:
-        log.warning("COMPILE=%s failed for %s, which runs eagerly from now on: %s: %s", chosen, name,
-                    type(exc).__name__, first_line(exc, 300))
+        if not failed:  # (one line, whichever compiled part failed first)
+            log.warning("COMPILE=%s failed for %s, which runs eagerly from now on: %s: %s", chosen, name,
+                        type(exc).__name__, first_line(exc, 300))
         failed.append(True)
         for module in units:
             module._compiled_call_impl = None
 
     for module in units:
-        module._compiled_call_impl = _guarded(module._compiled_call_impl, module, to_eager)
+        module._compiled_call_impl = _guarded(module._compiled_call_impl, module, to_eager, failed)
     denoiser._compiled = _Compiled(units, failed, to_eager)
     return chosen
 
@@ -182,23 +183,24 @@ def under_hook(denoiser: Any, unit: Any, forward: Callable) -> Callable:
     kept = state.forwards.get(id(unit))
     if kept is None or kept[0] != forward:
         kept = state.forwards[id(unit)] = (forward, _guarded(torch.compile(forward, fullgraph=True, dynamic=False),
-                                                             None, state.to_eager, eager=forward))
+                                                             None, state.to_eager, state.failed, eager=forward))
     return kept[1]
 
 
-def _guarded(compiled_call: Callable, module: Any, to_eager: Callable[[BaseException], None],
+def _guarded(compiled_call: Callable, module: Any, to_eager: Callable[[BaseException], None], failed: list[bool],
              eager: Callable | None = None) -> Callable:
     """The compiled call; if compiling fails, the same call eagerly (``eager``, or the module's
     own; nothing has run yet: a whole graph compiles before it runs), and the model eager from
-    then on."""
+    then on (``failed``: compiling failed for one of its parts)."""
     from torch._dynamo.exc import TorchDynamoException
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return compiled_call(*args, **kwargs)
-        except TorchDynamoException as exc:
-            to_eager(exc)
-            return (eager or module._call_impl)(*args, **kwargs)
+        if not failed:
+            try:
+                return compiled_call(*args, **kwargs)
+            except TorchDynamoException as exc:
+                to_eager(exc)
+        return (eager or module._call_impl)(*args, **kwargs)
 
     return call
 
