@@ -63,6 +63,13 @@ def kontext_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def zimage_dir(tmp_path_factory) -> Path:
+    from tests.fixtures.zimage import build_zimage
+
+    return build_zimage(tmp_path_factory.mktemp("zimage") / "tiny-zimage")
+
+
+@pytest.fixture(scope="session")
 def fill_dir(tmp_path_factory) -> Path:
     from tests.fixtures.flux import build_flux
 

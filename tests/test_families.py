@@ -15,7 +15,7 @@ from worker.errors import UserInputError
 
 # Each family's tiny model: the name of the session fixture that builds it.
 MODELS = {"SD 1.x/2.x": "tiny_dir", "SDXL": "sdxl_dir", "SDXL refiner": "refiner_dir", "SD3": "sd3_dir",
-          "FLUX.1": "flux_dir", "FLUX.1 Fill": "fill_dir", "FLUX.1 Kontext": "kontext_dir"}
+          "FLUX.1": "flux_dir", "FLUX.1 Fill": "fill_dir", "FLUX.1 Kontext": "kontext_dir", "Z-Image": "zimage_dir"}
 
 # A value for each request field some family refuses (they are refused before anything is fetched).
 REFUSED_VALUES = {
@@ -157,6 +157,6 @@ def test_models_this_worker_cannot_run_are_refused_before_loading(run, tmp_path)
     with pytest.raises(ModelSourceError) as info:
         run(prompt="p", num_inference_steps=1, model={"id": str(qwen)})
     assert str(info.value) == (f"model.id: could not load {qwen}: it is a QwenImagePipeline model; this worker runs "
-                               "Stable Diffusion 1.x, 2.x, XL and 3 models and FLUX.1")
+                               "Stable Diffusion 1.x, 2.x, XL and 3 models, FLUX.1 and Z-Image")
     assert run(prompt="p", num_inference_steps=1)[0].images  # and the worker goes on
 

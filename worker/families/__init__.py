@@ -20,13 +20,14 @@ from .flux import FLUX, FLUX_FILL, FLUX_KONTEXT
 from .sd import SD
 from .sd3 import SD3
 from .sdxl import SDXL, SDXL_REFINER
+from .zimage import Z_IMAGE
 
 __all__ = ["FAMILIES", "ControlNetKind", "Family", "at", "checkpoint_lacks", "checkpoint_reference", "components",
            "from_components", "of_pipeline", "read_index", "t5_listed", "trained", "without_t5"]
 
 # Each family says no to the others' models: the order does not decide, except for checkpoints,
 # where SDXL's keys include its refiner's.
-FAMILIES: tuple[Family, ...] = (SD, SDXL, SDXL_REFINER, SD3, FLUX, FLUX_FILL, FLUX_KONTEXT)
+FAMILIES: tuple[Family, ...] = (SD, SDXL, SDXL_REFINER, SD3, FLUX, FLUX_FILL, FLUX_KONTEXT, Z_IMAGE)
 
 
 def from_components(components: dict[str, str | None]) -> Family | None:
@@ -64,7 +65,8 @@ def at(path: Path) -> Family | None:
     family = from_components(components(index))
     if family is None:
         raise ModelSourceError("model.id", f"it is a {index.get('_class_name', 'non-diffusers')} model; "
-                                           "this worker runs Stable Diffusion 1.x, 2.x, XL and 3 models and FLUX.1")
+                                           "this worker runs Stable Diffusion 1.x, 2.x, XL and 3 models, FLUX.1 and "
+                                           "Z-Image")
     return family
 
 
