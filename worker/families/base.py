@@ -15,6 +15,17 @@ from typing import Any
 from ..errors import UserInputError
 
 TASKS = ("txt2img", "img2img", "inpaint")
+UNET_PARTS = "for SD 1.x, 2.x and XL models"
+# What the DiT families with their own kind of latents and text encoders refuse, by field: the
+# parts made here for a UNet and CLIP, and what is drawn for unpacked latents.
+DIT_REFUSED = {
+    "ip_adapter": f"IP-Adapters here are {UNET_PARTS}",
+    "ip_adapters": f"IP-Adapters here are {UNET_PARTS}",
+    "embeddings": f"textual-inversion embeddings here are {UNET_PARTS}",
+    "tiling": f"seamless tiling needs a UNet ({UNET_PARTS[4:]})",
+    "hires": f"the hires fix here is {UNET_PARTS} and SD3",
+    "variation": "variation seeds are drawn here for unpacked latents (SD 1.x, 2.x, XL and SD3)",
+}
 
 
 @dataclass(frozen=True)

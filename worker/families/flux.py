@@ -23,10 +23,9 @@ import inspect
 from typing import Any
 
 from ..errors import UserInputError
-from .base import ControlNetKind, Family
+from .base import DIT_REFUSED, UNET_PARTS, ControlNetKind, Family
 from .flow import check_flow_training, flow_point
 
-_UNET_PARTS = "for SD 1.x, 2.x and XL models"
 # A transformer file's keys: Black Forest Labs' layout (Civitai's too, with ComfyUI's prefix), or diffusers'.
 _PREFIX = "model.diffusion_model."
 _BFL, _DIFFUSERS = "double_blocks.0.img_attn.qkv.weight", "single_transformer_blocks.0.proj_out.weight"
@@ -43,15 +42,7 @@ class Flux(Family):
     denoiser = "transformer"
     quantizable = True
     flow_matching = True
-    refused = {
-        "ip_adapter": f"IP-Adapters here are {_UNET_PARTS}",
-        "ip_adapters": f"IP-Adapters here are {_UNET_PARTS}",
-        "embeddings": f"textual-inversion embeddings here are {_UNET_PARTS}",
-        "tiling": f"seamless tiling needs a UNet ({_UNET_PARTS[4:]})",
-        "clip_skip": f"its prompts are read by T5 as well as CLIP; clip_skip is {_UNET_PARTS}",
-        "hires": f"the hires fix here is {_UNET_PARTS} and SD3",
-        "variation": "variation seeds are drawn here for unpacked latents (SD 1.x, 2.x, XL and SD3)",
-    }
+    refused = DIT_REFUSED | {"clip_skip": f"its prompts are read by T5 as well as CLIP; clip_skip is {UNET_PARTS}"}
     prompt_weighting = False
     true_cfg = True
     distilled_guidance = True

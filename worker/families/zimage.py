@@ -17,9 +17,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .base import Family
+from .base import DIT_REFUSED, Family
 
-_UNET_PARTS = "for SD 1.x, 2.x and XL models"
 _PIPELINES = {"txt2img": "ZImagePipeline", "img2img": "ZImageImg2ImgPipeline", "inpaint": "ZImageInpaintPipeline"}
 
 
@@ -29,16 +28,8 @@ class ZImage(Family):
     denoiser = "transformer"
     quantizable = True
     flow_matching = True
-    refused = {
-        "ip_adapter": f"IP-Adapters here are {_UNET_PARTS}",
-        "ip_adapters": f"IP-Adapters here are {_UNET_PARTS}",
-        "embeddings": f"textual-inversion embeddings here are {_UNET_PARTS}",
-        "tiling": f"seamless tiling needs a UNet ({_UNET_PARTS[4:]})",
-        "clip_skip": "its prompts are read by a Qwen3 language model, not CLIP",
-        "hires": f"the hires fix here is {_UNET_PARTS} and SD3",
-        "variation": "variation seeds are drawn here for unpacked latents (SD 1.x, 2.x, XL and SD3)",
-        "controlnets": "ControlNets for Z-Image are not served here yet",
-    }
+    refused = DIT_REFUSED | {"clip_skip": "its prompts are read by a Qwen3 language model, not CLIP",
+                             "controlnets": "ControlNets for Z-Image are not served here yet"}
     prompt_weighting = False
     cuda_precision = "bf16"  # (as it ships)
 
