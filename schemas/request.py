@@ -61,12 +61,12 @@ class InferenceRequest(Strict):
         None, ge=64, le=8192, description="Pixels, multiple of 8 (16 for SD3); default as `width`."
     )
     num_inference_steps: int = Field(
-        25, ge=1, le=1000, description="Denoising steps (default 25, or the endpoint's cap; FLUX.1 and Z-Image: "
-        "their pipelines' own, 28 for dev, 4 for schnell, 50 for Z-Image)."
+        25, ge=1, le=1000, description="Denoising steps (default 25, or the endpoint's cap; SD3, FLUX.1 and "
+        "Z-Image: their pipelines' own, 28 for SD3 and FLUX.1 dev, 4 for schnell, 50 for Z-Image and img2img on SD3)."
     )
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off (Z-Image: "
-                                  "0 does, default 5). FLUX.1 dev: its embedded, distilled guidance (default 3.5; "
-                                  "schnell has none).")
+                                  "0 does, default 5; SD3: default 7). FLUX.1 dev: its embedded, distilled guidance "
+                                  "(default 3.5; schnell has none).")
     true_cfg_scale: float | None = Field(
         None, ge=1, le=50, description="Real classifier-free guidance with `negative_prompt` (1: off), for FLUX.1, "
         "whose guidance_scale is a distilled one; other families refuse it (their guidance_scale is real CFG)."

@@ -55,6 +55,31 @@ def test_several_sd3_images_from_one_input_each_reproduce_alone(run, sd3_dir, fi
     assert_images_close(decode(alone.images[0].base64), decode(batch.images[2].base64), "sd3-batch-seed")
 
 
+def test_what_a_request_leaves_out_takes_diffusers_sd3_defaults(run, sd3_dir):
+    """No steps, no guidance: StableDiffusion3Pipeline's own 28 steps and guidance 7 (not the
+    schema's 25 and 7.5); img2img leaving strength out: its pipeline's 50 steps and 0.6."""
+    import torch
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+
+    from tests.helpers import assert_images_close, stripes
+
+    result, events = run(prompt="a lighthouse", seed=1, width=64, height=64, model={"id": str(sd3_dir)})
+    assert [e.total for e in events if e.stage == "inference"][-1] == 28
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(prompt="a lighthouse", width=64, height=64, generator=torch.Generator().manual_seed(1)).images[0]
+    assert_images_close(expected, decode(result.images[0].base64), "sd3-defaults", tolerance=0)
+    image = stripes((64, 64))
+    from tests.helpers import image_b64
+
+    result, events = run(prompt="a lighthouse", seed=2, image=image_b64(image), model={"id": str(sd3_dir)})
+    assert [e.total for e in events if e.stage == "inference"][-1] == 30  # 0.6 of 50
+    pipe = StableDiffusion3Img2ImgPipeline.from_pretrained(sd3_dir)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(prompt="a lighthouse", image=image, generator=torch.Generator().manual_seed(2)).images[0]
+    assert_images_close(expected, decode(result.images[0].base64), "sd3-img2img-defaults", tolerance=0)
+
+
 def test_sd3_reproduces_and_takes_the_flow_matching_schedulers(run, sd3_dir):
     first = sd3(run, sd3_dir)
     assert sd3(run, sd3_dir).images[0].base64 == first.images[0].base64
