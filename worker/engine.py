@@ -80,10 +80,10 @@ class Engine:
         MODELS_DIR/compile if an earlier worker compiled them)."""
         with self._lock:
             loaded, _ = self.models.get(model_ref(ModelSpec(), self.settings, self.device), lambda _: None, {})
-        if loaded.compiled:
+        if mode := compiling.compiled(loaded.family.denoiser_of(loaded.pipeline)):
             start = time.perf_counter()
             self.generate(InferenceRequest(prompt="warm-up", num_inference_steps=2), lambda _: None, lambda: False)
-            log.info("COMPILE=%s: %s warmed up at its own size in %.1f s", loaded.compiled, loaded.ref.id,
+            log.info("COMPILE=%s: %s warmed up at its own size in %.1f s", mode, loaded.ref.id,
                      time.perf_counter() - start)
 
     def generate(self, request: InferenceRequest, emit: Emit, cancelled: Callable[[], bool],
@@ -144,10 +144,9 @@ class Engine:
         """Which model ran, from where, and how (precision, device, COMPILE, QUANTIZE); ``eager``:
         its step cache left the job's denoiser eager (worker/parts/compiling.py)."""
         ref = loaded.ref
-        ran_compiled = not eager and loaded.compiled and compiling.compiled(loaded.family.denoiser_of(loaded.pipeline))
+        mode = None if eager else compiling.compiled(loaded.family.denoiser_of(loaded.pipeline))
         return ModelInfo(id=ref.id, source=source, revision=ref.revision, precision=loaded.precision,
-                         device=self.device, compile=loaded.compiled if ran_compiled else None,
-                         quantize=loaded.quantized)
+                         device=self.device, compile=mode, quantize=loaded.quantized)
 
     def _with_defaults(self, request: InferenceRequest, plan: Plan) -> InferenceRequest:
         """The request with what it left out taken from the model's family, where the family's

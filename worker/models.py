@@ -39,7 +39,6 @@ class Loaded:
     # LoRAs resident on its modules, least recently used first: file identity -> adapter name.
     loras: OrderedDict[str, str] = field(default_factory=OrderedDict)
     quantized: str | None = None  # QUANTIZE as applied to its denoiser at load
-    compiled: str | None = None  # COMPILE as applied to its denoiser at load (it may fall back to eager)
 
     @property
     def precision(self) -> str:
@@ -195,7 +194,7 @@ class ModelStore:
                                                loaded.ref.id)
         if self.compile != "off" and loaded.family.fuses_qkv:
             compiling.fuse(denoiser, self.device)
-        loaded.compiled = compiling.compile_denoiser(denoiser, self.compile, loaded.ref.id, loaded.family.fuses_qkv)
+        compiling.compile_denoiser(denoiser, self.compile, loaded.ref.id, loaded.family.fuses_qkv)
         return loaded
 
     @staticmethod

@@ -28,6 +28,18 @@ DIT_REFUSED = {
 }
 
 
+def pipeline_defaults(pipeline: Any) -> dict:
+    """The steps, guidance and (img2img, inpaint) strength diffusers' ``pipeline`` class takes
+    when not given them: what a request that leaves them out gets, for the families that follow
+    their pipelines' defaults."""
+    import inspect
+
+    own = inspect.signature(pipeline.__call__).parameters
+    defaults = {"num_inference_steps": own["num_inference_steps"].default,
+                "guidance_scale": own["guidance_scale"].default}
+    return defaults | ({"strength": own["strength"].default} if "strength" in own else {})
+
+
 @dataclass(frozen=True)
 class ControlNetKind:
     """The ControlNets that steer a family's denoiser: their diffusers class, the config keys

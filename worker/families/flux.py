@@ -19,11 +19,10 @@ and LoRA training.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from ..errors import UserInputError
-from .base import DIT_REFUSED, UNET_PARTS, ControlNetKind, Family
+from .base import DIT_REFUSED, UNET_PARTS, ControlNetKind, Family, pipeline_defaults
 from .flow import check_flow_training, flow_point
 
 # A transformer file's keys: Black Forest Labs' layout (Civitai's too, with ComfyUI's prefix), or diffusers'.
@@ -101,10 +100,8 @@ class Flux(Family):
 
     def defaults(self, pipe: Any, task: str, controlnets: bool = False) -> dict:
         """Those of its diffusers pipeline for ``task``; [schnell]'s 4 steps."""
-        own = inspect.signature(self.pipeline_class(task, controlnets).__call__).parameters
-        steps = 4 if self.schnell(pipe) else own["num_inference_steps"].default
-        defaults = {"num_inference_steps": steps, "guidance_scale": own["guidance_scale"].default}
-        return defaults | ({"strength": own["strength"].default} if "strength" in own else {})
+        defaults = pipeline_defaults(self.pipeline_class(task, controlnets))
+        return defaults | ({"num_inference_steps": 4} if self.schnell(pipe) else {})
 
     def call_options(self, request: Any, pipe: Any) -> dict:
         options = {"max_sequence_length": 256 if self.schnell(pipe) else 512}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UserInputError
-from .base import ControlNetKind, Family
+from .base import ControlNetKind, Family, pipeline_defaults
 from .flow import check_flow_training, flow_point
 
 _MMDIT = "model.diffusion_model.joint_blocks."
@@ -71,17 +71,10 @@ class StableDiffusion3(Family):
     def defaults(self, pipe: Any, task: str, controlnets: bool = False) -> dict:
         """Those of the diffusers pipeline that runs ``task``: 28 steps and guidance 7 for
         txt2img, 50 steps and strength 0.6 for img2img and inpainting."""
-        import inspect
-
         import diffusers
 
         name = _PIPELINES[task][controlnets]
-        if name is None:
-            return {}
-        own = inspect.signature(getattr(diffusers, name).__call__).parameters
-        defaults = {"num_inference_steps": own["num_inference_steps"].default,
-                    "guidance_scale": own["guidance_scale"].default}
-        return defaults | ({"strength": own["strength"].default} if "strength" in own else {})
+        return pipeline_defaults(getattr(diffusers, name)) if name else {}
 
     def multiple(self, pipe: Any) -> int:
         return pipe.vae_scale_factor * pipe.transformer.config.patch_size

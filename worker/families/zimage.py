@@ -14,10 +14,9 @@ pipelines), and LoRAs (diffusers' Z-Image loader). Not yet: ControlNets, trainin
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
-from .base import DIT_REFUSED, Family
+from .base import DIT_REFUSED, Family, pipeline_defaults
 
 _PIPELINES = {"txt2img": "ZImagePipeline", "img2img": "ZImageImg2ImgPipeline", "inpaint": "ZImageInpaintPipeline"}
 
@@ -50,10 +49,7 @@ class ZImage(Family):
 
     def defaults(self, pipe: Any, task: str, controlnets: bool = False) -> dict:
         """Those of its diffusers pipeline for ``task``."""
-        own = inspect.signature(self.pipeline_class(task).__call__).parameters
-        defaults = {"num_inference_steps": own["num_inference_steps"].default,
-                    "guidance_scale": own["guidance_scale"].default}
-        return defaults | ({"strength": own["strength"].default} if "strength" in own else {})
+        return pipeline_defaults(self.pipeline_class(task))
 
     def img2img_size(self, width: int, height: int) -> dict:
         return {"width": width, "height": height}

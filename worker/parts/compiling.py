@@ -82,14 +82,14 @@ def configure(models_dir: Path, device: str) -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-def compile_denoiser(denoiser: Any, chosen: str, name: str, whole: bool = False) -> str | None:
+def compile_denoiser(denoiser: Any, chosen: str, name: str, whole: bool = False) -> None:
     """Compile ``denoiser`` in place; ``regional`` compiles it whole (``full``) where it has no
     repeated blocks, or where they are a small part of its work (``whole``: a UNet's
-    convolutions are outside its transformer blocks). What was applied, or None. Compiling is
+    convolutions are outside its transformer blocks); ``compiled`` says how after. Compiling is
     lazy: the first call of each shape compiles, under the guard that runs it eagerly if that
     fails."""
     if chosen == "off":
-        return None
+        return
     if chosen == "regional" and (whole or not getattr(denoiser, "_repeated_blocks", None)):
         chosen = "full"
     if chosen == "regional":
@@ -108,17 +108,16 @@ def compile_denoiser(denoiser: Any, chosen: str, name: str, whole: bool = False)
             module._compiled_call_impl = None
 
     for module in units:
-        module._compiled_call_impl = _guarded(module._compiled_call_impl, module, to_eager, failed)
-    denoiser._compiled = _Compiled(units, failed, to_eager)
-    return chosen
+        module._compiled_call_impl = _guarded(module._compiled_call_impl, module._call_impl, to_eager, failed)
+    denoiser._compiled = _Compiled(chosen, units, failed, to_eager)
 
 
 class _Compiled:
-    """What compiling did to a denoiser: its compiled units, whether it fell back to eager, and
-    each unit's forward compiled for running under a cache hook."""
+    """What compiling did to a denoiser: how (``mode``), its compiled units, whether it fell
+    back to eager, and each unit's forward compiled for running under a cache hook."""
 
-    def __init__(self, units: list, failed: list[bool], to_eager: Callable[[BaseException], None]):
-        self.units, self.failed, self.to_eager = units, failed, to_eager
+    def __init__(self, mode: str, units: list, failed: list[bool], to_eager: Callable[[BaseException], None]):
+        self.mode, self.units, self.failed, self.to_eager = mode, units, failed, to_eager
         self.forwards: dict[int, tuple[Callable, Callable]] = {}  # id(unit) -> (its forward, compiled)
 
 
@@ -150,10 +149,11 @@ def undo(denoiser: Any) -> None:
     denoiser.__dict__.pop("_compiled", None)
 
 
-def compiled(denoiser: Any) -> bool:
-    """Whether the denoiser runs compiled (compiled at load, and not fallen back to eager)."""
+def compiled(denoiser: Any) -> str | None:
+    """How the denoiser runs compiled (``regional``, ``full``); None if eagerly (never compiled,
+    or fallen back)."""
     state = getattr(denoiser, "_compiled", None)
-    return bool(state and not state.failed)
+    return state.mode if state and not state.failed else None
 
 
 @contextmanager
@@ -183,15 +183,15 @@ def under_hook(denoiser: Any, unit: Any, forward: Callable) -> Callable:
     kept = state.forwards.get(id(unit))
     if kept is None or kept[0] != forward:
         kept = state.forwards[id(unit)] = (forward, _guarded(torch.compile(forward, fullgraph=True, dynamic=False),
-                                                             None, state.to_eager, state.failed, eager=forward))
+                                                             forward, state.to_eager, state.failed))
     return kept[1]
 
 
-def _guarded(compiled_call: Callable, module: Any, to_eager: Callable[[BaseException], None], failed: list[bool],
-             eager: Callable | None = None) -> Callable:
-    """The compiled call; if compiling fails, the same call eagerly (``eager``, or the module's
-    own; nothing has run yet: a whole graph compiles before it runs), and the model eager from
-    then on (``failed``: compiling failed for one of its parts)."""
+def _guarded(compiled_call: Callable, eager: Callable, to_eager: Callable[[BaseException], None],
+             failed: list[bool]) -> Callable:
+    """The compiled call; if compiling fails, the same call ``eager`` (nothing has run yet: a
+    whole graph compiles before it runs), and the model eager from then on (``failed``:
+    compiling failed for one of its parts)."""
     from torch._dynamo.exc import TorchDynamoException
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -200,7 +200,7 @@ def _guarded(compiled_call: Callable, module: Any, to_eager: Callable[[BaseExcep
                 return compiled_call(*args, **kwargs)
             except TorchDynamoException as exc:
                 to_eager(exc)
-        return (eager or module._call_impl)(*args, **kwargs)
+        return eager(*args, **kwargs)
 
     return call
 
