@@ -116,6 +116,7 @@ def _distilled(data: dict, request: dict) -> None:
     cfg = data.get("cfg_scale", 1)
     if cfg != 1:
         request["true_cfg_scale"] = cfg
+        request.setdefault("negative_prompt", "")  # (Forge's CFG runs against an empty one)
 
 
 def _count(value: Any, field: str) -> int:

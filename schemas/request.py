@@ -49,27 +49,31 @@ class InferenceRequest(Strict):
     `image` means img2img, neither means txt2img."""
 
     task: Task | None = Field(None, description="What to run; inferred from the images when absent (never "
-                              "`edit`: instruction editing on a model made for it, FLUX.1 Kontext, is asked by name).")
+                              "`edit`: instruction editing on a model made for it, FLUX.1 Kontext or Qwen-Image-Edit, "
+                              "is asked by name).")
     model: ModelSpec = Field(default_factory=ModelSpec, description="Weights to run.")
     prompt: str = Field(..., max_length=20_000, description="What to draw.")
     negative_prompt: str | None = Field(None, max_length=20_000, description="What to steer away from.")
     width: int | None = Field(
-        None, ge=64, le=8192,
-        description="Pixels, multiple of 8 (16 for SD3); default: the model's size (img2img: the image's).",
+        None, ge=64, le=8192, description="Pixels, multiple of 8 (16 for the DiT families); default: the model's "
+        "size (img2img: the image's).",
     )
     height: int | None = Field(
-        None, ge=64, le=8192, description="Pixels, multiple of 8 (16 for SD3); default as `width`."
+        None, ge=64, le=8192, description="Pixels, multiple of 8 (16 for the DiT families); default as `width`."
     )
     num_inference_steps: int = Field(
-        25, ge=1, le=1000, description="Denoising steps (default 25, or the endpoint's cap; SD3, FLUX.1 and "
-        "Z-Image: their pipelines' own, 28 for SD3 and FLUX.1 dev, 4 for schnell, 50 for Z-Image and img2img on SD3)."
+        25, ge=1, le=1000, description="Denoising steps (default 25, or the endpoint's cap; the DiT families: "
+        "their pipelines' own, 28 for SD3 and FLUX.1 dev, 4 for schnell, 50 for Z-Image, Qwen-Image and img2img on "
+        "SD3)."
     )
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off (Z-Image: "
                                   "0 does, default 5; SD3: default 7). FLUX.1 dev: its embedded, distilled guidance "
-                                  "(default 3.5; schnell has none).")
+                                  "(default 3.5; schnell has none). Qwen-Image refuses it: its guidance is "
+                                  "true_cfg_scale.")
     true_cfg_scale: float | None = Field(
-        None, ge=1, le=50, description="Real classifier-free guidance with `negative_prompt` (1: off), for FLUX.1, "
-        "whose guidance_scale is a distilled one; other families refuse it (their guidance_scale is real CFG)."
+        None, ge=1, le=50, description="Real classifier-free guidance with `negative_prompt` (1: off), for FLUX.1 "
+        "(default 1; its guidance_scale is a distilled one) and Qwen-Image (default 4); other families refuse it "
+        "(their guidance_scale is real CFG)."
     )
     guidance_rescale: float = Field(
         0, ge=0, le=1, description="CFG rescale φ (0.7 is usual): pulls strongly guided images back from washed-out, "
@@ -84,6 +88,10 @@ class InferenceRequest(Strict):
     )
     num_images: int = Field(1, ge=1, le=64, description="Images to generate, each with its own seed.")
     image: ImageSource | None = Field(None, description="Input image: base64, `data:` URI or http(s) URL.")
+    images: list[ImageSource] = Field(
+        default_factory=list, max_length=8, description="edit: several reference images (instead of `image`), for "
+        "models that take several (Qwen-Image-Edit-Plus); the prompt names them as Picture 1, Picture 2 ..."
+    )
     mask_image: ImageSource | None = Field(
         None, description="Inpainting mask (white = repaint), same forms as `image`."
     )
@@ -158,8 +166,8 @@ class InferenceRequest(Strict):
     hires: HiresSpec | None = Field(None, description="txt2img: a second, larger pass (AUTOMATIC1111's hires fix).")
     cache: CacheSpec | Literal[False] | None = Field(
         None, description="Lossy step caching for this request (diffusers' cache hooks: first_block, taylorseer, "
-        "magcache, faster), for models whose denoiser has them (FLUX.1); off again after the job. Absent: the "
-        "endpoint's CACHE, if set; `false`: none."
+        "magcache, faster), for models whose denoiser has them (FLUX.1, Qwen-Image); off again after the job. "
+        "Absent: the endpoint's CACHE, if set; `false`: none."
     )
     variation: VariationSpec | None = Field(
         None, description="txt2img: variations of the seed's image, from its noise blended with a second seed's "
@@ -196,6 +204,19 @@ class InferenceRequest(Strict):
     def left_out(self, name: str) -> bool:
         """Whether the caller left ``name`` out (the model's family may then fill it in)."""
         return name in self._left_out
+
+    def reread(self, update: dict[str, Any], unsent: set[str]) -> InferenceRequest:
+        """A copy with ``update`` as if the caller sent it and ``unsent`` as if left out (how a
+        model's family reads a field of another API: AUTOMATIC1111's ``cfg_scale``)."""
+        copy = self.model_copy(update=update)
+        copy._left_out = (self._left_out - set(update)) | unsent
+        return copy
+
+    def references(self) -> list[tuple[str, str]]:
+        """The input images of an edit, each with the field it answers for."""
+        if self.image is not None:
+            return [("image", self.image)]
+        return [(f"images[{i}]", image) for i, image in enumerate(self.images)]
 
     def adapters(self) -> list[tuple[str, IpAdapterSpec]]:
         """The IP-Adapters, each with the field it answers for."""
@@ -260,6 +281,8 @@ class InferenceRequest(Strict):
 
     def _check_task_inputs(self, limits: Limits) -> None:
         """What the task takes: images for img2img, inpainting and editing, hires and the refiner for txt2img."""
+        if self.images and self.task != "edit":
+            raise ValueError(f"images: only with task 'edit' (several references for one edit), not {self.task!r}")
         if self.task == "txt2img":
             for name in ("image", "mask_image", "strength", "outpaint"):
                 if getattr(self, name) is not None:
@@ -276,8 +299,11 @@ class InferenceRequest(Strict):
         elif self.hires is not None or self.refiner is not None:
             raise ValueError(f"{'hires' if self.hires else 'refiner'}: only with task 'txt2img', not {self.task!r}")
         else:
-            if self.image is None:
-                raise ValueError(f"image: required for task {self.task!r}")
+            if self.task == "edit" and self.images and self.image is not None:
+                raise ValueError("images: send image (one) or images (several references), not both")
+            if self.image is None and not (self.task == "edit" and self.images):
+                raise ValueError(f"image: required for task {self.task!r}" + (" (or images)" if self.task == "edit"
+                                                                               else ""))
             if self.outpaint and self.task != "inpaint":
                 raise ValueError(f"outpaint: only with task 'inpaint', not {self.task!r}")
             if self.outpaint and self.mask_image is not None:

@@ -70,6 +70,27 @@ def zimage_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwenimage_dir(tmp_path_factory) -> Path:
+    from tests.fixtures.qwenimage import build_qwenimage
+
+    return build_qwenimage(tmp_path_factory.mktemp("qwenimage") / "tiny-qwenimage")
+
+
+@pytest.fixture(scope="session")
+def qwenedit_dir(tmp_path_factory) -> Path:
+    from tests.fixtures.qwenimage import build_qwenimage
+
+    return build_qwenimage(tmp_path_factory.mktemp("qwenedit") / "tiny-qwen-edit", "edit")
+
+
+@pytest.fixture(scope="session")
+def qwenedit_plus_dir(tmp_path_factory) -> Path:
+    from tests.fixtures.qwenimage import build_qwenimage
+
+    return build_qwenimage(tmp_path_factory.mktemp("qwenedit-plus") / "tiny-qwen-edit-plus", "edit-plus")
+
+
+@pytest.fixture(scope="session")
 def fill_dir(tmp_path_factory) -> Path:
     from tests.fixtures.flux import build_flux
 

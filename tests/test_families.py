@@ -15,7 +15,8 @@ from worker.errors import UserInputError
 
 # Each family's tiny model: the name of the session fixture that builds it.
 MODELS = {"SD 1.x/2.x": "tiny_dir", "SDXL": "sdxl_dir", "SDXL refiner": "refiner_dir", "SD3": "sd3_dir",
-          "FLUX.1": "flux_dir", "FLUX.1 Fill": "fill_dir", "FLUX.1 Kontext": "kontext_dir", "Z-Image": "zimage_dir"}
+          "FLUX.1": "flux_dir", "FLUX.1 Fill": "fill_dir", "FLUX.1 Kontext": "kontext_dir", "Z-Image": "zimage_dir",
+          "Qwen-Image": "qwenimage_dir", "Qwen-Image-Edit": "qwenedit_dir", "Qwen-Image-Edit-Plus": "qwenedit_plus_dir"}
 
 # A value for each request field some family refuses (they are refused before anything is fetched).
 REFUSED_VALUES = {
@@ -67,7 +68,8 @@ def test_a_family_is_recognised_from_its_index_and_from_its_pipeline(request, na
     assert families.at(model_dir) is family
     index = families.read_index(model_dir)
     assert [f for f in families.FAMILIES if f.recognises(families.components(index))] == [family]
-    assert families.of_pipeline(DiffusionPipeline.from_pretrained(model_dir)) is family
+    own = family.own_components(model_dir)  # (Qwen-Image-Edit's processor, without torchvision)
+    assert families.of_pipeline(DiffusionPipeline.from_pretrained(model_dir, **own)) is family
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -78,6 +80,8 @@ def test_txt2img_draws_what_diffusers_draws(request, run, name):
 
     family, model_dir = family_and_model(request, name)
     fields = dict(prompt="a lighthouse", num_inference_steps=2, guidance_scale=4.0, width=64, height=64)
+    if family.true_cfg and not family.distilled_guidance:  # (Qwen-Image: no guidance but true_cfg_scale)
+        fields |= {"true_cfg_scale": fields.pop("guidance_scale"), "negative_prompt": "fog"}
     if "txt2img" not in family.tasks:  # (FLUX.1 Fill: its inpainting is held to diffusers' in its own tests)
         with pytest.raises(UserInputError, match=rf"^task: .* is {family.kind}; it runs .*, not txt2img"):
             run(model={"id": str(model_dir)}, seed=1, **fields)
@@ -115,13 +119,18 @@ def test_a_family_refuses_by_field_naming_itself(request, run, name):
     # A scheduler of the other kind (flow matching, or noise / v-prediction).
     other = "DDIM" if family.flow_matching else "FlowMatchEulerDiscrete"
     with pytest.raises(UserInputError, match=rf"^scheduler: {other} cannot sample this model, .*\({family.name}\)"):
-        run(prompt="p", model=model, width=64, height=64, num_inference_steps=1, scheduler=other)
+        run(prompt="p", model=model, width=64, height=64, num_inference_steps=2, scheduler=other)
 
 
 def _task_inputs(family) -> dict:
     """What a request to ``family`` needs besides a prompt: nothing, or for a family without
-    txt2img (FLUX.1 Fill), the image and mask of an inpainting."""
-    return {} if "txt2img" in family.tasks else {"image": png_b64(), "mask_image": png_b64(), "strength": 1.0}
+    txt2img, the image of an edit (Qwen-Image-Edit) or the image and mask of an inpainting
+    (FLUX.1 Fill)."""
+    if "txt2img" in family.tasks:
+        return {}
+    if "edit" in family.tasks:
+        return {"task": "edit", "image": png_b64()}
+    return {"image": png_b64(), "mask_image": png_b64(), "strength": 1.0}
 
 
 def _valid(**fields) -> bool:
@@ -138,7 +147,7 @@ def _valid(**fields) -> bool:
 
 def _loaded(request, run, model_dir):
     """The family's model, loaded on the shared engine."""
-    run(prompt="p", model={"id": str(model_dir)}, width=64, height=64, num_inference_steps=1,
+    run(prompt="p", model={"id": str(model_dir)}, width=64, height=64, num_inference_steps=2,
         **_task_inputs(families.at(model_dir)))
     engine = request.getfixturevalue("engine")
     return next(loaded for loaded in engine.models.loaded() if loaded.ref.id == str(model_dir))
@@ -147,16 +156,16 @@ def _loaded(request, run, model_dir):
 def test_models_this_worker_cannot_run_are_refused_before_loading(run, tmp_path):
     from worker.errors import ModelSourceError
 
-    qwen = tmp_path / "qwen"
-    qwen.mkdir()
-    (qwen / "model_index.json").write_text(json.dumps({
-        "_class_name": "QwenImagePipeline", "transformer": ["diffusers", "QwenImageTransformer2DModel"],
-        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-        "vae": ["diffusers", "AutoencoderKLQwenImage"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    other = tmp_path / "cogview"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({
+        "_class_name": "CogView4Pipeline", "transformer": ["diffusers", "CogView4Transformer2DModel"],
+        "text_encoder": ["transformers", "GlmModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     }))  # and no weights at all: they are never read
     with pytest.raises(ModelSourceError) as info:
-        run(prompt="p", num_inference_steps=1, model={"id": str(qwen)})
-    assert str(info.value) == (f"model.id: could not load {qwen}: it is a QwenImagePipeline model; this worker runs "
-                               "Stable Diffusion 1.x, 2.x, XL and 3 models, FLUX.1 and Z-Image")
+        run(prompt="p", num_inference_steps=1, model={"id": str(other)})
+    assert str(info.value) == (f"model.id: could not load {other}: it is a CogView4Pipeline model; this worker runs "
+                               "Stable Diffusion 1.x, 2.x, XL and 3 models, FLUX.1, Qwen-Image and Z-Image")
     assert run(prompt="p", num_inference_steps=1)[0].images  # and the worker goes on
 

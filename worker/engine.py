@@ -95,6 +95,8 @@ class Engine:
             timings: dict[str, float] = {}
             loaded, source = self.models.get(ref, emit, timings)
             plan = Plan(request, ref, loaded, source, timings)
+            if request.a1111 is not None:
+                request = plan.request = plan.family.read_a1111(request, plan.base)
             plan.family.check(request, plan.name, plan.base)
             request = plan.request = self._with_defaults(request, plan)
 
@@ -153,12 +155,13 @@ class Engine:
         defaults differ (steps within this endpoint's cap)."""
         defaults = plan.family.defaults(plan.base, request.task, controlnets=bool(request.controlnets))
         defaults = {name: value for name, value in defaults.items() if request.left_out(name)}
-        cache = self.settings.cache  # the endpoint's step cache, where this model's denoiser takes it
-        if cache and request.left_out("cache") and caching.supports(plan.family, plan.base, cache):
-            defaults["cache"] = cache
         if "num_inference_steps" in defaults:
             defaults["num_inference_steps"] = min(defaults["num_inference_steps"], self.settings.max_steps)
-        return request.model_copy(update=defaults) if defaults else request
+        request = request.model_copy(update=defaults) if defaults else request
+        cache = self.settings.cache  # the endpoint's step cache, where this model's denoiser takes it
+        if cache and request.left_out("cache") and caching.supports(plan.family, plan.base, cache, request):
+            request = request.model_copy(update={"cache": cache})
+        return request
 
     def _denoise(self, plan: Plan, batches: list, emit: Emit, cancelled: Callable[[], bool]) -> list:
         """The first pass (and the hires fix's second) over each batch; their outputs."""
@@ -169,8 +172,7 @@ class Engine:
                               emit=emit, timings=timings), \
                 self.ip_adapters.applied(pipe, request.adapters(), emit, timings) as reference, \
                 seamless.wrapping(family.convolutional(pipe), seamless.axes(request.tiling)), \
-                caching.applied(family.denoiser_of(pipe), request.cache or None, request.num_inference_steps, family,
-                                pipe) as plan.cached:
+                caching.applied(family.denoiser_of(pipe), request.cache or None, request, family, pipe) as plan.cached:
             texts = _texts(family, pipe, request, prompt, negative)
             hires_texts, hires = texts, request.hires
             if hires and (hires.prompt or hires.negative_prompt):  # the second pass's own prompts

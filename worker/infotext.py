@@ -25,6 +25,8 @@ def parameters(request: InferenceRequest, seed: int, size: tuple[int, int], mode
     if distilled:  # Forge's: CFG scale is real CFG (1: off), beside the distilled one
         pairs["CFG scale"] = request.true_cfg_scale or 1
         pairs["Distilled CFG Scale"] = request.guidance_scale
+    elif request.guidance_scale is None:  # (Qwen-Image: true_cfg_scale, which acts with a negative prompt)
+        pairs["CFG scale"] = request.true_cfg_scale if request.negative_prompt is not None else 1
     else:
         pairs["CFG scale"] = request.guidance_scale
     if request.guidance_rescale:  # as the CFG Rescale extension writes it

@@ -52,10 +52,12 @@ class Inputs:
                 return {}  # the pipeline's own size
             width, height = request.width or family.default_size(base), request.height or family.default_size(base)
             return {"width": width, "height": height} | family.txt2img_size(width, height)
-        image = load_image(request.image, "image", self.settings)
         if request.task == "edit":
-            width, height = self.size_from(image, request, "image", family.multiple(base))
-            return {"image": fit(image, (width, height), request.resize_mode)} | family.edit_size(width, height)
+            references = request.references()
+            images = [load_image(source, field, self.settings) for field, source in references]
+            width, height = self.size_from(images[0], request, references[0][0], family.multiple(base))
+            return family.edit_inputs(images, width, height, request.resize_mode)
+        image = load_image(request.image, "image", self.settings)
         if request.task == "img2img":
             width, height = self.size_from(image, request, "image", family.multiple(base))
             args = {"image": fit(image, (width, height), request.resize_mode)}

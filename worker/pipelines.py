@@ -31,6 +31,10 @@ def for_task(plan: Plan, settings: Settings, nets: list, vae: Any) -> Any:
             "num_inference_steps",
             f"must be below {trained} for this model's scheduler, got {request.num_inference_steps}"
         )
+    if request.num_inference_steps == 1 and scheduler.config.get("shift_terminal"):
+        # Its sigmas are stretched to end at shift_terminal: one step divides 0 by 0 (a black image).
+        raise UserInputError("num_inference_steps", f"at least 2 for {name}'s scheduler, which ends its steps at "
+                                                    f"shift_terminal {scheduler.config.shift_terminal}")
     encoder = getattr(base, "text_encoder", None)
     layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
     if request.clip_skip and (layers is None or request.clip_skip >= layers):

@@ -10,6 +10,7 @@ where it differs. docs/adding-a-family.md says how to add one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserInputError
@@ -63,11 +64,12 @@ class Family:
     takes_refiner = False  # an SDXL refiner may take over its last steps
     refines = False  # it is a refiner: a request's ``refiner``, never its ``model``
     prompt_weighting = True  # long and weighted prompts encoded here (CLIP families)
-    true_cfg = False  # takes true_cfg_scale: its guidance_scale is a distilled guidance, not real CFG
+    true_cfg = False  # takes true_cfg_scale: classifier-free guidance as a second pass (FLUX.1, Qwen-Image)
     distilled_guidance = False  # its guidance_scale is an embedded, distilled guidance (FLUX.1 [dev])
     # Its T5 text encoder and tokenizer, which ``model.t5: false`` leaves out (None: it has none).
     optional_t5: tuple[str, str] | None = None
     controlnet: ControlNetKind | None = None
+    references = 1  # edit: how many input images its edit pipeline takes at once
     # Training: the pipeline class of the models it trains (base models: not inpainting ones,
     # nor refiners), and what its LoRAs wrap.
     training_pipeline: str | None = None
@@ -100,6 +102,11 @@ class Family:
     def fit_reference_configs(self, pipeline: Any) -> None:
         """A checkpoint converted with its layout's reference configs (not the caller's):
         correct what the file's weights say differently."""
+
+    def own_components(self, path: Path) -> dict[str, Any]:
+        """Components of the model in ``path`` that diffusers' loader cannot build here by
+        itself, loaded: passed to ``from_pretrained`` (Qwen-Image-Edit's processor)."""
+        return {}
 
     # --- What it makes, and what a request may ask of it ---
 
@@ -135,9 +142,16 @@ class Family:
         if request.cache and not hasattr(self.denoiser_of(pipe), "enable_cache"):
             raise UserInputError("cache", f"{model} is {self.kind}: its {type(self.denoiser_of(pipe)).__name__} has "
                                           "no diffusers cache hooks (FLUX.1's transformer has)")
+        if len(request.images) > self.references:
+            raise UserInputError("images", f"{model} is {self.kind}; its edits take "
+                                           f"{'one image' if self.references == 1 else f'up to {self.references}'}, "
+                                           f"got {len(request.images)}")
         if request.true_cfg_scale is not None and not self.true_cfg:
             raise UserInputError("true_cfg_scale", f"{model} is {self.kind}: its guidance_scale is real "
                                                    "classifier-free guidance already")
+        if request.true_cfg_scale not in (None, 1) and request.negative_prompt is None:
+            raise UserInputError("true_cfg_scale", "acts only with a negative_prompt, as diffusers runs it (\"\" "
+                                                   "or \" \" is enough)")
 
     def mag_ratios(self) -> Any:
         """MagCache's calibration for its denoiser (None: diffusers has none)."""
@@ -149,9 +163,19 @@ class Family:
         pipelines' steps, guidance, strength)."""
         return {}
 
+    def read_a1111(self, request: Any, pipe: Any) -> Any:
+        """An AUTOMATIC1111 payload's request as this family reads its fields (its ``cfg_scale``
+        arrives as ``guidance_scale``, real CFG for most families)."""
+        return request
+
     def call_options(self, request: Any, pipe: Any) -> dict:
         """Pipeline arguments of the family's own, for every pass of the job."""
         return {}
+
+    def runs_true_cfg(self, request: Any) -> bool:
+        """Whether its pipeline guides ``request`` with a second, unconditional pass a step (as
+        diffusers decides: a ``negative_prompt`` and ``true_cfg_scale`` above 1)."""
+        return self.true_cfg and request.negative_prompt is not None and (request.true_cfg_scale or 1) > 1
 
     def pipeline_class(self, task: str, controlnets: bool = False) -> Any:
         """The diffusers pipeline that runs ``task`` (with ``controlnets`` or not; diffusers'
@@ -169,6 +193,13 @@ class Family:
         """Arguments besides width and height that make its txt2img pipeline draw at exactly
         that size ({}: none needed)."""
         return {}
+
+    def edit_inputs(self, images: list, width: int, height: int, resize_mode: str) -> dict:
+        """Its edit pipeline's arguments for these input images, answering at exactly ``width`` x
+        ``height``: here (FLUX.1 Kontext) the one image, fitted to that size as ``resize_mode`` says."""
+        from ..images import fit
+
+        return {"image": fit(images[0], (width, height), resize_mode)} | self.edit_size(width, height)
 
     def edit_size(self, width: int, height: int) -> dict:
         """Size arguments that make its edit pipeline answer at exactly ``width`` x ``height``."""

@@ -39,19 +39,31 @@ class Tally:
         return CacheOut(method=self.method, passes=self.passes, approximated=self.approximated)
 
 
-def supports(family: Any, pipe: Any, spec: CacheSpec) -> bool:
-    """Whether the model's denoiser takes ``spec`` (an endpoint default applies only where it does)."""
-    return hasattr(family.denoiser_of(pipe), "enable_cache") and (spec.method != "magcache"
-                                                                   or family.mag_ratios() is not None)
+def supports(family: Any, pipe: Any, spec: CacheSpec, request: Any) -> bool:
+    """Whether the model's denoiser takes ``spec`` for ``request`` (an endpoint default applies
+    only where it does)."""
+    return (hasattr(family.denoiser_of(pipe), "enable_cache") and _refusal(family, spec, request) is None
+            and (spec.method != "magcache" or family.mag_ratios() is not None))
+
+
+def _refusal(family: Any, spec: CacheSpec, request: Any) -> str | None:
+    if spec.method == "faster" and family.runs_true_cfg(request):
+        # (FasterCache keeps one state per block, not one per diffusers cache_context)
+        return (f"faster keeps one state for the conditional and unconditional passes, which {family.name} "
+                "runs apart under true CFG (true_cfg_scale with a negative_prompt): use first_block or taylorseer")
+    return None
 
 
 @contextmanager
-def applied(denoiser: Any, spec: CacheSpec | None, steps: int, family: Any, pipe: Any) -> Iterator[Tally | None]:
+def applied(denoiser: Any, spec: CacheSpec | None, request: Any, family: Any, pipe: Any) -> Iterator[Tally | None]:
     if spec is None:
         yield None
         return
+    refusal = _refusal(family, spec, request)
+    if refusal:
+        raise UserInputError("cache.method", refusal)
     with quiet_libraries():  # (FasterCache warns at every job that it is experimental)
-        denoiser.enable_cache(_config(spec, steps, family, pipe))
+        denoiser.enable_cache(_config(spec, request.num_inference_steps, family, pipe))
     tally = Tally(spec.method)
     handle = denoiser.register_forward_pre_hook(lambda *_: tally.close_pass())
     wrapped: list = []
@@ -110,7 +122,9 @@ def _config(spec: CacheSpec, steps: int, family: Any, pipe: Any) -> Any:
             raise UserInputError("cache.method", f"diffusers has no MagCache calibration for {family.name} models")
         return diffusers.MagCacheConfig(threshold=spec.threshold or 0.06, num_inference_steps=steps,
                                         mag_ratios=ratios)
-    return diffusers.FasterCacheConfig(  # (an image model: no temporal attention; its timestep as FasterCache reads it)
+    # (An image model: no temporal attention; its timestep as FasterCache reads it; a family with
+    # true CFG runs one pass at a time, which FasterCache must not split into two halves.)
+    return diffusers.FasterCacheConfig(
         current_timestep_callback=lambda: pipe.current_timestep, tensor_format="BCHW",
-        is_guidance_distilled=family.distilled_guidance, temporal_attention_block_skip_range=None,
+        is_guidance_distilled=family.distilled_guidance or family.true_cfg, temporal_attention_block_skip_range=None,
         attention_weight_callback=lambda _: 0.3)

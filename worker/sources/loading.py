@@ -32,7 +32,7 @@ def load_pipeline(path: Path, precision: str, variant: str | None, device: str, 
     leave_out = family.without_t5() if family and not t5 else {}
     dtype = precision_dtype(precision)
     try:
-        components = leave_out | (prebuilt or {})
+        components = leave_out | (family.own_components(path) if family else {}) | (prebuilt or {})
         if family is None or family.denoiser not in components:
             components |= _gguf_denoiser(path, family, dtype)
         pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True,

@@ -163,11 +163,17 @@ class _Follower:
         file.fd = -1  # read whole
 
     def _tensor(self, component: _Component, file: _File, dtype, shape, start: int, end: int) -> torch.Tensor:
-        buffer = bytearray(end - start)
-        done = 0
-        while done < len(buffer):
-            done += os.preadv(file.fd, [memoryview(buffer)[done:]], file.data_start + start + done)
-        tensor = torch.frombuffer(buffer, dtype=dtype).reshape(shape) if buffer else torch.empty(shape, dtype=dtype)
+        # At the address alignment a memory map of the file gives the tensor, as diffusers' loader
+        # reads it: CPU matmul kernels round differently at different alignments, and the image
+        # must equal the one the same weights give loaded from disk.
+        skew = (file.data_start + start) % 64
+        skew = skew if skew % dtype.itemsize == 0 else 0
+        raw = torch.empty(end - start + 64, dtype=torch.uint8)
+        raw = raw[(skew - raw.data_ptr()) % 64:][: end - start]
+        view, done = memoryview(raw.numpy()), 0
+        while done < len(view):
+            done += os.preadv(file.fd, [view[done:]], file.data_start + start + done)
+        tensor = raw.view(dtype).reshape(shape) if len(view) else torch.empty(shape, dtype=dtype)
         if component.library == "diffusers":  # as diffusers' loader does: floating weights in the model's dtype
             target = self.dtype if tensor.is_floating_point() else tensor.dtype
             tensor = tensor.to(device=self.device, dtype=target)
