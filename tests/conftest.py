@@ -70,6 +70,20 @@ def zimage_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def klein_dir(tmp_path_factory) -> Path:
+    from tests.fixtures.flux2 import build_klein
+
+    return build_klein(tmp_path_factory.mktemp("klein") / "tiny-klein-base")
+
+
+@pytest.fixture(scope="session")
+def klein_distilled_dir(tmp_path_factory) -> Path:
+    from tests.fixtures.flux2 import build_klein
+
+    return build_klein(tmp_path_factory.mktemp("klein-distilled") / "tiny-klein", distilled=True)
+
+
+@pytest.fixture(scope="session")
 def qwenimage_dir(tmp_path_factory) -> Path:
     from tests.fixtures.qwenimage import build_qwenimage
 

@@ -47,6 +47,20 @@ def decode(b64: str) -> Image.Image:
     return image
 
 
+def ours(result, i: int = 0) -> Image.Image:
+    """The ``i``-th image of a worker's answer."""
+    return decode(result.images[i].base64)
+
+
+def diffusers_images(pipe, seed: int = 1, count: int = 1, **fields) -> list:
+    """What diffusers' ``pipe`` draws for ``fields``, ``count`` images seeded ``seed + i`` on CPU
+    generators, as the worker seeds them."""
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+    return pipe(**fields, num_images_per_prompt=count, generator=generators).images
+
+
 def circular(pipe):
     """The pipeline as AUTOMATIC1111 makes its Tiling: padding_mode "circular" on every Conv2d."""
     import torch

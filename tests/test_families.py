@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import pytest
 
@@ -15,8 +16,10 @@ from worker.errors import UserInputError
 
 # Each family's tiny model: the name of the session fixture that builds it.
 MODELS = {"SD 1.x/2.x": "tiny_dir", "SDXL": "sdxl_dir", "SDXL refiner": "refiner_dir", "SD3": "sd3_dir",
-          "FLUX.1": "flux_dir", "FLUX.1 Fill": "fill_dir", "FLUX.1 Kontext": "kontext_dir", "Z-Image": "zimage_dir",
-          "Qwen-Image": "qwenimage_dir", "Qwen-Image-Edit": "qwenedit_dir", "Qwen-Image-Edit-Plus": "qwenedit_plus_dir"}
+          "FLUX.1": "flux_dir", "FLUX.1 Fill": "fill_dir", "FLUX.1 Kontext": "kontext_dir",
+          "FLUX.2 [klein]": "klein_dir",
+          "Z-Image": "zimage_dir", "Qwen-Image": "qwenimage_dir", "Qwen-Image-Edit": "qwenedit_dir",
+          "Qwen-Image-Edit-Plus": "qwenedit_plus_dir"}
 
 # A value for each request field some family refuses (they are refused before anything is fetched).
 REFUSED_VALUES = {
@@ -83,7 +86,7 @@ def test_txt2img_draws_what_diffusers_draws(request, run, name):
     if family.true_cfg and not family.distilled_guidance:  # (Qwen-Image: no guidance but true_cfg_scale)
         fields |= {"true_cfg_scale": fields.pop("guidance_scale"), "negative_prompt": "fog"}
     if "txt2img" not in family.tasks:  # (FLUX.1 Fill: its inpainting is held to diffusers' in its own tests)
-        with pytest.raises(UserInputError, match=rf"^task: .* is {family.kind}; it runs .*, not txt2img"):
+        with pytest.raises(UserInputError, match=rf"^task: .* is {re.escape(family.kind)}; it runs .*, not txt2img"):
             run(model={"id": str(model_dir)}, seed=1, **fields)
         return
     if family.refines:  # a refiner is never a request's model
@@ -114,11 +117,12 @@ def test_a_family_refuses_by_field_naming_itself(request, run, name):
         assert field in REFUSED_VALUES, f"add a value for {field} to REFUSED_VALUES"
         if not _valid(prompt="p", **_task_inputs(family), **{field: REFUSED_VALUES[field]}):
             continue  # the schema refuses it for this family's task already (hires: txt2img only)
-        with pytest.raises(UserInputError, match=rf"^{field}: .* is {family.kind}; "):
+        with pytest.raises(UserInputError, match=rf"^{field}: .* is {re.escape(family.kind)}; "):
             run(prompt="p", model=model, width=64, height=64, **{field: REFUSED_VALUES[field]})
     # A scheduler of the other kind (flow matching, or noise / v-prediction).
     other = "DDIM" if family.flow_matching else "FlowMatchEulerDiscrete"
-    with pytest.raises(UserInputError, match=rf"^scheduler: {other} cannot sample this model, .*\({family.name}\)"):
+    with pytest.raises(UserInputError,
+                       match=rf"^scheduler: {other} cannot sample this model, .*\({re.escape(family.name)}\)"):
         run(prompt="p", model=model, width=64, height=64, num_inference_steps=2, scheduler=other)
 
 
@@ -166,6 +170,7 @@ def test_models_this_worker_cannot_run_are_refused_before_loading(run, tmp_path)
     with pytest.raises(ModelSourceError) as info:
         run(prompt="p", num_inference_steps=1, model={"id": str(other)})
     assert str(info.value) == (f"model.id: could not load {other}: it is a CogView4Pipeline model; this worker runs "
-                               "Stable Diffusion 1.x, 2.x, XL and 3 models, FLUX.1, Qwen-Image and Z-Image")
+                               "Stable Diffusion 1.x, 2.x, XL and 3 models, FLUX.1, FLUX.2 [klein], Qwen-Image and "
+                               "Z-Image")
     assert run(prompt="p", num_inference_steps=1)[0].images  # and the worker goes on
 

@@ -8,23 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tests.fixtures.qwenimage import load
-from tests.helpers import BUCKET, assert_images_close, decode, image_b64, stripes
+from tests.helpers import BUCKET, assert_images_close, decode, diffusers_images, image_b64, ours, stripes
 from worker.errors import UserInputError
 
 SIZE = {"width": 64, "height": 64}
-
-
-def diffusers_images(pipe, seed: int = 1, count: int = 1, **fields):
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
-    return pipe(**fields, num_images_per_prompt=count, generator=generators).images
-
-
-def ours(result, i: int = 0):
-    return decode(result.images[i].base64)
 
 
 def test_txt2img_at_its_defaults_is_diffusers_qwenimagepipeline_at_its_own(run, qwenimage_dir):

@@ -147,7 +147,7 @@ def test_a_compiled_unet_is_compiled_whole_and_fuses_its_attention_but_for_loras
     from worker.engine import Engine
 
     lora = [{"id": str(make_lora(tiny_dir, tmp_path / "style.safetensors", seed=1)), "scale": 1.0}]
-    fields = dict(prompt="a lighthouse", seed=5, num_inference_steps=3)
+    fields = dict(prompt="a lighthouse", seed=5, num_inference_steps=2)
     eager_endpoint = Engine(settings)
     eager, eager_lora = draw(eager_endpoint, **fields), draw(eager_endpoint, **fields, loras=lora)
     compiled_endpoint = Engine(settings.model_copy(update={"compile": "regional"}))
@@ -158,8 +158,9 @@ def test_a_compiled_unet_is_compiled_whole_and_fuses_its_attention_but_for_loras
     assert_images_close(decode(eager.images[0].base64), decode(plain.images[0].base64), "fused", tolerance=2)
     styled = draw(compiled_endpoint, **fields, loras=lora)
     # (Compiled, this tiny random UNet's output with the LoRA differs from eager's by 2-4e-4,
-    # which its steps amplify: the image is the eager LoRA image's, far closer to it than to
-    # the plain one.)
+    # which each step amplifies chaotically (a mean pixel gap of 2.6 after two steps, 18 after
+    # three, while the LoRA moves the image by 35): the image is the eager LoRA image's, far
+    # closer to it than to the plain one.)
     [a, b, c] = [np.asarray(decode(r.images[0].base64), dtype=float) for r in (eager, eager_lora, styled)]
     assert np.abs(c - b).mean() < np.abs(c - a).mean() / 3
     assert draw(compiled_endpoint, **fields).images[0].base64 == plain.images[0].base64

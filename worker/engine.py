@@ -372,7 +372,7 @@ def _texts(family, pipe, request: InferenceRequest, prompt: str, negative: str |
     """The pipeline's prompt arguments: embeddings for long or weighted prompts (encoded here),
     else the text itself, which the pipeline encodes as diffusers does."""
     return prompts.encoded(family, pipe, prompt, negative, request.clip_skip, request.prompt_weighting) or {
-        "prompt": prompt, **({"negative_prompt": negative} if pipelines.takes(pipe, "negative_prompt") else {}),
+        **family.prompt_arguments(pipe, prompt, negative),
         **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
     }
 

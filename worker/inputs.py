@@ -55,6 +55,8 @@ class Inputs:
         if request.task == "edit":
             references = request.references()
             images = [load_image(source, field, self.settings) for field, source in references]
+            for (field, _), image in zip(references, images):
+                family.check_reference(image, field)
             width, height = self.size_from(images[0], request, references[0][0], family.multiple(base))
             return family.edit_inputs(images, width, height, request.resize_mode)
         image = load_image(request.image, "image", self.settings)

@@ -61,8 +61,12 @@ def for_task(plan: Plan, settings: Settings, nets: list, vae: Any) -> Any:
     if settings.offload != "none":
         pipe.remove_all_hooks()  # the last job's offload hooks (on the shared modules): LoRAs load without them
     for field in ("negative_prompt", "true_cfg_scale"):  # (FLUX.1's ControlNet img2img / inpaint have neither)
-        if getattr(request, field) and not takes(pipe, field):
+        if getattr(request, field) and not (takes(pipe, field) or takes(pipe, f"{field}_embeds")):
             raise UserInputError(field, f"diffusers' {type(pipe).__name__}, which runs this request, takes none")
+    sent_cfg = not request.left_out("true_cfg_scale")  # (Qwen-Image's default 4 runs without one, as in diffusers)
+    if sent_cfg and request.true_cfg_scale not in (None, 1) and request.negative_prompt is None:
+        raise UserInputError("true_cfg_scale", "acts only with a negative_prompt, as diffusers runs it (\"\" or \" \" "
+                                               "is enough)")
     return pipe
 
 

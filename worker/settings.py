@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     model_variant: str | None = Field(None, description="Weight variant of MODEL_ID, e.g. `fp16`.")
     model_precision: Literal["fp32", "fp16", "bf16"] | None = Field(
         None, description="dtype every model runs in unless a request says; unset: on CUDA the family's own (bf16 for "
-        "FLUX.1, Z-Image and Qwen-Image, fp16 for the others), fp32 on CPU."
+        "FLUX.1, FLUX.2, Z-Image and Qwen-Image, fp16 for the others), fp32 on CPU."
     )
     model_t5: bool = Field(True, description="SD3 models load their T5-XXL text encoder (a request's model.t5 wins).")
     model_url: str | None = Field(None, description="Archive of the default model (forms as model.url); trusted.")
@@ -101,8 +101,8 @@ class Settings(BaseSettings):
         "size compiles once per endpoint: the kernels are kept in MODELS_DIR/compile for every later worker."
     )
     quantize: Literal["none", "fp8", "int8"] = Field(
-        "none", description="torchao weight quantization of DiT denoisers (SD3, FLUX.1, Z-Image, Qwen-Image), once "
-        "at load: `fp8` weights and activations in fp8 on GPUs that have it (compute capability 8.9+), int8 "
+        "none", description="torchao weight quantization of DiT denoisers (SD3, FLUX.1, FLUX.2, Z-Image, Qwen-Image), "
+        "once at load: `fp8` weights and activations in fp8 on GPUs that have it (compute capability 8.9+), int8 "
         "weight-only elsewhere; `int8` int8 weight-only. GGUF models run as they are."
     )
     cache: Annotated[CacheSpec | None, NoDecode] = Field(

@@ -70,6 +70,8 @@ class Family:
     optional_t5: tuple[str, str] | None = None
     controlnet: ControlNetKind | None = None
     references = 1  # edit: how many input images its edit pipeline takes at once
+    # The step caches (``cache.method``) diffusers' hooks run on its denoiser, where it has them.
+    caches = ("first_block", "taylorseer", "magcache", "faster")
     # Training: the pipeline class of the models it trains (base models: not inpainting ones,
     # nor refiners), and what its LoRAs wrap.
     training_pipeline: str | None = None
@@ -149,9 +151,6 @@ class Family:
         if request.true_cfg_scale is not None and not self.true_cfg:
             raise UserInputError("true_cfg_scale", f"{model} is {self.kind}: its guidance_scale is real "
                                                    "classifier-free guidance already")
-        if request.true_cfg_scale not in (None, 1) and request.negative_prompt is None:
-            raise UserInputError("true_cfg_scale", "acts only with a negative_prompt, as diffusers runs it (\"\" "
-                                                   "or \" \" is enough)")
 
     def mag_ratios(self) -> Any:
         """MagCache's calibration for its denoiser (None: diffusers has none)."""
@@ -201,6 +200,9 @@ class Family:
 
         return {"image": fit(images[0], (width, height), resize_mode)} | self.edit_size(width, height)
 
+    def check_reference(self, image: Any, field: str) -> None:
+        """Refuse, naming ``field``, an input image of an edit its pipeline cannot take."""
+
     def edit_size(self, width: int, height: int) -> dict:
         """Size arguments that make its edit pipeline answer at exactly ``width`` x ``height``."""
         return {"width": width, "height": height}
@@ -233,6 +235,14 @@ class Family:
         """Pipeline keywords with both prompts' embeddings, from their token windows (see
         worker.prompts); only called where ``prompt_weighting``."""
         raise NotImplementedError
+
+    def prompt_arguments(self, pipe: Any, prompt: str, negative: str | None) -> dict:
+        """Its pipeline's arguments for the prompts as text (where they are not encoded here):
+        the negative one where the pipeline takes it."""
+        import inspect
+
+        takes_negative = "negative_prompt" in inspect.signature(pipe.__call__).parameters
+        return {"prompt": prompt, **({"negative_prompt": negative} if takes_negative else {})}
 
     def load_lora(self, pipe: Any, path: Any, name: str) -> None:
         """A LoRA file onto the pipeline's modules as the adapter ``name`` (diffusers' loader for

@@ -47,6 +47,9 @@ def supports(family: Any, pipe: Any, spec: CacheSpec, request: Any) -> bool:
 
 
 def _refusal(family: Any, spec: CacheSpec, request: Any) -> str | None:
+    if spec.method not in family.caches:
+        return (f"diffusers' {spec.method} hook fails on {family.name}'s transformer: it takes "
+                f"{' or '.join(family.caches)}")
     if spec.method == "faster" and family.runs_true_cfg(request):
         # (FasterCache keeps one state per block, not one per diffusers cache_context)
         return (f"faster keeps one state for the conditional and unconditional passes, which {family.name} "
