@@ -186,3 +186,10 @@ def test_quantized_and_offloaded_it_draws_close_to_the_whole_model(settings, kle
     transformer = endpoint.models.loaded()[0].pipeline.transformer
     assert type(transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
     assert_images_close(ours(plain), ours(quantized), "klein-int8", tolerance=8)
+
+
+def test_training_is_refused_naming_what_trains(settings, s3, klein_dir):
+    from tests.helpers import training_refusal
+
+    assert training_refusal(settings, s3, klein_dir) == ("model.id: training supports SD 1.x/2.x, SDXL, SD3, FLUX.1 "
+                                                         "and Z-Image models, not Flux2KleinPipeline")

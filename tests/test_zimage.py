@@ -119,9 +119,27 @@ def test_it_converts_to_an_archive_and_serves_from_it(settings, s3, zimage_dir):
     assert served.model.source == "url" and served.images[0].base64 == direct.images[0].base64
 
 
-def test_training_is_refused_naming_what_trains(settings, s3, zimage_dir):
+def test_lora_training_publishes_a_lora_a_later_request_uses(settings, s3, zimage_dir):
+    """train_dreambooth_lora_z_image.py's recipe (flow matching, the transformer's negated
+    velocity, each prompt encoded once at its own length), with prior preservation and mirrored
+    images: a LoRA of the attention, in diffusers' Z-Image layout, which changes a later image."""
+    from tests.helpers import train_then_use
+
+    result, keys, plain, tuned = train_then_use(settings, s3, zimage_dir, "lora", "zimage/trained-lora",
+                                                max_train_steps=2, random_flip=True)
+    assert result["train"]["steps"] == 2 and result["train"]["loss"] > 0
+    assert {key.split(".")[0] for key in keys} == {"transformer"}
+    for layer in ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"):
+        assert any(f".{layer}.lora_A." in key for key in keys), layer
+    assert tuned.images[0].base64 != plain.images[0].base64
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"method": "dreambooth"}, "train.method: Z-Image models train LoRAs here"),
+    ({"train_text_encoder": True}, "train.train_text_encoder: Z-Image models train their transformer only here"),
+    ({"resolution": 72}, "train.resolution: must be a multiple of 16 for Z-Image models, got 72"),
+])
+def test_what_its_training_does_not_do_is_refused_by_field(settings, s3, zimage_dir, fields, message):
     from tests.helpers import training_refusal
 
-    refusal = training_refusal(settings, s3, zimage_dir)
-    assert refusal.startswith("model.id: training supports SD 1.x/2.x, SDXL, SD3, FLUX.1") and refusal.endswith(
-        "models, not ZImagePipeline")
+    assert training_refusal(settings, s3, zimage_dir, **fields).startswith(message)

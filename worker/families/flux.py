@@ -167,6 +167,7 @@ class FluxFill(Flux):
     kind = "a FLUX.1 Fill model"
     pipeline = "FluxFillPipeline"
     tasks = ("inpaint",)
+    training_pipeline = None  # (FLUX.1 [dev] and [schnell] train here)
     refused = Flux.refused | {
         "controlnets": "diffusers has no FLUX.1 Fill ControlNet pipeline",
         "negative_prompt": "FluxFillPipeline takes no negative prompt",
@@ -189,6 +190,7 @@ class FluxKontext(Flux):
     kind = "a FLUX.1 Kontext model"
     pipeline = "FluxKontextPipeline"
     tasks = ("txt2img", "edit")
+    training_pipeline = None
     refused = Flux.refused | {"controlnets": "diffusers has no FLUX.1 Kontext ControlNet pipeline"}
 
     def pipeline_class(self, task: str, controlnets: bool = False) -> Any:

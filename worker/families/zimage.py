@@ -9,14 +9,17 @@ itself (up to 512 tokens), so weighted prompts are refused, and so are the parts
 and CLIP.
 
 Served here: txt2img, img2img and inpaint (diffusers' ZImage, ZImageImg2Img and ZImageInpaint
-pipelines), and LoRAs (diffusers' Z-Image loader). Not yet: ControlNets, training (issue 17).
+pipelines), LoRAs (diffusers' Z-Image loader), and LoRA training by diffusers'
+train_dreambooth_lora_z_image.py recipe. Not yet: ControlNets (issue 17).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..errors import UserInputError
 from .base import DIT_REFUSED, Family, pipeline_defaults
+from .flow import check_flow_training, flow_point
 
 _PIPELINES = {"txt2img": "ZImagePipeline", "img2img": "ZImageImg2ImgPipeline", "inpaint": "ZImageInpaintPipeline"}
 
@@ -31,6 +34,8 @@ class ZImage(Family):
                              "controlnets": "ControlNets for Z-Image are not served here yet"}
     prompt_weighting = False
     cuda_precision = "bf16"  # (as it ships)
+    training_pipeline = "ZImagePipeline"
+    lora_layers = "transformer_lora_layers"
 
     def recognises(self, components: dict[str, str | None]) -> bool:
         return (components.get("transformer") == "ZImageTransformer2DModel"
@@ -53,6 +58,34 @@ class ZImage(Family):
 
     def img2img_size(self, width: int, height: int) -> dict:
         return {"width": width, "height": height}
+
+    # --- Training (diffusers' train_dreambooth_lora_z_image.py) ---
+
+    def check_train(self, spec: Any) -> None:
+        if spec.method != "lora":
+            raise UserInputError("train.method", "Z-Image models train LoRAs here (as diffusers' recipe for it)")
+        check_flow_training(spec, self.name, "uniformly")
+
+    def train_text(self, pipe: Any, prompts: list[str]) -> tuple[Any, Any]:
+        """Its pipeline's own encoding: one state per prompt, as long as its tokens (a list)."""
+        states, _ = pipe.encode_prompt(prompts, device=pipe.text_encoder.device, do_classifier_free_guidance=False)
+        return states, None
+
+    def training_prediction(self, pipe: Any, scheduler: Any, latents: Any, text: tuple, resolution: int,
+                            generator: Any) -> tuple[Any, Any, Any]:
+        """The flow-matching objective, timesteps drawn uniformly: the transformer takes each
+        image as one frame and the time running from noise (0) to image (1), and predicts the
+        velocity's negative; against noise - latents."""
+        import torch
+
+        states, _ = text
+        noisy, noise, steps = flow_point(scheduler, latents, generator, "none")
+        frames = list(noisy.unsqueeze(2).unbind(0))  # each (channels, 1 frame, height, width)
+        prediction = pipe.transformer(frames, (1000 - steps) / 1000, states, return_dict=False)[0]
+        return -torch.stack(prediction).squeeze(2), noise - latents, steps
+
+    def lora_state(self, state: dict) -> dict:
+        return state  # its loader reads peft's own layout
 
 
 Z_IMAGE = ZImage()

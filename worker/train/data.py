@@ -76,7 +76,11 @@ def shift(pipe) -> float:
     return pipe.vae.config.get("shift_factor") or 0.0
 
 
-def batch(encoded: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def batch(encoded: list[tuple]) -> tuple:
+    """Prompts encoded one by one, as one batch (states of each prompt's own length, as Z-Image
+    keeps them, stay a list)."""
+    if isinstance(encoded[0][0], list):
+        return [state for e in encoded for state in e[0]], None
     states = torch.cat([e[0] for e in encoded])
     pooled = torch.cat([e[1] for e in encoded]) if encoded[0][1] is not None else None
     return states, pooled
