@@ -191,5 +191,5 @@ def test_quantized_and_offloaded_it_draws_close_to_the_whole_model(settings, kle
 def test_training_is_refused_naming_what_trains(settings, s3, klein_dir):
     from tests.helpers import training_refusal
 
-    assert training_refusal(settings, s3, klein_dir) == ("model.id: training supports SD 1.x/2.x, SDXL, SD3, FLUX.1 "
-                                                         "and Z-Image models, not Flux2KleinPipeline")
+    assert training_refusal(settings, s3, klein_dir) == ("model.id: training supports SD 1.x/2.x, SDXL, SD3, FLUX.1, "
+                                                         "Z-Image and Qwen-Image models, not Flux2KleinPipeline")

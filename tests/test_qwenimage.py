@@ -227,3 +227,38 @@ def test_an_automatic1111_payload_s_cfg_scale_is_its_true_cfg(engine, run, qweni
     pixels = [np.asarray(decode(result.images[0].base64)) for result in (served, native, unguided)]
     assert np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[0], pixels[2])
     assert "CFG scale: 3.0," in decode(served.images[0].base64).info["parameters"]
+
+
+def test_lora_training_publishes_a_lora_a_later_request_uses(settings, s3, qwenimage_dir):
+    """train_dreambooth_lora_qwen_image.py's recipe (flow matching on packed latents of its video
+    VAE's one frame, normalised by its per-channel statistics; the instance and class prompts,
+    of different lengths, padded under a mask), with prior preservation and mirrored images: a
+    LoRA of the attention, in diffusers' Qwen-Image layout, which changes a later image."""
+    from tests.helpers import train_then_use
+
+    result, keys, plain, tuned = train_then_use(settings, s3, qwenimage_dir, "lora", "qwenimage/trained-lora",
+                                                max_train_steps=2, random_flip=True, train_batch_size=2)
+    assert result["train"]["steps"] == 2 and result["train"]["loss"] > 0
+    assert {key.split(".")[0] for key in keys} == {"transformer"}
+    for layer in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"):
+        assert any(f".{layer}.lora_A." in key for key in keys), layer
+    assert tuned.images[0].base64 != plain.images[0].base64
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"method": "dreambooth"}, "train.method: Qwen-Image models train LoRAs here"),
+    ({"train_text_encoder": True}, "train.train_text_encoder: Qwen-Image models train their transformer only here"),
+    ({"resolution": 72}, "train.resolution: must be a multiple of 16 for Qwen-Image models, got 72"),
+])
+def test_what_its_training_does_not_do_is_refused_by_field(settings, s3, qwenimage_dir, fields, message):
+    from tests.helpers import training_refusal
+
+    assert training_refusal(settings, s3, qwenimage_dir, **fields).startswith(message)
+
+
+def test_an_edit_model_is_not_trained_here(settings, s3, qwenedit_dir):
+    from tests.helpers import training_refusal
+
+    assert training_refusal(settings, s3, qwenedit_dir) == (
+        "model.id: training supports SD 1.x/2.x, SDXL, SD3, FLUX.1, Z-Image and Qwen-Image models, not "
+        "QwenImageEditPipeline")

@@ -142,20 +142,21 @@ def test_random_flip_trains_on_mirror_images_half_the_time(tiny_dir):
     from PIL import ImageOps
 
     from tests.helpers import stripes
+    from worker.families.sd import SD
     from worker.sources.loading import load_pipeline
     from worker.train.data import latent_stats, sample
 
     pipe = load_pipeline(tiny_dir, "fp32", None, "cpu")
     picture = stripes((64, 64))
-    both = latent_stats(pipe, [picture], 64, mirrored=True)
-    alone = latent_stats(pipe, [picture], 64)
-    mirror = latent_stats(pipe, [ImageOps.mirror(picture)], 64)
+    both = latent_stats(pipe, SD, [picture], 64, mirrored=True)
+    alone = latent_stats(pipe, SD, [picture], 64)
+    mirror = latent_stats(pipe, SD, [ImageOps.mirror(picture)], 64)
     # (encoded two at a time: batched arithmetic moves the last bits)
     assert torch.allclose(both[0][0], alone[0][0], atol=1e-5) and torch.allclose(both[0][1], mirror[0][0], atol=1e-5)
     assert not torch.allclose(alone[0][0], mirror[0][0], atol=1e-2)  # the picture is not symmetric
     generator = torch.Generator().manual_seed(0)
     without_noise = (both[0], torch.zeros_like(both[1]))
-    drawn = [sample(without_noise, 1, generator, pipe, mirrored=True) for _ in range(40)]
+    drawn = [sample(without_noise, 1, generator, pipe, SD, mirrored=True) for _ in range(40)]
     as_is = both[0][0] * pipe.vae.config.scaling_factor
     originals = sum(torch.allclose(latents[0], as_is) for latents, _ in drawn)
     assert 10 < originals < 30 and all(chosen == [0] for _, chosen in drawn)  # image 0, mirrored or not

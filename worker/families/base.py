@@ -77,6 +77,7 @@ class Family:
     training_pipeline: str | None = None
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
     lora_layers = "unet_lora_layers"  # the name save_lora_weights takes the denoiser's layers by
+    video_vae = False  # its VAE encodes and decodes frames (B, C, 1, H, W): Qwen-Image's
     quantizable = False  # QUANTIZE applies: a DiT denoiser, made of linear layers
     # COMPILE: a UNet, compiled whole (its repeated blocks are a small part of its work), its
     # attention's q, k, v run as one matmul, channels-last on CUDA.
@@ -258,6 +259,19 @@ class Family:
         """The denoiser's text conditioning for ``prompts``: states, and pooled text or None
         (encoded once per prompt when the text encoders are frozen)."""
         raise NotImplementedError
+
+    def text_batch(self, encoded: list[tuple]) -> tuple:
+        """Prompts encoded one by one (``train_text``), as one batch."""
+        import torch
+
+        states = torch.cat([e[0] for e in encoded])
+        pooled = torch.cat([e[1] for e in encoded]) if encoded[0][1] is not None else None
+        return states, pooled
+
+    def latent_normalisation(self, pipe: Any) -> tuple[Any, Any]:
+        """(shift, scale): its VAE's latents as the denoiser reads them are (latents - shift) *
+        scale (SD3's and FLUX.1's VAEs shift them as well)."""
+        return pipe.vae.config.get("shift_factor") or 0.0, pipe.vae.config.scaling_factor
 
     def noise_scheduler(self, pipe: Any) -> Any:
         """The scheduler that noises the training latents: DDPM's, or for flow matching the

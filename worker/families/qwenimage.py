@@ -14,7 +14,8 @@ and QwenImageInpaint pipelines); Qwen-Image-Edit's ``edit`` of one image and Edi
 2509 and 2511 releases) of up to three (``images``), which the prompt calls Picture 1, 2 and 3;
 LoRAs. The edit pipelines size their input images themselves (to about 1 MP for the VAE, 384 px
 for the vision tower), so the images go in as sent; the answer has the requested size, else the
-first image's. Not yet: ControlNets, training (issue 17).
+first image's. LoRA training of Qwen-Image by diffusers' train_dreambooth_lora_qwen_image.py
+recipe. Not yet: ControlNets, training the Edit models (issue 17).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from ..errors import UserInputError
 from .base import DIT_REFUSED, Family, pipeline_defaults
+from .flow import check_flow_training, flow_point
 
 _PIPELINES = {"txt2img": "QwenImagePipeline", "img2img": "QwenImageImg2ImgPipeline",
               "inpaint": "QwenImageInpaintPipeline"}
@@ -40,6 +42,9 @@ class QwenImage(Family):
     prompt_weighting = False
     true_cfg = True
     cuda_precision = "bf16"  # (as it ships)
+    training_pipeline = "QwenImagePipeline"
+    lora_layers = "transformer_lora_layers"
+    video_vae = True
 
     pipeline = "QwenImagePipeline"  # the model's own class, as its model_index.json names it
 
@@ -91,6 +96,62 @@ class QwenImage(Family):
     def img2img_size(self, width: int, height: int) -> dict:
         return {"width": width, "height": height}
 
+    # --- Training (diffusers' train_dreambooth_lora_qwen_image.py) ---
+
+    def check_train(self, spec: Any) -> None:
+        if spec.method != "lora":
+            raise UserInputError("train.method", "Qwen-Image models train LoRAs here (a full fine-tune of its 20B "
+                                                 "transformer needs several GPUs' memory)")
+        check_flow_training(spec, self.name, "uniformly")
+
+    def train_text(self, pipe: Any, prompts: list[str]) -> tuple[Any, Any]:
+        """Its pipeline's own encoding: Qwen2.5-VL's states past Qwen's template, and their mask
+        (None where no prompt is padded)."""
+        return pipe.encode_prompt(prompts, device=pipe.text_encoder.device)
+
+    def text_batch(self, encoded: list[tuple]) -> tuple:
+        """Prompts of different lengths padded to the longest, the mask saying which tokens are real."""
+        import torch
+
+        longest = max(states.shape[1] for states, _ in encoded)
+        if all(states.shape[1] == longest and mask is None for states, mask in encoded):
+            return torch.cat([states for states, _ in encoded]), None
+        states = torch.cat([torch.nn.functional.pad(s, (0, 0, 0, longest - s.shape[1])) for s, _ in encoded])
+        masks = [torch.ones(s.shape[:2], dtype=torch.long, device=s.device) if m is None else m for s, m in encoded]
+        return states, torch.cat([torch.nn.functional.pad(m, (0, longest - m.shape[1])) for m in masks])
+
+    def latent_normalisation(self, pipe: Any) -> tuple[Any, Any]:
+        """Its VAE's per-channel statistics: (latents - mean) / std."""
+        import torch
+
+        config = pipe.vae.config
+        mean, std = (torch.tensor(values).view(1, -1, 1, 1) for values in (config.latents_mean, config.latents_std))
+        return mean, 1 / std
+
+    def training_prediction(self, pipe: Any, scheduler: Any, latents: Any, text: tuple, resolution: int,
+                            generator: Any) -> tuple[Any, Any, Any]:
+        """The flow-matching objective on packed latents, timesteps drawn uniformly (the
+        script's default weighting): the transformer sees 2x2 patches of one frame, with the
+        prompt's mask; its velocity, unpacked, against noise - latents."""
+        from diffusers import QwenImagePipeline
+
+        states, mask = text
+        noisy, noise, steps = flow_point(scheduler, latents, generator, "none")
+        count, channels, height, width = noisy.shape
+        packed = QwenImagePipeline._pack_latents(noisy, count, channels, height, width)
+        prediction = pipe.transformer(hidden_states=packed, encoder_hidden_states=states,
+                                      encoder_hidden_states_mask=mask, timestep=steps / 1000,
+                                      img_shapes=[(1, height // 2, width // 2)] * count, return_dict=False)[0]
+        factor = pipe.vae_scale_factor
+        return QwenImagePipeline._unpack_latents(prediction, height * factor, width * factor, factor)[:, :, 0], \
+            noise - latents, steps
+
+    def unpacked(self, pipe: Any, latents: Any, resolution: int) -> Any:
+        return pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)[:, :, 0]
+
+    def lora_state(self, state: dict) -> dict:
+        return state  # its loader reads peft's own layout
+
 
 class QwenImageEdit(QwenImage):
     """Qwen-Image-Edit: instruction editing of one image (``task: "edit"``) through
@@ -100,6 +161,7 @@ class QwenImageEdit(QwenImage):
     kind = "a Qwen-Image-Edit model"
     pipeline = "QwenImageEditPipeline"
     tasks = ("edit",)
+    training_pipeline = None  # (its recipe trains on image pairs: not served here yet)
     refused = QwenImage.refused | {"controlnets": "diffusers has no Qwen-Image-Edit ControlNet pipeline"}
 
     def pipeline_class(self, task: str, controlnets: bool = False) -> Any:

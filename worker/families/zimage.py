@@ -71,6 +71,9 @@ class ZImage(Family):
         states, _ = pipe.encode_prompt(prompts, device=pipe.text_encoder.device, do_classifier_free_guidance=False)
         return states, None
 
+    def text_batch(self, encoded: list[tuple]) -> tuple:
+        return [state for states, _ in encoded for state in states], None  # (each its own length)
+
     def training_prediction(self, pipe: Any, scheduler: Any, latents: Any, text: tuple, resolution: int,
                             generator: Any) -> tuple[Any, Any, Any]:
         """The flow-matching objective, timesteps drawn uniformly: the transformer takes each

@@ -70,7 +70,7 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
 
     # 2. Instance latents, and 3. class latents for prior preservation.
     start = time.perf_counter()
-    instance = data.latent_stats(pipe, (  # one full-size image in memory at a time
+    instance = data.latent_stats(pipe, family, (  # one full-size image in memory at a time
         load_image(source, f"train.instance_images[{i}]", settings) for i, source in enumerate(spec.instance_images)
     ), spec.resolution, mirrored=spec.random_flip)
     timings["inputs"] = ms_since(start)
@@ -78,7 +78,7 @@ def train(spec: TrainSpec, model_dir: Path, variant: str | None, location: Locat
     if spec.num_class_images:
         start = time.perf_counter()
         images = data.class_images(pipe, family, spec, device, autocast_dtype, emit, cancelled)
-        prior = data.latent_stats(pipe, images, spec.resolution)
+        prior = data.latent_stats(pipe, family, images, spec.resolution)
         timings["class_images"] = ms_since(start)
 
     # 4. What trains, in fp32; what does not, in the autocast dtype on CUDA.

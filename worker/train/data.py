@@ -33,7 +33,7 @@ def text_encoders(pipe) -> list:
     return [m for m in (getattr(pipe, name, None) for name in names) if m is not None]
 
 
-def latent_stats(pipe, images, resolution: int, mirrored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_stats(pipe, family, images, resolution: int, mirrored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's latent mean and std of each image, resized and center-cropped to ``resolution``;
     ``mirrored``: then those of each image mirrored left to right, in the same order."""
     import numpy as np
@@ -52,15 +52,16 @@ def latent_stats(pipe, images, resolution: int, mirrored: bool = False) -> tuple
     means, stds = [], []
     for start in range(0, len(pixels), _VAE_BATCH):  # a few at a time: the encoder's activations are large
         batch = torch.stack(pixels[start:start + _VAE_BATCH]).to(pipe.vae.device, dtype=pipe.vae.dtype)
-        with torch.no_grad():
-            dist = pipe.vae.encode(batch).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
+        with torch.no_grad():  # (a video VAE, Qwen-Image's, encodes each image as one frame)
+            dist = pipe.vae.encode(batch.unsqueeze(2) if family.video_vae else batch).latent_dist
+        mean, std = (dist.mean[:, :, 0], dist.std[:, :, 0]) if family.video_vae else (dist.mean, dist.std)
+        means.append(mean.float())
+        stds.append(std.float())
     return torch.cat(means), torch.cat(stds)
 
 
-def sample(stats: tuple[torch.Tensor, torch.Tensor], batch: int, generator: torch.Generator, pipe,
-            mirrored: bool = False) -> tuple[torch.Tensor, list[int]]:
+def sample(stats: tuple[torch.Tensor, torch.Tensor], batch: int, generator: torch.Generator, pipe, family,
+           mirrored: bool = False) -> tuple[torch.Tensor, list[int]]:
     """A batch of latents drawn from the images' distributions, and which image each is;
     ``mirrored`` (stats of the images, then of their mirror images): each mirrored half the time."""
     mean, std = stats
@@ -68,22 +69,8 @@ def sample(stats: tuple[torch.Tensor, torch.Tensor], batch: int, generator: torc
     index = torch.randint(0, count, (batch,), generator=generator)
     drawn = index + count * torch.randint(0, 2, (batch,), generator=generator) if mirrored else index
     noise = torch.randn(mean[drawn].shape, generator=generator).to(mean.device)
-    return (mean[drawn] + std[drawn] * noise - shift(pipe)) * pipe.vae.config.scaling_factor, index.tolist()
-
-
-def shift(pipe) -> float:
-    """SD3's VAE shifts its latents as well as scaling them."""
-    return pipe.vae.config.get("shift_factor") or 0.0
-
-
-def batch(encoded: list[tuple]) -> tuple:
-    """Prompts encoded one by one, as one batch (states of each prompt's own length, as Z-Image
-    keeps them, stay a list)."""
-    if isinstance(encoded[0][0], list):
-        return [state for e in encoded for state in e[0]], None
-    states = torch.cat([e[0] for e in encoded])
-    pooled = torch.cat([e[1] for e in encoded]) if encoded[0][1] is not None else None
-    return states, pooled
+    shift, scale = family.latent_normalisation(pipe)
+    return (mean[drawn] + std[drawn] * noise - shift) * scale, index.tolist()
 
 
 def class_images(pipe, family, spec: TrainSpec, device: str, autocast_dtype, emit: Callable[[Progress], None],
@@ -106,9 +93,12 @@ def class_images(pipe, family, spec: TrainSpec, device: str, autocast_dtype, emi
                     output_type="latent",
                 ).images
             # Decoded in fp32, outside autocast: SDXL's VAE overflows in fp16.
-            latents = family.unpacked(pipe, latents, spec.resolution)
-            latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + shift(pipe)
-            decoded = pipe.vae.decode(latents).sample
+            shift, scale = family.latent_normalisation(pipe)
+            latents = family.unpacked(pipe, latents, spec.resolution).to(pipe.vae.dtype) / scale + shift
+            if family.video_vae:
+                decoded = pipe.vae.decode(latents.unsqueeze(2)).sample[:, :, 0]
+            else:
+                decoded = pipe.vae.decode(latents).sample
         images += drawer.image_processor.postprocess(decoded.float(), output_type="pil")
     emit(Progress(stage="class_images", step=spec.num_class_images, total=spec.num_class_images))
     return images

@@ -90,14 +90,16 @@ def fit(pipe, family: Family, spec: TrainSpec, params: list, instance, prior, em
             raise JobCancelled(f"at training step {step - 1} of {spec.max_train_steps}")
         step_loss = 0.0
         for _ in range(spec.gradient_accumulation_steps):  # gradients add up over the micro-batches
-            latents, chosen = data.sample(instance, spec.train_batch_size, generator, pipe, mirrored=spec.random_flip)
+            latents, chosen = data.sample(instance, spec.train_batch_size, generator, pipe, family,
+                                          mirrored=spec.random_flip)
             prompts = [spec.instance_captions[i] if spec.instance_captions else spec.instance_prompt for i in chosen]
             if prior is not None:
-                latents = torch.cat([latents, data.sample(prior, spec.train_batch_size, generator, pipe)[0]])
+                latents = torch.cat([latents, data.sample(prior, spec.train_batch_size, generator, pipe, family)[0]])
                 prompts += [spec.class_prompt] * spec.train_batch_size
             with torch.autocast(device_type=device, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
-                text = data.batch([embeddings[p] for p in prompts]) if embeddings else family.train_text(pipe, prompts)
+                text = (family.text_batch([embeddings[p] for p in prompts]) if embeddings
+                        else family.train_text(pipe, prompts))
                 prior_weight = spec.prior_loss_weight if prior is not None else None
                 loss = loss_of(pipe, family, scheduler, latents, text, spec.resolution, generator, prior_weight,
                              spec.snr_gamma)
