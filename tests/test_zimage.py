@@ -143,3 +143,24 @@ def test_what_its_training_does_not_do_is_refused_by_field(settings, s3, zimage_
     from tests.helpers import training_refusal
 
     assert training_refusal(settings, s3, zimage_dir, **fields).startswith(message)
+
+
+def test_a_transformer_file_in_the_original_layout_converts_exactly(settings, http, zimage_dir, tmp_path):
+    """z_image_turbo_bf16.safetensors' layout (fused q, k, v; Z-Image's own names): converted with
+    model.id's configs, text encoder and VAE, it draws the source model's image; its keys name it
+    Z-Image's (diffusers' reference, Z-Image-Turbo, for the configs where model.id is absent)."""
+    from tests.fixtures.zimage import write_original_checkpoint
+    from tests.helpers import generate
+    from worker.families import checkpoint_lacks, checkpoint_reference
+    from worker.sources.checkpoints import checkpoint_keys
+
+    original = write_original_checkpoint(zimage_dir, tmp_path / "z_image_turbo.safetensors")
+    keys = checkpoint_keys(original)
+    assert checkpoint_reference(keys, False) == "z-image-turbo"
+    assert checkpoint_lacks(keys, True) == ["text_encoder", "vae"]
+    http.files["/z_image_turbo.safetensors"] = original.read_bytes()
+    small = settings.model_copy(update={"max_loaded_models": 1})
+    model = {"id": str(zimage_dir)}
+    converted = generate(small, model | {"checkpoint_url": http.url + "/z_image_turbo.safetensors"})
+    assert converted.model.source == "checkpoint"
+    assert converted.images[0].base64 == generate(small, model).images[0].base64

@@ -9,7 +9,10 @@ itself (up to 512 tokens), so weighted prompts are refused, and so are the parts
 and CLIP.
 
 Served here: txt2img, img2img and inpaint (diffusers' ZImage, ZImageImg2Img and ZImageInpaint
-pipelines), LoRAs (diffusers' Z-Image loader), and LoRA training by diffusers'
+pipelines), LoRAs (diffusers' Z-Image loader), single-file transformers in the original layout
+(ComfyUI's z_image_turbo_bf16.safetensors and fine-tunes: fused q, k, v, converted by diffusers
+with the configs, text encoder and VAE of ``model.id`` or of Tongyi-MAI/Z-Image-Turbo), and LoRA
+training by diffusers'
 train_dreambooth_lora_z_image.py recipe. Not yet: ControlNets (issue 17).
 """
 
@@ -22,6 +25,8 @@ from .base import DIT_REFUSED, Family, pipeline_defaults
 from .flow import check_flow_training, flow_point
 
 _PIPELINES = {"txt2img": "ZImagePipeline", "img2img": "ZImageImg2ImgPipeline", "inpaint": "ZImageInpaintPipeline"}
+# A key of its transformer in the original layout and in diffusers' (as diffusers tells the file).
+_TRANSFORMER = "layers.0.adaLN_modulation.0.weight"
 
 
 class ZImage(Family):
@@ -40,6 +45,14 @@ class ZImage(Family):
     def recognises(self, components: dict[str, str | None]) -> bool:
         return (components.get("transformer") == "ZImageTransformer2DModel"
                 and components.get("_class_name") == "ZImagePipeline")
+
+    def checkpoint_reference(self, keys: set[str], inpaint: bool) -> str | None:
+        """A Z-Image transformer file: Z-Image-Turbo's configs (diffusers' reference for them)."""
+        return "z-image-turbo" if {k.removeprefix("model.diffusion_model.") for k in keys} >= {_TRANSFORMER} else None
+
+    def checkpoint_lacks(self, keys: set[str], t5: bool) -> list[str]:
+        # A transformer file: the text encoder and the VAE come from the configs' model.
+        return ["text_encoder", "vae"] if self.checkpoint_reference(keys, False) else []
 
     def multiple(self, pipe: Any) -> int:
         return pipe.vae_scale_factor * 2  # 2x2 patches of latents
