@@ -49,7 +49,7 @@ class InferenceRequest(Strict):
     `image` means img2img, neither means txt2img."""
 
     task: Task | None = Field(None, description="What to run; inferred from the images when absent (never "
-                              "`edit`: instruction editing on a model made for it, FLUX.1 Kontext, FLUX.2 [klein] or "
+                              "`edit`: instruction editing on a model made for it, FLUX.1 Kontext, FLUX.2 or "
                               "Qwen-Image-Edit, is asked by name).")
     model: ModelSpec = Field(default_factory=ModelSpec, description="Weights to run.")
     prompt: str = Field(..., max_length=20_000, description="What to draw.")
@@ -63,13 +63,14 @@ class InferenceRequest(Strict):
     )
     num_inference_steps: int = Field(
         25, ge=1, le=1000, description="Denoising steps (default 25, or the endpoint's cap; the DiT families: "
-        "their pipelines' own, 28 for SD3 and FLUX.1 dev, 4 for schnell, 50 for FLUX.2 [klein], Z-Image, "
-        "Qwen-Image and img2img on SD3; a distilled [klein] wants 4)."
+        "their pipelines' own, 28 for SD3 and FLUX.1 dev, 4 for schnell, 50 for FLUX.2, Z-Image, Qwen-Image "
+        "and img2img on SD3; a distilled FLUX.2 [klein] wants 4)."
     )
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off (Z-Image: "
                                   "0 does, default 5; SD3: default 7). FLUX.1 dev: its embedded, distilled guidance "
                                   "(default 3.5; schnell has none). FLUX.2 [klein]: default 4, above 1 refused on "
-                                  "distilled models. Qwen-Image refuses it: its guidance is true_cfg_scale.")
+                                  "distilled models; FLUX.2 [dev]: embedded, default 4. Qwen-Image refuses it: its "
+                                  "guidance is true_cfg_scale.")
     true_cfg_scale: float | None = Field(
         None, ge=1, le=50, description="Real classifier-free guidance with `negative_prompt` (1: off), for FLUX.1 "
         "(default 1; its guidance_scale is a distilled one) and Qwen-Image (default 4); other families refuse it "
@@ -89,9 +90,9 @@ class InferenceRequest(Strict):
     num_images: int = Field(1, ge=1, le=64, description="Images to generate, each with its own seed.")
     image: ImageSource | None = Field(None, description="Input image: base64, `data:` URI or http(s) URL.")
     images: list[ImageSource] = Field(
-        default_factory=list, max_length=8, description="edit: several reference images (instead of `image`), for "
-        "models that take several (FLUX.2 [klein]: up to 4; Qwen-Image-Edit-Plus: up to 3, which its prompts "
-        "call Picture 1, Picture 2 ...)."
+        default_factory=list, max_length=10, description="edit: several reference images (instead of `image`), for "
+        "models that take several (FLUX.2 [klein]: up to 4, [dev]: up to 10; Qwen-Image-Edit-Plus: up to 3, "
+        "which its prompts call Picture 1, Picture 2 ...)."
     )
     mask_image: ImageSource | None = Field(
         None, description="Inpainting mask (white = repaint), same forms as `image`."
@@ -167,7 +168,7 @@ class InferenceRequest(Strict):
     hires: HiresSpec | None = Field(None, description="txt2img: a second, larger pass (AUTOMATIC1111's hires fix).")
     cache: CacheSpec | Literal[False] | None = Field(
         None, description="Lossy step caching for this request (diffusers' cache hooks: first_block, taylorseer, "
-        "magcache, faster), for models whose denoiser has them (FLUX.1, Qwen-Image; FLUX.2 [klein]: taylorseer); off "
+        "magcache, faster), for models whose denoiser has them (FLUX.1, Qwen-Image; FLUX.2: taylorseer); off "
         "again after the job. "
         "Absent: the endpoint's CACHE, if set; `false`: none."
     )

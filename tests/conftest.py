@@ -84,6 +84,13 @@ def klein_distilled_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flux2_dev_dir(tmp_path_factory) -> Path:
+    from tests.fixtures.flux2 import build_dev
+
+    return build_dev(tmp_path_factory.mktemp("flux2-dev") / "tiny-flux2-dev")
+
+
+@pytest.fixture(scope="session")
 def qwenimage_dir(tmp_path_factory) -> Path:
     from tests.fixtures.qwenimage import build_qwenimage
 

@@ -17,7 +17,7 @@ from worker.errors import UserInputError
 # Each family's tiny model: the name of the session fixture that builds it.
 MODELS = {"SD 1.x/2.x": "tiny_dir", "SDXL": "sdxl_dir", "SDXL refiner": "refiner_dir", "SD3": "sd3_dir",
           "FLUX.1": "flux_dir", "FLUX.1 Fill": "fill_dir", "FLUX.1 Kontext": "kontext_dir",
-          "FLUX.2 [klein]": "klein_dir",
+          "FLUX.2 [klein]": "klein_dir", "FLUX.2 [dev]": "flux2_dev_dir",
           "Z-Image": "zimage_dir", "Qwen-Image": "qwenimage_dir", "Qwen-Image-Edit": "qwenedit_dir",
           "Qwen-Image-Edit-Plus": "qwenedit_plus_dir"}
 
@@ -94,7 +94,8 @@ def test_txt2img_draws_what_diffusers_draws(request, run, name):
             run(model={"id": str(model_dir)}, seed=1, **fields)
         return
     result, _ = run(model={"id": str(model_dir)}, seed=1, **fields)
-    pipe = AutoPipelineForText2Image.from_pretrained(model_dir)
+    pipe = AutoPipelineForText2Image.from_pretrained(model_dir, **family.own_components(model_dir))
+    family.attach(pipe, model_dir)  # (FLUX.2 [dev]'s tokenizer, as the worker loads it)
     pipe.set_progress_bar_config(disable=True)
     size = family.txt2img_size(64, 64)  # (FLUX.1 Kontext: else diffusers draws a megapixel)
     expected = pipe(**fields, **size, generator=torch.Generator("cpu").manual_seed(1)).images[0]
@@ -170,7 +171,6 @@ def test_models_this_worker_cannot_run_are_refused_before_loading(run, tmp_path)
     with pytest.raises(ModelSourceError) as info:
         run(prompt="p", num_inference_steps=1, model={"id": str(other)})
     assert str(info.value) == (f"model.id: could not load {other}: it is a CogView4Pipeline model; this worker runs "
-                               "Stable Diffusion 1.x, 2.x, XL and 3 models, FLUX.1, FLUX.2 [klein], Qwen-Image and "
-                               "Z-Image")
+                               "Stable Diffusion 1.x, 2.x, XL and 3 models, FLUX.1, FLUX.2, Qwen-Image and Z-Image")
     assert run(prompt="p", num_inference_steps=1)[0].images  # and the worker goes on
 

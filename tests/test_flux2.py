@@ -193,3 +193,48 @@ def test_training_is_refused_naming_what_trains(settings, s3, klein_dir):
 
     assert training_refusal(settings, s3, klein_dir) == ("model.id: training supports SD 1.x/2.x, SDXL, SD3, FLUX.1, "
                                                          "Z-Image and Qwen-Image models, not Flux2KleinPipeline")
+
+
+# --- FLUX.2 [dev] ---
+
+def test_dev_txt2img_at_its_defaults_is_diffusers_flux2pipeline_at_its_own(run, flux2_dev_dir):
+    """No steps, no guidance: Flux2Pipeline's own 50 steps and embedded guidance 4; the model
+    names Mistral's processor (torchvision's), and the worker reads its tokenizer as diffusers
+    would through it."""
+    result, events = run(prompt="a lighthouse", seed=1, model={"id": str(flux2_dev_dir)}, **SIZE)
+    assert [e.total for e in events if e.stage == "inference"][-1] == 50
+    [expected] = diffusers_images(load(flux2_dev_dir, "dev"), prompt="a lighthouse", **SIZE)
+    assert_images_close(expected, ours(result), "flux2-dev-defaults", tolerance=0)
+    stronger, _ = run(prompt="a lighthouse", seed=1, guidance_scale=6.0, num_inference_steps=3,
+                      model={"id": str(flux2_dev_dir)}, **SIZE)
+    [expected] = diffusers_images(load(flux2_dev_dir, "dev"), prompt="a lighthouse", guidance_scale=6.0,
+                                  num_inference_steps=3, **SIZE)
+    assert_images_close(expected, ours(stronger), "flux2-dev-guidance", tolerance=0)
+
+
+def test_dev_edits_several_images_as_diffusers_does(run, flux2_dev_dir):
+    first, second = stripes((64, 64)), Image.new("RGB", (64, 96), (20, 40, 220))
+    fields = dict(prompt="the coat of image 1 in the colour of image 2", num_inference_steps=2, **SIZE)
+    result, _ = run(task="edit", images=[image_b64(first), image_b64(second)], seed=2,
+                    model={"id": str(flux2_dev_dir)}, **fields)
+    [expected] = diffusers_images(load(flux2_dev_dir, "dev"), seed=2, image=[first, second], **fields)
+    assert_images_close(expected, ours(result), "flux2-dev-edit", tolerance=0)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"negative_prompt": "fog"}, r"^negative_prompt: .* is a FLUX.2 \[dev\] model; its guidance is embedded"),
+    ({"true_cfg_scale": 3.0}, r"^true_cfg_scale: .* is a FLUX.2 \[dev\] model; Flux2Pipeline has no true "),
+    ({"image": "x", "mask_image": "x"}, r"^task: .* is a FLUX.2 \[dev\] model; it runs txt2img, edit, not inpaint$"),
+    ({"clip_skip": 2}, r"^clip_skip: .* is a FLUX.2 \[dev\] model; its prompts are read by Mistral Small 3.1"),
+])
+def test_what_dev_cannot_do_is_refused_by_field(run, flux2_dev_dir, fields, message):
+    fields = {k: image_b64(stripes((64, 64))) if v == "x" else v for k, v in fields.items()}
+    with pytest.raises(UserInputError, match=message):
+        run(**({"prompt": "p", "num_inference_steps": 2, "model": {"id": str(flux2_dev_dir)}} | fields))
+
+
+def test_dev_converts_to_an_archive_with_its_tokenizer_and_serves_from_it(settings, s3, flux2_dev_dir):
+    from tests.helpers import convert_and_serve
+
+    direct, served = convert_and_serve(settings, flux2_dev_dir, "flux2/dev.tar.zst")
+    assert served.model.source == "url" and served.images[0].base64 == direct.images[0].base64

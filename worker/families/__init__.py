@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import ModelSourceError
 from .base import ControlNetKind, Family
 from .flux import FLUX, FLUX_FILL, FLUX_KONTEXT
-from .flux2 import FLUX2_KLEIN
+from .flux2 import FLUX2_DEV, FLUX2_KLEIN
 from .qwenimage import QWEN_IMAGE, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
 from .sd import SD
 from .sd3 import SD3
@@ -29,8 +29,8 @@ __all__ = ["FAMILIES", "ControlNetKind", "Family", "at", "checkpoint_lacks", "ch
 
 # Each family says no to the others' models: the order does not decide, except for checkpoints,
 # where SDXL's keys include its refiner's.
-FAMILIES: tuple[Family, ...] = (SD, SDXL, SDXL_REFINER, SD3, FLUX, FLUX_FILL, FLUX_KONTEXT, FLUX2_KLEIN, Z_IMAGE,
-                                 QWEN_IMAGE, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS)
+FAMILIES: tuple[Family, ...] = (SD, SDXL, SDXL_REFINER, SD3, FLUX, FLUX_FILL, FLUX_KONTEXT, FLUX2_KLEIN, FLUX2_DEV,
+                                 Z_IMAGE, QWEN_IMAGE, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS)
 
 
 def from_components(components: dict[str, str | None]) -> Family | None:
@@ -69,7 +69,7 @@ def at(path: Path) -> Family | None:
     if family is None:
         raise ModelSourceError("model.id", f"it is a {index.get('_class_name', 'non-diffusers')} model; "
                                            "this worker runs Stable Diffusion 1.x, 2.x, XL and 3 models, FLUX.1, "
-                                           "FLUX.2 [klein], Qwen-Image and Z-Image")
+                                           "FLUX.2, Qwen-Image and Z-Image")
     return family
 
 

@@ -111,6 +111,10 @@ class Family:
         itself, loaded: passed to ``from_pretrained`` (Qwen-Image-Edit's processor)."""
         return {}
 
+    def attach(self, pipe: Any, path: Path) -> None:
+        """Components ``own_components`` left out (None), attached once diffusers loaded the rest
+        (FLUX.2 [dev]'s tokenizer, which diffusers would check against a processor class)."""
+
     # --- What it makes, and what a request may ask of it ---
 
     def without_t5(self) -> dict[str, None]:

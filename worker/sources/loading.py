@@ -41,6 +41,8 @@ def load_pipeline(path: Path, precision: str, variant: str | None, device: str, 
         detail = first_line(exc)
         with_variant = f" (variant {variant!r})" if variant else ""
         raise ModelSourceError("model.id", f"{type(exc).__name__}{with_variant}: {detail}") from None
+    if family:
+        family.attach(pipeline, path)
     if not offload:
         pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
