@@ -221,6 +221,22 @@ def test_dev_edits_several_images_as_diffusers_does(run, flux2_dev_dir):
     assert_images_close(expected, ours(result), "flux2-dev-edit", tolerance=0)
 
 
+def test_dev_takes_a_lora_for_one_request_as_diffusers_does(run, flux2_dev_dir, tmp_path):
+    from tests.fixtures.lora_files import make_transformer_lora
+
+    lora = make_transformer_lora(flux2_dev_dir, tmp_path / "dev-lora.safetensors", "Flux2Pipeline")
+    fields = dict(prompt="a lighthouse", num_inference_steps=2, model={"id": str(flux2_dev_dir)}, **SIZE)
+    plain, _ = run(seed=3, **fields)
+    styled, _ = run(seed=3, loras=[{"id": str(lora), "scale": 0.8}], **fields)
+    pipe = load(flux2_dev_dir, "dev")
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[0.8])
+    [expected] = diffusers_images(pipe, seed=3, prompt="a lighthouse", num_inference_steps=2, **SIZE)
+    assert_images_close(expected, ours(styled), "flux2-dev-lora", tolerance=1)
+    assert styled.images[0].base64 != plain.images[0].base64
+    assert run(seed=3, **fields)[0].images[0].base64 == plain.images[0].base64
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"negative_prompt": "fog"}, r"^negative_prompt: .* is a FLUX.2 \[dev\] model; its guidance is embedded"),
     ({"true_cfg_scale": 3.0}, r"^true_cfg_scale: .* is a FLUX.2 \[dev\] model; Flux2Pipeline has no true "),
