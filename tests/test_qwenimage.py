@@ -262,3 +262,32 @@ def test_an_edit_model_is_not_trained_here(settings, s3, qwenedit_dir):
     assert training_refusal(settings, s3, qwenedit_dir) == (
         "model.id: training supports SD 1.x/2.x, SDXL, SD3, FLUX.1, Z-Image and Qwen-Image models, not "
         "QwenImageEditPipeline")
+
+
+def test_a_transformer_file_converts_exactly_with_the_configs_of_its_model(settings, http, qwenedit_dir, tmp_path):
+    """A Qwen-Image transformer as one file (diffusers' names, as ComfyUI's qwen_image files keep
+    them), here an Edit model's: told from its keys (Qwen-Image's configs where model.id is
+    absent), read by the transformer's own single-file loader with model.id's configs, text
+    encoder, VAE and processor, it edits as the source model does."""
+    from safetensors.torch import load_file, save_file
+
+    from schemas import InferenceRequest
+    from worker.engine import Engine
+    from worker.sources.checkpoints import checkpoint_keys, missing_parts, reference_model
+
+    one_file = tmp_path / "qwen_image_edit_bf16.safetensors"
+    save_file(load_file(qwenedit_dir / "transformer" / "diffusion_pytorch_model.safetensors"), one_file)
+    assert reference_model(one_file, "model.checkpoint_url") == "Qwen/Qwen-Image"
+    assert missing_parts(one_file) == ["text_encoder", "vae"] and "txt_norm.weight" in checkpoint_keys(one_file)
+    http.files["/qwen_image_edit_bf16.safetensors"] = one_file.read_bytes()
+    small = settings.model_copy(update={"max_loaded_models": 1})
+    model = {"id": str(qwenedit_dir)}
+
+    def edit(model: dict):
+        request = InferenceRequest.model_validate({"task": "edit", "prompt": "p", "image": image_b64(stripes((64, 64))),
+                                                   "num_inference_steps": 2, "seed": 3, "model": model})
+        return Engine(small).generate(request, lambda event: None, lambda: False)
+
+    converted = edit(model | {"checkpoint_url": http.url + "/qwen_image_edit_bf16.safetensors"})
+    assert converted.model.source == "checkpoint"
+    assert converted.images[0].base64 == edit(model).images[0].base64

@@ -94,7 +94,8 @@ class Family:
 
     def checkpoint_reference(self, keys: set[str], inpaint: bool) -> str | None:
         """For a single-file checkpoint with these keys: the key of diffusers'
-        ``DIFFUSERS_DEFAULT_PIPELINE_PATHS`` whose configs describe it, or None if not ours."""
+        ``DIFFUSERS_DEFAULT_PIPELINE_PATHS`` whose configs describe it (or, where diffusers has
+        none for its layout, the hub id of the model whose configs do), or None if not ours."""
         return None
 
     def checkpoint_lacks(self, keys: set[str], t5: bool) -> list[str]:

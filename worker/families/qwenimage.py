@@ -14,7 +14,8 @@ and QwenImageInpaint pipelines); Qwen-Image-Edit's ``edit`` of one image and Edi
 2509 and 2511 releases) of up to three (``images``), which the prompt calls Picture 1, 2 and 3;
 LoRAs. The edit pipelines size their input images themselves (to about 1 MP for the VAE, 384 px
 for the vision tower), so the images go in as sent; the answer has the requested size, else the
-first image's. LoRA training of Qwen-Image by diffusers' train_dreambooth_lora_qwen_image.py
+first image's. Single-file transformers (diffusers' names, as ComfyUI's files keep them). LoRA
+training of Qwen-Image by diffusers' train_dreambooth_lora_qwen_image.py
 recipe. Not yet: ControlNets, training the Edit models (issue 17).
 """
 
@@ -27,6 +28,8 @@ from ..errors import UserInputError
 from .base import DIT_REFUSED, Family, pipeline_defaults
 from .flow import check_flow_training, flow_point
 
+# Keys of its transformer as one file (diffusers' names, which ComfyUI's files keep).
+_TRANSFORMER = {"txt_norm.weight", "transformer_blocks.0.img_mod.1.weight"}
 _PIPELINES = {"txt2img": "QwenImagePipeline", "img2img": "QwenImageImg2ImgPipeline",
               "inpaint": "QwenImageInpaintPipeline"}
 
@@ -51,6 +54,15 @@ class QwenImage(Family):
     def recognises(self, components: dict[str, str | None]) -> bool:
         return (components.get("transformer") == "QwenImageTransformer2DModel"
                 and components.get("_class_name") == self.pipeline)
+
+    def checkpoint_reference(self, keys: set[str], inpaint: bool) -> str | None:
+        """A Qwen-Image transformer file: Qwen-Image's configs (diffusers names no reference for
+        it; an Edit model's file needs its model.id: the keys are the same)."""
+        return "Qwen/Qwen-Image" if {k.removeprefix("model.diffusion_model.") for k in keys} >= _TRANSFORMER else None
+
+    def checkpoint_lacks(self, keys: set[str], t5: bool) -> list[str]:
+        # A transformer file: the text encoder and the VAE come from the configs' model.
+        return ["text_encoder", "vae"] if self.checkpoint_reference(keys, False) else []
 
     def multiple(self, pipe: Any) -> int:
         return pipe.vae_scale_factor * 2  # 2x2 patches of latents

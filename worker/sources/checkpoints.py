@@ -183,7 +183,9 @@ def reference_model(weights: Path, field: str) -> str:
         raise ModelSourceError(
             field, "has a UNet but no text encoder this worker knows; name the model it belongs to in model.id"
         )
-    return DIFFUSERS_DEFAULT_PIPELINE_PATHS[kind]["pretrained_model_name_or_path"]
+    # (a family may name a hub model itself where diffusers has no reference for its layout)
+    return DIFFUSERS_DEFAULT_PIPELINE_PATHS.get(kind, {"pretrained_model_name_or_path": kind})[
+        "pretrained_model_name_or_path"]
 
 
 def _pickle_to_safetensors(path: Path, out: Path, field: str) -> Path:
@@ -259,24 +261,47 @@ def _convert(weights: Path, config_dir: Path, out: Path, precision: str, field: 
     index = json.loads((config_dir / "model_index.json").read_text())
     class_name = index["_class_name"]
     pipeline_class = getattr(diffusers, class_name, None)
-    if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
+    family = families.from_components(families.components(index))
+    denoiser_file = _denoiser_file(weights, family, index)
+    if denoiser_file is None and (pipeline_class is None or not hasattr(pipeline_class, "from_single_file")):
         raise ModelSourceError("model.id", f"{class_name} pipelines cannot load single-file checkpoints")
     dtype = precision_dtype(precision)
-    parts = _parts(weights, config_dir, index, dtype, field, t5)
     try:
-        pipeline = pipeline_class.from_single_file(
-            str(weights), config=str(config_dir), local_files_only=True, dtype=dtype, **parts
-        )
+        if denoiser_file is not None:  # the file is the transformer alone; the rest is the configs' model's
+            denoiser = denoiser_file.from_single_file(str(weights), config=str(config_dir), subfolder=family.denoiser,
+                                                      local_files_only=True, dtype=dtype)
+            parts = {family.denoiser: denoiser} | family.own_components(config_dir)
+            pipeline = pipeline_class.from_pretrained(config_dir, local_files_only=True, dtype=dtype, **parts)
+            family.attach(pipeline, config_dir)
+        else:
+            pipeline = pipeline_class.from_single_file(
+                str(weights), config=str(config_dir), local_files_only=True, dtype=dtype,
+                **_parts(weights, config_dir, index, dtype, field, t5))
     except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
         detail = first_line(exc)
         raise ModelSourceError(
             field, f"could not convert the checkpoint with the configs of model.id ({type(exc).__name__}: {detail})"
         ) from None
-    family = families.from_components(families.components(index))
     if guessed and family:
         family.fit_reference_configs(pipeline)
     _follow_markers(pipeline, weights)
     pipeline.save_pretrained(out, safe_serialization=True)
+
+
+def _denoiser_file(weights: Path, family, index: dict):
+    """The diffusers class that reads ``weights`` alone, where it is a transformer file of a
+    family whose pipeline has no single-file loader of its own (Qwen-Image): its transformer's
+    class reads it, and the pipeline is the configs' model's with it. None otherwise."""
+    import diffusers
+
+    if family is None or family.denoiser != "transformer" or family.checkpoint_reference(
+            checkpoint_keys(weights), False) is None:
+        return None
+    pipeline_class = getattr(diffusers, index["_class_name"], None)
+    denoiser_class = getattr(diffusers, index[family.denoiser][1], None)
+    if hasattr(pipeline_class, "from_single_file") or not hasattr(denoiser_class, "from_single_file"):
+        return None
+    return denoiser_class
 
 
 def _follow_markers(pipeline, weights: Path) -> None:
