@@ -254,3 +254,24 @@ def test_dev_converts_to_an_archive_with_its_tokenizer_and_serves_from_it(settin
 
     direct, served = convert_and_serve(settings, flux2_dev_dir, "flux2/dev.tar.zst")
     assert served.model.source == "url" and served.images[0].base64 == direct.images[0].base64
+
+
+def test_a_transformer_file_in_black_forest_labs_layout_converts_exactly(settings, http, klein_distilled_dir,
+                                                                         tmp_path):
+    """flux-2-klein-4b.safetensors' layout (q, k, v fused in the double blocks, BFL's names): told
+    from its keys (not a FLUX.1 file, though it shares their double-block names), read by the
+    transformer's single-file loader with model.id's configs, text encoder and VAE, it draws the
+    source model's image."""
+    from tests.fixtures.flux2 import write_bfl_checkpoint
+    from tests.helpers import generate
+    from worker.sources.checkpoints import missing_parts, reference_model
+
+    bfl = write_bfl_checkpoint(klein_distilled_dir, tmp_path / "flux-2-klein-4b.safetensors")
+    assert reference_model(bfl, "model.checkpoint_url") == "black-forest-labs/FLUX.2-klein-4B"
+    assert missing_parts(bfl) == ["text_encoder", "vae"]
+    http.files["/flux-2-klein-4b.safetensors"] = bfl.read_bytes()
+    small = settings.model_copy(update={"max_loaded_models": 1})
+    model = {"id": str(klein_distilled_dir)}
+    converted = generate(small, model | {"checkpoint_url": http.url + "/flux-2-klein-4b.safetensors"})
+    assert converted.model.source == "checkpoint"
+    assert converted.images[0].base64 == generate(small, model).images[0].base64

@@ -28,6 +28,7 @@ from .flow import check_flow_training, flow_point
 # A transformer file's keys: Black Forest Labs' layout (Civitai's too, with ComfyUI's prefix), or diffusers'.
 _PREFIX = "model.diffusion_model."
 _BFL, _DIFFUSERS = "double_blocks.0.img_attn.qkv.weight", "single_transformer_blocks.0.proj_out.weight"
+_FLUX2 = "single_stream_modulation.lin.weight"  # (FLUX.2's blocks share their modulation; its files are FLUX.2's)
 _GUIDANCE = ("guidance_in.in_layer.weight", "time_text_embed.guidance_embedder.linear_1.weight")
 # Its diffusers pipelines, by task, without and with ControlNets.
 _PIPELINES = {"txt2img": ("FluxPipeline", "FluxControlNetPipeline"),
@@ -69,7 +70,7 @@ class Flux(Family):
         """A FLUX.1 transformer file: [dev]'s configs if it has a guidance embedding, else
         [schnell]'s (a Fill or Kontext file needs its model.id)."""
         keys = {k.removeprefix(_PREFIX) for k in keys}
-        if _BFL not in keys and _DIFFUSERS not in keys:
+        if _BFL not in keys and _DIFFUSERS not in keys or _FLUX2 in keys:
             return None
         return "flux-dev" if any(k in keys for k in _GUIDANCE) else "flux-schnell"
 

@@ -17,8 +17,10 @@ guidance 8, strength 0.8); send ``"num_inference_steps": 4`` to a distilled [kle
 
 Served here: txt2img and ``edit`` (``images``: up to four for [klein], as BFL sizes its
 multi-reference editing; up to ten for [dev]); [klein]'s inpainting; LoRAs; the TaylorSeer step
-cache (diffusers' first-block and FasterCache hooks fail on its transformer). diffusers has no
-FLUX.2 img2img or ControlNet pipeline.
+cache (diffusers' first-block and FasterCache hooks fail on its transformer); single-file
+transformers in Black Forest Labs' layout (flux-2-klein-4b.safetensors, flux2-dev.safetensors),
+the rest of the model from model.id or the reference. diffusers has no FLUX.2 img2img or
+ControlNet pipeline.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from typing import Any
 
 from ..errors import UserInputError
 from .base import DIT_REFUSED, Family, pipeline_defaults
+
+# Keys of its transformer as one file, in Black Forest Labs' layout or diffusers', and of [dev]'s
+# guidance embedding in either.
+_TRANSFORMER = {"single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight"}
+_GUIDANCE = {"guidance_in.in_layer.weight", "time_guidance_embed.guidance_embedder.linear_1.weight"}
 
 
 class _Flux2(Family):
@@ -44,6 +51,18 @@ class _Flux2(Family):
     def recognises(self, components: dict[str, str | None]) -> bool:
         return (components.get("transformer") == "Flux2Transformer2DModel"
                 and components.get("_class_name") == self.pipelines["txt2img"])
+
+    def checkpoint_reference(self, keys: set[str], inpaint: bool) -> str | None:
+        """A FLUX.2 transformer file: [dev]'s configs with a guidance embedding, else [klein] 4B's
+        (a 9B or base [klein] file needs its model.id: the keys are the same)."""
+        keys = {k.removeprefix("model.diffusion_model.") for k in keys}
+        if not keys & _TRANSFORMER:
+            return None
+        return "flux-2-dev" if keys & _GUIDANCE else "black-forest-labs/FLUX.2-klein-4B"
+
+    def checkpoint_lacks(self, keys: set[str], t5: bool) -> list[str]:
+        # A transformer file: the text encoder and the VAE come from the configs' model.
+        return ["text_encoder", "vae"] if self.checkpoint_reference(keys, False) else []
 
     def multiple(self, pipe: Any) -> int:
         return pipe.vae_scale_factor * 2  # 2x2 patches of latents

@@ -7,9 +7,11 @@ a diffusers directory of safetensors; the next load is a plain load. Without ``m
 checkpoint's keys tell its family and architecture (each family in worker/families/ knows its
 own; inpainting or not), and the configs are those of the reference model diffusers names for it
 (SD 2.x's probed for what its UNet predicts). Checkpoints without text encoders (SD3.5's, as
-Stability ships them) borrow them from that model, and FLUX.1 and Z-Image transformer files
-their text encoders and VAE. A GGUF-quantized FLUX.1 transformer (``.gguf``) is installed as it is beside
-them, and dequantized layer by layer as it runs.
+Stability ships them) borrow them from that model, and transformer files (FLUX.1, FLUX.2,
+Z-Image, Qwen-Image) their text encoders and VAE; where a family's pipeline has no single-file
+loader (Qwen-Image, FLUX.2), its transformer's reads the file. A GGUF-quantized FLUX.1
+transformer (``.gguf``) is installed as it is beside them, and dequantized layer by layer as it
+runs.
 
 A ``.ckpt`` is a pickle: it is read only with ``torch.load(weights_only=True)``, which refuses
 anything but tensors and plain containers, and rewritten as safetensors before diffusers sees
@@ -175,9 +177,9 @@ def reference_model(weights: Path, field: str) -> str:
         if any("lora" in k.lower() for k in keys):
             raise ModelSourceError(field, "is a LoRA, not a model: pass it in loras, with the model it was made for")
         raise ModelSourceError(
-            field, "is not a Stable Diffusion checkpoint (no UNet under model.diffusion_model) nor a FLUX.1 or "
-            "Z-Image transformer; if it is one in another layout, name a diffusers model with its architecture in "
-            "model.id"
+            field, "is not a Stable Diffusion checkpoint (no UNet under model.diffusion_model) nor a FLUX, "
+            "Z-Image or Qwen-Image transformer; if it is one in another layout, name a diffusers model with its "
+            "architecture in model.id"
         )
     if kind is None:
         raise ModelSourceError(
