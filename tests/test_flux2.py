@@ -275,3 +275,25 @@ def test_a_transformer_file_in_black_forest_labs_layout_converts_exactly(setting
     converted = generate(small, model | {"checkpoint_url": http.url + "/flux-2-klein-4b.safetensors"})
     assert converted.model.source == "checkpoint"
     assert converted.images[0].base64 == generate(small, model).images[0].base64
+
+
+def test_dev_reads_the_processors_chat_template_in_either_of_its_files(flux2_dev_dir, tmp_path):
+    """Processors saved by older transformers keep their chat template in chat_template.json:
+    the tokenizer the worker attaches applies that one, as the processor would."""
+    import json
+    import shutil
+
+    from diffusers import Flux2Pipeline
+
+    from worker.families.flux2 import FLUX2_DEV
+
+    older = tmp_path / "older"
+    shutil.copytree(flux2_dev_dir, older)
+    template = (older / "tokenizer" / "chat_template.jinja").read_text()
+    (older / "tokenizer" / "chat_template.jinja").unlink()
+    marked = template.replace("[SYSTEM_PROMPT]", "[SYSTEM_PROMPT] ", 1)
+    (older / "tokenizer" / "chat_template.json").write_text(json.dumps({"chat_template": marked}))
+    pipe = Flux2Pipeline.from_pretrained(older, **FLUX2_DEV.own_components(older))
+    FLUX2_DEV.attach(pipe, older)
+    assert pipe.tokenizer.chat_template == marked
+    assert load(flux2_dev_dir, "dev").tokenizer.chat_template == template

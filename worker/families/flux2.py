@@ -156,10 +156,20 @@ class Flux2Dev(_Flux2):
         return {"tokenizer": None} if "Processor" in (index.get("tokenizer") or [None, ""])[1] else {}
 
     def attach(self, pipe: Any, path: Path) -> None:
+        """The tokenizer, with the processor's chat template (saved as chat_template.jinja, or in
+        the older chat_template.json), which is the one the pipeline would apply through it."""
         if pipe.tokenizer is None:
+            import json
+
             from transformers import AutoTokenizer
 
-            pipe.register_modules(tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"))
+            folder = path / "tokenizer"
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            if (folder / "chat_template.jinja").is_file():
+                tokenizer.chat_template = (folder / "chat_template.jinja").read_text()
+            elif (folder / "chat_template.json").is_file():
+                tokenizer.chat_template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
+            pipe.register_modules(tokenizer=tokenizer)
 
 
 FLUX2_KLEIN = Flux2Klein()
