@@ -290,12 +290,16 @@ def stripes(size=(128, 64)) -> Image.Image:
     return image
 
 
-def generate(settings, model: dict, events: list | None = None):
-    """One 2-step txt2img on a fresh engine (a new worker) with ``model``."""
+def generate(settings, model: dict, events: list | None = None, size: int | None = 64):
+    """One 2-step txt2img on a fresh engine (a new worker) with ``model``, ``size`` px square
+    (64: the DiT families' own size is a megapixel, whose decoding alone takes the tiny VAEs
+    seconds; None: the model's own)."""
     from schemas import InferenceRequest
     from worker.engine import Engine
 
-    request = InferenceRequest.model_validate({"prompt": "p", "num_inference_steps": 2, "seed": 4, "model": model})
+    sized = {"width": size, "height": size} if size else {}
+    request = InferenceRequest.model_validate({"prompt": "p", "num_inference_steps": 2, "seed": 4, "model": model}
+                                              | sized)
     return Engine(settings).generate(request, (events if events is not None else []).append, lambda: False)
 
 
@@ -334,7 +338,8 @@ def train_then_use(settings, s3, model_dir: Path, method: str, name: str, **trai
 
     def draw(**fields):
         request = InferenceRequest.model_validate(
-            {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 9, "model": {"id": str(model_dir)}} | fields)
+            {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 9, "width": 64, "height": 64,
+             "model": {"id": str(model_dir)}} | fields)
         return runner.engine().generate(request, lambda event: None, lambda: False)
 
     keys = []

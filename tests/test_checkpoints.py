@@ -236,7 +236,7 @@ def test_sd2_checkpoints_without_model_id_are_probed_for_what_they_predict(setti
         unet = json.loads((index.parent / "unet" / "config.json").read_text())
         return scheduler["prediction_type"], unet["sample_size"]
 
-    result = generate(worker, {"checkpoint_url": http.url + "/sd2.safetensors"})
+    result = generate(worker, {"checkpoint_url": http.url + "/sd2.safetensors"}, size=None)
     assert result.model.source == "checkpoint"
     assert converted(settings.models_dir) == (prediction, sample_size)
     assert result.images[0].width == sample_size * 8  # the model's own size follows
