@@ -297,3 +297,18 @@ def test_dev_reads_the_processors_chat_template_in_either_of_its_files(flux2_dev
     FLUX2_DEV.attach(pipe, older)
     assert pipe.tokenizer.chat_template == marked
     assert load(flux2_dev_dir, "dev").tokenizer.chat_template == template
+
+
+def test_compiled_regionally_it_draws_the_eager_image(settings, klein_distilled_dir):
+    """COMPILE=regional on FLUX.2's transformer (its double and single blocks compiled once
+    each): the answer says so, and the image is the eager one."""
+    from schemas import InferenceRequest
+    from worker.engine import Engine
+
+    request = InferenceRequest.model_validate(dict(prompt="a lighthouse", seed=10, num_inference_steps=2,
+                                                   model={"id": str(klein_distilled_dir)}, **SIZE))
+    eager = Engine(settings).generate(request, lambda _: None, lambda: False)
+    compiled = Engine(settings.model_copy(update={"compile": "regional"})).generate(request, lambda _: None,
+                                                                                     lambda: False)
+    assert eager.model.compile is None and compiled.model.compile == "regional"
+    assert_images_close(ours(eager), ours(compiled), "klein-compiled", tolerance=2)
