@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import stream
+from worker.errors import ModelSourceError
 
 HUB = Path(__file__).resolve().parents[1] / ".runpod"
 # Variables boto3 reads itself (the worker passes its clients no endpoint of its own for them).
@@ -80,3 +81,23 @@ def test_each_release_test_passes_on_the_embedded_model(settings, case):
     result = items[-1]
     assert result["type"] == "result" and len(result["images"]) == case["input"].get("num_images", 1), result
     assert (time.perf_counter() - start) * 1000 < case["timeout"]
+
+
+def test_hub_models_are_cached_where_huggingface_hub_would_put_them(settings, tiny_dir, tmp_path, monkeypatch):
+    """HF_HUB_CACHE, else HF_HOME/hub, as huggingface_hub reads them; MODELS_DIR/hub only where
+    neither is set: a model cached at HF_HOME/hub serves a request for it, offline."""
+    from tests.helpers import generate, hub_cache
+    from worker.settings import Settings
+
+    monkeypatch.setenv("MODELS_DIR", str(tmp_path / "models"))
+    assert Settings().hub_cache == tmp_path / "models" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    assert Settings().hub_cache == tmp_path / "hf-home" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    assert Settings().hub_cache == tmp_path / "hub-cache"
+    hub_cache(tmp_path / "hf-home" / "hub", "acme/tiny", tiny_dir, {"main": "a" * 40})
+    offline = settings.model_copy(update={"hf_hub_offline": True})
+    assert generate(offline.model_copy(update={"hf_home": tmp_path / "hf-home"}), {"id": "acme/tiny"}).model.source \
+        == "cache"
+    with pytest.raises(ModelSourceError, match=r"^model\.id: "):  # (not in MODELS_DIR/hub)
+        generate(offline, {"id": "acme/tiny"})

@@ -49,7 +49,10 @@ class Settings(BaseSettings):
                                        description="Hugging Face token for gated and private models.")
     models_dir: Path = Field(default_factory=_default_models_dir, description="The model cache: "
                              "/runpod-volume/models with a network volume, else ~/.cache/sd-worker.")
-    hf_hub_cache: Path | None = Field(None, description="Where hub downloads go; default MODELS_DIR/hub.")
+    hf_hub_cache: Path | None = Field(None, description="Where hub downloads go, as huggingface_hub reads it; "
+                                      "unset: HF_HOME/hub if HF_HOME is set, else MODELS_DIR/hub.")
+    hf_home: Path | None = Field(None, description="huggingface_hub's home: its hub/ folder is the hub cache "
+                                 "where HF_HUB_CACHE is unset.")
     runpod_hf_cache: Path = Field(
         RUNPOD_VOLUME / "huggingface-cache" / "hub", description="RunPod's cached-models directory, read first."
     )
@@ -235,7 +238,11 @@ class Settings(BaseSettings):
 
     @property
     def hub_cache(self) -> Path:
-        return self.hf_hub_cache or self.models_dir / "hub"
+        """Where hub models are cached: huggingface_hub's own conventions where the endpoint
+        sets them (HF_HUB_CACHE, else HF_HOME/hub), MODELS_DIR/hub otherwise."""
+        if self.hf_hub_cache:
+            return self.hf_hub_cache
+        return self.hf_home / "hub" if self.hf_home else self.models_dir / "hub"
 
     def secrets(self) -> list[str]:
         """Values that must never appear in an answer or a log line."""
