@@ -101,6 +101,10 @@ def main() -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     RunPodLogger().set_level(settings.runpod_log_level)
+    # Without torchvision (not installed: the worker's images are PIL), transformers serves each
+    # image processor's PIL backend, as it should, but warns so at every start.
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision (not installed)" not in record.getMessage())
     if local:
         config["handler"] = runner.local
     else:

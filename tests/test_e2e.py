@@ -281,6 +281,7 @@ def test_test_input_runs_the_job_and_exits_by_outcome(models_dir, tmp_path):
     good = run_cli(models_dir, tmp_path, "--test_input", json.dumps({"input": VALID | {"stream": True}}))
     assert good.returncode == 0, good.stdout[-2000:]
     assert (tmp_path / "output" / "local_test-0.png").is_file()
+    assert "torchvision" not in good.stdout + good.stderr  # (transformers' PIL fallbacks, as meant)
     bad = run_cli(models_dir, tmp_path, "--test_input", json.dumps({"input": {"prompt": "p", "width": 513}}))
     assert bad.returncode == 1
     assert "width: must be a multiple of 8, got 513" in bad.stdout + bad.stderr
