@@ -13,6 +13,12 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
+# torch.compile's Triton kernels (COMPILE, regional by default on CUDA) build a small C launcher
+# when they first run: the one compiler the worker needs, which the slim image lacks.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # On Linux, PyPI's torch wheel is the CUDA build, carrying its own CUDA runtime: the host
 # needs only the NVIDIA driver, which RunPod provides.
 COPY requirements.txt .
