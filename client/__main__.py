@@ -174,10 +174,14 @@ def main(argv: list[str] | None = None) -> int:
                 error = f"the job ended {item['status']}"
     except KeyboardInterrupt:
         bars.close()
+        if endpoint.local:
+            print(f"job {job_id}: the local API cannot cancel a job; it runs to its end", file=sys.stderr)
+            return 130
         try:
             endpoint.cancel(job_id)
-        finally:
             print(f"job {job_id} cancelled", file=sys.stderr)
+        except (EndpointError, OSError) as error:
+            print(f"job {job_id}: could not cancel it ({error})", file=sys.stderr)
         return 130
     except EndpointError as err:
         error = str(err)

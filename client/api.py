@@ -55,6 +55,7 @@ class Endpoint:
             time.sleep(poll_s)
 
     def cancel(self, job_id: str) -> None:
+        """Stop the job on RunPod (the local server has no /cancel)."""
         self._call("POST", f"/cancel/{job_id}", timeout=10)
 
 
