@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         endpoint = Endpoint.local_server(args.url)
     try:
         job_id = endpoint.run(request)
-    except EndpointError as error:
+    except (EndpointError, OSError) as error:  # (requests' connection errors are OSErrors)
         print(error, file=sys.stderr)
         return 1
     print(f"job {job_id}", file=sys.stderr)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         except (EndpointError, OSError) as error:
             print(f"job {job_id}: could not cancel it ({error})", file=sys.stderr)
         return 130
-    except EndpointError as err:
+    except (EndpointError, OSError) as err:
         error = str(err)
     bars.close()
     if error is not None or result is None:

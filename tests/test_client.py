@@ -81,3 +81,10 @@ def test_images_sent_as_links_are_downloaded(tmp_path):
         server.close()
     assert [p.name for p in paths] == ["job-1-0.png", "job-1-1.png"]
     assert all(Image.open(p).size for p in paths)
+
+
+def test_an_endpoint_that_is_not_there_is_one_line_and_exit_1(tmp_path):
+    from tests.helpers import free_port
+
+    done = client("p", "--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "Connection" in done.stderr
