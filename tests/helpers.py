@@ -123,8 +123,11 @@ class FileServer(Loopback):
 
 
 def worker_env(models_dir: Path, **extra: str) -> dict[str, str]:
-    """Environment for a worker subprocess: tests' model cache, loopback URLs allowed."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "MODEL_"))}
+    """Environment for a worker subprocess: tests' model cache, loopback URLs allowed; without the
+    compile caches an in-process COMPILE test pointed this process at (a worker puts them in its
+    own MODELS_DIR)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "MODEL_"))
+           and k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     env.update(MODELS_DIR=str(models_dir), ALLOW_PRIVATE_URLS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
