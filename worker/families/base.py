@@ -69,6 +69,8 @@ class Family:
     # Its T5 text encoder and tokenizer, which ``model.t5: false`` leaves out (None: it has none).
     optional_t5: tuple[str, str] | None = None
     controlnet: ControlNetKind | None = None
+    # What one file of its denoiser alone comes without (the configs' model lends them).
+    file_lacks: tuple[str, ...] = ()
     references = 1  # edit: how many input images its edit pipeline takes at once
     # The step caches (``cache.method``) diffusers' hooks run on its denoiser, where it has them.
     caches = ("first_block", "taylorseer", "magcache", "faster")
@@ -100,8 +102,8 @@ class Family:
 
     def checkpoint_lacks(self, keys: set[str], t5: bool) -> list[str]:
         """The components such a checkpoint may come without, which the model giving its
-        configs supplies whole (``t5``: its T5 is wanted)."""
-        return []
+        configs supplies whole (``t5``: its T5 is wanted): a transformer file's ``file_lacks``."""
+        return list(self.file_lacks) if self.file_lacks and self.checkpoint_reference(keys, False) else []
 
     def fit_reference_configs(self, pipeline: Any) -> None:
         """A checkpoint converted with its layout's reference configs (not the caller's):

@@ -57,6 +57,7 @@ class Flux(Family):
                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                     "ff_context.net.2")
     lora_layers = "transformer_lora_layers"
+    file_lacks = ("text_encoder", "text_encoder_2", "vae")  # (transformer files: CLIP, T5, the VAE)
     checkpoint_lora_training = True
     cuda_precision = "bf16"  # (its activations overflow fp16)
 
@@ -73,10 +74,6 @@ class Flux(Family):
         if _BFL not in keys and _DIFFUSERS not in keys or _FLUX2 in keys:
             return None
         return "flux-dev" if any(k in keys for k in _GUIDANCE) else "flux-schnell"
-
-    def checkpoint_lacks(self, keys: set[str], t5: bool) -> list[str]:
-        # Transformer files: the text encoders and the VAE come from the configs' model.
-        return ["text_encoder", "text_encoder_2", "vae"] if self.checkpoint_reference(keys, False) else []
 
     def mag_ratios(self) -> Any:
         from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS

@@ -46,6 +46,7 @@ class _Flux2(Family):
     prompt_weighting = False
     caches = ("taylorseer",)
     cuda_precision = "bf16"  # (as it ships)
+    file_lacks = ("text_encoder", "vae")  # (transformer files)
     pipelines: dict[str, str] = {}  # task -> diffusers pipeline class
 
     def recognises(self, components: dict[str, str | None]) -> bool:
@@ -59,10 +60,6 @@ class _Flux2(Family):
         if not keys & _TRANSFORMER:
             return None
         return "flux-2-dev" if keys & _GUIDANCE else "black-forest-labs/FLUX.2-klein-4B"
-
-    def checkpoint_lacks(self, keys: set[str], t5: bool) -> list[str]:
-        # A transformer file: the text encoder and the VAE come from the configs' model.
-        return ["text_encoder", "vae"] if self.checkpoint_reference(keys, False) else []
 
     def multiple(self, pipe: Any) -> int:
         return pipe.vae_scale_factor * 2  # 2x2 patches of latents

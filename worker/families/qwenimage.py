@@ -46,6 +46,7 @@ class QwenImage(Family):
     true_cfg = True
     cuda_precision = "bf16"  # (as it ships)
     training_pipeline = "QwenImagePipeline"
+    file_lacks = ("text_encoder", "vae")  # (transformer files)
     lora_layers = "transformer_lora_layers"
     video_vae = True
 
@@ -59,10 +60,6 @@ class QwenImage(Family):
         """A Qwen-Image transformer file: Qwen-Image's configs (diffusers names no reference for
         it; an Edit model's file needs its model.id: the keys are the same)."""
         return "Qwen/Qwen-Image" if {k.removeprefix("model.diffusion_model.") for k in keys} >= _TRANSFORMER else None
-
-    def checkpoint_lacks(self, keys: set[str], t5: bool) -> list[str]:
-        # A transformer file: the text encoder and the VAE come from the configs' model.
-        return ["text_encoder", "vae"] if self.checkpoint_reference(keys, False) else []
 
     def multiple(self, pipe: Any) -> int:
         return pipe.vae_scale_factor * 2  # 2x2 patches of latents

@@ -40,6 +40,7 @@ class ZImage(Family):
     prompt_weighting = False
     cuda_precision = "bf16"  # (as it ships)
     training_pipeline = "ZImagePipeline"
+    file_lacks = ("text_encoder", "vae")  # (transformer files)
     lora_layers = "transformer_lora_layers"
 
     def recognises(self, components: dict[str, str | None]) -> bool:
@@ -49,10 +50,6 @@ class ZImage(Family):
     def checkpoint_reference(self, keys: set[str], inpaint: bool) -> str | None:
         """A Z-Image transformer file: Z-Image-Turbo's configs (diffusers' reference for them)."""
         return "z-image-turbo" if {k.removeprefix("model.diffusion_model.") for k in keys} >= {_TRANSFORMER} else None
-
-    def checkpoint_lacks(self, keys: set[str], t5: bool) -> list[str]:
-        # A transformer file: the text encoder and the VAE come from the configs' model.
-        return ["text_encoder", "vae"] if self.checkpoint_reference(keys, False) else []
 
     def multiple(self, pipe: Any) -> int:
         return pipe.vae_scale_factor * 2  # 2x2 patches of latents
