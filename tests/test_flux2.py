@@ -107,18 +107,23 @@ def test_inpainting_is_diffusers_flux2kleininpaint_at_its_defaults_and_keeps_the
     assert np.abs(pixels[:, :24] - (200, 30, 30)).max() > 20  # repainted
 
 
-def test_a_lora_for_one_request_is_diffusers_own_and_gone_after(run, klein_distilled_dir, tmp_path):
+@pytest.mark.parametrize("model_fixture, kind, pipeline", [("klein_distilled_dir", "txt2img", "Flux2KleinPipeline"),
+                                                          ("flux2_dev_dir", "dev", "Flux2Pipeline")])
+def test_a_lora_for_one_request_is_diffusers_own_and_gone_after(request, run, tmp_path, model_fixture, kind, pipeline):
+    """[klein] and [dev] alike: diffusers' FLUX.2 loader, the image diffusers draws with it, the
+    plain image again after."""
     from tests.fixtures.lora_files import make_transformer_lora
 
-    lora = make_transformer_lora(klein_distilled_dir, tmp_path / "klein-lora.safetensors", "Flux2KleinPipeline")
-    fields = dict(prompt="a lighthouse", num_inference_steps=3, model={"id": str(klein_distilled_dir)}, **SIZE)
+    model_dir = request.getfixturevalue(model_fixture)
+    lora = make_transformer_lora(model_dir, tmp_path / "lora.safetensors", pipeline)
+    fields = dict(prompt="a lighthouse", num_inference_steps=3, model={"id": str(model_dir)}, **SIZE)
     plain, _ = run(seed=7, **fields)
     styled, _ = run(seed=7, loras=[{"id": str(lora), "scale": 0.8}], **fields)
-    pipe = load(klein_distilled_dir)
+    pipe = load(model_dir, kind)
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
     pipe.set_adapters(["x"], adapter_weights=[0.8])
     [expected] = diffusers_images(pipe, seed=7, prompt="a lighthouse", num_inference_steps=3, **SIZE)
-    assert_images_close(expected, ours(styled), "klein-lora", tolerance=1)
+    assert_images_close(expected, ours(styled), f"{kind}-lora", tolerance=1)
     assert styled.images[0].base64 != plain.images[0].base64
     assert run(seed=7, **fields)[0].images[0].base64 == plain.images[0].base64
 
@@ -219,22 +224,6 @@ def test_dev_edits_several_images_as_diffusers_does(run, flux2_dev_dir):
                     model={"id": str(flux2_dev_dir)}, **fields)
     [expected] = diffusers_images(load(flux2_dev_dir, "dev"), seed=2, image=[first, second], **fields)
     assert_images_close(expected, ours(result), "flux2-dev-edit", tolerance=0)
-
-
-def test_dev_takes_a_lora_for_one_request_as_diffusers_does(run, flux2_dev_dir, tmp_path):
-    from tests.fixtures.lora_files import make_transformer_lora
-
-    lora = make_transformer_lora(flux2_dev_dir, tmp_path / "dev-lora.safetensors", "Flux2Pipeline")
-    fields = dict(prompt="a lighthouse", num_inference_steps=2, model={"id": str(flux2_dev_dir)}, **SIZE)
-    plain, _ = run(seed=3, **fields)
-    styled, _ = run(seed=3, loras=[{"id": str(lora), "scale": 0.8}], **fields)
-    pipe = load(flux2_dev_dir, "dev")
-    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
-    pipe.set_adapters(["x"], adapter_weights=[0.8])
-    [expected] = diffusers_images(pipe, seed=3, prompt="a lighthouse", num_inference_steps=2, **SIZE)
-    assert_images_close(expected, ours(styled), "flux2-dev-lora", tolerance=1)
-    assert styled.images[0].base64 != plain.images[0].base64
-    assert run(seed=3, **fields)[0].images[0].base64 == plain.images[0].base64
 
 
 @pytest.mark.parametrize("fields, message", [
