@@ -43,26 +43,36 @@ def probe(models_dir, job: dict = JOB, **env: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1]) | {"log": done.stderr}
 
 
-def test_compiled_jobs_draw_the_eager_image_and_a_second_worker_loads_the_kernels(run, tmp_path):
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory) -> dict:
+    """Two workers of one endpoint with COMPILE=regional and the embedded model, one after the
+    other on the same MODELS_DIR: each one's job, and the kernels' folder they share."""
+    models_dir = tmp_path_factory.mktemp("endpoint")
+    first = probe(models_dir, COMPILE="regional")
+    return {"first": first, "second": probe(models_dir, COMPILE="regional"),
+            "kernels": list((models_dir / "compile").iterdir())}
+
+
+def test_compiled_jobs_draw_the_eager_image_and_a_second_worker_loads_the_kernels(run, endpoint):
     """COMPILE=regional: the warm-up compiles the default model's own size (the first job finds
     it compiled), and the kernels stay in MODELS_DIR/compile, where the next worker finds them."""
     eager, _ = run(**JOB)
-    first = probe(tmp_path, COMPILE="regional")
+    first, second = endpoint["first"], endpoint["second"]
     assert first["result"]["model"]["compile"] == "full"  # (regional compiles a UNet whole)
     assert first["warm_up"].get("fxgraph_cache_miss", 0) >= 1  # compiled at start-up ...
     assert first["after"] == first["warm_up"]  # ... and the job compiled nothing more
     assert_images_close(decode(eager.images[0].base64), decode(first["result"]["images"][0]["base64"]),
                         "compiled", tolerance=2)
-    [kernels] = (tmp_path / "compile").iterdir()
+    [kernels] = endpoint["kernels"]
     assert kernels.name.startswith("torch-2.") and kernels.name.endswith("-cpu-x86_64")
 
-    second = probe(tmp_path, COMPILE="regional")
     assert second["warm_up"].get("fxgraph_cache_hit", 0) >= 1 and "fxgraph_cache_miss" not in second["warm_up"]
     assert second["result"]["images"] == first["result"]["images"]
 
 
-def test_a_compile_that_fails_leaves_the_job_eager_with_one_log_line(run, tmp_path):
-    """No working C++ compiler: the job still answers, with the eager image, and says nothing of
+def test_without_a_compiler_the_worker_runs_eagerly_and_says_why_once(run, tmp_path):
+    """No working C++ compiler: the worker does not try (a model would spend its first image
+    lowering a graph for nothing); the job answers with the eager image and says nothing of
     compiling; the log says why once, without a traceback."""
     eager, _ = run(**JOB)
     done = subprocess.run([sys.executable, str(ROOT / "handler.py"), "--test_input", json.dumps({"input": JOB})],
@@ -70,20 +80,31 @@ def test_a_compile_that_fails_leaves_the_job_eager_with_one_log_line(run, tmp_pa
                           env=worker_env(tmp_path / "models", DEVICE="cpu", COMPILE="regional", CXX="/nonexistent/c++"))
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
-    assert log.count("COMPILE=full failed for embedded:tiny-sd, which runs eagerly from now on: ") == 1
-    assert "No working C++ compiler" in log and "Traceback" not in log
+    assert log.count("COMPILE=regional is not used, the denoiser runs eagerly: No working C++ compiler") == 1
+    assert "Traceback" not in log and not (tmp_path / "models" / "compile").exists()
     assert "'compile'" not in log.split("Job result:")[1]
     written = (tmp_path / "output" / "local_test-0.png").read_bytes()
     assert_images_close(decode(eager.images[0].base64), decode(__import__("base64").b64encode(written)),
                         "fallback", tolerance=0)
 
 
+# A C++ compiler that answers --version and fails to build anything (a broken toolchain).
+BROKEN_CXX = """#!/bin/sh
+[ "$1" = --version ] && exec g++ --version
+echo "cc1plus: fatal error: out of memory" >&2
+exit 1
+"""
+
+
 def test_a_compile_failing_under_a_cache_hook_leaves_the_job_eager_with_one_log_line(flux_dir, tmp_path):
-    """The blocks a first_block hook computes fail to compile (no C++ compiler): the job still
-    answers, eagerly, and the log says so once, not once per block."""
+    """The blocks a first_block hook computes fail to compile (the compiler fails): the job
+    still answers, eagerly, and the log says so once, not once per block."""
     job = dict(prompt="a lighthouse", seed=3, num_inference_steps=4, model={"id": str(flux_dir)}, **SIZE,
                cache={"method": "first_block", "threshold": 0.5})
-    done = probe(tmp_path, job, COMPILE="regional", CXX="/nonexistent/c++")
+    broken = tmp_path / "c++"
+    broken.write_text(BROKEN_CXX)
+    broken.chmod(0o755)
+    done = probe(tmp_path, job, COMPILE="regional", CXX=str(broken))
     assert "compile" not in done["result"]["model"] and done["result"]["cache"]["approximated"] > 0
     assert done["log"].count(f"COMPILE=regional failed for {flux_dir}, which runs eagerly from now on") == 1
 
@@ -139,12 +160,16 @@ def test_a_cached_job_on_a_compiled_model_computes_compiled_and_leaves_it_as_it_
     assert all(block.forward == type(block).forward.__get__(block) for block in blocks)  # no wrapper left behind
 
 
-def test_a_compiled_unet_is_compiled_whole_and_fuses_its_attention_but_for_loras(settings, tiny_dir, tmp_path):
+def test_a_compiled_unet_is_compiled_whole_and_fuses_its_attention_but_for_loras(settings, tiny_dir, tmp_path,
+                                                                                 endpoint, monkeypatch):
     """COMPILE on a UNet model: q, k and v in one matmul (close to the eager image); a job with a
     LoRA runs the separate projections its layers wrap, drawing the eager LoRA image; the plain
     model after it is fused again, the same image as before."""
     from tests.fixtures.lora_files import make_lora
     from worker.engine import Engine
+
+    # (A worker of the endpoint above: the plain model's kernels are there; the LoRA's compile.)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(endpoint["kernels"][0]))
 
     lora = [{"id": str(make_lora(tiny_dir, tmp_path / "style.safetensors", seed=1)), "scale": 1.0}]
     fields = dict(prompt="a lighthouse", seed=5, num_inference_steps=2)
@@ -163,6 +188,16 @@ def test_a_compiled_unet_is_compiled_whole_and_fuses_its_attention_but_for_loras
     # closer to it than to the plain one.)
     [a, b, c] = [np.asarray(decode(r.images[0].base64), dtype=float) for r in (eager, eager_lora, styled)]
     assert np.abs(c - b).mean() < np.abs(c - a).mean() / 3
+    # Another scale runs the kernels compiled for the first (the scales are the graph's inputs):
+    # nothing compiles again, and the image is the eager one at that scale.
+    from torch._dynamo.utils import counters
+
+    half = [{**lora[0], "scale": 0.5}]
+    eager_half = np.asarray(decode(draw(eager_endpoint, **fields, loras=half).images[0].base64), dtype=float)
+    graphs = dict(counters["stats"])
+    styled_half = np.asarray(decode(draw(compiled_endpoint, **fields, loras=half).images[0].base64), dtype=float)
+    assert dict(counters["stats"]) == graphs
+    assert np.abs(styled_half - eager_half).mean() < np.abs(styled_half - b).mean() / 3
     assert draw(compiled_endpoint, **fields).images[0].base64 == plain.images[0].base64
 
 

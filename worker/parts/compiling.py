@@ -15,8 +15,9 @@ compiled from them in under a fifth of the cold time). torch's portable "mega-ca
 are not kept besides: they hold a subset of that directory, and on CPU leave the C++ kernels
 to be rebuilt.
 
-A compile that fails (no compiler, an unsupported operation, a graph break) never fails the job:
-the call runs eagerly, the model stays eager, and one log line says why.
+Without a compiler the worker does not try (one log line says so). A compile that fails (an
+unsupported operation, a graph break, a broken toolchain) never fails the job: the call runs
+eagerly, the model stays eager, and one log line says why.
 
 Step caching: diffusers' cache hooks decide in Python, at each step, whether a block computes,
 which one whole graph cannot hold (compiled with graph breaks instead, a cached job recompiled
@@ -32,6 +33,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -51,7 +53,26 @@ def mode(setting: str | None, device: str, offload: str) -> str:
     if chosen != "off" and offload == "sequential":
         log.info("COMPILE=%s is not used with OFFLOAD=sequential: the denoiser runs eagerly", chosen)
         return "off"
+    if chosen != "off" and (missing := _missing_compiler(device)):
+        log.warning("COMPILE=%s is not used, the denoiser runs eagerly: %s", chosen, missing)
+        return "off"
     return chosen
+
+
+def _missing_compiler(device: str) -> str | None:
+    """Why compiling would fail for want of a compiler, said before a model spends its first
+    image lowering a graph for nothing: Inductor builds CPU kernels with a C++ compiler (``CXX``,
+    else g++), Triton its CUDA launchers with a C compiler (``CC``, else gcc or clang)."""
+    if device == "cuda":
+        found = [shutil.which(name) for name in ([os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"])]
+        return None if any(found) else "no C compiler for Triton (CC, gcc or clang)"
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # (InvalidCxxCompiler: none of its candidates answers --version)
+        return first_line(exc, 300)
+    return None
 
 
 def cache_dir(models_dir: Path, device: str) -> Path:

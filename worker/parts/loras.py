@@ -28,6 +28,7 @@ from ..settings import Settings
 from ..sources.cache import DiskCache
 from ..sources.files import locate_file
 from ..timing import ms_since
+from . import compiling
 from .components import quiet_libraries
 
 if TYPE_CHECKING:
@@ -75,7 +76,24 @@ def apply(loaded: Loaded, pipeline: Any, specs: list[LoraSpec], *, settings: Set
             pipeline.delete_adapters([name])
         pipeline.enable_lora()
         pipeline.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
+        if compiling.compiled(denoiser := loaded.family.denoiser_of(pipeline)):
+            _scales_as_tensors(denoiser)
     timings["loras"] = ms_since(start)
+
+
+def _scales_as_tensors(denoiser: Any) -> None:
+    """A compiled denoiser's LoRA scales as 0-dim tensors: inputs of the compiled graph, not
+    constants of it, so that a new scale runs the kernels already compiled instead of compiling
+    the whole graph again (peft's own remedy for compiled LoRAs,
+    ``peft.utils.hotswap._convert_scalings_to_tensor``). Eager models keep peft's floats."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    for module in denoiser.modules():
+        if isinstance(module, LoraLayer):
+            for name, value in module.scaling.items():
+                if isinstance(value, float):
+                    module.scaling[name] = torch.tensor(value, device=module.weight.device)
 
 
 @contextmanager
