@@ -88,10 +88,12 @@ def main() -> None:
     config: dict = {"return_aggregate_stream": True}
     runner = JobRunner(settings, config)
     local = _runs_one_local_job(sys.argv, settings)
-    if local and (job := _local_job(sys.argv)) is not None:
-        runner.read_ahead(job)  # its model starts fetching now, before the SDK has even imported
-    # The engine (torch, diffusers) imports on its own thread while the SDK imports here.
-    runner.start(warm_up=settings.preload_model and not local)
+    job = _local_job(sys.argv) if local else None
+    # A local job's model starts fetching now, before the SDK has even imported; a local job
+    # that will be refused needs no engine: the process answers and exits at once.
+    if job is None or runner.read_ahead(job):
+        # The engine (torch, diffusers) imports on its own thread while the SDK imports here.
+        runner.start(warm_up=settings.preload_model and not local)
 
     import runpod
     from runpod.serverless.modules.rp_logger import RunPodLogger

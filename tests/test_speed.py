@@ -7,6 +7,7 @@ LoRAs. (How much faster each is: bench/speed.py.)"""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -70,22 +71,27 @@ def test_compiled_jobs_draw_the_eager_image_and_a_second_worker_loads_the_kernel
     assert second["result"]["images"] == first["result"]["images"]
 
 
-def test_without_a_compiler_the_worker_runs_eagerly_and_says_why_once(run, tmp_path):
+def test_without_a_compiler_the_worker_runs_eagerly_and_says_why_once(run, settings, monkeypatch, caplog):
     """No working C++ compiler: the worker does not try (a model would spend its first image
-    lowering a graph for nothing); the job answers with the eager image and says nothing of
-    compiling; the log says why once, without a traceback."""
+    lowering a graph for nothing); its jobs draw the eager image and say nothing of compiling;
+    the log says why once, without a traceback."""
+    import torch._inductor.config
+
+    from worker.engine import Engine
+
     eager, _ = run(**JOB)
-    done = subprocess.run([sys.executable, str(ROOT / "handler.py"), "--test_input", json.dumps({"input": JOB})],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env=worker_env(tmp_path / "models", DEVICE="cpu", COMPILE="regional", CXX="/nonexistent/c++"))
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-3000:]
-    assert log.count("COMPILE=regional is not used, the denoiser runs eagerly: No working C++ compiler") == 1
-    assert "Traceback" not in log and not (tmp_path / "models" / "compile").exists()
-    assert "'compile'" not in log.split("Job result:")[1]
-    written = (tmp_path / "output" / "local_test-0.png").read_bytes()
-    assert_images_close(decode(eager.images[0].base64), decode(__import__("base64").b64encode(written)),
-                        "fallback", tolerance=0)
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))  # (what CXX sets)
+    with caplog.at_level(logging.INFO):
+        endpoint = Engine(settings.model_copy(update={"compile": "regional"}))
+        jobs = [draw(endpoint, **JOB) for _ in range(2)]
+    said = [record for record in caplog.records if "COMPILE" in record.getMessage()]
+    assert [record.getMessage() for record in said] == [
+        "COMPILE=regional is not used, the denoiser runs eagerly: No working C++ compiler found in "
+        "torch._inductor.config.cpp.cxx: (None, '/nonexistent/c++')"]
+    assert said[0].exc_info is None and not (settings.models_dir / "compile").exists()
+    for job in jobs:
+        assert job.model.compile is None
+        assert_images_close(decode(eager.images[0].base64), decode(job.images[0].base64), "eager", tolerance=0)
 
 
 # A C++ compiler that answers --version and fails to build anything (a broken toolchain).

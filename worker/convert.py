@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(event.step - bar.n)
 
     try:
+        parsed = ConvertRequest.model_validate(request)  # (a mistake said before torch imports)
         from worker.engine import Engine
 
-        parsed = ConvertRequest.model_validate(request)
         # The operator's own conversion: anywhere the credentials reach (but never over an object).
         result = Engine(settings.model_copy(update={"device": "cpu"})).convert(parsed, show, lambda: False,
                                                                                trusted=True)

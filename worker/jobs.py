@@ -79,12 +79,15 @@ class JobRunner:
             log.warning("start-up failed: %s", answer_for(exc, self.settings.secrets())[0])
         self._startup = (ms_since(start), time.perf_counter())
 
-    def read_ahead(self, job: dict) -> None:
-        """A job known before the SDK hands it over (a local test's): its model starts fetching now."""
+    def read_ahead(self, job: dict) -> bool:
+        """A job known before the SDK hands it over (a local test's): its model starts fetching
+        now. False if the job will be refused (it answers with the reason itself)."""
         try:
-            self._prefetch(parse_request(job.get("input"), self.settings.limits))
-        except Exception:  # noqa: BLE001 (the job itself will answer with the reason)
-            pass
+            request = parse_request(job.get("input"), self.settings.limits)
+        except Exception:  # noqa: BLE001
+            return False
+        self._prefetch(request)
+        return True
 
     def _prefetch(self, request: Request | None) -> None:
         """Start fetching the archive the request's model (None: the default model) comes in,
