@@ -71,7 +71,7 @@ def test_compiled_jobs_draw_the_eager_image_and_a_second_worker_loads_the_kernel
     assert second["result"]["images"] == first["result"]["images"]
 
 
-def test_without_a_compiler_the_worker_runs_eagerly_and_says_why_once(run, settings, monkeypatch, caplog):
+def test_without_a_compiler_the_worker_runs_eagerly_and_says_why_once(run, settings, caplog):
     """No working C++ compiler: the worker does not try (a model would spend its first image
     lowering a graph for nothing); its jobs draw the eager image and say nothing of compiling;
     the log says why once, without a traceback."""
@@ -80,8 +80,8 @@ def test_without_a_compiler_the_worker_runs_eagerly_and_says_why_once(run, setti
     from worker.engine import Engine
 
     eager, _ = run(**JOB)
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))  # (what CXX sets)
-    with caplog.at_level(logging.INFO):
+    # (What CXX sets; torch's own patch: pytest's monkeypatch deletes a config entry on undo.)
+    with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/c++")}), caplog.at_level(logging.INFO):
         endpoint = Engine(settings.model_copy(update={"compile": "regional"}))
         jobs = [draw(endpoint, **JOB) for _ in range(2)]
     said = [record for record in caplog.records if "COMPILE" in record.getMessage()]
