@@ -1,6 +1,7 @@
 """A LoRA at a new scale on a compiled model: what the request costs when peft's float scale is
 a constant of the compiled graph (baseline: every new scale compiles the denoiser again) against
-the worker's tensor scales (worker.parts.loras: the scale is an input of the graph).
+the worker's tensor scales (worker.parts.loras, by peft's
+``_convert_scalings_to_tensor``: the scale is an input of the graph).
 
 Each side is a fresh engine with COMPILE=regional (a UNet compiles whole) and an empty Inductor
 cache, as an endpoint's first worker: one plain image and one with the LoRA at scale 1 (both
@@ -58,17 +59,17 @@ def main() -> None:
 def side(model: Path, lora: Path, args, *, compiled: bool, float_scales: bool = False) -> list[float]:
     """Seconds per request at each of ``args.scales`` on a fresh engine, after its warm-up."""
     import torch._dynamo
+    from peft.utils import hotswap
 
     from schemas import InferenceRequest
     from worker.engine import Engine
-    from worker.parts import loras
     from worker.settings import Settings
 
     torch._dynamo.reset()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")  # an endpoint's first worker
-    keep = loras._scales_as_tensors
+    keep = hotswap._convert_scalings_to_tensor
     if float_scales:
-        loras._scales_as_tensors = lambda denoiser: None  # peft's floats, as diffusers leaves them
+        hotswap._convert_scalings_to_tensor = lambda model: False  # peft's floats, as diffusers leaves them
     try:
         engine = Engine(Settings(models_dir=args.work / "models", device=args.device,
                                  compile="regional" if compiled else "off"))
@@ -83,10 +84,11 @@ def side(model: Path, lora: Path, args, *, compiled: bool, float_scales: bool = 
             engine.generate(InferenceRequest.model_validate(fields), lambda _: None, lambda: False)
             return time.perf_counter() - start
 
-        request(None), request(1.0)  # warm-up: the plain graph and the LoRA's compile here
+        request(None)  # warm-up: the plain graph compiles here,
+        request(1.0)  # and the LoRA's
         return [request(scale) for scale in args.scales]
     finally:
-        loras._scales_as_tensors = keep
+        hotswap._convert_scalings_to_tensor = keep
 
 
 if __name__ == "__main__":

@@ -64,8 +64,8 @@ def _missing_compiler(device: str) -> str | None:
     image lowering a graph for nothing: Inductor builds CPU kernels with a C++ compiler (``CXX``,
     else g++), Triton its CUDA launchers with a C compiler (``CC``, else gcc or clang)."""
     if device == "cuda":
-        found = [shutil.which(name) for name in ([os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"])]
-        return None if any(found) else "no C compiler for Triton (CC, gcc or clang)"
+        names = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"]
+        return None if any(map(shutil.which, names)) else "no C compiler for Triton (CC, gcc or clang)"
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     try:

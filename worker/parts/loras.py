@@ -77,23 +77,13 @@ def apply(loaded: Loaded, pipeline: Any, specs: list[LoraSpec], *, settings: Set
         pipeline.enable_lora()
         pipeline.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
         if compiling.compiled(denoiser := loaded.family.denoiser_of(pipeline)):
-            _scales_as_tensors(denoiser)
+            # Its scales as 0-dim tensors, inputs of the compiled graph rather than constants of
+            # it: a new scale runs the kernels already compiled instead of compiling the denoiser
+            # again (peft's own remedy for compiled LoRAs). Eager models keep peft's floats.
+            from peft.utils import hotswap
+
+            hotswap._convert_scalings_to_tensor(denoiser)
     timings["loras"] = ms_since(start)
-
-
-def _scales_as_tensors(denoiser: Any) -> None:
-    """A compiled denoiser's LoRA scales as 0-dim tensors: inputs of the compiled graph, not
-    constants of it, so that a new scale runs the kernels already compiled instead of compiling
-    the whole graph again (peft's own remedy for compiled LoRAs,
-    ``peft.utils.hotswap._convert_scalings_to_tensor``). Eager models keep peft's floats."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    for module in denoiser.modules():
-        if isinstance(module, LoraLayer):
-            for name, value in module.scaling.items():
-                if isinstance(value, float):
-                    module.scaling[name] = torch.tensor(value, device=module.weight.device)
 
 
 @contextmanager
